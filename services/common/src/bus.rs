@@ -1,0 +1,402 @@
+//! The pub/sub bus that carries events between instances: Redis pub/sub in production, an
+//! in-process registry for the embedded engine.
+//!
+//! Each process holds **one** Redis pub/sub connection. Local subscribers of a channel
+//! share one Redis subscription (reference-counted) and each gets its own bounded queue,
+//! so a message costs one delivery per instance, not per subscriber. Pub/sub is
+//! at-most-once: whenever messages may have been missed (a Redis reconnect, or a
+//! subscriber whose queue overflowed) the subscriber receives [`BusEvent::Gap`] and must
+//! recover from durable state.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// A boxed future, so the bus can be used as `Arc<dyn Bus>`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How many events a subscriber may have queued before it is told [`BusEvent::Gap`].
+pub const SUBSCRIBER_QUEUE: usize = 1024;
+
+/// How long `subscribe` waits for Redis to confirm.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a subscriber receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusEvent {
+    /// A published payload.
+    Message(Arc<[u8]>),
+    /// Messages may have been lost since the last event; recover from durable state.
+    Gap,
+}
+
+/// Bus failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Redis is unreachable or did not answer in time.
+    #[error("pub/sub unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Publish and subscribe by channel name.
+pub trait Bus: Send + Sync + 'static {
+    /// Publishes `payload` to every subscriber of `channel` on every instance.
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+    /// Subscribes to `channel`; events published after this returns are delivered.
+    fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Subscription, BusError>>;
+}
+
+/// A live subscription; dropping it unsubscribes (the last one per channel also at Redis).
+pub struct Subscription {
+    rx: broadcast::Receiver<BusEvent>,
+    _lease: Lease,
+}
+
+impl Subscription {
+    /// The next event; `None` once the bus has shut down.
+    pub async fn recv(&mut self) -> Option<BusEvent> {
+        match self.rx.recv().await {
+            Ok(event) => Some(event),
+            Err(broadcast::error::RecvError::Lagged(_)) => Some(BusEvent::Gap),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+/// Local subscribers by channel, shared by both bus engines.
+#[derive(Default)]
+struct Registry {
+    channels: Mutex<HashMap<String, Entry>>,
+}
+
+struct Entry {
+    tx: broadcast::Sender<BusEvent>,
+    leases: usize,
+}
+
+/// Decrements a channel's lease count on drop; tells the Redis task when it reaches zero.
+struct Lease {
+    registry: Arc<Registry>,
+    channel: String,
+    on_last: Option<mpsc::Sender<Command>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let last = {
+            let mut channels = lock(&self.registry.channels);
+            match channels.get_mut(&self.channel) {
+                Some(entry) if entry.leases > 1 => {
+                    entry.leases -= 1;
+                    false
+                }
+                Some(_) => {
+                    channels.remove(&self.channel);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last && let Some(tx) = &self.on_last {
+            // Best effort: if the command queue is full the Redis task still drops the
+            // subscription at its next reconnect, when it resubscribes only live channels.
+            let _ = tx.try_send(Command::Unsubscribe(self.channel.clone()));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map inconsistent (each operation
+    // is a single insert/remove), so a poisoned lock is still safe to use.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    /// Adds a lease on `channel`; returns the receiver and whether it is the first lease.
+    fn add(&self, channel: &str) -> (broadcast::Receiver<BusEvent>, bool) {
+        let mut channels = lock(&self.channels);
+        match channels.get_mut(channel) {
+            Some(entry) => {
+                entry.leases += 1;
+                (entry.tx.subscribe(), false)
+            }
+            None => {
+                let (tx, rx) = broadcast::channel(SUBSCRIBER_QUEUE);
+                channels.insert(channel.to_owned(), Entry { tx, leases: 1 });
+                (rx, true)
+            }
+        }
+    }
+
+    fn deliver(&self, channel: &str, event: BusEvent) {
+        if let Some(entry) = lock(&self.channels).get(channel) {
+            let _ = entry.tx.send(event);
+        }
+    }
+
+    fn contains(&self, channel: &str) -> bool {
+        lock(&self.channels).contains_key(channel)
+    }
+
+    fn names(&self) -> Vec<String> {
+        lock(&self.channels).keys().cloned().collect()
+    }
+
+    fn gap_all(&self) {
+        for entry in lock(&self.channels).values() {
+            let _ = entry.tx.send(BusEvent::Gap);
+        }
+    }
+}
+
+/// The in-process bus of the embedded engine: publish reaches subscribers of this process.
+#[derive(Default, Clone)]
+pub struct MemoryBus {
+    registry: Arc<Registry>,
+}
+
+impl MemoryBus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Bus for MemoryBus {
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        self.registry
+            .deliver(channel, BusEvent::Message(payload.into()));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Subscription, BusError>> {
+        let (rx, _) = self.registry.add(channel);
+        let lease = Lease {
+            registry: self.registry.clone(),
+            channel: channel.to_owned(),
+            on_last: None,
+        };
+        Box::pin(async move { Ok(Subscription { rx, _lease: lease }) })
+    }
+}
+
+enum Command {
+    Subscribe(String, oneshot::Sender<Result<(), BusError>>),
+    Unsubscribe(String),
+}
+
+/// The Redis bus: one pub/sub connection per process, reconnected with backoff.
+#[derive(Clone)]
+pub struct RedisBus {
+    registry: Arc<Registry>,
+    commands: mpsc::Sender<Command>,
+    publisher: redis::aio::ConnectionManager,
+}
+
+impl RedisBus {
+    /// Starts the pub/sub task; it runs until `shutdown` fires. `publisher` sends PUBLISH.
+    pub fn start(
+        client: redis::Client,
+        publisher: redis::aio::ConnectionManager,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let registry = Arc::new(Registry::default());
+        // Commands are subscribe/unsubscribe requests; a full queue makes `subscribe`
+        // wait (bounded by its timeout), never grow memory.
+        let (commands, rx) = mpsc::channel(1024);
+        tokio::spawn(run_pubsub(client, registry.clone(), rx, shutdown));
+        Self {
+            registry,
+            commands,
+            publisher,
+        }
+    }
+}
+
+impl Bus for RedisBus {
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let mut conn = self.publisher.clone();
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(payload)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| BusError::Unavailable(e.to_string()))
+        })
+    }
+
+    fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Subscription, BusError>> {
+        Box::pin(async move {
+            let (rx, first) = self.registry.add(channel);
+            let lease = Lease {
+                registry: self.registry.clone(),
+                channel: channel.to_owned(),
+                on_last: Some(self.commands.clone()),
+            };
+            let subscription = Subscription { rx, _lease: lease };
+            if first {
+                let (ack, done) = oneshot::channel();
+                let confirmed = tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
+                    self.commands
+                        .send(Command::Subscribe(channel.to_owned(), ack))
+                        .await
+                        .map_err(|_| BusError::Unavailable("bus stopped".into()))?;
+                    done.await
+                        .map_err(|_| BusError::Unavailable("bus stopped".into()))?
+                })
+                .await;
+                match confirmed {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        return Err(BusError::Unavailable(
+                            "redis did not confirm the subscription in time".into(),
+                        ));
+                    }
+                }
+            }
+            Ok(subscription)
+        })
+    }
+}
+
+async fn run_pubsub(
+    client: redis::Client,
+    registry: Arc<Registry>,
+    mut commands: mpsc::Receiver<Command>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(50);
+    let mut connected_before = false;
+    loop {
+        let pubsub = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = client.get_async_pubsub() => r,
+        };
+        let (mut sink, mut stream) = match pubsub {
+            Ok(p) => p.split(),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis pub/sub connect failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        let mut healthy = true;
+        for name in registry.names() {
+            if let Err(e) = sink.subscribe(&name).await {
+                tracing::warn!(error = %e, "redis resubscribe failed");
+                healthy = false;
+                break;
+            }
+        }
+        if !healthy {
+            continue;
+        }
+        backoff = Duration::from_millis(50);
+        if connected_before {
+            tracing::info!("redis pub/sub reconnected");
+            // Anything published while we were away is lost to pub/sub.
+            registry.gap_all();
+        }
+        connected_before = true;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(Command::Subscribe(name, ack)) => {
+                        let result = if registry.contains(&name) {
+                            sink.subscribe(&name).await.map_err(|e| BusError::Unavailable(e.to_string()))
+                        } else {
+                            Ok(())
+                        };
+                        let failed = result.is_err();
+                        let _ = ack.send(result);
+                        if failed { break; }
+                    }
+                    Some(Command::Unsubscribe(name)) => {
+                        if !registry.contains(&name) && sink.unsubscribe(&name).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+                msg = stream.next() => match msg {
+                    Some(msg) => registry.deliver(msg.get_channel_name(), BusEvent::Message(msg.get_payload_bytes().into())),
+                    None => {
+                        tracing::warn!("redis pub/sub connection lost; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// A Redis connection manager that connects lazily and reconnects by itself, with
+/// timeouts so a dead Redis turns into prompt errors (UNAVAILABLE), not hung calls.
+pub fn redis_manager(client: &redis::Client) -> redis::RedisResult<redis::aio::ConnectionManager> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(3)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_bus_delivers_to_every_subscriber_and_forgets_dropped_ones() {
+        let bus = MemoryBus::new();
+        let mut a = bus.subscribe("c").await.expect("subscribe");
+        let mut b = bus.subscribe("c").await.expect("subscribe");
+        bus.publish("c", b"hi".to_vec()).await.expect("publish");
+        assert_eq!(
+            a.recv().await,
+            Some(BusEvent::Message(Arc::from(&b"hi"[..])))
+        );
+        assert_eq!(
+            b.recv().await,
+            Some(BusEvent::Message(Arc::from(&b"hi"[..])))
+        );
+        drop(a);
+        drop(b);
+        assert!(!bus.registry.contains("c"));
+    }
+
+    #[tokio::test]
+    async fn overflowing_subscriber_is_told_about_the_gap() {
+        let bus = MemoryBus::new();
+        let mut s = bus.subscribe("c").await.expect("subscribe");
+        for i in 0..(SUBSCRIBER_QUEUE + 10) {
+            bus.publish("c", vec![i as u8]).await.expect("publish");
+        }
+        assert_eq!(s.recv().await, Some(BusEvent::Gap));
+    }
+}

@@ -1,0 +1,278 @@
+//! Configuration shared by every service: command-line flags that default to environment
+//! variables (`--help` lists both and every default), validated once at start.
+//!
+//! Each service has one `Config` struct that flattens [`ServerArgs`] and [`StoreArgs`]
+//! next to its own settings. Problems are collected and reported together, and the
+//! process exits with code 64 (`EX_USAGE`) on bad configuration.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Exit code for bad configuration (`EX_USAGE` from sysexits.h).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// Environment variable names read by [`ServerArgs`] and [`StoreArgs`].
+pub mod env {
+    /// Address the gRPC server listens on.
+    pub const LISTEN_ADDR: &str = "LISTEN_ADDR";
+    /// PEM certificate chain for TLS.
+    pub const TLS_CERT_FILE: &str = "TLS_CERT_FILE";
+    /// PEM private key for TLS.
+    pub const TLS_KEY_FILE: &str = "TLS_KEY_FILE";
+    /// Largest accepted request message in bytes.
+    pub const MAX_MESSAGE_BYTES: &str = "MAX_MESSAGE_BYTES";
+    /// Seconds allowed for draining at shutdown.
+    pub const SHUTDOWN_GRACE_SECS: &str = "SHUTDOWN_GRACE_SECS";
+    /// `text` or `json` log lines.
+    pub const LOG_FORMAT: &str = "LOG_FORMAT";
+    /// Redis connection URL; unset means the embedded in-memory engine.
+    pub const REDIS_URL: &str = "REDIS_URL";
+    /// Where other services reach the auth service for token keys.
+    pub const AUTH_URL: &str = "AUTH_URL";
+}
+
+/// Parses the command line (and environment) into `T`, printing help or version and
+/// exiting 0 when asked, or printing the error and exiting 64.
+pub fn parse_args<T: Parser>() -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                _ => EXIT_BAD_CONFIG,
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Collects configuration problems so they can be reported together.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<String>);
+
+impl Problems {
+    /// Records one problem; name the variable and say what is expected.
+    pub fn add(&mut self, problem: impl Into<String>) {
+        self.0.push(problem.into());
+    }
+
+    /// `Ok(value)` if no problem was recorded, else every problem.
+    pub fn finish<T>(self, value: T) -> Result<T, ConfigError> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigError(self.0))
+        }
+    }
+}
+
+/// One or more configuration problems.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "bad configuration:")?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    /// Prints every problem to stderr and exits with code 64.
+    pub fn exit(&self) -> ! {
+        eprint!("{self}");
+        std::process::exit(EXIT_BAD_CONFIG)
+    }
+}
+
+/// A string that never shows up in logs or `Debug` output (passwords, URLs with credentials).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is used, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// gRPC server settings every service has.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// PEM certificate chain; together with --tls-key-file the server speaks only TLS.
+    #[arg(long, env = env::TLS_CERT_FILE, value_name = "PATH")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = env::TLS_KEY_FILE, value_name = "PATH")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Largest request message accepted, in bytes (after decompression); larger requests
+    /// get RESOURCE_EXHAUSTED.
+    #[arg(long, env = env::MAX_MESSAGE_BYTES, default_value_t = 1024 * 1024, value_name = "BYTES")]
+    pub max_message_bytes: usize,
+    /// Seconds that open calls get to finish after SIGTERM before the server exits.
+    #[arg(long, env = env::SHUTDOWN_GRACE_SECS, default_value_t = 10, value_name = "SECS")]
+    pub shutdown_grace_secs: u64,
+    /// Log line format (`RUST_LOG` sets the filter, e.g. `info,switchboard_auth=debug`).
+    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Validated server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen_addr: SocketAddr,
+    /// PEM certificate chain and key, when TLS is on.
+    pub tls: Option<TlsFiles>,
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Time open calls get at shutdown.
+    pub shutdown_grace: Duration,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+/// The contents of the TLS certificate chain and key files.
+#[derive(Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key.
+    pub key_pem: Vec<u8>,
+}
+
+impl fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsFiles").finish_non_exhaustive()
+    }
+}
+
+impl ServerArgs {
+    /// Validates the settings, reading the TLS files; problems go to `problems`.
+    pub fn validate(&self, listen_addr: SocketAddr, problems: &mut Problems) -> ServerConfig {
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let read = |path: &PathBuf, var: &str, problems: &mut Problems| {
+                    std::fs::read(path)
+                        .map_err(|e| {
+                            problems.add(format!("{var}: cannot read {}: {e}", path.display()))
+                        })
+                        .ok()
+                };
+                match (
+                    read(cert, env::TLS_CERT_FILE, problems),
+                    read(key, env::TLS_KEY_FILE, problems),
+                ) {
+                    (Some(cert_pem), Some(key_pem)) => Some(TlsFiles { cert_pem, key_pem }),
+                    _ => None,
+                }
+            }
+            _ => {
+                problems.add(format!(
+                    "{} and {} must be set together",
+                    env::TLS_CERT_FILE,
+                    env::TLS_KEY_FILE
+                ));
+                None
+            }
+        };
+        if self.max_message_bytes < 1024 {
+            problems.add(format!(
+                "{}: must be at least 1024 bytes",
+                env::MAX_MESSAGE_BYTES
+            ));
+        }
+        ServerConfig {
+            listen_addr,
+            tls,
+            max_message_bytes: self.max_message_bytes,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            log_format: self.log_format,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Settings for tests and tools: plaintext on `listen_addr`, defaults elsewhere.
+    pub fn plain(listen_addr: SocketAddr) -> Self {
+        Self {
+            listen_addr,
+            tls: None,
+            max_message_bytes: 1024 * 1024,
+            shutdown_grace: Duration::from_secs(10),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Where durable state and pub/sub live.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Redis URL (`redis://[:password@]host:port[/db]`). Unset: the embedded in-memory
+    /// engine, for trying Switchboard on one machine (state is lost at exit and not shared
+    /// between processes).
+    #[arg(long, env = env::REDIS_URL, value_name = "URL")]
+    pub redis_url: Option<Secret>,
+}
+
+/// Which storage engine a service uses.
+#[derive(Debug, Clone)]
+pub enum Engine {
+    /// In-process state; for `make run` and unit tests.
+    Memory,
+    /// Redis at this URL.
+    Redis(Secret),
+}
+
+impl StoreArgs {
+    /// Validates the URL's form (no connection is made here).
+    pub fn validate(&self, problems: &mut Problems) -> Engine {
+        match &self.redis_url {
+            None => Engine::Memory,
+            Some(url) => {
+                if let Err(e) = redis::Client::open(url.expose()) {
+                    problems.add(format!("{}: not a Redis URL: {e}", env::REDIS_URL));
+                }
+                Engine::Redis(url.clone())
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Plumbing every Switchboard service shares, so each service crate holds only its own
+//! domain: configuration ([`config`]), logging and traces ([`telemetry`]), the gRPC server
+//! with health, reflection, compression, limits, TLS and authentication ([`server`]),
+//! graceful shutdown ([`shutdown`]), local verification of access tokens ([`token`]),
+//! session revocations ([`revocation`]) and the pub/sub bus that carries them between
+//! instances ([`bus`]).
+
+pub mod bus;
+pub mod config;
+pub mod revocation;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod token;
+
+pub use switchboard_proto as proto;

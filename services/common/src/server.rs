@@ -1,0 +1,306 @@
+//! Server assembly: every Switchboard gRPC server is built here, so they all behave alike.
+//!
+//! Each server gets health (`grpc.health.v1`, including the `liveness` and `readiness`
+//! names Kubernetes probes ask for), reflection (`v1` and `v1alpha`, older grpcurl only
+//! speaks the latter), gzip and zstd in both directions ([`tune!`](crate::tune)), a request
+//! size limit answered with `RESOURCE_EXHAUSTED`, optional TLS, token authentication
+//! ([`AuthLayer`]) and graceful shutdown bounded by the configured grace period.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Request, Response};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tower::{Layer, Service};
+
+use crate::bus::BoxFuture;
+use crate::config::ServerConfig;
+use crate::token::Verifier;
+
+/// Applies Switchboard's standard settings to a generated tonic server: accept and send
+/// gzip and zstd, and limit decoded request messages to `max_message_bytes`.
+#[macro_export]
+macro_rules! tune {
+    ($server:expr, $config:expr) => {
+        $server
+            .accept_compressed($crate::proto::tonic::codec::CompressionEncoding::Gzip)
+            .accept_compressed($crate::proto::tonic::codec::CompressionEncoding::Zstd)
+            .send_compressed($crate::proto::tonic::codec::CompressionEncoding::Gzip)
+            .send_compressed($crate::proto::tonic::codec::CompressionEncoding::Zstd)
+            .max_decoding_message_size($config.max_message_bytes)
+            .max_encoding_message_size(usize::MAX)
+    };
+}
+
+/// Paths that never need a token: health and reflection.
+const ALWAYS_PUBLIC: &[&str] = &[
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
+
+/// Requires a valid access token on every call except `public` methods, and hands the
+/// verified [`Caller`](crate::token::Caller) to handlers in the request extensions.
+///
+/// A tower layer rather than a tonic interceptor because verification may need to fetch
+/// keys from auth (async), and one layer covers every service of the server.
+#[derive(Clone)]
+pub struct AuthLayer {
+    verifier: Arc<Verifier>,
+    public: Arc<[&'static str]>,
+}
+
+impl AuthLayer {
+    /// Authenticates with `verifier`; `public` lists full method paths
+    /// (`/package.Service/Method`) that need no token.
+    pub fn new(verifier: Arc<Verifier>, public: &[&'static str]) -> Self {
+        Self {
+            verifier,
+            public: public.into(),
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Authenticated<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticated {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service made by [`AuthLayer`].
+#[derive(Clone)]
+pub struct Authenticated<S> {
+    inner: S,
+    layer: AuthLayer,
+}
+
+impl<S> Service<Request<Body>> for Authenticated<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        // The clone is not ready; swap so the ready one serves this call (tower's rule).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let path = req.uri().path();
+        let public = ALWAYS_PUBLIC.iter().any(|p| path.starts_with(p))
+            || self.layer.public.iter().any(|p| *p == path);
+        if public {
+            return Box::pin(inner.call(req));
+        }
+        let verifier = self.layer.verifier.clone();
+        Box::pin(async move {
+            let header = req
+                .headers()
+                .get("authorization")
+                .map(HeaderValue::as_bytes);
+            match verifier.verify_header(header).await {
+                Ok(caller) => {
+                    req.extensions_mut().insert(caller);
+                    inner.call(req).await
+                }
+                Err(e) => Ok(tonic::Status::from(e).into_http()),
+            }
+        })
+    }
+}
+
+/// Answers oversize requests with `RESOURCE_EXHAUSTED` (the gRPC convention) instead of
+/// the `OUT_OF_RANGE` tonic 0.14 uses, with a message naming the limit.
+///
+/// Unary and server-streaming calls fail before the handler runs, as a trailers-only
+/// response whose status sits in the headers; that is what this rewrites. Client
+/// streams see the error from their inbound stream and map it in the service.
+#[derive(Clone, Copy)]
+pub struct OversizeLayer;
+
+impl<S> Layer<S> for OversizeLayer {
+    type Service = Oversize<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Oversize { inner }
+    }
+}
+
+/// The service made by [`OversizeLayer`].
+#[derive(Clone)]
+pub struct Oversize<S> {
+    inner: S,
+}
+
+/// Rewrites tonic's "message too large" status into RESOURCE_EXHAUSTED, if that is what it is.
+pub fn oversize_status(status: &tonic::Status) -> Option<tonic::Status> {
+    if status.code() != tonic::Code::OutOfRange
+        || !status.message().contains("message length too large")
+    {
+        return None;
+    }
+    // tonic's text: "... found {len} bytes, the limit is: {limit} bytes".
+    let numbers: Vec<&str> = status
+        .message()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let message = match numbers.as_slice() {
+        [found, limit] => format!(
+            "request message is {found} bytes, over the server's limit of {limit} bytes (MAX_MESSAGE_BYTES)"
+        ),
+        _ => "request message is over the server's size limit (MAX_MESSAGE_BYTES)".to_owned(),
+    };
+    Some(tonic::Status::resource_exhausted(message))
+}
+
+impl<S> Service<Request<Body>> for Oversize<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let mut response = inner.call(req).await?;
+            if let Some(status) = tonic::Status::from_header_map(response.headers())
+                && let Some(rewritten) = oversize_status(&status)
+            {
+                let headers = response.headers_mut();
+                headers.remove("grpc-message");
+                if rewritten.add_header(headers).is_err() {
+                    tracing::warn!("could not rewrite an oversize status");
+                }
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// What a service hands to [`serve`].
+pub struct Assembly {
+    /// The service's own gRPC services, already [`tune!`](crate::tune)d.
+    pub routes: Routes,
+    /// Fully-qualified names of those services, reported by health.
+    pub service_names: Vec<&'static str>,
+    /// Authenticates every call but the public ones.
+    pub auth: AuthLayer,
+}
+
+/// Serves `assembly` on `listener` until `shutdown` fires, then drains: health turns
+/// `NOT_SERVING`, no new connections are accepted, and open calls get the configured grace
+/// period before the server returns.
+pub async fn serve(
+    config: &ServerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    assembly: Assembly,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let mut names: Vec<&str> = assembly.service_names.clone();
+    names.extend(["liveness", "readiness"]);
+    for name in &names {
+        health
+            .set_service_status(*name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem)),
+        )?;
+    }
+    let mut router = builder
+        // Detect dead peers on long-lived streams (mobile clients vanish without a FIN).
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        // One span per call, named by the gRPC method (OpenTelemetry RPC conventions).
+        .trace_fn(|req| {
+            let path = req.uri().path();
+            let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+            tracing::info_span!("grpc", otel.name = %path, rpc.system = "grpc", rpc.service = %service, rpc.method = %method)
+        })
+        // Outermost: fix the status of oversize requests whoever produced it.
+        .layer(OversizeLayer)
+        // Then authentication, so handlers only ever see verified callers.
+        .layer(assembly.auth)
+        .add_routes(assembly.routes);
+    router = router
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let signal = {
+        let shutdown = shutdown.clone();
+        let health = health.clone();
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        async move {
+            shutdown.cancelled().await;
+            for name in &names {
+                health
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        }
+    };
+    let server = router.serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(server);
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        result = &mut server => result?,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace elapsed; closing remaining calls");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversize_status_names_both_sizes() {
+        let s = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 2000000 bytes, the limit is: 1048576 bytes",
+        );
+        let r = oversize_status(&s).expect("rewritten");
+        assert_eq!(r.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            r.message().contains("2000000") && r.message().contains("1048576"),
+            "{}",
+            r.message()
+        );
+        assert!(oversize_status(&tonic::Status::out_of_range("seq out of range")).is_none());
+    }
+}

@@ -1,0 +1,32 @@
+//! Generates the Rust code of the contract in `proto/` and a descriptor set for reflection.
+//!
+//! No system `protoc` is needed: the vendored one is used unless `PROTOC` is set.
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &[
+    "switchboard/auth/v1/auth.proto",
+    "switchboard/presence/v1/presence.proto",
+    "switchboard/messaging/v1/messaging.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("PROTOC").is_none() {
+        let protoc = protoc_bin_vendored::protoc_bin_path()?;
+        // A build script is single-threaded, so setting the variable races with nothing.
+        unsafe { std::env::set_var("PROTOC", protoc) };
+    }
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let files: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    // `build_transport(false)`: the generated `XxxClient::connect(dst)` helper would clash
+    // with the `Connect` RPCs of presence and messaging; clients use `XxxClient::new(channel)`.
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .file_descriptor_set_path(out.join("switchboard_descriptor.bin"))
+        .compile_protos(&files, &[root])?;
+    Ok(())
+}
