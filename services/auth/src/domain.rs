@@ -1,0 +1,410 @@
+//! The auth rules in plain Rust: registration, login with failure limits, refresh-token
+//! rotation with theft detection, logout, profiles and roles. Knows nothing of gRPC.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand_core::RngCore;
+use sha2::Digest;
+use switchboard_common::bus::BoxFuture;
+use switchboard_common::revocation::RevocationStore;
+use switchboard_common::token::{Caller, KeySource, LEEWAY_SECS, PublicKey, Role, now_secs};
+
+use crate::account::{DisplayName, Password, UserRecord, Username};
+use crate::config::LoginLimits;
+use crate::error::{Error, Result};
+use crate::password::Hasher;
+use crate::signing::Keyring;
+use crate::store::{AuthStore, NewSession, Rotation};
+
+/// How often an instance re-publishes its public key.
+pub const KEY_REPUBLISH: Duration = Duration::from_secs(60);
+
+/// Most ids GetUsers takes at once.
+pub const MAX_USERS_PER_CALL: usize = 500;
+
+/// A session's token pair.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    /// Signed access token.
+    pub access_token: String,
+    /// Its expiry, Unix seconds.
+    pub access_expires_at: u64,
+    /// `<session id>.<secret>`.
+    pub refresh_token: String,
+    /// Session expiry without refresh, Unix seconds.
+    pub refresh_expires_at: u64,
+    /// Session id.
+    pub session_id: String,
+}
+
+/// Auth's rules over a store.
+pub struct Auth<S> {
+    store: Arc<S>,
+    hasher: Hasher,
+    keyring: Keyring,
+    revocations: Arc<dyn RevocationStore>,
+    limits: LoginLimits,
+    refresh_ttl: Duration,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn token_hash(secret: &str) -> String {
+    URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(secret.as_bytes()))
+}
+
+fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Splits `<session id>.<secret>`; `None` unless the session id is a UUID.
+fn split_refresh(token: &str) -> Option<(&str, &str)> {
+    let (sid, secret) = token.trim().split_once('.')?;
+    (uuid::Uuid::try_parse(sid).is_ok() && !secret.is_empty()).then_some((sid, secret))
+}
+
+impl<S: AuthStore> Auth<S> {
+    /// Auth over `store`, signing with `keyring`.
+    pub fn new(
+        store: Arc<S>,
+        hasher: Hasher,
+        keyring: Keyring,
+        revocations: Arc<dyn RevocationStore>,
+        limits: LoginLimits,
+        refresh_ttl: Duration,
+    ) -> Self {
+        Self {
+            store,
+            hasher,
+            keyring,
+            revocations,
+            limits,
+            refresh_ttl,
+        }
+    }
+
+    /// Creates a CUSTOMER account.
+    pub async fn register(
+        &self,
+        username: &str,
+        password: &str,
+        display_name: &str,
+    ) -> Result<UserRecord> {
+        let username = Username::parse(username)?;
+        let password = Password::parse(password)?;
+        let display_name = DisplayName::parse(display_name, &username)?;
+        self.create(username, password, display_name, Role::Customer)
+            .await
+    }
+
+    async fn create(
+        &self,
+        username: Username,
+        password: Password,
+        display: DisplayName,
+        role: Role,
+    ) -> Result<UserRecord> {
+        // Cheap check first so a taken name does not cost a hash; the store decides.
+        if self.store.user_by_name(username.as_str()).await?.is_some() {
+            return Err(Error::UsernameTaken(username.as_str().to_owned()));
+        }
+        let user = UserRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            username: username.as_str().to_owned(),
+            display_name: display.as_str().to_owned(),
+            role,
+            password_hash: self.hasher.hash(password).await?,
+            created_at_ms: unix_ms(),
+        };
+        if !self.store.create_user(&user).await? {
+            return Err(Error::UsernameTaken(user.username));
+        }
+        Ok(user)
+    }
+
+    /// Makes sure the configured first admin exists and is an admin.
+    pub async fn ensure_admin(&self, username: &str, password: &str) -> Result<()> {
+        let name = Username::parse(username)?;
+        let existing = self.store.user_by_name(name.as_str()).await?;
+        let user = match existing {
+            Some(u) => u,
+            None => {
+                let display = DisplayName::parse("", &name)?;
+                match self
+                    .create(
+                        name.clone(),
+                        Password::parse(password)?,
+                        display,
+                        Role::Admin,
+                    )
+                    .await
+                {
+                    Ok(u) => u,
+                    // Another instance created it at the same moment.
+                    Err(Error::UsernameTaken(_)) => {
+                        self.store
+                            .user_by_name(name.as_str())
+                            .await?
+                            .ok_or_else(|| Error::Internal("admin vanished".into()))?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if user.role != Role::Admin {
+            self.store.set_role(&user.id, Role::Admin).await?;
+        }
+        Ok(())
+    }
+
+    /// Checks credentials and starts a session.
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<(Tokens, UserRecord)> {
+        let username = Username::parse(username)?;
+        if password.is_empty() {
+            return Err(Error::InvalidArgument("password is required".into()));
+        }
+        // Attempts are counted before the password is checked, so a burst of concurrent
+        // guesses cannot slip past the limit; a successful login takes its count back.
+        let user_key = format!("user:{}", username.as_str());
+        let peer_key = peer.map(|ip| format!("peer:{ip}"));
+        let mut keys = vec![user_key.clone()];
+        keys.extend(peer_key.clone());
+        let counts = self.store.hit(&keys, self.limits.window).await?;
+        if let Some((n, ttl)) = counts.first().copied()
+            && n > self.limits.per_user
+        {
+            return Err(rate_limited(
+                "too many failed logins for this username",
+                ttl,
+            ));
+        }
+        if let Some((n, ttl)) = counts.get(1).copied()
+            && n > self.limits.per_peer
+        {
+            return Err(rate_limited(
+                "too many failed logins from this address",
+                ttl,
+            ));
+        }
+        let user = self.store.user_by_name(username.as_str()).await?;
+        let ok = self
+            .hasher
+            .verify(password, user.as_ref().map(|u| u.password_hash.as_str()))
+            .await?;
+        let user = match user {
+            Some(u) if ok => u,
+            _ => return Err(Error::BadCredentials),
+        };
+        self.store.forget(&user_key).await?;
+        if let Some(k) = &peer_key {
+            self.store.release(k).await?;
+        }
+        let session_id = uuid::Uuid::now_v7().to_string();
+        let secret = new_secret();
+        self.store
+            .create_session(&NewSession {
+                id: session_id.clone(),
+                user_id: user.id.clone(),
+                refresh_hash: token_hash(&secret),
+                ttl: self.refresh_ttl,
+            })
+            .await?;
+        let tokens = self.tokens(&user, session_id, &secret)?;
+        Ok((tokens, user))
+    }
+
+    fn tokens(&self, user: &UserRecord, session_id: String, secret: &str) -> Result<Tokens> {
+        let now = now_secs();
+        let (access_token, access_expires_at) =
+            self.keyring.issue(&user.id, user.role, &session_id, now)?;
+        Ok(Tokens {
+            access_token,
+            access_expires_at,
+            refresh_token: format!("{session_id}.{secret}"),
+            refresh_expires_at: now + self.refresh_ttl.as_secs(),
+            session_id,
+        })
+    }
+
+    /// Exchanges a refresh token for a new pair; re-use of a spent one revokes the session.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens> {
+        if refresh_token.trim().is_empty() {
+            return Err(Error::InvalidArgument("refresh_token is required".into()));
+        }
+        let (sid, secret) = split_refresh(refresh_token).ok_or(Error::BadRefreshToken)?;
+        let next = new_secret();
+        match self
+            .store
+            .rotate_refresh(
+                sid,
+                &token_hash(secret),
+                &token_hash(&next),
+                self.refresh_ttl,
+            )
+            .await?
+        {
+            Rotation::Rotated(user_id) => {
+                let user = self
+                    .store
+                    .users_by_id(std::slice::from_ref(&user_id))
+                    .await?
+                    .pop()
+                    .flatten()
+                    .ok_or(Error::BadRefreshToken)?;
+                self.tokens(&user, sid.to_owned(), &next)
+            }
+            Rotation::Reused => {
+                tracing::warn!(session_id = sid, "refresh token re-used; session revoked");
+                self.announce_revocation(sid).await?;
+                Err(Error::RefreshReused)
+            }
+            Rotation::Revoked | Rotation::Unknown => Err(Error::BadRefreshToken),
+        }
+    }
+
+    /// Ends the caller's session everywhere.
+    pub async fn logout(&self, caller: &Caller) -> Result<()> {
+        self.store.revoke_session(&caller.session_id).await?;
+        self.announce_revocation(&caller.session_id).await
+    }
+
+    async fn announce_revocation(&self, session_id: &str) -> Result<()> {
+        // Tokens of the session may have been issued up to now; they expire by this time.
+        let until = now_secs() + self.keyring.access_ttl_secs() + LEEWAY_SECS;
+        self.revocations
+            .revoke(session_id, until)
+            .await
+            .map_err(|e| Error::Unavailable(e.into()))
+    }
+
+    /// Every public key whose tokens may still be valid.
+    pub async fn jwks(&self) -> Result<Vec<PublicKey>> {
+        let mut keys = self.store.keys(now_secs()).await?;
+        if !keys.iter().any(|k| k.kid == self.keyring.public().kid) {
+            keys.push(self.keyring.public().clone());
+        }
+        Ok(keys)
+    }
+
+    /// Publishes this instance's public key (call every [`KEY_REPUBLISH`]).
+    pub async fn publish_key(&self) -> Result<()> {
+        let until =
+            now_secs() + self.keyring.access_ttl_secs() + 3 * KEY_REPUBLISH.as_secs() + LEEWAY_SECS;
+        Ok(self.store.put_key(self.keyring.public(), until).await?)
+    }
+
+    /// The caller's account.
+    pub async fn whoami(&self, caller: &Caller) -> Result<UserRecord> {
+        self.store
+            .users_by_id(std::slice::from_ref(&caller.user_id))
+            .await?
+            .pop()
+            .flatten()
+            .ok_or_else(|| Error::UserNotFound(caller.user_id.clone()))
+    }
+
+    /// Profiles by id, in the order asked, and the ids that matched nobody.
+    pub async fn users(&self, ids: &[String]) -> Result<(Vec<UserRecord>, Vec<String>)> {
+        if ids.len() > MAX_USERS_PER_CALL {
+            return Err(Error::InvalidArgument(format!(
+                "user_ids holds {} ids; at most {MAX_USERS_PER_CALL} per call",
+                ids.len()
+            )));
+        }
+        let mut unique: Vec<String> = Vec::with_capacity(ids.len());
+        for id in ids {
+            if !unique.contains(id) {
+                unique.push(id.clone());
+            }
+        }
+        let found = self.store.users_by_id(&unique).await?;
+        let mut users = Vec::new();
+        let mut missing = Vec::new();
+        for (id, user) in unique.into_iter().zip(found) {
+            match user {
+                Some(u) => users.push(u),
+                None => missing.push(id),
+            }
+        }
+        Ok((users, missing))
+    }
+
+    /// Admins only: sets a user's role.
+    pub async fn set_role(
+        &self,
+        caller: &Caller,
+        user_id: &str,
+        role: Option<Role>,
+    ) -> Result<UserRecord> {
+        if caller.role != Role::Admin {
+            return Err(Error::PermissionDenied(
+                "only admins may change roles".into(),
+            ));
+        }
+        let role = role.ok_or_else(|| {
+            Error::InvalidArgument("role must be CUSTOMER, AGENT or ADMIN".into())
+        })?;
+        if user_id.is_empty() {
+            return Err(Error::InvalidArgument("user_id is required".into()));
+        }
+        if user_id == caller.user_id {
+            return Err(Error::FailedPrecondition(
+                "admins cannot change their own role; ask another admin".into(),
+            ));
+        }
+        self.store
+            .set_role(user_id, role)
+            .await?
+            .ok_or_else(|| Error::UserNotFound(user_id.to_owned()))
+    }
+}
+
+fn rate_limited(what: &str, retry_ms: u64) -> Error {
+    let secs = retry_ms.div_ceil(1000).max(1);
+    Error::RateLimited {
+        message: format!("{what}; retry in {secs} s"),
+        retry_after: Duration::from_millis(retry_ms.max(1)),
+    }
+}
+
+/// The verifier's key source inside auth itself: the store, no gRPC round trip.
+pub struct StoreKeys<S>(pub Arc<Auth<S>>);
+
+impl<S: AuthStore> KeySource for StoreKeys<S> {
+    fn fetch(&self) -> BoxFuture<'_, std::result::Result<Vec<PublicKey>, String>> {
+        Box::pin(async move { self.0.jwks().await.map_err(|e| e.to_string()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_tokens_split_only_with_a_uuid_session() {
+        let sid = uuid::Uuid::now_v7().to_string();
+        assert_eq!(
+            split_refresh(&format!("{sid}.abc")),
+            Some((sid.as_str(), "abc"))
+        );
+        assert_eq!(split_refresh("{x}.abc"), None);
+        assert_eq!(split_refresh(&format!("{sid}.")), None);
+        assert_eq!(split_refresh("garbage"), None);
+    }
+}
