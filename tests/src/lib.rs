@@ -1,1 +1,38 @@
-//! placeholder
+//! The Switchboard test harness: real parts only.
+//!
+//! - [`redis::RedisServer`] starts a private `redis-server` on a free loopback port (never
+//!   6379), each test its own, and kills it (by PID) when dropped.
+//! - [`instance`] starts service instances on port 0, either in-process (calling the same
+//!   `run` as `main`) or as child processes of the built binaries, for crash tests.
+//!
+//! Everything a test starts is stopped when its handle drops, also when the test fails.
+
+pub mod instance;
+pub mod redis;
+
+use std::time::Duration;
+
+/// Runs `check` every 50 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

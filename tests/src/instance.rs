@@ -1,0 +1,285 @@
+//! Service instances for tests: in-process (same `run` as `main`, port 0) or child
+//! processes of the built binaries (for kill -9 and signal tests).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use switchboard_common::config::{Engine, Secret};
+use switchboard_common::shutdown::CancellationToken;
+use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::redis::RedisServer;
+
+/// A lazily connecting channel to `addr` (plaintext).
+pub fn channel(addr: SocketAddr) -> Channel {
+    // The URI is built from a socket address, so it is always valid.
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map(|e| e.connect_timeout(Duration::from_secs(5)).connect_lazy())
+        .unwrap_or_else(|e| panic!("bad endpoint for {addr}: {e}"))
+}
+
+/// A service running inside the test process; stopped when dropped.
+pub struct InProcess {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl InProcess {
+    /// Binds `127.0.0.1:0` and runs `run(listener, shutdown)` on it.
+    pub async fn start<F, Fut>(run: F) -> anyhow::Result<Self>
+    where
+        F: FnOnce(tokio::net::TcpListener, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(listener, shutdown.clone()));
+        Ok(Self {
+            addr,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    /// A channel to it.
+    pub fn channel(&self) -> Channel {
+        channel(self.addr)
+    }
+
+    /// Stops it and waits until it has exited; returns what `run` returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Options for an in-process auth instance.
+#[derive(Clone)]
+pub struct AuthOptions {
+    /// Shared signing key (PEM); `None`: the instance makes its own and publishes it.
+    pub signing_key_pem: Option<String>,
+    /// Failed logins per username before limiting.
+    pub per_user: u64,
+    /// Failed logins per address before limiting.
+    pub per_peer: u64,
+    /// First admin.
+    pub admin: Option<(String, String)>,
+    /// Cheaper argon2 (tests that are not about hashing cost).
+    pub cheap_hashing: bool,
+    /// Largest request message.
+    pub max_message_bytes: usize,
+    /// TLS certificate and key PEM.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Default for AuthOptions {
+    fn default() -> Self {
+        Self {
+            signing_key_pem: None,
+            per_user: 10,
+            per_peer: 100,
+            admin: None,
+            cheap_hashing: true,
+            max_message_bytes: 1024 * 1024,
+            tls: None,
+        }
+    }
+}
+
+/// An in-process auth instance on `redis` (or the memory engine with `None`).
+pub async fn spawn_auth(
+    redis: Option<&RedisServer>,
+    options: AuthOptions,
+) -> anyhow::Result<InProcess> {
+    let engine = match redis {
+        Some(r) => Engine::Redis(Secret::new(r.url())),
+        None => Engine::Memory,
+    };
+    InProcess::start(move |listener, shutdown| {
+        let mut config = switchboard_auth::Config::for_tests(
+            listener
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))),
+            engine,
+        );
+        config.signing_key_pem = options.signing_key_pem.map(Secret::new);
+        config.limits.per_user = options.per_user;
+        config.limits.per_peer = options.per_peer;
+        config.admin = options.admin.map(|(u, p)| (u, Secret::new(p)));
+        if options.cheap_hashing {
+            config.argon2.memory_kib = 1024;
+            config.argon2.iterations = 1;
+        }
+        config.server.max_message_bytes = options.max_message_bytes;
+        config.server.tls = options
+            .tls
+            .map(|(cert_pem, key_pem)| switchboard_common::config::TlsFiles { cert_pem, key_pem });
+        switchboard_auth::run(config, listener, shutdown)
+    })
+    .await
+}
+
+/// An auth client for `instance`.
+pub fn auth_client(instance: &InProcess) -> AuthServiceClient<Channel> {
+    AuthServiceClient::new(instance.channel())
+}
+
+/// The directory holding the built binaries (`target/<profile>`), found from the test
+/// executable's own path (`target/<profile>/deps/<test>`).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("test executable has no target directory")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built; run `cargo build --bins` first (make test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A service binary running as a child process; killed (by PID) when dropped.
+pub struct ChildService {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    output: Arc<Mutex<String>>,
+}
+
+impl ChildService {
+    /// Starts `binary` with `env` (plus `LISTEN_ADDR=127.0.0.1:0`) and waits until it
+    /// logs the address it listens on.
+    pub fn spawn(binary_name: &str, env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(binary(binary_name)?);
+        cmd.env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .env_remove("REDIS_URL")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let output = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+        let stdout = child.stdout.take().context("no stdout")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        for pipe in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let output = output.clone();
+            let tx = tx.clone();
+            // Drains the pipe for the life of the child so it never blocks on a full pipe.
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if line.contains("listening")
+                        && let Some(addr) = line
+                            .split("addr=")
+                            .nth(1)
+                            .and_then(|a| a.split_whitespace().next())
+                        && let Ok(addr) = addr.parse()
+                    {
+                        let _ = tx.send(addr);
+                    }
+                    if let Ok(mut o) = output.lock() {
+                        o.push_str(&line);
+                        o.push('\n');
+                    }
+                }
+            });
+        }
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => Ok(Self {
+                child,
+                addr,
+                output,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{binary_name} did not report its address within 30 s; output:\n{}",
+                    output.lock().map(|o| o.clone()).unwrap_or_default()
+                )
+            }
+        }
+    }
+
+    /// A channel to it.
+    pub fn channel(&self) -> Channel {
+        channel(self.addr)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it printed so far.
+    pub fn output(&self) -> String {
+        self.output.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    /// `kill -9`: the crash case.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.pid());
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "process {} still running {limit:?} after SIGTERM",
+                    self.pid()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

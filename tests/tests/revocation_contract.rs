@@ -1,0 +1,177 @@
+//! Revocations and the bus, against both engines, with several followers ("instances")
+//! on one Redis, and through a dropped pub/sub connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_common::bus::{Bus, BusEvent, MemoryBus, RedisBus, redis_manager};
+use switchboard_common::revocation::{
+    MemoryRevocations, RedisRevocations, RevocationList, RevocationStore, follow,
+};
+use switchboard_common::shutdown::CancellationToken;
+use switchboard_common::token::now_secs;
+use switchboard_tests::eventually;
+use switchboard_tests::redis::RedisServer;
+
+async fn revoked_soon(list: &RevocationList, sid: &str) -> bool {
+    eventually(Duration::from_secs(3), || async {
+        list.is_revoked(sid, now_secs()).then_some(())
+    })
+    .await
+    .is_some()
+}
+
+#[tokio::test]
+async fn memory_engine_revocations_reach_followers() {
+    let bus = MemoryBus::new();
+    let store = MemoryRevocations::new(bus.clone());
+    let shutdown = CancellationToken::new();
+    let list = Arc::new(RevocationList::default());
+    follow(
+        list.clone(),
+        Arc::new(bus),
+        Arc::new(store.clone()),
+        shutdown.clone(),
+    )
+    .await;
+    store.revoke("s1", now_secs() + 60).await.expect("revoke");
+    assert!(revoked_soon(&list, "s1").await);
+    store
+        .revoke("old", now_secs().saturating_sub(10))
+        .await
+        .expect("revoke expired");
+    assert!(
+        !list.is_revoked("old", now_secs()),
+        "an expired revocation is still in force"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn redis_revocations_reach_every_instance_even_across_a_dropped_subscription() {
+    let redis = RedisServer::spawn().expect("redis");
+    let shutdown = CancellationToken::new();
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut lists = Vec::new();
+    // Three "instances": each its own bus (one pub/sub connection) and list.
+    for _ in 0..3 {
+        let conn = redis_manager(&client).expect("manager");
+        let bus = RedisBus::start(client.clone(), conn.clone(), shutdown.clone());
+        let list = Arc::new(RevocationList::default());
+        follow(
+            list.clone(),
+            Arc::new(bus),
+            Arc::new(RedisRevocations::new(conn)),
+            shutdown.clone(),
+        )
+        .await;
+        lists.push(list);
+    }
+    let writer = RedisRevocations::new(redis_manager(&client).expect("manager"));
+    writer.revoke("s1", now_secs() + 60).await.expect("revoke");
+    for list in &lists {
+        assert!(
+            revoked_soon(list, "s1").await,
+            "an instance missed a revocation"
+        );
+    }
+
+    // A revocation made before an instance starts is loaded from the durable set.
+    let late = Arc::new(RevocationList::default());
+    let conn = redis_manager(&client).expect("manager");
+    let bus = RedisBus::start(client.clone(), conn.clone(), shutdown.clone());
+    follow(
+        late.clone(),
+        Arc::new(bus),
+        Arc::new(RedisRevocations::new(conn)),
+        shutdown.clone(),
+    )
+    .await;
+    assert!(
+        late.is_revoked("s1", now_secs()),
+        "a new instance did not load earlier revocations"
+    );
+
+    // Drop every pub/sub connection; revoke at once (the publish may be missed), then again
+    // later (must arrive over the re-established subscription).
+    let mut admin = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin");
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut admin)
+        .await
+        .expect("kill");
+    writer.revoke("s2", now_secs() + 60).await.expect("revoke");
+    for list in lists.iter().chain([&late]) {
+        assert!(
+            revoked_soon(list, "s2").await,
+            "a revocation during a reconnect was lost"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.revoke("s3", now_secs() + 60).await.expect("revoke");
+    for list in lists.iter().chain([&late]) {
+        assert!(
+            revoked_soon(list, "s3").await,
+            "no revocations after the subscription was re-established"
+        );
+    }
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn redis_bus_reports_a_gap_after_reconnecting() {
+    let redis = RedisServer::spawn().expect("redis");
+    let shutdown = CancellationToken::new();
+    let client = redis::Client::open(redis.url()).expect("client");
+    let bus = RedisBus::start(
+        client.clone(),
+        redis_manager(&client).expect("manager"),
+        shutdown.clone(),
+    );
+    let mut a = bus.subscribe("chan").await.expect("subscribe");
+    let mut b = bus
+        .subscribe("chan")
+        .await
+        .expect("second subscriber shares the subscription");
+    bus.publish("chan", b"one".to_vec()).await.expect("publish");
+    for s in [&mut a, &mut b] {
+        let got = tokio::time::timeout(Duration::from_secs(3), s.recv())
+            .await
+            .expect("in time");
+        assert_eq!(got, Some(BusEvent::Message(Arc::from(&b"one"[..]))));
+    }
+    let mut admin = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin");
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut admin)
+        .await
+        .expect("kill");
+    let got = tokio::time::timeout(Duration::from_secs(5), a.recv())
+        .await
+        .expect("gap in time");
+    assert_eq!(got, Some(BusEvent::Gap));
+    // After the gap, live messages flow again.
+    let mut delivered = false;
+    for _ in 0..15 {
+        if bus.publish("chan", b"two".to_vec()).await.is_ok()
+            && let Ok(Some(BusEvent::Message(m))) =
+                tokio::time::timeout(Duration::from_millis(200), a.recv()).await
+            && &*m == b"two"
+        {
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered, "no delivery after reconnect");
+    shutdown.cancel();
+}
