@@ -1,0 +1,623 @@
+//! Auth end to end: two auth instances on one real Redis, over real gRPC.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use switchboard_auth::signing::{Keyring, generate_pem};
+use switchboard_common::token::{Role, now_secs};
+use switchboard_proto::auth::v1 as pb;
+use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
+use switchboard_tests::instance::{AuthOptions, InProcess, auth_client, spawn_auth};
+use switchboard_tests::redis::RedisServer;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+struct Pair {
+    a: InProcess,
+    b: InProcess,
+    _redis: RedisServer,
+}
+
+impl Pair {
+    async fn start(options: AuthOptions) -> Self {
+        let redis = RedisServer::spawn().expect("redis");
+        let a = spawn_auth(Some(&redis), options.clone())
+            .await
+            .expect("auth a");
+        let b = spawn_auth(Some(&redis), options).await.expect("auth b");
+        Self {
+            a,
+            b,
+            _redis: redis,
+        }
+    }
+    fn a(&self) -> AuthServiceClient<Channel> {
+        auth_client(&self.a)
+    }
+    fn b(&self) -> AuthServiceClient<Channel> {
+        auth_client(&self.b)
+    }
+}
+
+fn authed<T>(msg: T, token: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    req
+}
+
+fn raw_auth<T>(msg: T, value: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", value.parse().expect("ascii"));
+    req
+}
+
+async fn register(c: &mut AuthServiceClient<Channel>, name: &str, password: &str) -> pb::User {
+    c.register(pb::RegisterRequest {
+        username: name.into(),
+        password: password.into(),
+        display_name: String::new(),
+    })
+    .await
+    .expect("register")
+    .into_inner()
+    .user
+    .expect("user")
+}
+
+async fn login(
+    c: &mut AuthServiceClient<Channel>,
+    name: &str,
+    password: &str,
+) -> Result<pb::TokenPair, Status> {
+    c.login(pb::LoginRequest {
+        username: name.into(),
+        password: password.into(),
+    })
+    .await
+    .map(|r| r.into_inner().tokens.expect("tokens"))
+}
+
+async fn whoami(
+    c: &mut AuthServiceClient<Channel>,
+    token: &str,
+) -> Result<pb::WhoAmIResponse, Status> {
+    c.who_am_i(authed(pb::WhoAmIRequest {}, token))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Waits up to 2 s (the contract for logout) until `token` is refused by `client`.
+async fn refused_within_2s(c: &mut AuthServiceClient<Channel>, token: &str) -> Status {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match whoami(c, token).await {
+            Err(s) => return s,
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(25)).await
+            }
+            Ok(_) => panic!("token still accepted 2 s after its session was revoked"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn happy_path_across_two_instances_with_per_instance_keys() {
+    let pair = Pair::start(AuthOptions::default()).await;
+    let (mut a, mut b) = (pair.a(), pair.b());
+    let alice = register(&mut a, "Alice", "correct horse").await;
+    assert_eq!(alice.username, "alice", "usernames are case-folded");
+    assert_eq!(alice.role, pb::Role::Customer as i32);
+
+    // Signed by B's own key, verified by A after fetching B's published key.
+    let tokens = login(&mut b, "ALICE", "correct horse")
+        .await
+        .expect("login");
+    let me = whoami(&mut a, &tokens.access_token)
+        .await
+        .expect("whoami on the other instance");
+    assert_eq!(me.user.expect("user").id, alice.id);
+    assert_eq!(me.session_id, tokens.session_id);
+
+    let jwks = a
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .expect("jwks")
+        .into_inner();
+    assert_eq!(
+        jwks.keys.len(),
+        2,
+        "each instance publishes its key: {:?}",
+        jwks.keys
+    );
+    assert!(
+        jwks.keys
+            .iter()
+            .all(|k| k.kty == "OKP" && k.crv == "Ed25519" && k.alg == "EdDSA")
+    );
+
+    // Refresh on A, use the new pair on B.
+    let next = a
+        .refresh(pb::RefreshRequest {
+            refresh_token: tokens.refresh_token.clone(),
+        })
+        .await
+        .expect("refresh")
+        .into_inner()
+        .tokens
+        .expect("tokens");
+    assert_ne!(next.refresh_token, tokens.refresh_token);
+    assert_eq!(next.session_id, tokens.session_id);
+    whoami(&mut b, &next.access_token)
+        .await
+        .expect("refreshed token works on B");
+
+    let bob = register(&mut b, "bob", "another pass").await;
+    let users = a
+        .get_users(authed(
+            pb::GetUsersRequest {
+                user_ids: vec![
+                    bob.id.clone(),
+                    "missing".into(),
+                    alice.id.clone(),
+                    bob.id.clone(),
+                ],
+            },
+            &next.access_token,
+        ))
+        .await
+        .expect("get users")
+        .into_inner();
+    assert_eq!(
+        users
+            .users
+            .iter()
+            .map(|u| u.username.as_str())
+            .collect::<Vec<_>>(),
+        ["bob", "alice"]
+    );
+    assert_eq!(users.missing_ids, ["missing"]);
+}
+
+#[tokio::test]
+async fn registration_refuses_bad_input_with_the_field_named() {
+    let pair = Pair::start(AuthOptions::default()).await;
+    let mut a = pair.a();
+    let cases = [
+        ("ab", "long enough", "", Code::InvalidArgument, "username"),
+        (
+            "has space",
+            "long enough",
+            "",
+            Code::InvalidArgument,
+            "username",
+        ),
+        (
+            &"x".repeat(33),
+            "long enough",
+            "",
+            Code::InvalidArgument,
+            "username",
+        ),
+        ("carol", "short", "", Code::InvalidArgument, "password"),
+        (
+            "carol",
+            &"p".repeat(129),
+            "",
+            Code::InvalidArgument,
+            "password",
+        ),
+        (
+            "carol",
+            "long enough",
+            &"d".repeat(65),
+            Code::InvalidArgument,
+            "display_name",
+        ),
+    ];
+    for (username, password, display, code, field) in cases {
+        let err = a
+            .register(pb::RegisterRequest {
+                username: username.into(),
+                password: password.into(),
+                display_name: display.into(),
+            })
+            .await
+            .expect_err("bad input accepted");
+        assert_eq!(err.code(), code, "{username:?}/{password:?}: {err:?}");
+        assert!(
+            err.message().contains(field),
+            "message {:?} does not name {field}",
+            err.message()
+        );
+    }
+    register(&mut a, "carol", "long enough").await;
+    let mut b = pair.b();
+    let dup = b
+        .register(pb::RegisterRequest {
+            username: "CAROL".into(),
+            password: "long enough".into(),
+            display_name: String::new(),
+        })
+        .await
+        .expect_err("duplicate accepted");
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    assert!(dup.message().contains("carol"));
+}
+
+#[tokio::test]
+async fn unknown_user_and_wrong_password_answer_identically() {
+    let pair = Pair::start(AuthOptions::default()).await;
+    let mut a = pair.a();
+    register(&mut a, "dave", "right password").await;
+    let wrong = login(&mut a, "dave", "wrong password")
+        .await
+        .expect_err("wrong password accepted");
+    let unknown = login(&mut a, "nobody", "wrong password")
+        .await
+        .expect_err("unknown user accepted");
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    assert_eq!(
+        (wrong.code(), wrong.message()),
+        (unknown.code(), unknown.message())
+    );
+    let empty = login(&mut a, "dave", "").await.expect_err("empty password");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn failed_logins_are_limited_per_username_across_instances() {
+    let pair = Pair::start(AuthOptions {
+        per_user: 3,
+        ..AuthOptions::default()
+    })
+    .await;
+    let (mut a, mut b) = (pair.a(), pair.b());
+    register(&mut a, "erin", "right password").await;
+    register(&mut a, "frank", "right password").await;
+    for i in 0..3 {
+        let c = if i % 2 == 0 { &mut a } else { &mut b };
+        assert_eq!(
+            login(c, "erin", "wrong password")
+                .await
+                .expect_err("wrong")
+                .code(),
+            Code::Unauthenticated
+        );
+    }
+    // The limit is shared by the instances and holds even for the right password.
+    let limited = login(&mut b, "erin", "right password")
+        .await
+        .expect_err("limited");
+    assert_eq!(limited.code(), Code::ResourceExhausted);
+    assert!(
+        limited.message().contains("username"),
+        "{}",
+        limited.message()
+    );
+    let retry: u64 = limited
+        .metadata()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("retry-after-ms metadata");
+    assert!(retry > 0 && retry <= 900_000, "retry-after-ms {retry}");
+    // Other users are not affected, and a success resets nothing it should not.
+    login(&mut a, "frank", "right password")
+        .await
+        .expect("other user unaffected");
+}
+
+#[tokio::test]
+async fn failed_logins_are_limited_per_address() {
+    let pair = Pair::start(AuthOptions {
+        per_user: 100,
+        per_peer: 4,
+        ..AuthOptions::default()
+    })
+    .await;
+    let mut a = pair.a();
+    for i in 0..4 {
+        let e = login(&mut a, &format!("user{i}"), "wrong password")
+            .await
+            .expect_err("wrong");
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    let limited = login(&mut pair.b(), "user9", "wrong password")
+        .await
+        .expect_err("limited");
+    assert_eq!(limited.code(), Code::ResourceExhausted);
+    assert!(
+        limited.message().contains("address"),
+        "{}",
+        limited.message()
+    );
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_unauthenticated() {
+    let pem = generate_pem().expect("pem");
+    let pair = Pair::start(AuthOptions {
+        signing_key_pem: Some(pem.clone()),
+        ..AuthOptions::default()
+    })
+    .await;
+    let (mut a, mut b) = (pair.a(), pair.b());
+    let user = register(&mut a, "gina", "right password").await;
+    let good = login(&mut a, "gina", "right password")
+        .await
+        .expect("login")
+        .access_token;
+    whoami(&mut b, &good).await.expect("good token");
+
+    let ours = Keyring::from_pem(&pem, 900).expect("keyring");
+    let (expired, _) = ours
+        .issue(&user.id, Role::Customer, "s-old", now_secs() - 3600)
+        .expect("issue");
+    let stranger = Keyring::generate(900).expect("other key");
+    let (foreign, _) = stranger
+        .issue(&user.id, Role::Admin, "s-x", now_secs())
+        .expect("issue");
+    // Our kid in the header, but signed by another key: swap the headers.
+    let forged = {
+        let good_header = good.split('.').next().expect("header");
+        let mut parts = foreign.split('.');
+        let _ = parts.next();
+        format!(
+            "{good_header}.{}.{}",
+            parts.next().expect("claims"),
+            parts.next().expect("sig")
+        )
+    };
+    let alg_none = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","typ":"JWT","kid":"{}"}}"#, ours.public().kid)),
+        URL_SAFE_NO_PAD.encode(format!(
+            r#"{{"sub":"{}","role":"admin","sid":"s","iat":1,"exp":9999999999,"iss":"switchboard"}}"#,
+            user.id
+        ))
+    );
+    let cases: Vec<(String, &str)> = vec![
+        (format!("Bearer {expired}"), "expired"),
+        (format!("Bearer {foreign}"), "unknown key"),
+        (format!("Bearer {forged}"), "invalid"),
+        (format!("Bearer {alg_none}"), "malformed"),
+        ("Bearer not.a.jwt".into(), "malformed"),
+        ("Bearer".into(), "Bearer"),
+        ("Basic dXNlcjpwYXNz".into(), "Bearer"),
+        ("garbage".into(), "Bearer"),
+    ];
+    for (header, says) in cases {
+        for c in [&mut a, &mut b] {
+            let e = c
+                .who_am_i(raw_auth(pb::WhoAmIRequest {}, &header))
+                .await
+                .expect_err("bad token accepted");
+            assert_eq!(e.code(), Code::Unauthenticated, "{header}: {e:?}");
+            assert!(
+                e.message().contains(says),
+                "{header}: message {:?} lacks {says:?}",
+                e.message()
+            );
+        }
+    }
+    let missing = a
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .expect_err("no token");
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    assert!(missing.message().contains("authorization"));
+}
+
+#[tokio::test]
+async fn refresh_reuse_revokes_the_session_on_every_instance() {
+    let pair = Pair::start(AuthOptions::default()).await;
+    let (mut a, mut b) = (pair.a(), pair.b());
+    register(&mut a, "hank", "right password").await;
+    let first = login(&mut a, "hank", "right password")
+        .await
+        .expect("login");
+    let second = a
+        .refresh(pb::RefreshRequest {
+            refresh_token: first.refresh_token.clone(),
+        })
+        .await
+        .expect("refresh")
+        .into_inner()
+        .tokens
+        .expect("tokens");
+    whoami(&mut b, &second.access_token)
+        .await
+        .expect("fresh token works");
+
+    // The spent token is presented again (a thief, or the victim after the thief).
+    let reuse = b
+        .refresh(pb::RefreshRequest {
+            refresh_token: first.refresh_token.clone(),
+        })
+        .await
+        .expect_err("re-use accepted");
+    assert_eq!(reuse.code(), Code::Unauthenticated);
+    assert!(
+        reuse.message().contains("already used"),
+        "{}",
+        reuse.message()
+    );
+
+    // The whole session is dead: the newest refresh token and access tokens too.
+    let after = a
+        .refresh(pb::RefreshRequest {
+            refresh_token: second.refresh_token,
+        })
+        .await
+        .expect_err("revoked");
+    assert_eq!(after.code(), Code::Unauthenticated);
+    for c in [&mut a, &mut b] {
+        let s = refused_within_2s(c, &second.access_token).await;
+        assert!(s.message().contains("revoked"), "{}", s.message());
+    }
+
+    for bad in ["", "garbage", "0190a0b0-0000-7000-8000-000000000000.nope"] {
+        let e = a
+            .refresh(pb::RefreshRequest {
+                refresh_token: bad.into(),
+            })
+            .await
+            .expect_err("bad refresh token");
+        let expected = if bad.is_empty() {
+            Code::InvalidArgument
+        } else {
+            Code::Unauthenticated
+        };
+        assert_eq!(e.code(), expected, "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn logout_is_refused_on_the_other_instance_within_two_seconds() {
+    let pair = Pair::start(AuthOptions::default()).await;
+    let (mut a, mut b) = (pair.a(), pair.b());
+    register(&mut a, "ivy", "right password").await;
+    let session = login(&mut a, "ivy", "right password").await.expect("login");
+    let other = login(&mut b, "ivy", "right password")
+        .await
+        .expect("second session");
+    whoami(&mut b, &session.access_token)
+        .await
+        .expect("valid before logout");
+
+    a.logout(authed(pb::LogoutRequest {}, &session.access_token))
+        .await
+        .expect("logout");
+    let s = refused_within_2s(&mut b, &session.access_token).await;
+    assert_eq!(s.code(), Code::Unauthenticated);
+    assert!(s.message().contains("revoked"), "{}", s.message());
+    let s = refused_within_2s(&mut a, &session.access_token).await;
+    assert_eq!(s.code(), Code::Unauthenticated);
+    let refresh = b
+        .refresh(pb::RefreshRequest {
+            refresh_token: session.refresh_token,
+        })
+        .await
+        .expect_err("refresh");
+    assert_eq!(refresh.code(), Code::Unauthenticated);
+    // Only that session ended.
+    whoami(&mut a, &other.access_token)
+        .await
+        .expect("other session unaffected");
+}
+
+#[tokio::test]
+async fn roles_first_admin_and_set_role() {
+    let options = AuthOptions {
+        admin: Some(("root".into(), "admin password".into())),
+        ..AuthOptions::default()
+    };
+    let pair = Pair::start(options).await;
+    let (mut a, mut b) = (pair.a(), pair.b());
+    // The first admin is created in the background at start.
+    let admin = switchboard_tests::eventually(Duration::from_secs(5), || {
+        let mut a = a.clone();
+        async move { login(&mut a, "root", "admin password").await.ok() }
+    })
+    .await
+    .expect("first admin can log in");
+    let me = whoami(&mut b, &admin.access_token)
+        .await
+        .expect("whoami")
+        .user
+        .expect("user");
+    assert_eq!(me.role, pb::Role::Admin as i32);
+
+    let jo = register(&mut a, "joe", "right password").await;
+    let jo_token = login(&mut a, "joe", "right password")
+        .await
+        .expect("login")
+        .access_token;
+    let denied = b
+        .set_role(authed(
+            pb::SetRoleRequest {
+                user_id: jo.id.clone(),
+                role: pb::Role::Admin as i32,
+            },
+            &jo_token,
+        ))
+        .await
+        .expect_err("customer promoted itself");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    let agent = b
+        .set_role(authed(
+            pb::SetRoleRequest {
+                user_id: jo.id.clone(),
+                role: pb::Role::Agent as i32,
+            },
+            &admin.access_token,
+        ))
+        .await
+        .expect("set role")
+        .into_inner()
+        .user
+        .expect("user");
+    assert_eq!(agent.role, pb::Role::Agent as i32);
+    let relogin = login(&mut a, "joe", "right password")
+        .await
+        .expect("login")
+        .access_token;
+    assert_eq!(
+        whoami(&mut b, &relogin)
+            .await
+            .expect("whoami")
+            .user
+            .expect("user")
+            .role,
+        pb::Role::Agent as i32
+    );
+
+    let cases = [
+        (
+            "no-such-user".to_string(),
+            pb::Role::Agent as i32,
+            Code::NotFound,
+        ),
+        (
+            jo.id.clone(),
+            pb::Role::Unspecified as i32,
+            Code::InvalidArgument,
+        ),
+        (jo.id.clone(), 42, Code::InvalidArgument),
+        (
+            me.id.clone(),
+            pb::Role::Customer as i32,
+            Code::FailedPrecondition,
+        ),
+    ];
+    for (user_id, role, code) in cases {
+        let e = a
+            .set_role(authed(
+                pb::SetRoleRequest {
+                    user_id: user_id.clone(),
+                    role,
+                },
+                &admin.access_token,
+            ))
+            .await
+            .expect_err("bad set role");
+        assert_eq!(e.code(), code, "{user_id} {role}: {e:?}");
+    }
+    let too_many = a
+        .get_users(authed(
+            pb::GetUsersRequest {
+                user_ids: (0..501).map(|i| i.to_string()).collect(),
+            },
+            &jo_token,
+        ))
+        .await
+        .expect_err("501 ids");
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    assert!(too_many.message().contains("500"));
+}
