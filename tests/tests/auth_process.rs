@@ -1,0 +1,157 @@
+//! Auth as a real process: crash of an instance, SIGTERM, bad configuration, `--help`.
+//! Uses the built binary (`cargo build --bins`; `make test` does it).
+
+use std::process::Command;
+use std::time::Duration;
+
+use switchboard_proto::auth::v1 as pb;
+use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
+use switchboard_tests::instance::{AuthOptions, ChildService, auth_client, binary, spawn_auth};
+use switchboard_tests::redis::RedisServer;
+use tonic::Request;
+
+fn authed<T>(msg: T, token: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    req
+}
+
+#[tokio::test]
+async fn tokens_of_a_killed_instance_stay_valid_on_the_survivor() {
+    let redis = RedisServer::spawn().expect("redis");
+    let mut doomed = ChildService::spawn(
+        "switchboard-auth",
+        &[
+            ("REDIS_URL", redis.url()),
+            ("AUTH_ARGON2_MEMORY_KIB", "1024".into()),
+            ("AUTH_ARGON2_ITERATIONS", "1".into()),
+        ],
+    )
+    .expect("child auth");
+    let survivor = spawn_auth(Some(&redis), AuthOptions::default())
+        .await
+        .expect("in-process auth");
+
+    let mut a = AuthServiceClient::new(doomed.channel());
+    a.register(pb::RegisterRequest {
+        username: "kim".into(),
+        password: "right password".into(),
+        display_name: String::new(),
+    })
+    .await
+    .expect("register");
+    let tokens = a
+        .login(pb::LoginRequest {
+            username: "kim".into(),
+            password: "right password".into(),
+        })
+        .await
+        .expect("login")
+        .into_inner()
+        .tokens
+        .expect("tokens");
+
+    doomed.kill();
+
+    // The survivor has never seen the dead instance's key; it finds it in the store.
+    let mut b = auth_client(&survivor);
+    let me = b
+        .who_am_i(authed(pb::WhoAmIRequest {}, &tokens.access_token))
+        .await
+        .expect("token of a dead instance");
+    assert_eq!(me.into_inner().user.expect("user").username, "kim");
+    // The session lives in Redis, so it can be refreshed on the survivor.
+    b.refresh(pb::RefreshRequest {
+        refresh_token: tokens.refresh_token,
+    })
+    .await
+    .expect("refresh on survivor");
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() {
+    let mut child = ChildService::spawn("switchboard-auth", &[("SHUTDOWN_GRACE_SECS", "3".into())])
+        .expect("child auth");
+    let mut c = AuthServiceClient::new(child.channel());
+    c.get_jwks(pb::GetJwksRequest {}).await.expect("serving");
+    let status = child
+        .terminate(Duration::from_secs(10))
+        .expect("exits after SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status}; output:\n{}",
+        child.output()
+    );
+}
+
+#[test]
+fn bad_configuration_is_reported_all_at_once_with_exit_code_64() {
+    let out = Command::new(binary("switchboard-auth").expect("binary"))
+        .env("AUTH_ACCESS_TTL_SECS", "5")
+        .env("TLS_CERT_FILE", "/nonexistent/cert.pem")
+        .env("AUTH_ADMIN_USERNAME", "root")
+        .env_remove("TLS_KEY_FILE")
+        .env_remove("AUTH_ADMIN_PASSWORD")
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for named in [
+        "AUTH_ACCESS_TTL_SECS",
+        "TLS_CERT_FILE",
+        "AUTH_ADMIN_PASSWORD",
+    ] {
+        assert!(stderr.contains(named), "{named} not reported in:\n{stderr}");
+    }
+
+    let out = Command::new(binary("switchboard-auth").expect("binary"))
+        .arg("--listen-addr=nope")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn help_lists_every_setting_with_its_environment_variable() {
+    let out = Command::new(binary("switchboard-auth").expect("binary"))
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "LISTEN_ADDR",
+        "REDIS_URL",
+        "TLS_CERT_FILE",
+        "TLS_KEY_FILE",
+        "MAX_MESSAGE_BYTES",
+        "SHUTDOWN_GRACE_SECS",
+        "LOG_FORMAT",
+        "AUTH_ACCESS_TTL_SECS",
+        "AUTH_REFRESH_TTL_SECS",
+        "AUTH_SIGNING_KEY_FILE",
+        "AUTH_ADMIN_USERNAME",
+        "AUTH_ADMIN_PASSWORD",
+        "AUTH_ARGON2_MEMORY_KIB",
+        "AUTH_ARGON2_ITERATIONS",
+        "AUTH_HASH_CONCURRENCY",
+        "AUTH_HASH_QUEUE",
+        "AUTH_LOGIN_MAX_FAILURES_PER_USER",
+        "AUTH_LOGIN_MAX_FAILURES_PER_PEER",
+        "AUTH_LOGIN_FAILURE_WINDOW_SECS",
+    ] {
+        assert!(
+            help.contains(&format!("[env: {var}")),
+            "--help does not list {var}"
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! Real outside clients against a real auth process on Redis: the grpcurl binary (through
+//! reflection) and a Python client generated from `proto/` with grpcio-tools.
+//! `make test` installs both; without them these tests fail and say how to install.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use switchboard_tests::instance::ChildService;
+use switchboard_tests::redis::RedisServer;
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (run `make test`, which installs it)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn proto_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto")
+}
+
+fn auth_process(redis: &RedisServer) -> ChildService {
+    ChildService::spawn(
+        "switchboard-auth",
+        &[
+            ("REDIS_URL", redis.url()),
+            ("AUTH_ARGON2_MEMORY_KIB", "1024".into()),
+            ("AUTH_ARGON2_ITERATIONS", "1".into()),
+        ],
+    )
+    .expect("auth process")
+}
+
+#[test]
+fn grpcurl_lists_describes_and_calls_auth_through_reflection() {
+    let redis = RedisServer::spawn().expect("redis");
+    let auth = auth_process(&redis);
+    let addr = auth.addr.to_string();
+    let grpcurl = |args: &[&str]| {
+        let mut cmd = Command::new("grpcurl");
+        cmd.args(["-plaintext", "-max-time", "10"]).args(args);
+        run(&mut cmd)
+    };
+
+    let list = String::from_utf8_lossy(&grpcurl(&[&addr, "list"]).stdout).to_string();
+    assert!(list.contains("switchboard.auth.v1.AuthService"), "{list}");
+    assert!(list.contains("grpc.health.v1.Health"), "{list}");
+    assert!(
+        !list.contains("MessagingService"),
+        "auth advertises services it does not serve: {list}"
+    );
+
+    let describe = String::from_utf8_lossy(
+        &grpcurl(&[&addr, "describe", "switchboard.auth.v1.AuthService.Login"]).stdout,
+    )
+    .to_string();
+    assert!(describe.contains("rpc Login"), "{describe}");
+    assert!(
+        describe.contains("same UNAUTHENTICATED answer"),
+        "proto comments missing from reflection: {describe}"
+    );
+
+    let user = json(&grpcurl(&[
+        "-d",
+        r#"{"username":"Curly","password":"curl password","display_name":"Curly"}"#,
+        &addr,
+        "switchboard.auth.v1.AuthService/Register",
+    ]));
+    assert_eq!(user["user"]["username"], "curly");
+    let login = json(&grpcurl(&[
+        "-d",
+        r#"{"username":"curly","password":"curl password"}"#,
+        &addr,
+        "switchboard.auth.v1.AuthService/Login",
+    ]));
+    let token = login["tokens"]["accessToken"]
+        .as_str()
+        .expect("accessToken");
+    let header = format!("authorization: Bearer {token}");
+    let me = json(&grpcurl(&[
+        "-H",
+        &header,
+        &addr,
+        "switchboard.auth.v1.AuthService/WhoAmI",
+    ]));
+    assert_eq!(me["user"]["id"], user["user"]["id"]);
+    assert_eq!(me["user"]["role"], "ROLE_CUSTOMER");
+
+    let health = json(&grpcurl(&[&addr, "grpc.health.v1.Health/Check"]));
+    assert_eq!(health["status"], "SERVING");
+
+    // Without a token: a precise status, not UNKNOWN.
+    let denied = Command::new("grpcurl")
+        .args([
+            "-plaintext",
+            "-max-time",
+            "10",
+            &addr,
+            "switchboard.auth.v1.AuthService/WhoAmI",
+        ])
+        .output()
+        .expect("grpcurl");
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("Unauthenticated"));
+}
+
+#[test]
+fn python_client_generated_from_the_protos_talks_to_auth() {
+    let redis = RedisServer::spawn().expect("redis");
+    let auth = auth_process(&redis);
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let protos = [
+        "switchboard/auth/v1/auth.proto",
+        "switchboard/presence/v1/presence.proto",
+        "switchboard/messaging/v1/messaging.proto",
+    ];
+    let mut gen_cmd = Command::new("python3");
+    gen_cmd
+        .args(["-m", "grpc_tools.protoc"])
+        .arg(format!("-I{}", proto_dir().display()))
+        .arg(format!("--python_out={}", out_dir.path().display()))
+        .arg(format!("--pyi_out={}", out_dir.path().display()))
+        .arg(format!("--grpc_python_out={}", out_dir.path().display()))
+        .args(protos);
+    run(&mut gen_cmd);
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/auth_client.py");
+    let result = json(&run(Command::new("python3")
+        .arg(script)
+        .arg(out_dir.path())
+        .arg(auth.addr.to_string())
+        .arg("pyuser")));
+    assert_eq!(result["registered_id"], result["whoami_id"]);
+    assert_eq!(result["username"], "pyuser");
+    assert_eq!(result["role"], "ROLE_CUSTOMER");
+    assert_eq!(result["session_id"], result["token_session_id"]);
+    assert_eq!(result["wrong_password"], "UNAUTHENTICATED");
+}
