@@ -100,8 +100,8 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let path = req.uri().path();
-        let public = ALWAYS_PUBLIC.iter().any(|p| path.starts_with(p))
-            || self.layer.public.iter().any(|p| *p == path);
+        let public =
+            ALWAYS_PUBLIC.iter().any(|p| path.starts_with(p)) || self.layer.public.contains(&path);
         if public {
             return Box::pin(inner.call(req));
         }

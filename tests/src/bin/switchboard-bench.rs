@@ -1,0 +1,215 @@
+//! `switchboard-bench`: Switchboard's benchmarks. Each run prints one JSON line per figure
+//! on stdout; progress goes to stderr. Workloads are defined in `shared/design/BENCH.md`
+//! and the README ("Benchmarks").
+//!
+//! - `auth`: access-token verifications per second on one core, and login latency
+//!   (p50/p99) with the production argon2id parameters, against a private Redis.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use switchboard_common::bus::BoxFuture;
+use switchboard_common::revocation::RevocationList;
+use switchboard_common::token::{KeySource, PublicKey, Role, Verifier, now_secs};
+use switchboard_proto::auth::v1 as pb;
+use switchboard_tests::instance::{AuthOptions, auth_client, spawn_auth};
+use switchboard_tests::redis::RedisServer;
+
+/// Switchboard benchmarks (JSON lines on stdout, progress on stderr).
+#[derive(Parser)]
+#[command(name = "switchboard-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    workload: Workload,
+}
+
+#[derive(Subcommand)]
+enum Workload {
+    /// Token verification throughput (one core) and login latency.
+    Auth {
+        /// Seconds of token verification.
+        #[arg(long, default_value_t = 5)]
+        verify_secs: u64,
+        /// Logins measured one after another.
+        #[arg(long, default_value_t = 200)]
+        logins: usize,
+        /// Concurrent logins in the throughput run.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// A short run to check the benchmark itself works (used by `make test`).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+struct Fixed(Vec<PublicKey>);
+impl KeySource for Fixed {
+    fn fetch(&self) -> BoxFuture<'_, Result<Vec<PublicKey>, String>> {
+        let keys = self.0.clone();
+        Box::pin(async move { Ok(keys) })
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (v * f).round() / f
+}
+
+/// Verifies one token in a loop on a single-threaded runtime for `secs`.
+fn bench_verify(secs: u64) -> anyhow::Result<serde_json::Value> {
+    let keyring = switchboard_auth::signing::Keyring::generate(900)?;
+    let (token, _) = keyring.issue(
+        "0190a0b0-0000-7000-8000-000000000001",
+        Role::Customer,
+        "bench-session",
+        now_secs(),
+    )?;
+    let verifier = Verifier::new(
+        Arc::new(Fixed(vec![keyring.public().clone()])),
+        Arc::new(RevocationList::default()),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        verifier
+            .verify(&token)
+            .await
+            .context("warm-up verification")?;
+        let started = Instant::now();
+        let limit = Duration::from_secs(secs);
+        let mut count: u64 = 0;
+        while started.elapsed() < limit {
+            for _ in 0..100 {
+                verifier.verify(&token).await.context("verification")?;
+            }
+            count += 100;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        Ok(json!({
+            "system": "switchboard", "bench": "token_verify", "threads": 1,
+            "verifications": count, "duration_s": round(elapsed, 3),
+            "verifications_per_s": round(count as f64 / elapsed, 1),
+            "us_per_verification": round(elapsed * 1e6 / count as f64, 2),
+        }))
+    })
+}
+
+async fn bench_login(logins: usize, concurrency: usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    let redis = RedisServer::spawn()?;
+    let options = AuthOptions {
+        cheap_hashing: false,
+        per_user: u64::MAX,
+        per_peer: u64::MAX,
+        ..AuthOptions::default()
+    };
+    let auth = spawn_auth(Some(&redis), options).await?;
+    let defaults = switchboard_auth::Config::for_tests(
+        "127.0.0.1:0".parse()?,
+        switchboard_common::config::Engine::Memory,
+    );
+    let mut client = auth_client(&auth);
+    client
+        .register(pb::RegisterRequest {
+            username: "bencher".into(),
+            password: "bench password".into(),
+            display_name: String::new(),
+        })
+        .await?;
+    let login = pb::LoginRequest {
+        username: "bencher".into(),
+        password: "bench password".into(),
+    };
+    // Warm-up.
+    for _ in 0..5 {
+        client.login(login.clone()).await?;
+    }
+    let mut samples = Vec::with_capacity(logins);
+    for i in 0..logins {
+        let t = Instant::now();
+        client.login(login.clone()).await?;
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+        if i % 50 == 49 {
+            eprintln!("login (sequential): {}/{logins}", i + 1);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let params = json!({"algorithm": "argon2id", "memory_kib": defaults.argon2.memory_kib, "iterations": defaults.argon2.iterations, "parallelism": 1});
+    let sequential = json!({
+        "system": "switchboard", "bench": "login", "concurrency": 1, "logins": logins,
+        "argon2": params.clone(), "hash_concurrency": defaults.hash_concurrency,
+        "latency_ms": {"p50": round(percentile(&samples, 50.0), 2), "p99": round(percentile(&samples, 99.0), 2),
+                       "max": round(samples.last().copied().unwrap_or(0.0), 2)},
+    });
+
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let mut c = auth_client(&auth);
+        let login = login.clone();
+        let per = logins.div_ceil(concurrency);
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(per);
+            for _ in 0..per {
+                let t = Instant::now();
+                c.login(login.clone()).await?;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            Ok::<_, tonic::Status>(lat)
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    let concurrent = json!({
+        "system": "switchboard", "bench": "login", "concurrency": concurrency, "logins": all.len(),
+        "argon2": params, "hash_concurrency": defaults.hash_concurrency,
+        "logins_per_s": round(all.len() as f64 / elapsed, 1),
+        "latency_ms": {"p50": round(percentile(&all, 50.0), 2), "p99": round(percentile(&all, 99.0), 2),
+                       "max": round(all.last().copied().unwrap_or(0.0), 2)},
+    });
+    auth.stop().await?;
+    Ok(vec![sequential, concurrent])
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.workload {
+        Workload::Auth {
+            verify_secs,
+            logins,
+            concurrency,
+            quick,
+        } => {
+            let (verify_secs, logins) = if quick {
+                (1, 10)
+            } else {
+                (verify_secs, logins)
+            };
+            eprintln!("token_verify: {verify_secs} s on one thread…");
+            println!("{}", bench_verify(verify_secs)?);
+            eprintln!("login: {logins} sequential, then {logins} with concurrency {concurrency}…");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            for line in rt.block_on(bench_login(logins, concurrency.max(1)))? {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
