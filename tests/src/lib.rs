@@ -7,6 +7,7 @@
 //!
 //! Everything a test starts is stopped when its handle drops, also when the test fails.
 
+pub mod auth;
 pub mod instance;
 pub mod redis;
 

@@ -111,6 +111,20 @@ impl RedisServer {
         }
     }
 
+    /// Closes every pub/sub connection (`CLIENT KILL TYPE pubsub`): what subscribers see
+    /// when Redis fails over or a network blip cuts them off.
+    pub async fn kill_pubsub_clients(&self) -> anyhow::Result<()> {
+        let client = redis::Client::open(self.url())?;
+        let mut admin = client.get_multiplexed_async_connection().await?;
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut admin)
+            .await?;
+        Ok(())
+    }
+
     fn ping(&self) -> bool {
         redis::Client::open(self.url())
             .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))

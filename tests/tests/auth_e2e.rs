@@ -8,10 +8,11 @@ use switchboard_auth::signing::{Keyring, generate_pem};
 use switchboard_common::token::{Role, now_secs};
 use switchboard_proto::auth::v1 as pb;
 use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
+use switchboard_tests::auth::{authed, login, register, with_authorization};
 use switchboard_tests::instance::{AuthOptions, InProcess, auth_client, spawn_auth};
 use switchboard_tests::redis::RedisServer;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 struct Pair {
     a: InProcess,
@@ -38,48 +39,6 @@ impl Pair {
     fn b(&self) -> AuthServiceClient<Channel> {
         auth_client(&self.b)
     }
-}
-
-fn authed<T>(msg: T, token: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii token"),
-    );
-    req
-}
-
-fn raw_auth<T>(msg: T, value: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut()
-        .insert("authorization", value.parse().expect("ascii"));
-    req
-}
-
-async fn register(c: &mut AuthServiceClient<Channel>, name: &str, password: &str) -> pb::User {
-    c.register(pb::RegisterRequest {
-        username: name.into(),
-        password: password.into(),
-        display_name: String::new(),
-    })
-    .await
-    .expect("register")
-    .into_inner()
-    .user
-    .expect("user")
-}
-
-async fn login(
-    c: &mut AuthServiceClient<Channel>,
-    name: &str,
-    password: &str,
-) -> Result<pb::TokenPair, Status> {
-    c.login(pb::LoginRequest {
-        username: name.into(),
-        password: password.into(),
-    })
-    .await
-    .map(|r| r.into_inner().tokens.expect("tokens"))
 }
 
 async fn whoami(
@@ -109,7 +68,9 @@ async fn refused_within_2s(c: &mut AuthServiceClient<Channel>, token: &str) -> S
 async fn happy_path_across_two_instances_with_per_instance_keys() {
     let pair = Pair::start(AuthOptions::default()).await;
     let (mut a, mut b) = (pair.a(), pair.b());
-    let alice = register(&mut a, "Alice", "correct horse").await;
+    let alice = register(&mut a, "Alice", "correct horse")
+        .await
+        .expect("register");
     assert_eq!(alice.username, "alice", "usernames are case-folded");
     assert_eq!(alice.role, pb::Role::Customer as i32);
 
@@ -156,7 +117,9 @@ async fn happy_path_across_two_instances_with_per_instance_keys() {
         .await
         .expect("refreshed token works on B");
 
-    let bob = register(&mut b, "bob", "another pass").await;
+    let bob = register(&mut b, "bob", "another pass")
+        .await
+        .expect("register");
     let users = a
         .get_users(authed(
             pb::GetUsersRequest {
@@ -235,7 +198,9 @@ async fn registration_refuses_bad_input_with_the_field_named() {
             err.message()
         );
     }
-    register(&mut a, "carol", "long enough").await;
+    register(&mut a, "carol", "long enough")
+        .await
+        .expect("register");
     let mut b = pair.b();
     let dup = b
         .register(pb::RegisterRequest {
@@ -253,7 +218,9 @@ async fn registration_refuses_bad_input_with_the_field_named() {
 async fn unknown_user_and_wrong_password_answer_identically() {
     let pair = Pair::start(AuthOptions::default()).await;
     let mut a = pair.a();
-    register(&mut a, "dave", "right password").await;
+    register(&mut a, "dave", "right password")
+        .await
+        .expect("register");
     let wrong = login(&mut a, "dave", "wrong password")
         .await
         .expect_err("wrong password accepted");
@@ -277,8 +244,12 @@ async fn failed_logins_are_limited_per_username_across_instances() {
     })
     .await;
     let (mut a, mut b) = (pair.a(), pair.b());
-    register(&mut a, "erin", "right password").await;
-    register(&mut a, "frank", "right password").await;
+    register(&mut a, "erin", "right password")
+        .await
+        .expect("register");
+    register(&mut a, "frank", "right password")
+        .await
+        .expect("register");
     for i in 0..3 {
         let c = if i % 2 == 0 { &mut a } else { &mut b };
         assert_eq!(
@@ -347,7 +318,9 @@ async fn bad_tokens_are_refused_with_unauthenticated() {
     })
     .await;
     let (mut a, mut b) = (pair.a(), pair.b());
-    let user = register(&mut a, "gina", "right password").await;
+    let user = register(&mut a, "gina", "right password")
+        .await
+        .expect("register");
     let good = login(&mut a, "gina", "right password")
         .await
         .expect("login")
@@ -394,7 +367,7 @@ async fn bad_tokens_are_refused_with_unauthenticated() {
     for (header, says) in cases {
         for c in [&mut a, &mut b] {
             let e = c
-                .who_am_i(raw_auth(pb::WhoAmIRequest {}, &header))
+                .who_am_i(with_authorization(pb::WhoAmIRequest {}, &header))
                 .await
                 .expect_err("bad token accepted");
             assert_eq!(e.code(), Code::Unauthenticated, "{header}: {e:?}");
@@ -417,7 +390,9 @@ async fn bad_tokens_are_refused_with_unauthenticated() {
 async fn refresh_reuse_revokes_the_session_on_every_instance() {
     let pair = Pair::start(AuthOptions::default()).await;
     let (mut a, mut b) = (pair.a(), pair.b());
-    register(&mut a, "hank", "right password").await;
+    register(&mut a, "hank", "right password")
+        .await
+        .expect("register");
     let first = login(&mut a, "hank", "right password")
         .await
         .expect("login");
@@ -481,7 +456,9 @@ async fn refresh_reuse_revokes_the_session_on_every_instance() {
 async fn logout_is_refused_on_the_other_instance_within_two_seconds() {
     let pair = Pair::start(AuthOptions::default()).await;
     let (mut a, mut b) = (pair.a(), pair.b());
-    register(&mut a, "ivy", "right password").await;
+    register(&mut a, "ivy", "right password")
+        .await
+        .expect("register");
     let session = login(&mut a, "ivy", "right password").await.expect("login");
     let other = login(&mut b, "ivy", "right password")
         .await
@@ -533,7 +510,9 @@ async fn roles_first_admin_and_set_role() {
         .expect("user");
     assert_eq!(me.role, pb::Role::Admin as i32);
 
-    let jo = register(&mut a, "joe", "right password").await;
+    let jo = register(&mut a, "joe", "right password")
+        .await
+        .expect("register");
     let jo_token = login(&mut a, "joe", "right password")
         .await
         .expect("login")

@@ -6,18 +6,9 @@ use std::time::Duration;
 
 use switchboard_proto::auth::v1 as pb;
 use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
+use switchboard_tests::auth::{authed, register_and_login};
 use switchboard_tests::instance::{AuthOptions, ChildService, auth_client, binary, spawn_auth};
 use switchboard_tests::redis::RedisServer;
-use tonic::Request;
-
-fn authed<T>(msg: T, token: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii"),
-    );
-    req
-}
 
 #[tokio::test]
 async fn tokens_of_a_killed_instance_stay_valid_on_the_survivor() {
@@ -36,23 +27,9 @@ async fn tokens_of_a_killed_instance_stay_valid_on_the_survivor() {
         .expect("in-process auth");
 
     let mut a = AuthServiceClient::new(doomed.channel());
-    a.register(pb::RegisterRequest {
-        username: "kim".into(),
-        password: "right password".into(),
-        display_name: String::new(),
-    })
-    .await
-    .expect("register");
-    let tokens = a
-        .login(pb::LoginRequest {
-            username: "kim".into(),
-            password: "right password".into(),
-        })
+    let tokens = register_and_login(&mut a, "kim")
         .await
-        .expect("login")
-        .into_inner()
-        .tokens
-        .expect("tokens");
+        .expect("register and login");
 
     doomed.kill();
 

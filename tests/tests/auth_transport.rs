@@ -5,20 +5,12 @@ use std::time::Duration;
 
 use switchboard_proto::auth::v1 as pb;
 use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
+use switchboard_tests::auth::{authed, register_and_login};
 use switchboard_tests::instance::{AuthOptions, auth_client, spawn_auth};
 use switchboard_tests::redis::RedisServer;
+use tonic::Code;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-use tonic::{Code, Request};
-
-fn authed<T>(msg: T, token: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii"),
-    );
-    req
-}
 
 #[tokio::test]
 async fn tls_server_serves_tls_clients_and_refuses_plaintext() {
@@ -161,24 +153,9 @@ async fn a_login_flood_does_not_starve_other_calls() {
     };
     let auth = spawn_auth(Some(&redis), options).await.expect("auth");
     let mut client = auth_client(&auth);
-    client
-        .register(pb::RegisterRequest {
-            username: "victim".into(),
-            password: "right password".into(),
-            display_name: String::new(),
-        })
+    let token = register_and_login(&mut client, "victim")
         .await
-        .expect("register");
-    let token = client
-        .login(pb::LoginRequest {
-            username: "victim".into(),
-            password: "right password".into(),
-        })
-        .await
-        .expect("login")
-        .into_inner()
-        .tokens
-        .expect("tokens")
+        .expect("register and login")
         .access_token;
 
     const FLOOD: usize = 300;

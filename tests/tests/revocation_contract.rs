@@ -94,17 +94,10 @@ async fn redis_revocations_reach_every_instance_even_across_a_dropped_subscripti
 
     // Drop every pub/sub connection; revoke at once (the publish may be missed), then again
     // later (must arrive over the re-established subscription).
-    let mut admin = client
-        .get_multiplexed_async_connection()
+    redis
+        .kill_pubsub_clients()
         .await
-        .expect("admin");
-    let _: redis::Value = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut admin)
-        .await
-        .expect("kill");
+        .expect("kill pub/sub clients");
     writer.revoke("s2", now_secs() + 60).await.expect("revoke");
     for list in lists.iter().chain([&late]) {
         assert!(
@@ -145,17 +138,10 @@ async fn redis_bus_reports_a_gap_after_reconnecting() {
             .expect("in time");
         assert_eq!(got, Some(BusEvent::Message(Arc::from(&b"one"[..]))));
     }
-    let mut admin = client
-        .get_multiplexed_async_connection()
+    redis
+        .kill_pubsub_clients()
         .await
-        .expect("admin");
-    let _: redis::Value = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut admin)
-        .await
-        .expect("kill");
+        .expect("kill pub/sub clients");
     let got = tokio::time::timeout(Duration::from_secs(5), a.recv())
         .await
         .expect("gap in time");

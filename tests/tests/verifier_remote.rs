@@ -4,33 +4,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_common::bus::{RedisBus, redis_manager};
-use switchboard_common::revocation::{RedisRevocations, RevocationList, follow};
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_common::token::{GrpcKeySource, Role, TokenError, Verifier};
 use switchboard_proto::auth::v1 as pb;
+use switchboard_tests::auth::{redis_revocation_follower, register_and_login};
 use switchboard_tests::instance::{AuthOptions, InProcess, auth_client, channel, spawn_auth};
 use switchboard_tests::redis::RedisServer;
 use tonic::Request;
 
 async fn login(auth: &InProcess, name: &str) -> pb::TokenPair {
-    let mut c = auth_client(auth);
-    let _ = c
-        .register(pb::RegisterRequest {
-            username: name.into(),
-            password: "right password".into(),
-            display_name: String::new(),
-        })
-        .await;
-    c.login(pb::LoginRequest {
-        username: name.into(),
-        password: "right password".into(),
-    })
-    .await
-    .expect("login")
-    .into_inner()
-    .tokens
-    .expect("tokens")
+    register_and_login(&mut auth_client(auth), name)
+        .await
+        .expect("register and login")
 }
 
 #[tokio::test]
@@ -45,17 +30,7 @@ async fn a_remote_verifier_fetches_keys_from_auth_and_follows_logouts() {
 
     // "Another service": its own Redis connections, keys from auth A over gRPC.
     let shutdown = CancellationToken::new();
-    let client = redis::Client::open(redis.url()).expect("client");
-    let conn = redis_manager(&client).expect("manager");
-    let list = Arc::new(RevocationList::default());
-    let bus = RedisBus::start(client, conn.clone(), shutdown.clone());
-    follow(
-        list.clone(),
-        Arc::new(bus),
-        Arc::new(RedisRevocations::new(conn)),
-        shutdown.clone(),
-    )
-    .await;
+    let list = redis_revocation_follower(&redis.url(), &shutdown).await;
     let verifier = Verifier::new(Arc::new(GrpcKeySource::new(channel(auth_a.addr))), list);
 
     // A token signed by B's key: the verifier has never seen it and fetches the set from A.

@@ -1,0 +1,82 @@
+//! Helpers for talking to auth in tests: attaching tokens, registering and logging in.
+
+use std::sync::Arc;
+
+use switchboard_common::bus::{RedisBus, redis_manager};
+use switchboard_common::revocation::{RedisRevocations, RevocationList, follow};
+use switchboard_common::shutdown::CancellationToken;
+use switchboard_proto::auth::v1 as pb;
+use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+/// `msg` with `authorization: Bearer <token>`.
+pub fn authed<T>(msg: T, token: &str) -> Request<T> {
+    with_authorization(msg, &format!("Bearer {token}"))
+}
+
+/// `msg` with a raw `authorization` value (for malformed-header tests).
+pub fn with_authorization<T>(msg: T, value: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    let value = value
+        .parse()
+        .unwrap_or_else(|e| panic!("authorization value {value:?} is not ASCII: {e}"));
+    req.metadata_mut().insert("authorization", value);
+    req
+}
+
+/// Registers `name` (display name = username).
+pub async fn register(
+    c: &mut AuthServiceClient<Channel>,
+    name: &str,
+    password: &str,
+) -> Result<pb::User, Status> {
+    let req = pb::RegisterRequest {
+        username: name.into(),
+        password: password.into(),
+        display_name: String::new(),
+    };
+    Ok(c.register(req).await?.into_inner().user.unwrap_or_default())
+}
+
+/// Logs in; the token pair.
+pub async fn login(
+    c: &mut AuthServiceClient<Channel>,
+    name: &str,
+    password: &str,
+) -> Result<pb::TokenPair, Status> {
+    let req = pb::LoginRequest {
+        username: name.into(),
+        password: password.into(),
+    };
+    Ok(c.login(req).await?.into_inner().tokens.unwrap_or_default())
+}
+
+/// Registers `name` with a fixed password and logs in.
+pub async fn register_and_login(
+    c: &mut AuthServiceClient<Channel>,
+    name: &str,
+) -> Result<pb::TokenPair, Status> {
+    register(c, name, "right password").await?;
+    login(c, name, "right password").await
+}
+
+/// What another service's process holds: its own bus and a revocation list following Redis.
+pub async fn redis_revocation_follower(
+    redis_url: &str,
+    shutdown: &CancellationToken,
+) -> Arc<RevocationList> {
+    let client =
+        redis::Client::open(redis_url).unwrap_or_else(|e| panic!("bad redis url {redis_url}: {e}"));
+    let conn = redis_manager(&client).unwrap_or_else(|e| panic!("redis manager: {e}"));
+    let list = Arc::new(RevocationList::default());
+    let bus = RedisBus::start(client, conn.clone(), shutdown.clone());
+    follow(
+        list.clone(),
+        Arc::new(bus),
+        Arc::new(RedisRevocations::new(conn)),
+        shutdown.clone(),
+    )
+    .await;
+    list
+}
