@@ -10,6 +10,7 @@ use switchboard_common::revocation::{
 };
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_common::token::now_secs;
+use switchboard_tests::auth::redis_revocation_follower;
 use switchboard_tests::eventually;
 use switchboard_tests::redis::RedisServer;
 
@@ -55,17 +56,7 @@ async fn redis_revocations_reach_every_instance_even_across_a_dropped_subscripti
     let mut lists = Vec::new();
     // Three "instances": each its own bus (one pub/sub connection) and list.
     for _ in 0..3 {
-        let conn = redis_manager(&client).expect("manager");
-        let bus = RedisBus::start(client.clone(), conn.clone(), shutdown.clone());
-        let list = Arc::new(RevocationList::default());
-        follow(
-            list.clone(),
-            Arc::new(bus),
-            Arc::new(RedisRevocations::new(conn)),
-            shutdown.clone(),
-        )
-        .await;
-        lists.push(list);
+        lists.push(redis_revocation_follower(&redis.url(), &shutdown).await);
     }
     let writer = RedisRevocations::new(redis_manager(&client).expect("manager"));
     writer.revoke("s1", now_secs() + 60).await.expect("revoke");
@@ -77,16 +68,7 @@ async fn redis_revocations_reach_every_instance_even_across_a_dropped_subscripti
     }
 
     // A revocation made before an instance starts is loaded from the durable set.
-    let late = Arc::new(RevocationList::default());
-    let conn = redis_manager(&client).expect("manager");
-    let bus = RedisBus::start(client.clone(), conn.clone(), shutdown.clone());
-    follow(
-        late.clone(),
-        Arc::new(bus),
-        Arc::new(RedisRevocations::new(conn)),
-        shutdown.clone(),
-    )
-    .await;
+    let late = redis_revocation_follower(&redis.url(), &shutdown).await;
     assert!(
         late.is_revoked("s1", now_secs()),
         "a new instance did not load earlier revocations"
