@@ -132,3 +132,45 @@ fn help_lists_every_setting_with_its_environment_variable() {
         );
     }
 }
+
+#[tokio::test]
+async fn serves_and_exits_cleanly_with_trace_export_to_a_dead_collector() {
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        switchboard_tests::free_port().expect("port")
+    );
+    let mut child = ChildService::spawn(
+        "switchboard-auth",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", dead),
+            ("SHUTDOWN_GRACE_SECS", "2".into()),
+        ],
+    )
+    .expect("child auth with OTLP on");
+    let mut c = AuthServiceClient::new(child.channel());
+    let tokens = register_and_login(&mut c, "otto")
+        .await
+        .expect("calls succeed with the collector down");
+    c.who_am_i(authed(pb::WhoAmIRequest {}, &tokens.access_token))
+        .await
+        .expect("whoami");
+    drop(c);
+    let status = child.terminate(Duration::from_secs(15)).expect("exits");
+    assert!(
+        status.success(),
+        "exit status {status}; output:\n{}",
+        child.output()
+    );
+}
+
+#[test]
+fn generate_signing_key_prints_a_usable_key() {
+    let out = Command::new(binary("switchboard-auth").expect("binary"))
+        .arg("--generate-signing-key")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let pem = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+    switchboard_auth::signing::Keyring::from_pem(&pem, 900).expect("the printed key loads");
+}
