@@ -57,9 +57,10 @@ test: deps lint build
 	$(CARGO) test --workspace --no-fail-fast
 	./target/debug/switchboard-bench auth --quick > /dev/null
 
+# Only JSON lines go to stdout (build output and progress go to stderr).
 bench:
-	$(CARGO) build --release --workspace --bins
-	./target/release/switchboard-bench auth
+	@$(CARGO) build --release --workspace --bins >&2
+	@./target/release/switchboard-bench auth
 
 deploy-check:
 	@echo "deploy checks arrive with the deploy issue (#6); nothing to check yet"

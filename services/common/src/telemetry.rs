@@ -58,7 +58,15 @@ fn otlp_configured() -> bool {
 pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Guard> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(true).boxed(),
+        LogFormat::Text => {
+            // Colour only for a person at a terminal, never in files or collectors.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout())
+                && std::env::var_os("NO_COLOR").is_none();
+            tracing_subscriber::fmt::layer()
+                .with_target(true)
+                .with_ansi(ansi)
+                .boxed()
+        }
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
