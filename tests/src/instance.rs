@@ -146,6 +146,65 @@ pub fn auth_client(instance: &InProcess) -> AuthServiceClient<Channel> {
     AuthServiceClient::new(instance.channel())
 }
 
+/// Options for an in-process messaging instance.
+#[derive(Clone)]
+pub struct MessagingOptions {
+    /// Deliveries a stream may have waiting before it is cut off.
+    pub outbound_queue: usize,
+    /// Sends per second per user.
+    pub send_rate: f64,
+    /// Send burst per user.
+    pub send_burst: f64,
+    /// Messages kept per conversation.
+    pub history_retention: usize,
+}
+
+impl Default for MessagingOptions {
+    fn default() -> Self {
+        Self {
+            outbound_queue: 1024,
+            send_rate: 10_000.0,
+            send_burst: 10_000.0,
+            history_retention: 10_000,
+        }
+    }
+}
+
+/// An in-process messaging instance on `redis` (memory engine with `None`), verifying
+/// tokens with keys from the auth instance at `auth`.
+pub async fn spawn_messaging(
+    redis: Option<&RedisServer>,
+    auth: SocketAddr,
+    options: MessagingOptions,
+) -> anyhow::Result<InProcess> {
+    let engine = match redis {
+        Some(r) => Engine::Redis(Secret::new(r.url())),
+        None => Engine::Memory,
+    };
+    InProcess::start(move |listener, shutdown| {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let mut config =
+            switchboard_messaging::Config::for_tests(addr, engine, format!("http://{auth}"));
+        config.outbound_queue = options.outbound_queue;
+        config.send_limit.per_second = options.send_rate;
+        config.send_limit.burst = options.send_burst;
+        config.history_retention = options.history_retention;
+        switchboard_messaging::run(config, listener, shutdown)
+    })
+    .await
+}
+
+/// A messaging client for `instance`.
+pub fn messaging_client(
+    instance: &InProcess,
+) -> switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient<Channel> {
+    switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(
+        instance.channel(),
+    )
+}
+
 /// The directory holding the built binaries (`target/<profile>`), found from the test
 /// executable's own path (`target/<profile>/deps/<test>`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {

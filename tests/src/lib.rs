@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod instance;
+pub mod messaging;
 pub mod redis;
 
 use std::time::Duration;

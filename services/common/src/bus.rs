@@ -170,6 +170,13 @@ impl MemoryBus {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Delivers `payload` to this process's subscribers of `channel` before returning (so a
+    /// caller holding a lock publishes in its own order).
+    pub fn publish_now(&self, channel: &str, payload: Vec<u8>) {
+        self.registry
+            .deliver(channel, BusEvent::Message(payload.into()));
+    }
 }
 
 impl Bus for MemoryBus {

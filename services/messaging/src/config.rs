@@ -1,0 +1,124 @@
+//! Messaging configuration: one struct from flags and environment variables, validated once.
+
+use std::net::SocketAddr;
+
+use switchboard_common::config::{Engine, Problems, ServerArgs, ServerConfig, StoreArgs};
+
+/// Environment variable names of messaging's own settings.
+pub mod env {
+    /// Where the auth service is.
+    pub const AUTH_URL: &str = switchboard_common::config::env::AUTH_URL;
+    /// Messages kept per conversation.
+    pub const HISTORY_RETENTION: &str = "MESSAGING_HISTORY_RETENTION";
+    /// Deliveries a stream may have waiting.
+    pub const OUTBOUND_QUEUE: &str = "MESSAGING_OUTBOUND_QUEUE";
+    /// Sustained sends per second per user.
+    pub const SEND_RATE: &str = "MESSAGING_SEND_RATE_PER_SEC";
+    /// Send burst per user.
+    pub const SEND_BURST: &str = "MESSAGING_SEND_BURST";
+}
+
+/// `switchboard-messaging`: conversations, history and the real-time Connect stream.
+///
+/// Every flag can also be set by the environment variable shown.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "switchboard-messaging", version, about, long_about = None)]
+pub struct Args {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = switchboard_common::config::env::LISTEN_ADDR, default_value = "0.0.0.0:50053")]
+    pub listen_addr: SocketAddr,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub store: StoreArgs,
+    /// The auth service, for its token keys (GetJwks).
+    #[arg(long, env = env::AUTH_URL, default_value = "http://127.0.0.1:50051")]
+    pub auth_url: String,
+    /// Messages kept per conversation (older ones are trimmed; resuming from before them
+    /// answers Resync).
+    #[arg(long, env = env::HISTORY_RETENTION, default_value_t = 10_000)]
+    pub history_retention: usize,
+    /// Deliveries a Connect stream may have waiting; a client that falls further behind is
+    /// disconnected with RESOURCE_EXHAUSTED and resumes from its last seq.
+    #[arg(long, env = env::OUTBOUND_QUEUE, default_value_t = 1024)]
+    pub outbound_queue: usize,
+    /// Sustained messages per second a user may send (per instance).
+    #[arg(long, env = env::SEND_RATE, default_value_t = 20.0)]
+    pub send_rate_per_sec: f64,
+    /// Messages a user may send in a burst.
+    #[arg(long, env = env::SEND_BURST, default_value_t = 100.0)]
+    pub send_burst: f64,
+}
+
+/// Validated messaging settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC server settings.
+    pub server: ServerConfig,
+    /// Storage engine.
+    pub engine: Engine,
+    /// The auth service.
+    pub auth_url: String,
+    /// Messages kept per conversation.
+    pub history_retention: usize,
+    /// Stream inbox size.
+    pub outbound_queue: usize,
+    /// Send limit.
+    pub send_limit: crate::domain::SendLimit,
+}
+
+impl Args {
+    /// Checks every setting, reporting all problems together.
+    pub fn validate(self) -> Result<Config, switchboard_common::config::ConfigError> {
+        let mut problems = Problems::default();
+        let server = self.server.validate(self.listen_addr, &mut problems);
+        let engine = self.store.validate(&mut problems);
+        if tonic::transport::Endpoint::from_shared(self.auth_url.clone()).is_err() {
+            problems.add(format!("{}: not a URL: {}", env::AUTH_URL, self.auth_url));
+        }
+        if self.history_retention < 100 {
+            problems.add(format!("{}: must be at least 100", env::HISTORY_RETENTION));
+        }
+        if !(16..=1_000_000).contains(&self.outbound_queue) {
+            problems.add(format!("{}: must be 16 to 1000000", env::OUTBOUND_QUEUE));
+        }
+        let limits_ok = self.send_rate_per_sec.is_finite()
+            && self.send_rate_per_sec > 0.0
+            && self.send_burst.is_finite()
+            && self.send_burst >= 1.0;
+        if !limits_ok {
+            problems.add(format!(
+                "{} must be > 0 and {} at least 1",
+                env::SEND_RATE,
+                env::SEND_BURST
+            ));
+        }
+        problems.finish(Config {
+            server,
+            engine,
+            auth_url: self.auth_url,
+            history_retention: self.history_retention,
+            outbound_queue: self.outbound_queue,
+            send_limit: crate::domain::SendLimit {
+                per_second: self.send_rate_per_sec,
+                burst: self.send_burst,
+            },
+        })
+    }
+}
+
+impl Config {
+    /// Defaults for tests and tools: plaintext on `listen_addr`, given engine and auth.
+    pub fn for_tests(listen_addr: SocketAddr, engine: Engine, auth_url: String) -> Self {
+        use clap::Parser;
+        let mut config = Args::parse_from(["switchboard-messaging"])
+            .validate()
+            .unwrap_or_else(|e| e.exit());
+        config.server = ServerConfig::plain(listen_addr);
+        config.engine = engine;
+        config.auth_url = auth_url;
+        config
+    }
+}

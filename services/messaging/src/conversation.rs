@@ -1,0 +1,204 @@
+//! Conversations: kinds, members, and the rules for creating and changing them.
+
+use switchboard_proto::messaging::v1 as pb;
+
+use crate::error::{Error, Result};
+
+/// Largest group (members, owner included).
+pub const MAX_GROUP_MEMBERS: usize = 1000;
+/// Longest group title in characters.
+pub const MAX_TITLE_CHARS: usize = 128;
+
+/// What kind of conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Two people.
+    Direct,
+    /// A titled group with an owner.
+    Group,
+    /// A support consultation.
+    Support,
+}
+
+impl Kind {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Group => "group",
+            Kind::Support => "support",
+        }
+    }
+
+    /// From the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "direct" => Some(Kind::Direct),
+            "group" => Some(Kind::Group),
+            "support" => Some(Kind::Support),
+            _ => None,
+        }
+    }
+
+    /// Wire value.
+    pub fn to_proto(self) -> i32 {
+        match self {
+            Kind::Direct => pb::ConversationKind::Direct as i32,
+            Kind::Group => pb::ConversationKind::Group as i32,
+            Kind::Support => pb::ConversationKind::Support as i32,
+        }
+    }
+}
+
+/// A member and when they joined (Unix ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// User id.
+    pub user_id: String,
+    /// Joined at, Unix milliseconds.
+    pub joined_at_ms: u64,
+}
+
+/// A stored conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationRecord {
+    /// Id (UUIDv7).
+    pub id: String,
+    /// Kind.
+    pub kind: Kind,
+    /// Title (groups, support topics).
+    pub title: String,
+    /// Owner (groups).
+    pub owner_id: String,
+    /// Created at, Unix milliseconds.
+    pub created_at_ms: u64,
+    /// Identifies this incarnation of the history (changes if Redis lost it).
+    pub epoch: String,
+    /// Closed for sending.
+    pub read_only: bool,
+    /// Members, oldest first.
+    pub members: Vec<Member>,
+}
+
+impl ConversationRecord {
+    /// Whether `user_id` is a member.
+    pub fn is_member(&self, user_id: &str) -> bool {
+        self.members.iter().any(|m| m.user_id == user_id)
+    }
+}
+
+/// A validated CreateConversation request.
+#[derive(Debug, Clone)]
+pub struct NewConversation {
+    /// Direct or group.
+    pub kind: Kind,
+    /// Group title.
+    pub title: String,
+    /// Every member, the creator first, no duplicates.
+    pub members: Vec<String>,
+}
+
+impl NewConversation {
+    /// Checks the request of `creator`.
+    pub fn parse(creator: &str, kind: i32, title: &str, member_ids: &[String]) -> Result<Self> {
+        let kind = match pb::ConversationKind::try_from(kind) {
+            Ok(pb::ConversationKind::Direct) => Kind::Direct,
+            Ok(pb::ConversationKind::Group) => Kind::Group,
+            Ok(pb::ConversationKind::Support) => {
+                return Err(Error::InvalidArgument(
+                    "kind SUPPORT is created by SupportService.OpenConsultation, not here".into(),
+                ));
+            }
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "kind must be DIRECT or GROUP".into(),
+                ));
+            }
+        };
+        let mut members = vec![creator.to_owned()];
+        for id in member_ids {
+            if id.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "member_ids must not contain empty ids".into(),
+                ));
+            }
+            if !members.contains(id) {
+                members.push(id.clone());
+            }
+        }
+        match kind {
+            Kind::Direct => {
+                if !title.is_empty() {
+                    return Err(Error::InvalidArgument(
+                        "title must be empty for DIRECT conversations".into(),
+                    ));
+                }
+                if members.len() != 2 {
+                    return Err(Error::InvalidArgument(
+                        "a DIRECT conversation needs exactly one other member in member_ids".into(),
+                    ));
+                }
+            }
+            _ => {
+                let len = title.trim().chars().count();
+                if len == 0 || len > MAX_TITLE_CHARS {
+                    return Err(Error::InvalidArgument(format!(
+                        "title must be 1 to {MAX_TITLE_CHARS} characters for a GROUP, got {len}"
+                    )));
+                }
+                if members.len() > MAX_GROUP_MEMBERS {
+                    return Err(Error::InvalidArgument(format!(
+                        "a group has at most {MAX_GROUP_MEMBERS} members, got {}",
+                        members.len()
+                    )));
+                }
+            }
+        }
+        Ok(Self {
+            kind,
+            title: title.trim().to_owned(),
+            members,
+        })
+    }
+}
+
+/// The key that makes the same pair always get the same direct conversation.
+pub fn direct_key(a: &str, b: &str) -> String {
+    if a <= b {
+        format!("{a}|{b}")
+    } else {
+        format!("{b}|{a}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_needs_exactly_one_other() {
+        let d = pb::ConversationKind::Direct as i32;
+        assert!(NewConversation::parse("a", d, "", &["b".into()]).is_ok());
+        assert!(
+            NewConversation::parse("a", d, "", &["a".into()]).is_err(),
+            "self-only"
+        );
+        assert!(NewConversation::parse("a", d, "", &["b".into(), "c".into()]).is_err());
+        assert!(NewConversation::parse("a", d, "t", &["b".into()]).is_err());
+        assert_eq!(direct_key("b", "a"), direct_key("a", "b"));
+    }
+
+    #[test]
+    fn groups_need_a_title_and_dedupe_members() {
+        let g = pb::ConversationKind::Group as i32;
+        let c = NewConversation::parse("a", g, " Team ", &["b".into(), "b".into(), "a".into()])
+            .expect("ok");
+        assert_eq!(c.members, ["a", "b"]);
+        assert_eq!(c.title, "Team");
+        assert!(NewConversation::parse("a", g, "", &[]).is_err());
+        assert!(NewConversation::parse("a", 0, "x", &[]).is_err());
+        assert!(
+            NewConversation::parse("a", pb::ConversationKind::Support as i32, "x", &[]).is_err()
+        );
+    }
+}

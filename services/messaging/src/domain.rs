@@ -1,0 +1,629 @@
+//! Messaging's rules in plain Rust: who may create, read, send and change what; building
+//! what a caller sees; rate limits. Knows nothing of gRPC.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use switchboard_common::token::Caller;
+use switchboard_proto::messaging::v1 as pb;
+
+use crate::conversation::{ConversationRecord, Kind, Member, NewConversation, direct_key};
+use crate::error::{Error, Result};
+use crate::message::{Draft, Envelope, encode_event};
+use crate::store::{MessagingStore, Outgoing, Range, Sent, conversation_channel, user_channel};
+
+/// Largest page of history.
+pub const MAX_PAGE: usize = 200;
+/// Most conversations a list call scans (ordering by activity needs each one's newest message).
+pub const MAX_LISTED: usize = 1000;
+
+/// Send-rate limits.
+#[derive(Debug, Clone, Copy)]
+pub struct SendLimit {
+    /// Sustained messages per second per user (per instance).
+    pub per_second: f64,
+    /// Burst size.
+    pub burst: f64,
+}
+
+/// A token bucket per key; idle buckets are forgotten.
+struct Buckets {
+    limit: SendLimit,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl Buckets {
+    fn new(limit: SendLimit) -> Self {
+        Self {
+            limit,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a token for `key`, or says how long until one is available.
+    fn take(&self, key: &str) -> std::result::Result<(), Duration> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() > 100_000 {
+            let full = self.limit.burst / self.limit.per_second;
+            buckets.retain(|_, (_, at)| now.duration_since(*at).as_secs_f64() < full);
+        }
+        let (tokens, at) = buckets
+            .entry(key.to_owned())
+            .or_insert((self.limit.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.limit.per_second)
+            .min(self.limit.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - *tokens) / self.limit.per_second,
+            ))
+        }
+    }
+}
+
+/// Messaging's rules over a store.
+pub struct Messaging<S> {
+    store: Arc<S>,
+    sends: Buckets,
+    typing: Buckets,
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A protobuf timestamp from Unix milliseconds.
+pub fn timestamp(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+use switchboard_proto::prost_types;
+
+impl<S: MessagingStore> Messaging<S> {
+    /// Rules over `store` with the given send limit.
+    pub fn new(store: Arc<S>, limit: SendLimit) -> Self {
+        // Typing notices: one every two seconds per user and conversation is plenty.
+        let typing = Buckets::new(SendLimit {
+            per_second: 0.5,
+            burst: 1.0,
+        });
+        Self {
+            store,
+            sends: Buckets::new(limit),
+            typing,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// The conversation if it exists and `caller` is a member.
+    pub async fn authorize(
+        &self,
+        caller: &Caller,
+        conversation_id: &str,
+    ) -> Result<ConversationRecord> {
+        if conversation_id.is_empty() {
+            return Err(Error::InvalidArgument("conversation_id is required".into()));
+        }
+        let record = self
+            .store
+            .conversation(conversation_id)
+            .await?
+            .ok_or_else(|| Error::ConversationNotFound(conversation_id.to_owned()))?;
+        if !record.is_member(&caller.user_id) {
+            return Err(Error::PermissionDenied(format!(
+                "you are not a member of conversation '{conversation_id}'"
+            )));
+        }
+        Ok(record)
+    }
+
+    /// Creates a direct or group conversation.
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        kind: i32,
+        title: &str,
+        member_ids: &[String],
+    ) -> Result<(pb::Conversation, bool)> {
+        let new = NewConversation::parse(&caller.user_id, kind, title, member_ids)?;
+        let now = now_ms();
+        let record = ConversationRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            kind: new.kind,
+            title: new.title,
+            owner_id: if new.kind == Kind::Group {
+                caller.user_id.clone()
+            } else {
+                String::new()
+            },
+            created_at_ms: now,
+            epoch: uuid::Uuid::now_v7().simple().to_string(),
+            read_only: false,
+            members: new
+                .members
+                .iter()
+                .map(|u| Member {
+                    user_id: u.clone(),
+                    joined_at_ms: now,
+                })
+                .collect(),
+        };
+        let (record, created) = match new.kind {
+            Kind::Direct => {
+                self.store
+                    .create_direct(&direct_key(&new.members[0], &new.members[1]), &record)
+                    .await?
+            }
+            _ => {
+                self.store.create(&record).await?;
+                (record, true)
+            }
+        };
+        if created {
+            let members: Vec<String> = record.members.iter().map(|m| m.user_id.clone()).collect();
+            self.announce(
+                &record,
+                pb::ConversationEventKind::Created,
+                &caller.user_id,
+                &members,
+                &members,
+            )
+            .await;
+        }
+        Ok((self.view(&record, &caller.user_id).await?, created))
+    }
+
+    /// A conversation as `caller` sees it.
+    pub async fn get(&self, caller: &Caller, conversation_id: &str) -> Result<pb::Conversation> {
+        let record = self.authorize(caller, conversation_id).await?;
+        self.view(&record, &caller.user_id).await
+    }
+
+    /// The caller's conversations, most recently active first; `page_token` is an offset.
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<pb::Conversation>, String)> {
+        let size = match page_size {
+            0 => 50,
+            n if n <= 100 => n as usize,
+            n => {
+                return Err(Error::InvalidArgument(format!(
+                    "page_size must be at most 100, got {n}"
+                )));
+            }
+        };
+        let offset: usize = if page_token.is_empty() {
+            0
+        } else {
+            page_token.parse().map_err(|_| {
+                Error::InvalidArgument("page_token is not one this server issued".into())
+            })?
+        };
+        let mut ids = self.store.user_conversations(&caller.user_id).await?;
+        ids.truncate(MAX_LISTED);
+        let mut views = Vec::with_capacity(ids.len());
+        for id in &ids {
+            if let Some(record) = self.store.conversation(id).await? {
+                views.push(self.view(&record, &caller.user_id).await?);
+            }
+        }
+        let activity = |c: &pb::Conversation| {
+            c.last_message
+                .as_ref()
+                .and_then(|m| m.sent_at)
+                .or(c.created_at)
+                .map(|t| (t.seconds, t.nanos))
+                .unwrap_or_default()
+        };
+        views.sort_by_key(|c| std::cmp::Reverse(activity(c)));
+        let next = if offset + size < views.len() {
+            (offset + size).to_string()
+        } else {
+            String::new()
+        };
+        Ok((views.into_iter().skip(offset).take(size).collect(), next))
+    }
+
+    /// Owner adds members to a group.
+    pub async fn add_members(
+        &self,
+        caller: &Caller,
+        conversation_id: &str,
+        users: &[String],
+    ) -> Result<pb::Conversation> {
+        let record = self.owned_group(caller, conversation_id).await?;
+        let new: Vec<String> = users
+            .iter()
+            .filter(|u| !u.is_empty() && !record.is_member(u))
+            .cloned()
+            .collect();
+        if users.iter().any(String::is_empty) {
+            return Err(Error::InvalidArgument(
+                "user_ids must not contain empty ids".into(),
+            ));
+        }
+        if record.members.len() + new.len() > crate::conversation::MAX_GROUP_MEMBERS {
+            return Err(Error::FailedPrecondition(format!(
+                "a group has at most {} members",
+                crate::conversation::MAX_GROUP_MEMBERS
+            )));
+        }
+        let after = self
+            .store
+            .add_members(conversation_id, &new, now_ms())
+            .await?
+            .ok_or_else(|| Error::ConversationNotFound(conversation_id.to_owned()))?;
+        if !new.is_empty() {
+            let all: Vec<String> = after.members.iter().map(|m| m.user_id.clone()).collect();
+            self.announce(
+                &after,
+                pb::ConversationEventKind::MembersJoined,
+                &caller.user_id,
+                &new,
+                &all,
+            )
+            .await;
+        }
+        self.view(&after, &caller.user_id).await
+    }
+
+    /// Owner removes a member from a group.
+    pub async fn remove_member(
+        &self,
+        caller: &Caller,
+        conversation_id: &str,
+        user: &str,
+    ) -> Result<pb::Conversation> {
+        let record = self.owned_group(caller, conversation_id).await?;
+        if user == caller.user_id {
+            return Err(Error::FailedPrecondition(
+                "the owner leaves with Leave, not RemoveMember".into(),
+            ));
+        }
+        if !record.is_member(user) {
+            return Err(Error::InvalidArgument(format!(
+                "user '{user}' is not a member"
+            )));
+        }
+        let after = self.depart(&record, user, &caller.user_id, None).await?;
+        self.view(&after, &caller.user_id).await
+    }
+
+    /// The caller leaves a group; the longest-standing member inherits ownership.
+    pub async fn leave(&self, caller: &Caller, conversation_id: &str) -> Result<()> {
+        let record = self.authorize(caller, conversation_id).await?;
+        if record.kind != Kind::Group {
+            return Err(Error::FailedPrecondition(
+                "only GROUP conversations can be left".into(),
+            ));
+        }
+        let heir = (record.owner_id == caller.user_id)
+            .then(|| {
+                record
+                    .members
+                    .iter()
+                    .find(|m| m.user_id != caller.user_id)
+                    .map(|m| m.user_id.clone())
+            })
+            .flatten();
+        self.depart(&record, &caller.user_id, &caller.user_id, heir.as_deref())
+            .await?;
+        Ok(())
+    }
+
+    async fn depart(
+        &self,
+        record: &ConversationRecord,
+        user: &str,
+        actor: &str,
+        heir: Option<&str>,
+    ) -> Result<ConversationRecord> {
+        let after = self
+            .store
+            .remove_member(&record.id, user, heir)
+            .await?
+            .ok_or_else(|| Error::ConversationNotFound(record.id.clone()))?;
+        let mut notify: Vec<String> = after.members.iter().map(|m| m.user_id.clone()).collect();
+        notify.push(user.to_owned());
+        self.announce(
+            &after,
+            pb::ConversationEventKind::MemberLeft,
+            actor,
+            &[user.to_owned()],
+            &notify,
+        )
+        .await;
+        Ok(after)
+    }
+
+    async fn owned_group(
+        &self,
+        caller: &Caller,
+        conversation_id: &str,
+    ) -> Result<ConversationRecord> {
+        let record = self.authorize(caller, conversation_id).await?;
+        if record.kind != Kind::Group {
+            return Err(Error::FailedPrecondition(
+                "members can only be changed in GROUP conversations".into(),
+            ));
+        }
+        if record.owner_id != caller.user_id {
+            return Err(Error::PermissionDenied(
+                "only the group's owner may change its members".into(),
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Stores and publishes a message (or returns the first result of a retry).
+    pub async fn send(
+        &self,
+        caller: &Caller,
+        draft: Draft,
+        trace: HashMap<String, String>,
+    ) -> Result<(pb::Message, bool)> {
+        if let Err(wait) = self.sends.take(&caller.user_id) {
+            return Err(Error::ResourceExhausted {
+                message: "sending too fast; slow down".into(),
+                retry_after: Some(wait.max(Duration::from_millis(1))),
+            });
+        }
+        let sent_at_ms = now_ms();
+        let message = pb::Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            conversation_id: draft.conversation_id.clone(),
+            seq: 0,
+            sender_id: caller.user_id.clone(),
+            body: draft.body,
+            metadata: draft.metadata,
+            sent_at: Some(timestamp(sent_at_ms)),
+            client_msg_id: draft.client_msg_id.clone(),
+        };
+        let stored = prost::Message::encode_to_vec(&message);
+        let envelope = prost::Message::encode_to_vec(&Envelope {
+            trace,
+            message: Some(message.clone()),
+            ..Default::default()
+        });
+        let outgoing = Outgoing {
+            conversation_id: draft.conversation_id.clone(),
+            sender_id: caller.user_id.clone(),
+            client_msg_id: draft.client_msg_id,
+            message: stored,
+            envelope,
+            message_id: message.id.clone(),
+            sent_at_ms,
+        };
+        match self.store.send(&outgoing).await? {
+            Sent::Stored(seq) => Ok((pb::Message { seq, ..message }, false)),
+            Sent::Duplicate {
+                seq,
+                message_id,
+                sent_at_ms,
+            } => Ok((
+                pb::Message {
+                    seq,
+                    id: message_id,
+                    sent_at: Some(timestamp(sent_at_ms)),
+                    ..message
+                },
+                true,
+            )),
+            Sent::NotFound => Err(Error::ConversationNotFound(outgoing.conversation_id)),
+            Sent::NotMember => Err(Error::PermissionDenied(format!(
+                "you are not a member of conversation '{}'",
+                outgoing.conversation_id
+            ))),
+            Sent::ReadOnly => Err(Error::FailedPrecondition(format!(
+                "conversation '{}' is closed and read-only",
+                outgoing.conversation_id
+            ))),
+        }
+    }
+
+    /// History by seq, ascending.
+    pub async fn history(
+        &self,
+        caller: &Caller,
+        conversation_id: &str,
+        before_seq: u64,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<(Vec<pb::Message>, bool, u64)> {
+        self.authorize(caller, conversation_id).await?;
+        let limit = match limit {
+            0 => 50,
+            n if n as usize <= MAX_PAGE => n as usize,
+            n => {
+                return Err(Error::InvalidArgument(format!(
+                    "limit must be at most {MAX_PAGE}, got {n}"
+                )));
+            }
+        };
+        let range = match (before_seq, after_seq) {
+            (0, 0) => Range::Latest,
+            (0, a) => Range::After(a),
+            (b, 0) => Range::Before(b),
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "give at most one of before_seq and after_seq".into(),
+                ));
+            }
+        };
+        // One extra tells whether there is more in that direction.
+        let page = self
+            .store
+            .history(conversation_id, range, limit + 1)
+            .await?;
+        if let Range::After(a) = range
+            && page.oldest_seq > a + 1
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "messages after seq {a} are no longer retained; the oldest retained is seq {}",
+                page.oldest_seq
+            )));
+        }
+        let mut messages = page.messages;
+        let has_more = messages.len() > limit;
+        if has_more {
+            match range {
+                Range::After(_) => {
+                    messages.truncate(limit);
+                }
+                _ => {
+                    messages.remove(0);
+                }
+            }
+        }
+        Ok((messages, has_more, page.oldest_seq))
+    }
+
+    /// Moves the caller's read position and tells the members.
+    pub async fn mark_read(&self, caller: &Caller, conversation_id: &str, seq: u64) -> Result<u64> {
+        self.authorize(caller, conversation_id).await?;
+        let position = self
+            .store
+            .mark_read(conversation_id, &caller.user_id, seq)
+            .await?;
+        let receipt = pb::Receipt {
+            conversation_id: conversation_id.to_owned(),
+            user_id: caller.user_id.clone(),
+            read_seq: position,
+            read_at: Some(timestamp(now_ms())),
+        };
+        let payload = encode_event(&Envelope {
+            receipt: Some(receipt),
+            ..Default::default()
+        });
+        self.store
+            .publish(&conversation_channel(conversation_id), payload)
+            .await?;
+        Ok(position)
+    }
+
+    /// Tells the members that the caller is typing (ephemeral; at most every two seconds).
+    pub async fn typing(&self, caller: &Caller, conversation_id: &str) -> Result<()> {
+        self.authorize(caller, conversation_id).await?;
+        if let Err(wait) = self
+            .typing
+            .take(&format!("{}|{conversation_id}", caller.user_id))
+        {
+            return Err(Error::ResourceExhausted {
+                message: "typing notices are limited to one every 2 s per conversation".into(),
+                retry_after: Some(wait),
+            });
+        }
+        let typing = pb::TypingEvent {
+            conversation_id: conversation_id.to_owned(),
+            user_id: caller.user_id.clone(),
+        };
+        let payload = encode_event(&Envelope {
+            typing: Some(typing),
+            ..Default::default()
+        });
+        self.store
+            .publish(&conversation_channel(conversation_id), payload)
+            .await
+    }
+
+    /// What `user` sees of `record`: members, newest message, read position, unread count.
+    pub async fn view(&self, record: &ConversationRecord, user: &str) -> Result<pb::Conversation> {
+        let latest = self.store.history(&record.id, Range::Latest, 1).await?;
+        let reads = self.store.read_positions(&record.id).await?;
+        let read_seq = reads.get(user).copied().unwrap_or(0);
+        Ok(pb::Conversation {
+            id: record.id.clone(),
+            kind: record.kind.to_proto(),
+            title: record.title.clone(),
+            member_ids: record.members.iter().map(|m| m.user_id.clone()).collect(),
+            owner_id: record.owner_id.clone(),
+            created_at: Some(timestamp(record.created_at_ms)),
+            last_message: latest.messages.into_iter().next_back(),
+            last_seq: latest.last_seq,
+            read_seq,
+            unread_count: latest.last_seq.saturating_sub(read_seq),
+            consultation: None,
+            read_only: record.read_only,
+        })
+    }
+
+    /// Publishes a conversation event to the user channels of `notify`.
+    async fn announce(
+        &self,
+        record: &ConversationRecord,
+        kind: pb::ConversationEventKind,
+        actor: &str,
+        about: &[String],
+        notify: &[String],
+    ) {
+        let conversation = match self.view(record, "").await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build a conversation event");
+                return;
+            }
+        };
+        let event = pb::ConversationEvent {
+            kind: kind as i32,
+            conversation: Some(conversation),
+            actor_id: actor.to_owned(),
+            user_ids: about.to_vec(),
+        };
+        let payload = encode_event(&Envelope {
+            event: Some(event),
+            ..Default::default()
+        });
+        for user in notify {
+            // Events are best effort (the change itself is stored); a client that missed
+            // one sees the change in ListConversations.
+            if let Err(e) = self
+                .store
+                .publish(&user_channel(user), payload.clone())
+                .await
+            {
+                tracing::warn!(error = %e, "cannot publish a conversation event");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_allow_a_burst_then_ask_to_wait() {
+        let b = Buckets::new(SendLimit {
+            per_second: 10.0,
+            burst: 3.0,
+        });
+        for _ in 0..3 {
+            assert!(b.take("u").is_ok());
+        }
+        let wait = b.take("u").expect_err("over the burst");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
+        assert!(b.take("other").is_ok(), "buckets are per key");
+    }
+}

@@ -1,0 +1,202 @@
+//! The gRPC adapter: wire types in, calls into [`Messaging`], wire types out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use switchboard_common::token::Caller;
+use switchboard_proto::messaging::v1 as pb;
+use switchboard_proto::messaging::v1::messaging_service_server::MessagingService;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::domain::Messaging;
+use crate::message::Draft;
+use crate::store::MessagingStore;
+use crate::stream::{Outbound, Streams};
+
+/// `switchboard.messaging.v1.MessagingService`.
+pub struct MessagingGrpc<S> {
+    messaging: Arc<Messaging<S>>,
+    streams: Arc<Streams<S>>,
+}
+
+impl<S> MessagingGrpc<S> {
+    /// Serves `streams` (and the rules it holds).
+    pub fn new(streams: Arc<Streams<S>>) -> Self {
+        Self {
+            messaging: streams.messaging.clone(),
+            streams,
+        }
+    }
+}
+
+/// The verified caller the auth layer put into the request.
+fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions().get::<Caller>().cloned().ok_or_else(|| {
+        Status::unauthenticated(
+            "missing authorization metadata: send 'authorization: Bearer <access token>'",
+        )
+    })
+}
+
+#[tonic::async_trait]
+impl<S: MessagingStore> MessagingService for MessagingGrpc<S> {
+    #[tracing::instrument(skip_all)]
+    async fn create_conversation(
+        &self,
+        req: Request<pb::CreateConversationRequest>,
+    ) -> Result<Response<pb::CreateConversationResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let (conversation, created) = self
+            .messaging
+            .create(&c, r.kind, &r.title, &r.member_ids)
+            .await?;
+        Ok(Response::new(pb::CreateConversationResponse {
+            conversation: Some(conversation),
+            created,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_conversation(
+        &self,
+        req: Request<pb::GetConversationRequest>,
+    ) -> Result<Response<pb::GetConversationResponse>, Status> {
+        let c = caller(&req)?;
+        let conversation = self
+            .messaging
+            .get(&c, &req.into_inner().conversation_id)
+            .await?;
+        Ok(Response::new(pb::GetConversationResponse {
+            conversation: Some(conversation),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_conversations(
+        &self,
+        req: Request<pb::ListConversationsRequest>,
+    ) -> Result<Response<pb::ListConversationsResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let (conversations, next_page_token) =
+            self.messaging.list(&c, r.page_size, &r.page_token).await?;
+        Ok(Response::new(pb::ListConversationsResponse {
+            conversations,
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn add_members(
+        &self,
+        req: Request<pb::AddMembersRequest>,
+    ) -> Result<Response<pb::AddMembersResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let conversation = self
+            .messaging
+            .add_members(&c, &r.conversation_id, &r.user_ids)
+            .await?;
+        Ok(Response::new(pb::AddMembersResponse {
+            conversation: Some(conversation),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn remove_member(
+        &self,
+        req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let conversation = self
+            .messaging
+            .remove_member(&c, &r.conversation_id, &r.user_id)
+            .await?;
+        Ok(Response::new(pb::RemoveMemberResponse {
+            conversation: Some(conversation),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn leave(
+        &self,
+        req: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let c = caller(&req)?;
+        self.messaging
+            .leave(&c, &req.into_inner().conversation_id)
+            .await?;
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(conversation_id))]
+    async fn send_message(
+        &self,
+        req: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        tracing::Span::current().record("conversation_id", r.conversation_id.as_str());
+        let draft = Draft::parse(r.conversation_id, r.client_msg_id, r.body, r.metadata)?;
+        let (message, duplicate) = self.messaging.send(&c, draft, HashMap::new()).await?;
+        Ok(Response::new(pb::SendMessageResponse {
+            message: Some(message),
+            duplicate,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_messages(
+        &self,
+        req: Request<pb::ListMessagesRequest>,
+    ) -> Result<Response<pb::ListMessagesResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let (messages, has_more, oldest_retained_seq) = self
+            .messaging
+            .history(&c, &r.conversation_id, r.before_seq, r.after_seq, r.limit)
+            .await?;
+        Ok(Response::new(pb::ListMessagesResponse {
+            messages,
+            has_more,
+            oldest_retained_seq,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn mark_read(
+        &self,
+        req: Request<pb::MarkReadRequest>,
+    ) -> Result<Response<pb::MarkReadResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let read_seq = self
+            .messaging
+            .mark_read(&c, &r.conversation_id, r.seq)
+            .await?;
+        Ok(Response::new(pb::MarkReadResponse { read_seq }))
+    }
+
+    type ConnectStream = Outbound;
+
+    #[tracing::instrument(skip_all)]
+    async fn connect(
+        &self,
+        req: Request<Streaming<pb::ConnectRequest>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let c = caller(&req)?;
+        if self.streams.shutdown.is_cancelled() {
+            return Err(Status::unavailable(
+                "server is shutting down; connect to another instance",
+            ));
+        }
+        tracing::debug!(user_id = %c.user_id, "stream opened");
+        Ok(Response::new(crate::stream::open(
+            self.streams.clone(),
+            c,
+            req.into_inner(),
+        )))
+    }
+}

@@ -1,0 +1,125 @@
+//! The Switchboard messaging service: conversations, durable history and the real-time
+//! `Connect` stream, with every guarantee holding whichever instance a client reaches.
+//!
+//! How a message travels: [`domain::Messaging::send`] hands it to the store's one atomic
+//! step ([`store::MessagingStore::send`]: idempotency, membership, next seq, history append,
+//! publish). Each instance holds one pub/sub connection; [`fanout`] turns a published
+//! message into one delivery per local stream, and [`stream`] keeps each stream's
+//! deliveries gapless and duplicate-free, filling from history when pub/sub drops
+//! something. Tokens are verified locally with auth's published keys.
+
+pub mod config;
+pub mod conversation;
+pub mod domain;
+pub mod error;
+pub mod fanout;
+pub mod grpc;
+pub mod message;
+pub mod store;
+pub mod stream;
+
+use std::sync::Arc;
+
+use switchboard_common::bus::{Bus, MemoryBus, RedisBus, redis_manager};
+use switchboard_common::config::Engine;
+use switchboard_common::revocation::{
+    self, MemoryRevocations, RedisRevocations, RevocationList, RevocationStore,
+};
+use switchboard_common::server::{self, Assembly, AuthLayer};
+use switchboard_common::shutdown::CancellationToken;
+use switchboard_common::token::{GrpcKeySource, Verifier};
+use switchboard_common::tune;
+use switchboard_proto::messaging::v1::messaging_service_server::MessagingServiceServer;
+use tokio::net::TcpListener;
+use tonic::server::NamedService;
+
+pub use config::{Args, Config};
+
+use crate::domain::Messaging;
+use crate::fanout::Hub;
+use crate::grpc::MessagingGrpc;
+use crate::store::MessagingStore;
+use crate::stream::Streams;
+
+/// Serves messaging on `listener` until `shutdown` fires. `main` and the tests call this.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    match config.engine.clone() {
+        Engine::Memory => {
+            let bus = MemoryBus::new();
+            let store = Arc::new(store::memory::MemoryStore::new(
+                bus.clone(),
+                config.history_retention,
+            ));
+            // Revocations are auth's; with the embedded engine they are not shared between
+            // processes, so only Redis deployments end streams on logout elsewhere.
+            let revocations = MemoryRevocations::new(bus.clone());
+            serve(
+                config,
+                listener,
+                shutdown,
+                store,
+                Arc::new(bus),
+                Arc::new(revocations),
+            )
+            .await
+        }
+        Engine::Redis(url) => {
+            let client = redis::Client::open(url.expose())?;
+            let conn = redis_manager(&client)?;
+            let bus = RedisBus::start(client, conn.clone(), shutdown.clone());
+            let store = Arc::new(store::redis::RedisStore::new(
+                conn.clone(),
+                config.history_retention,
+            ));
+            serve(
+                config,
+                listener,
+                shutdown,
+                store,
+                Arc::new(bus),
+                Arc::new(RedisRevocations::new(conn)),
+            )
+            .await
+        }
+    }
+}
+
+async fn serve<S: MessagingStore>(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    store: Arc<S>,
+    bus: Arc<dyn Bus>,
+    revocations: Arc<dyn RevocationStore>,
+) -> anyhow::Result<()> {
+    let list = Arc::new(RevocationList::default());
+    revocation::follow(list.clone(), bus.clone(), revocations, shutdown.clone()).await;
+    let auth = tonic::transport::Endpoint::from_shared(config.auth_url.clone())?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect_lazy();
+    let verifier = Arc::new(Verifier::new(Arc::new(GrpcKeySource::new(auth)), list));
+
+    let messaging = Arc::new(Messaging::new(store.clone(), config.send_limit));
+    let streams = Arc::new(Streams {
+        messaging,
+        hub: Hub::new(bus, store),
+        verifier: verifier.clone(),
+        queue: config.outbound_queue,
+        shutdown: shutdown.clone(),
+    });
+    let mut routes = tonic::service::Routes::builder();
+    routes.add_service(tune!(
+        MessagingServiceServer::new(MessagingGrpc::new(streams)),
+        config.server
+    ));
+    let assembly = Assembly {
+        routes: routes.routes(),
+        service_names: vec![<MessagingServiceServer<MessagingGrpc<S>> as NamedService>::NAME],
+        auth: AuthLayer::new(verifier, &[]),
+    };
+    server::serve(&config.server, listener, shutdown, assembly).await
+}

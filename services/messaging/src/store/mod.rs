@@ -1,0 +1,145 @@
+//! Messaging's durable state and publishing, behind one trait with a Redis engine
+//! ([`redis`]) and an in-memory engine ([`memory`]); one contract suite runs against both
+//! (`tests/tests/messaging_store_contract.rs`).
+//!
+//! The heart is [`MessagingStore::send`]: one atomic step that checks the idempotency key,
+//! membership and state, assigns the next seq, appends to the history and publishes the
+//! message. Ordering, durability and fan-out therefore cannot disagree, and a message is
+//! acknowledged only after that step returns.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use switchboard_proto::messaging::v1 as pb;
+
+use crate::conversation::ConversationRecord;
+use crate::error::Result;
+
+pub mod memory;
+pub mod redis;
+
+/// Pub/sub channel of a conversation (messages, receipts, typing).
+pub fn conversation_channel(conversation_id: &str) -> String {
+    format!("sb:msg:{{c:{conversation_id}}}")
+}
+
+/// Pub/sub channel of a user (conversation events reach every stream of the user).
+pub fn user_channel(user_id: &str) -> String {
+    format!("sb:msg:user:{{u:{user_id}}}")
+}
+
+/// A send, ready for the store: everything but the seq.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Conversation.
+    pub conversation_id: String,
+    /// Sender (must be a member).
+    pub sender_id: String,
+    /// Idempotency key.
+    pub client_msg_id: String,
+    /// The message without its seq, protobuf-encoded (stored in history).
+    pub message: Vec<u8>,
+    /// The published envelope (message + trace context), protobuf-encoded.
+    pub envelope: Vec<u8>,
+    /// Message id, as in `message`.
+    pub message_id: String,
+    /// Sent at (Unix ms), as in `message`.
+    pub sent_at_ms: u64,
+}
+
+/// What a send did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    /// Stored and published with this seq.
+    Stored(u64),
+    /// The key was used before: the first message's seq, id and time.
+    Duplicate {
+        /// Its seq.
+        seq: u64,
+        /// Its id.
+        message_id: String,
+        /// Its time, Unix ms.
+        sent_at_ms: u64,
+    },
+    /// No such conversation.
+    NotFound,
+    /// The sender is not a member.
+    NotMember,
+    /// The conversation is read-only.
+    ReadOnly,
+}
+
+/// A slice of history.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    /// Messages, ascending by seq, with their seq set.
+    pub messages: Vec<pb::Message>,
+    /// Oldest seq still retained (0 when empty).
+    pub oldest_seq: u64,
+    /// Newest seq (0 when none).
+    pub last_seq: u64,
+}
+
+/// Which part of history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Range {
+    /// Seqs above `after`, oldest first, at most `limit`.
+    After(u64),
+    /// Seqs below `before`, the newest `limit` of them.
+    Before(u64),
+    /// The newest `limit`.
+    Latest,
+}
+
+/// Messaging's storage contract.
+pub trait MessagingStore: Send + Sync + 'static {
+    /// Stores a new conversation and indexes it for its members.
+    fn create(&self, conversation: &ConversationRecord) -> impl Future<Output = Result<()>> + Send;
+    /// The direct conversation of a pair, creating `candidate` if there is none; returns
+    /// the conversation and whether it was created now.
+    fn create_direct(
+        &self,
+        pair_key: &str,
+        candidate: &ConversationRecord,
+    ) -> impl Future<Output = Result<(ConversationRecord, bool)>> + Send;
+    /// A conversation with its members.
+    fn conversation(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<ConversationRecord>>> + Send;
+    /// Adds members (existing ones keep their join time); the conversation after.
+    fn add_members(
+        &self,
+        id: &str,
+        users: &[String],
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Option<ConversationRecord>>> + Send;
+    /// Removes a member (and sets a new owner if given); the conversation after.
+    fn remove_member(
+        &self,
+        id: &str,
+        user: &str,
+        new_owner: Option<&str>,
+    ) -> impl Future<Output = Result<Option<ConversationRecord>>> + Send;
+    /// Ids of the user's conversations.
+    fn user_conversations(&self, user: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// The atomic send step (see the module docs).
+    fn send(&self, outgoing: &Outgoing) -> impl Future<Output = Result<Sent>> + Send;
+    /// History of a conversation.
+    fn history(
+        &self,
+        id: &str,
+        range: Range,
+        limit: usize,
+    ) -> impl Future<Output = Result<History>> + Send;
+    /// Newest seq of each conversation (0 if none or unknown), in the order asked.
+    fn last_seqs(&self, ids: &[String]) -> impl Future<Output = Result<Vec<u64>>> + Send;
+    /// Moves `user`'s read position up to `seq` (never down); the position after.
+    fn mark_read(&self, id: &str, user: &str, seq: u64)
+    -> impl Future<Output = Result<u64>> + Send;
+    /// Every member's read position.
+    fn read_positions(&self, id: &str)
+    -> impl Future<Output = Result<HashMap<String, u64>>> + Send;
+    /// Publishes an ephemeral payload on `channel` (receipts, typing, events).
+    fn publish(&self, channel: &str, payload: Vec<u8>) -> impl Future<Output = Result<()>> + Send;
+}

@@ -1,0 +1,407 @@
+//! The Redis engine.
+//!
+//! Keys of a conversation share the hash tag `{c:<id>}` (one Redis Cluster slot), so the
+//! send script touches one slot:
+//! - `meta` hash (kind, title, owner_id, created_at_ms, epoch, read_only),
+//! - `members` hash (user id → joined at, ms), `reads` hash (user id → read seq),
+//! - `seq` counter, `log` stream whose entry ids are `<seq>-0` (so history by seq is an
+//!   XRANGE), trimmed to the configured retention,
+//! - `idem:<sender>:<client_msg_id>` → `<seq>|<message id>|<sent at>` for 24 hours.
+//!
+//! Outside the slot: `sb:msg:direct:<a>|<b>` → id (one direct conversation per pair) and
+//! `sb:msg:user:<id>:convs`, a sorted set of the user's conversations.
+
+use std::collections::HashMap;
+
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use switchboard_proto::messaging::v1 as pb;
+
+use super::{History, MessagingStore, Outgoing, Range, Sent, conversation_channel};
+use crate::conversation::{ConversationRecord, Kind, Member};
+use crate::error::{Error, Result};
+
+/// Seconds an idempotency key is remembered.
+const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
+
+/// The one atomic send step. KEYS: meta, members, seq, log, idem.
+/// ARGV: sender, message bytes, retention, "<id>|<sent at>", idem ttl, channel, envelope.
+const SEND: &str = r#"
+local dup = redis.call('GET', KEYS[5])
+if dup then return {'dup', dup} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'nf'} end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return {'nm'} end
+if redis.call('HGET', KEYS[1], 'read_only') == '1' then return {'ro'} end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', ARGV[2])
+redis.call('SET', KEYS[5], seq .. '|' .. ARGV[4], 'EX', ARGV[5])
+redis.call('PUBLISH', ARGV[6], '1M' .. seq .. '\n' .. ARGV[7])
+return {'ok', tostring(seq)}
+"#;
+
+/// Moves a read position forward, never past the last seq. KEYS: reads, seq. ARGV: user, seq.
+const MARK_READ: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local want = math.min(tonumber(ARGV[2]), last)
+if want > cur then
+  redis.call('HSET', KEYS[1], ARGV[1], want)
+  return want
+end
+return cur
+"#;
+
+/// Conversations in Redis.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    retention: usize,
+    send: redis::Script,
+    mark_read: redis::Script,
+}
+
+impl RedisStore {
+    /// A store on `conn`, keeping about `retention` messages per conversation.
+    pub fn new(conn: ConnectionManager, retention: usize) -> Self {
+        Self {
+            conn,
+            retention: retention.max(1),
+            send: redis::Script::new(SEND),
+            mark_read: redis::Script::new(MARK_READ),
+        }
+    }
+}
+
+fn key(id: &str, part: &str) -> String {
+    format!("sb:msg:{{c:{id}}}:{part}")
+}
+
+fn user_index(user: &str) -> String {
+    format!("sb:msg:user:{user}:convs")
+}
+
+fn direct_key(pair: &str) -> String {
+    format!("sb:msg:direct:{pair}")
+}
+
+fn parse_record(
+    id: &str,
+    meta: HashMap<String, String>,
+    members: HashMap<String, u64>,
+) -> Result<Option<ConversationRecord>> {
+    if meta.is_empty() {
+        return Ok(None);
+    }
+    let corrupt = |f: &str| Error::Internal(format!("conversation {id}: bad or missing {f}"));
+    let mut members: Vec<Member> = members
+        .into_iter()
+        .map(|(user_id, joined_at_ms)| Member {
+            user_id,
+            joined_at_ms,
+        })
+        .collect();
+    members.sort_by(|a, b| {
+        a.joined_at_ms
+            .cmp(&b.joined_at_ms)
+            .then_with(|| a.user_id.cmp(&b.user_id))
+    });
+    Ok(Some(ConversationRecord {
+        id: id.to_owned(),
+        kind: meta
+            .get("kind")
+            .and_then(|k| Kind::parse(k))
+            .ok_or_else(|| corrupt("kind"))?,
+        title: meta.get("title").cloned().unwrap_or_default(),
+        owner_id: meta.get("owner_id").cloned().unwrap_or_default(),
+        created_at_ms: meta
+            .get("created_at_ms")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| corrupt("created_at_ms"))?,
+        epoch: meta.get("epoch").cloned().ok_or_else(|| corrupt("epoch"))?,
+        read_only: meta.get("read_only").is_some_and(|v| v == "1"),
+        members,
+    }))
+}
+
+/// An XRANGE/XREVRANGE reply: `[[id, [field, value, …]], …]`.
+type Entries = Vec<(String, Vec<Vec<u8>>)>;
+
+fn decode_entries(entries: Entries) -> Result<Vec<pb::Message>> {
+    entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let seq: u64 = id
+                .split_once('-')
+                .and_then(|(s, _)| s.parse().ok())
+                .ok_or_else(|| Error::Internal(format!("history entry id {id}")))?;
+            let bytes = fields
+                .chunks(2)
+                .find(|kv| kv.first().is_some_and(|k| k == b"m"))
+                .and_then(|kv| kv.get(1))
+                .ok_or_else(|| Error::Internal(format!("history entry {id} has no message")))?;
+            let mut m: pb::Message = prost::Message::decode(bytes.as_slice())
+                .map_err(|e| Error::Internal(format!("history entry {id}: {e}")))?;
+            m.seq = seq;
+            Ok(m)
+        })
+        .collect()
+}
+
+fn seq_of(id: &str) -> u64 {
+    id.split_once('-')
+        .and_then(|(s, _)| s.parse().ok())
+        .unwrap_or(0)
+}
+
+impl MessagingStore for RedisStore {
+    async fn create(&self, c: &ConversationRecord) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.hset_multiple(
+            key(&c.id, "meta"),
+            &[
+                ("kind", c.kind.as_str().to_owned()),
+                ("title", c.title.clone()),
+                ("owner_id", c.owner_id.clone()),
+                ("created_at_ms", c.created_at_ms.to_string()),
+                ("epoch", c.epoch.clone()),
+                ("read_only", if c.read_only { "1" } else { "0" }.to_owned()),
+            ],
+        )
+        .ignore();
+        let members: Vec<(String, u64)> = c
+            .members
+            .iter()
+            .map(|m| (m.user_id.clone(), m.joined_at_ms))
+            .collect();
+        pipe.hset_multiple(key(&c.id, "members"), &members).ignore();
+        for m in &c.members {
+            pipe.zadd(user_index(&m.user_id), &c.id, m.joined_at_ms)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn create_direct(
+        &self,
+        pair_key: &str,
+        candidate: &ConversationRecord,
+    ) -> Result<(ConversationRecord, bool)> {
+        let mut conn = self.conn.clone();
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(direct_key(pair_key))
+            .arg(&candidate.id)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        if claimed.is_some() {
+            self.create(candidate).await?;
+            return Ok((candidate.clone(), true));
+        }
+        let id: Option<String> = conn.get(direct_key(pair_key)).await?;
+        let id = id.ok_or_else(|| Error::Unavailable("direct conversation key vanished".into()))?;
+        match self.conversation(&id).await? {
+            Some(existing) => Ok((existing, false)),
+            None => {
+                // The creator died between claiming the pair and writing the record.
+                let record = ConversationRecord {
+                    id,
+                    ..candidate.clone()
+                };
+                self.create(&record).await?;
+                Ok((record, true))
+            }
+        }
+    }
+
+    async fn conversation(&self, id: &str) -> Result<Option<ConversationRecord>> {
+        let mut conn = self.conn.clone();
+        let (meta, members): (HashMap<String, String>, HashMap<String, u64>) = redis::pipe()
+            .hgetall(key(id, "meta"))
+            .hgetall(key(id, "members"))
+            .query_async(&mut conn)
+            .await?;
+        parse_record(id, meta, members)
+    }
+
+    async fn add_members(
+        &self,
+        id: &str,
+        users: &[String],
+        now_ms: u64,
+    ) -> Result<Option<ConversationRecord>> {
+        let mut conn = self.conn.clone();
+        let exists: bool = conn.exists(key(id, "meta")).await?;
+        if !exists {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for u in users {
+            pipe.hset_nx(key(id, "members"), u, now_ms).ignore();
+            pipe.zadd(user_index(u), id, now_ms).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        self.conversation(id).await
+    }
+
+    async fn remove_member(
+        &self,
+        id: &str,
+        user: &str,
+        new_owner: Option<&str>,
+    ) -> Result<Option<ConversationRecord>> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.hdel(key(id, "members"), user)
+            .ignore()
+            .zrem(user_index(user), id)
+            .ignore();
+        if let Some(owner) = new_owner {
+            pipe.hset(key(id, "meta"), "owner_id", owner).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        self.conversation(id).await
+    }
+
+    async fn user_conversations(&self, user: &str) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        Ok(conn.zrange(user_index(user), 0, -1).await?)
+    }
+
+    async fn send(&self, o: &Outgoing) -> Result<Sent> {
+        let mut conn = self.conn.clone();
+        let id = &o.conversation_id;
+        let reply: Vec<String> = self
+            .send
+            .key(key(id, "meta"))
+            .key(key(id, "members"))
+            .key(key(id, "seq"))
+            .key(key(id, "log"))
+            .key(key(
+                id,
+                &format!("idem:{}:{}", o.sender_id, o.client_msg_id),
+            ))
+            .arg(&o.sender_id)
+            .arg(o.message.as_slice())
+            .arg(self.retention)
+            .arg(format!("{}|{}", o.message_id, o.sent_at_ms))
+            .arg(IDEMPOTENCY_TTL_SECS)
+            .arg(conversation_channel(id))
+            .arg(o.envelope.as_slice())
+            .invoke_async(&mut conn)
+            .await?;
+        let bad = || Error::Internal(format!("send script answered {reply:?}"));
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(Sent::Stored(
+                reply.get(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?,
+            )),
+            Some("dup") => {
+                let raw = reply.get(1).ok_or_else(bad)?;
+                let mut parts = raw.splitn(3, '|');
+                let seq = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+                let message_id = parts.next().ok_or_else(bad)?.to_owned();
+                let sent_at_ms = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+                Ok(Sent::Duplicate {
+                    seq,
+                    message_id,
+                    sent_at_ms,
+                })
+            }
+            Some("nf") => Ok(Sent::NotFound),
+            Some("nm") => Ok(Sent::NotMember),
+            Some("ro") => Ok(Sent::ReadOnly),
+            _ => Err(bad()),
+        }
+    }
+
+    async fn history(&self, id: &str, range: Range, limit: usize) -> Result<History> {
+        let mut conn = self.conn.clone();
+        let log = key(id, "log");
+        let mut pipe = redis::pipe();
+        match range {
+            Range::After(after) => {
+                pipe.cmd("XRANGE")
+                    .arg(&log)
+                    .arg(format!("{}-0", after.saturating_add(1)))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(limit);
+            }
+            Range::Before(before) if before <= 1 => {
+                // Nothing is below seq 1; an empty XRANGE keeps the reply shape.
+                pipe.cmd("XRANGE").arg(&log).arg("0-1").arg("0-1");
+            }
+            Range::Before(before) => {
+                pipe.cmd("XREVRANGE")
+                    .arg(&log)
+                    .arg(format!("{}-0", before - 1))
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(limit);
+            }
+            Range::Latest => {
+                pipe.cmd("XREVRANGE")
+                    .arg(&log)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(limit);
+            }
+        }
+        pipe.cmd("XRANGE")
+            .arg(&log)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        pipe.get(key(id, "seq"));
+        let (mut entries, first, last): (Entries, Entries, Option<u64>) =
+            pipe.query_async(&mut conn).await?;
+        if !matches!(range, Range::After(_)) {
+            entries.reverse();
+        }
+        Ok(History {
+            messages: decode_entries(entries)?,
+            oldest_seq: first.first().map(|(id, _)| seq_of(id)).unwrap_or(0),
+            last_seq: last.unwrap_or(0),
+        })
+    }
+
+    async fn last_seqs(&self, ids: &[String]) -> Result<Vec<u64>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.get(key(id, "seq"));
+        }
+        let seqs: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        Ok(seqs.into_iter().map(|s| s.unwrap_or(0)).collect())
+    }
+
+    async fn mark_read(&self, id: &str, user: &str, seq: u64) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        Ok(self
+            .mark_read
+            .key(key(id, "reads"))
+            .key(key(id, "seq"))
+            .arg(user)
+            .arg(seq)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    async fn read_positions(&self, id: &str) -> Result<HashMap<String, u64>> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hgetall(key(id, "reads")).await?)
+    }
+
+    async fn publish(&self, channel: &str, payload: Vec<u8>) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.publish(channel, payload).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,475 @@
+//! The Connect stream: one task per open stream, driven by events (client frames, feed
+//! deliveries, revocations, token expiry, shutdown); it never polls.
+//!
+//! Exactly-once, in-order delivery per conversation rests on one number per subscription,
+//! `delivered`: the highest seq sent on this stream. A Subscribe joins the live feed
+//! **first** (deliveries queue up), then replays history after `since_seq`, then drains
+//! the queue: anything at or below `delivered` is a duplicate and dropped; anything that
+//! skips ahead is first filled from history. So there is no gap and no duplicate at the
+//! switch from history to live, nor after a pub/sub hiccup.
+//!
+//! Back-pressure: deliveries wait in the stream's bounded inbox. If the client reads too
+//! slowly the inbox fills, the feed cuts the stream off, and it ends with
+//! RESOURCE_EXHAUSTED; the client resumes from its last seq and loses nothing.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use switchboard_common::token::{Caller, Verifier, now_secs};
+use switchboard_proto::messaging::v1 as pb;
+use switchboard_proto::messaging::v1::connect_request::Frame as In;
+use switchboard_proto::messaging::v1::connect_response::Frame as Out;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use crate::domain::Messaging;
+use crate::error::Error;
+use crate::fanout::{Delivery, Hub, Inbox, Joined};
+use crate::message::Draft;
+use crate::store::{MessagingStore, Range, conversation_channel, user_channel};
+
+/// Page size of history replay.
+const REPLAY_PAGE: usize = 200;
+
+/// What every stream of an instance shares.
+pub struct Streams<S> {
+    /// The rules.
+    pub messaging: Arc<Messaging<S>>,
+    /// The fan-out.
+    pub hub: Arc<Hub<S>>,
+    /// Token checks for RefreshToken, and the revocation feed.
+    pub verifier: Arc<Verifier>,
+    /// Deliveries a stream may have waiting before it is cut off.
+    pub queue: usize,
+    /// Fires at shutdown: streams end with UNAVAILABLE so clients reconnect elsewhere.
+    pub shutdown: CancellationToken,
+}
+
+/// The response stream handed to tonic: frames, then (if the stream ended on an error)
+/// that status, which takes precedence over frames still queued.
+pub struct Outbound {
+    frames: mpsc::Receiver<pb::ConnectResponse>,
+    end: Option<oneshot::Receiver<Status>>,
+}
+
+impl Stream for Outbound {
+    type Item = Result<pb::ConnectResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(end) = self.end.as_mut() {
+            match Pin::new(end).poll(cx) {
+                Poll::Ready(Ok(status)) => {
+                    self.end = None;
+                    self.frames.close();
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Err(_)) => self.end = None,
+                Poll::Pending => {}
+            }
+        }
+        match self.frames.poll_recv(cx) {
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(None) if self.end.is_some() => Poll::Pending,
+            other => other.map(|f| f.map(Ok)),
+        }
+    }
+}
+
+use std::future::Future as _;
+
+/// Why a stream stops.
+enum End {
+    /// The client went away; nothing to say.
+    Gone,
+    /// End with this status.
+    Status(Status),
+}
+
+struct Subscription {
+    delivered: u64,
+    _joined: Joined,
+}
+
+struct Session<S> {
+    ctx: Arc<Streams<S>>,
+    caller: Caller,
+    inbox: Inbox,
+    overflow: CancellationToken,
+    out: mpsc::Sender<pb::ConnectResponse>,
+    subs: HashMap<String, Subscription>,
+}
+
+/// Opens a stream for `caller` reading client frames from `inbound`.
+pub fn open<S: MessagingStore>(
+    ctx: Arc<Streams<S>>,
+    caller: Caller,
+    inbound: Streaming<pb::ConnectRequest>,
+) -> Outbound {
+    // Frames ready for the transport; small, since the inbox is where deliveries wait.
+    let (out, frames) = mpsc::channel(32);
+    let (end_tx, end_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (inbox, rx, overflow) = Inbox::new(ctx.queue);
+        let mut session = Session {
+            ctx,
+            caller,
+            inbox,
+            overflow,
+            out,
+            subs: HashMap::new(),
+        };
+        if let End::Status(status) = session.run(inbound, rx).await {
+            let _ = end_tx.send(status);
+        }
+    });
+    Outbound {
+        frames,
+        end: Some(end_rx),
+    }
+}
+
+fn frame_error(e: &Error, conversation_id: &str) -> pb::FrameError {
+    let status = e.to_status();
+    pb::FrameError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        retry_after_ms: e.retry_after_ms(),
+        conversation_id: conversation_id.to_owned(),
+    }
+}
+
+impl<S: MessagingStore> Session<S> {
+    async fn run(
+        &mut self,
+        mut inbound: Streaming<pb::ConnectRequest>,
+        mut rx: mpsc::Receiver<Delivery>,
+    ) -> End {
+        let _user_feed = match self
+            .ctx
+            .hub
+            .join(&user_channel(&self.caller.user_id), None, &self.inbox)
+            .await
+        {
+            Ok(j) => j,
+            Err(e) => return End::Status(e.to_status()),
+        };
+        let mut revoked = self.ctx.verifier.revocations().watch();
+        let shutdown = self.ctx.shutdown.clone();
+        let overflow = self.overflow.clone();
+        loop {
+            let expiry = tokio::time::sleep(Duration::from_secs(
+                self.caller.expires_at.saturating_sub(now_secs()),
+            ));
+            let result = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Err(End::Status(Status::unavailable("server is shutting down; reconnect and resume from your last seq"))),
+                _ = overflow.cancelled() => Err(self.overflowed()),
+                _ = expiry => Err(End::Status(Status::unauthenticated("access token expired; send RefreshToken before expiry, or reconnect with a fresh token"))),
+                r = revoked.recv() => match r {
+                    Ok(sid) if sid == self.caller.session_id => Err(End::Status(Status::unauthenticated("session has been revoked (logged out)"))),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_))
+                        if self.ctx.verifier.revocations().is_revoked(&self.caller.session_id, now_secs()) =>
+                        Err(End::Status(Status::unauthenticated("session has been revoked (logged out)"))),
+                    _ => Ok(()),
+                },
+                // Deliveries before client frames: draining the inbox is what keeps a busy
+                // sender from being cut off as a slow consumer.
+                Some(delivery) = rx.recv() => self.deliver(delivery).await,
+                frame = inbound.message() => match frame {
+                    Ok(Some(req)) => self.handle(req).await,
+                    Ok(None) => Err(End::Gone),
+                    Err(status) => Err(End::Status(switchboard_common::server::oversize_status(&status).unwrap_or(status))),
+                },
+            };
+            if let Err(end) = result {
+                return end;
+            }
+        }
+    }
+
+    fn overflowed(&self) -> End {
+        End::Status(Status::resource_exhausted(format!(
+            "stream fell behind: more than {} undelivered frames; reconnect and resume from your last seq",
+            self.ctx.queue
+        )))
+    }
+
+    async fn emit(&self, frame: Out) -> Result<(), End> {
+        let response = pb::ConnectResponse { frame: Some(frame) };
+        tokio::select! {
+            r = self.out.send(response) => r.map_err(|_| End::Gone),
+            _ = self.overflow.cancelled() => Err(self.overflowed()),
+            _ = self.ctx.shutdown.cancelled() => Err(End::Status(Status::unavailable("server is shutting down; reconnect"))),
+        }
+    }
+
+    async fn refuse(&self, e: &Error, conversation_id: &str) -> Result<(), End> {
+        self.emit(Out::Error(frame_error(e, conversation_id))).await
+    }
+
+    async fn handle(&mut self, req: pb::ConnectRequest) -> Result<(), End> {
+        let ctx = self.ctx.clone();
+        match req.frame {
+            None => {
+                let e = Error::InvalidArgument(
+                    "empty frame: set one of subscribe, unsubscribe, send, typing, read, refresh_token, ping".into(),
+                );
+                self.refuse(&e, "").await
+            }
+            Some(In::Ping(p)) => self.emit(Out::Pong(pb::Pong { nonce: p.nonce })).await,
+            Some(In::Subscribe(s)) => {
+                if s.all_conversations {
+                    let ids = match ctx
+                        .messaging
+                        .store()
+                        .user_conversations(&self.caller.user_id)
+                        .await
+                    {
+                        Ok(ids) => ids,
+                        Err(e) => return self.refuse(&e, "").await,
+                    };
+                    for id in ids {
+                        let since = match s.positions.get(&id) {
+                            Some(p) => *p,
+                            None => ctx
+                                .messaging
+                                .store()
+                                .read_positions(&id)
+                                .await
+                                .ok()
+                                .and_then(|r| r.get(&self.caller.user_id).copied())
+                                .unwrap_or(0),
+                        };
+                        self.subscribe(&id, since, "").await?;
+                    }
+                    Ok(())
+                } else {
+                    self.subscribe(&s.conversation_id, s.since_seq, &s.epoch)
+                        .await
+                }
+            }
+            Some(In::Unsubscribe(u)) => {
+                self.subs.remove(&u.conversation_id);
+                Ok(())
+            }
+            Some(In::Send(s)) => {
+                let client_msg_id = s.client_msg_id.clone();
+                let result = match Draft::parse(
+                    s.conversation_id.clone(),
+                    s.client_msg_id,
+                    s.body,
+                    s.metadata,
+                ) {
+                    Ok(draft) => {
+                        ctx.messaging
+                            .send(&self.caller, draft, HashMap::new())
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                let result = match result {
+                    Ok((message, _)) => pb::send_result::Result::Message(message),
+                    Err(e) => pb::send_result::Result::Error(frame_error(&e, &s.conversation_id)),
+                };
+                self.emit(Out::SendResult(pb::SendResult {
+                    client_msg_id,
+                    result: Some(result),
+                }))
+                .await
+            }
+            Some(In::Typing(t)) => {
+                match ctx.messaging.typing(&self.caller, &t.conversation_id).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => self.refuse(&e, &t.conversation_id).await,
+                }
+            }
+            Some(In::Read(r)) => match ctx
+                .messaging
+                .mark_read(&self.caller, &r.conversation_id, r.seq)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) => self.refuse(&e, &r.conversation_id).await,
+            },
+            Some(In::RefreshToken(t)) => match ctx.verifier.verify(&t.access_token).await {
+                Ok(fresh) if fresh.user_id == self.caller.user_id => {
+                    self.caller = fresh;
+                    Ok(())
+                }
+                Ok(_) => {
+                    let e = Error::PermissionDenied("refresh_token belongs to another user".into());
+                    self.refuse(&e, "").await
+                }
+                Err(e) => {
+                    let status = Status::from(e);
+                    let e = Error::InvalidArgument(format!(
+                        "refresh_token refused: {}",
+                        status.message()
+                    ));
+                    self.refuse(&e, "").await
+                }
+            },
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        conversation_id: &str,
+        since: u64,
+        epoch: &str,
+    ) -> Result<(), End> {
+        let ctx = self.ctx.clone();
+        let record = match ctx.messaging.authorize(&self.caller, conversation_id).await {
+            Ok(r) => r,
+            Err(e) => return self.refuse(&e, conversation_id).await,
+        };
+        // Live first, so nothing published from now on can slip between history and live.
+        self.subs.remove(conversation_id);
+        let joined = match ctx
+            .hub
+            .join(
+                &conversation_channel(conversation_id),
+                Some(conversation_id),
+                &self.inbox,
+            )
+            .await
+        {
+            Ok(j) => j,
+            Err(e) => return self.refuse(&e, conversation_id).await,
+        };
+        let first = match ctx
+            .messaging
+            .store()
+            .history(conversation_id, Range::After(since), REPLAY_PAGE)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => return self.refuse(&e, conversation_id).await,
+        };
+        let lost = !epoch.is_empty() && epoch != record.epoch;
+        let ahead = since > first.last_seq;
+        let trimmed = first.oldest_seq > 0 && since + 1 < first.oldest_seq;
+        if lost || ahead || trimmed {
+            let oldest_seq = first.oldest_seq.max(1);
+            return self
+                .emit(Out::Resync(pb::Resync {
+                    conversation_id: conversation_id.to_owned(),
+                    oldest_seq,
+                }))
+                .await;
+        }
+        self.emit(Out::Subscribed(pb::Subscribed {
+            conversation_id: conversation_id.to_owned(),
+            last_seq: first.last_seq,
+            epoch: record.epoch.clone(),
+        }))
+        .await?;
+        self.subs.insert(
+            conversation_id.to_owned(),
+            Subscription {
+                delivered: since,
+                _joined: joined,
+            },
+        );
+        let mut page = first.messages;
+        loop {
+            let full = page.len() >= REPLAY_PAGE;
+            for message in page {
+                self.send_message(message).await?;
+            }
+            if !full {
+                break;
+            }
+            let after = self.delivered(conversation_id);
+            page = match ctx
+                .messaging
+                .store()
+                .history(conversation_id, Range::After(after), REPLAY_PAGE)
+                .await
+            {
+                Ok(p) => p.messages,
+                Err(e) => return self.refuse(&e, conversation_id).await,
+            };
+        }
+        let to = self.delivered(conversation_id);
+        let (from_seq, to_seq) = if to > since { (since + 1, to) } else { (0, 0) };
+        self.emit(Out::Recovered(pb::Recovered {
+            conversation_id: conversation_id.to_owned(),
+            from_seq,
+            to_seq,
+        }))
+        .await
+    }
+
+    fn delivered(&self, conversation_id: &str) -> u64 {
+        self.subs
+            .get(conversation_id)
+            .map(|s| s.delivered)
+            .unwrap_or(0)
+    }
+
+    /// Sends `message` if it is the next one of its subscription, filling a hole first.
+    async fn send_message(&mut self, message: pb::Message) -> Result<(), End> {
+        let conversation_id = message.conversation_id.clone();
+        let Some(delivered) = self.subs.get(&conversation_id).map(|s| s.delivered) else {
+            return Ok(());
+        };
+        if message.seq <= delivered {
+            return Ok(());
+        }
+        if message.seq > delivered + 1 {
+            let missing = match self
+                .ctx
+                .messaging
+                .store()
+                .history(&conversation_id, Range::After(delivered), REPLAY_PAGE)
+                .await
+            {
+                Ok(p) => p.messages,
+                Err(e) => return Err(End::Status(e.to_status())),
+            };
+            for m in missing.into_iter().take_while(|m| m.seq < message.seq) {
+                Box::pin(self.send_message(m)).await?;
+            }
+            if self.delivered(&conversation_id) + 1 < message.seq {
+                // History no longer has them (trimmed) or is unreachable: say so rather than skip.
+                return Err(End::Status(Status::unavailable(
+                    "could not recover missing messages; reconnect and resume from your last seq",
+                )));
+            }
+        }
+        let seq = message.seq;
+        self.emit(Out::Message(message)).await?;
+        if let Some(s) = self.subs.get_mut(&conversation_id) {
+            s.delivered = seq;
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, delivery: Delivery) -> Result<(), End> {
+        match delivery {
+            Delivery::Message(message) => self.send_message(Arc::unwrap_or_clone(message)).await,
+            Delivery::Frame(frame) => {
+                let frame = Arc::unwrap_or_clone(frame);
+                match &frame {
+                    Out::Typing(t) if t.user_id == self.caller.user_id => return Ok(()),
+                    Out::ConversationEvent(e)
+                        if e.kind == pb::ConversationEventKind::MemberLeft as i32
+                            && e.user_ids.contains(&self.caller.user_id) =>
+                    {
+                        if let Some(c) = &e.conversation {
+                            self.subs.remove(&c.id);
+                        }
+                    }
+                    _ => {}
+                }
+                self.emit(frame).await
+            }
+        }
+    }
+}

@@ -1,0 +1,773 @@
+//! Messaging end to end: two messaging instances and auth on one real Redis, real gRPC.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use switchboard_auth::signing::{Keyring, generate_pem};
+use switchboard_common::token::{Role, now_secs};
+use switchboard_proto::auth::v1 as auth_pb;
+use switchboard_proto::messaging::v1 as pb;
+use switchboard_proto::messaging::v1::connect_request::Frame as In;
+use switchboard_proto::messaging::v1::connect_response::Frame as Out;
+use switchboard_tests::auth::{authed, register_and_login};
+use switchboard_tests::instance::{
+    AuthOptions, InProcess, MessagingOptions, auth_client, messaging_client, spawn_auth,
+    spawn_messaging,
+};
+use switchboard_tests::messaging::{Connection, create_group, send};
+use switchboard_tests::redis::RedisServer;
+use tonic::Code;
+
+struct Cluster {
+    m: Vec<InProcess>,
+    auth: InProcess,
+    _redis: RedisServer,
+    key_pem: String,
+}
+
+/// A user: id and access token.
+#[derive(Clone)]
+struct User {
+    id: String,
+    token: String,
+}
+
+impl Cluster {
+    async fn start(options: MessagingOptions) -> Self {
+        let redis = RedisServer::spawn().expect("redis");
+        let key_pem = generate_pem().expect("key");
+        let auth = spawn_auth(
+            Some(&redis),
+            AuthOptions {
+                signing_key_pem: Some(key_pem.clone()),
+                ..AuthOptions::default()
+            },
+        )
+        .await
+        .expect("auth");
+        let mut m = Vec::new();
+        for _ in 0..2 {
+            m.push(
+                spawn_messaging(Some(&redis), auth.addr, options.clone())
+                    .await
+                    .expect("messaging"),
+            );
+        }
+        Self {
+            m,
+            auth,
+            _redis: redis,
+            key_pem,
+        }
+    }
+
+    async fn users(&self, prefix: &str, n: usize) -> Vec<User> {
+        let mut out = Vec::with_capacity(n);
+        let mut c = auth_client(&self.auth);
+        for i in 0..n {
+            let t = register_and_login(&mut c, &format!("{prefix}{i}"))
+                .await
+                .expect("user");
+            let me = c
+                .who_am_i(authed(auth_pb::WhoAmIRequest {}, &t.access_token))
+                .await
+                .expect("whoami");
+            out.push(User {
+                id: me.into_inner().user.expect("user").id,
+                token: t.access_token,
+            });
+        }
+        out
+    }
+
+    /// A token for `user` signed with the shared key, expiring at `exp`.
+    fn token_expiring(&self, user: &User, session: &str, exp: u64) -> String {
+        let keyring = Keyring::from_pem(&self.key_pem, 900).expect("keyring");
+        keyring
+            .issue(&user.id, Role::Customer, session, exp - 900)
+            .expect("issue")
+            .0
+    }
+}
+
+fn ids(users: &[User]) -> Vec<String> {
+    users.iter().map(|u| u.id.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_over_two_instances_each_receive_all_5000_once_in_order() {
+    const CLIENTS: usize = 50;
+    const EACH: usize = 100;
+    let cluster = Cluster::start(MessagingOptions::default()).await;
+    let users = cluster.users("fan", CLIENTS).await;
+    let group = create_group(
+        &mut messaging_client(&cluster.m[0]),
+        &users[0].token,
+        "fifty",
+        &ids(&users[1..]),
+    )
+    .await
+    .expect("group");
+
+    let mut connections = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let mut conn = Connection::open(cluster.m[i % 2].channel(), &user.token)
+            .await
+            .expect("connect");
+        conn.subscribe(&group.id, 0).await.expect("subscribe");
+        conn.recovered(&group.id).await.expect("recovered");
+        connections.push(conn);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, mut conn) in connections.into_iter().enumerate() {
+        let group_id = group.id.clone();
+        tasks.spawn(async move {
+            for k in 0..EACH {
+                conn.send(In::Send(pb::Send {
+                    conversation_id: group_id.clone(),
+                    client_msg_id: format!("c{i}-m{k}"),
+                    body: format!("hello {k} from {i}"),
+                    metadata: HashMap::new(),
+                }))
+                .await
+                .expect("send frame");
+            }
+            let mut seqs = Vec::with_capacity(CLIENTS * EACH);
+            let mut acks = 0;
+            while seqs.len() < CLIENTS * EACH || acks < EACH {
+                match conn.next(Duration::from_secs(30)).await {
+                    Ok(Some(Out::Message(m))) => seqs.push(m.seq),
+                    Ok(Some(Out::SendResult(r))) => {
+                        assert!(
+                            matches!(r.result, Some(pb::send_result::Result::Message(_))),
+                            "send refused: {r:?}"
+                        );
+                        acks += 1;
+                    }
+                    Ok(Some(_)) => {}
+                    other => panic!(
+                        "client {i}: stream ended early after {} messages: {other:?}",
+                        seqs.len()
+                    ),
+                }
+            }
+            (i, seqs)
+        });
+    }
+    let expected: Vec<u64> = (1..=(CLIENTS * EACH) as u64).collect();
+    while let Some(result) = tasks.join_next().await {
+        let (i, seqs) = result.expect("client task");
+        assert_eq!(seqs.len(), expected.len(), "client {i} count");
+        assert!(
+            seqs == expected,
+            "client {i} did not get 1..=5000 exactly once in order"
+        );
+    }
+}
+
+#[tokio::test]
+async fn resume_on_the_other_instance_gets_exactly_the_missing_messages_then_live_ones() {
+    let cluster = Cluster::start(MessagingOptions::default()).await;
+    let users = cluster.users("resume", 2).await;
+    let (alice, bob) = (&users[0], &users[1]);
+    let mut m1 = messaging_client(&cluster.m[1]);
+    let group = create_group(
+        &mut messaging_client(&cluster.m[0]),
+        &alice.token,
+        "resume",
+        std::slice::from_ref(&bob.id),
+    )
+    .await
+    .expect("group");
+
+    let mut first = Connection::open(cluster.m[0].channel(), &bob.token)
+        .await
+        .expect("connect");
+    first.subscribe(&group.id, 0).await.expect("subscribe");
+    first.recovered(&group.id).await.expect("recovered");
+    for k in 0..5 {
+        send(
+            &mut m1,
+            &alice.token,
+            &group.id,
+            &format!("early{k}"),
+            "early",
+        )
+        .await
+        .expect("send");
+    }
+    let mut last = 0;
+    while last < 5 {
+        last = first
+            .until(Duration::from_secs(5), |f| match f {
+                Out::Message(m) => Some(m.seq),
+                _ => None,
+            })
+            .await
+            .expect("live message");
+    }
+    drop(first);
+
+    for k in 0..200 {
+        send(
+            &mut m1,
+            &alice.token,
+            &group.id,
+            &format!("offline{k}"),
+            &format!("offline {k}"),
+        )
+        .await
+        .expect("send");
+    }
+    let mut again = Connection::open(cluster.m[1].channel(), &bob.token)
+        .await
+        .expect("reconnect elsewhere");
+    again.subscribe(&group.id, last).await.expect("subscribe");
+    let mut replayed = Vec::new();
+    let recovered = loop {
+        match again.next(Duration::from_secs(10)).await.expect("frame") {
+            Some(Out::Message(m)) => replayed.push(m.seq),
+            Some(Out::Recovered(r)) => break r,
+            Some(_) => {}
+            None => panic!("stream ended"),
+        }
+    };
+    assert_eq!(replayed, (6..=205).collect::<Vec<u64>>());
+    assert_eq!((recovered.from_seq, recovered.to_seq), (6, 205));
+    for k in 0..3 {
+        send(
+            &mut messaging_client(&cluster.m[0]),
+            &alice.token,
+            &group.id,
+            &format!("late{k}"),
+            "late",
+        )
+        .await
+        .expect("send");
+    }
+    let mut live = Vec::new();
+    while live.len() < 3 {
+        live.push(
+            again
+                .until(Duration::from_secs(5), |f| match f {
+                    Out::Message(m) => Some(m.seq),
+                    _ => None,
+                })
+                .await
+                .expect("live"),
+        );
+    }
+    assert_eq!(live, [206, 207, 208]);
+}
+
+#[tokio::test]
+async fn a_retry_with_the_same_client_msg_id_returns_the_first_result_and_stores_nothing() {
+    let cluster = Cluster::start(MessagingOptions::default()).await;
+    let users = cluster.users("idem", 2).await;
+    let group = create_group(
+        &mut messaging_client(&cluster.m[0]),
+        &users[0].token,
+        "idem",
+        &[users[1].id.clone()],
+    )
+    .await
+    .expect("group");
+    let first = send(
+        &mut messaging_client(&cluster.m[0]),
+        &users[0].token,
+        &group.id,
+        "k1",
+        "once",
+    )
+    .await
+    .expect("send");
+    let retry = send(
+        &mut messaging_client(&cluster.m[1]),
+        &users[0].token,
+        &group.id,
+        "k1",
+        "once",
+    )
+    .await
+    .expect("retry");
+    assert_eq!(
+        (first.seq, &first.id, first.sent_at),
+        (retry.seq, &retry.id, retry.sent_at)
+    );
+    // The same key from another sender is another message.
+    let other = send(
+        &mut messaging_client(&cluster.m[1]),
+        &users[1].token,
+        &group.id,
+        "k1",
+        "mine",
+    )
+    .await
+    .expect("send");
+    assert_eq!(other.seq, 2);
+    let history = messaging_client(&cluster.m[1])
+        .list_messages(authed(
+            pb::ListMessagesRequest {
+                conversation_id: group.id.clone(),
+                ..Default::default()
+            },
+            &users[0].token,
+        ))
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(
+        history.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [1, 2]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_cut_off_without_slowing_others_and_resumes_without_loss() {
+    // More than the transport buffers hold (hyper's client window is 2 MiB per stream,
+    // the server's send buffer ~400 KiB): 400 × 16 KiB = 6.5 MB.
+    const N: u64 = 400;
+    let cluster = Cluster::start(MessagingOptions {
+        outbound_queue: 16,
+        ..MessagingOptions::default()
+    })
+    .await;
+    let users = cluster.users("slow", 3).await;
+    let group = create_group(
+        &mut messaging_client(&cluster.m[0]),
+        &users[0].token,
+        "slow",
+        &ids(&users[1..]),
+    )
+    .await
+    .expect("group");
+    let mut slow = Connection::open(cluster.m[0].channel(), &users[1].token)
+        .await
+        .expect("slow");
+    slow.subscribe(&group.id, 0).await.expect("subscribe");
+    slow.recovered(&group.id).await.expect("recovered");
+    let mut fast = Connection::open(cluster.m[0].channel(), &users[2].token)
+        .await
+        .expect("fast");
+    fast.subscribe(&group.id, 0).await.expect("subscribe");
+    fast.recovered(&group.id).await.expect("recovered");
+
+    let body = "x".repeat(16 * 1024);
+    let group_id = group.id.clone();
+    let sender_token = users[0].token.clone();
+    let sender_channel = cluster.m[1].channel();
+    let sending = tokio::spawn(async move {
+        let mut c =
+            switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(
+                sender_channel,
+            );
+        for k in 0..N {
+            send(&mut c, &sender_token, &group_id, &format!("s{k}"), &body)
+                .await
+                .expect("send");
+        }
+    });
+    // The fast reader gets everything in order while the slow one reads nothing.
+    let mut got = Vec::new();
+    while got.len() < N as usize {
+        got.push(
+            fast.until(Duration::from_secs(20), |f| match f {
+                Out::Message(m) => Some(m.seq),
+                _ => None,
+            })
+            .await
+            .expect("fast reader starved"),
+        );
+    }
+    assert_eq!(got, (1..=N).collect::<Vec<_>>());
+    sending.await.expect("sender");
+
+    // The slow reader finds some messages, then RESOURCE_EXHAUSTED.
+    let mut slow_seqs = Vec::new();
+    let status = loop {
+        match slow.next(Duration::from_secs(10)).await {
+            Ok(Some(Out::Message(m))) => slow_seqs.push(m.seq),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("slow stream ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        slow_seqs.len() < N as usize,
+        "the slow consumer was never cut off"
+    );
+    assert_eq!(
+        slow_seqs,
+        (1..=slow_seqs.len() as u64).collect::<Vec<_>>(),
+        "slow consumer got a gap before the cut"
+    );
+
+    // It resumes from its last seq and loses nothing.
+    let last = slow_seqs.last().copied().unwrap_or(0);
+    let mut resumed = Connection::open(cluster.m[1].channel(), &users[1].token)
+        .await
+        .expect("resume");
+    resumed.subscribe(&group.id, last).await.expect("subscribe");
+    let mut rest = Vec::new();
+    loop {
+        match resumed.next(Duration::from_secs(10)).await.expect("frame") {
+            Some(Out::Message(m)) => rest.push(m.seq),
+            Some(Out::Recovered(_)) => break,
+            Some(_) => {}
+            None => panic!("ended"),
+        }
+    }
+    assert_eq!(rest, (last + 1..=N).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn bad_input_gets_precise_statuses() {
+    let cluster = Cluster::start(MessagingOptions::default()).await;
+    let users = cluster.users("bad", 3).await;
+    let (owner, member, outsider) = (&users[0], &users[1], &users[2]);
+    let mut c = messaging_client(&cluster.m[0]);
+    let group = create_group(
+        &mut c,
+        &owner.token,
+        "bad",
+        std::slice::from_ref(&member.id),
+    )
+    .await
+    .expect("group");
+
+    let big = "x".repeat(16 * 1024 + 1);
+    let e = send(&mut c, &owner.token, &group.id, "big", &big)
+        .await
+        .expect_err("oversize body");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("16384"), "{}", e.message());
+    send(
+        &mut c,
+        &owner.token,
+        &group.id,
+        "exact",
+        &"x".repeat(16 * 1024),
+    )
+    .await
+    .expect("16 KiB is allowed");
+    assert_eq!(
+        send(&mut c, &owner.token, &group.id, "empty", "")
+            .await
+            .expect_err("empty")
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        send(&mut c, &owner.token, &group.id, "", "b")
+            .await
+            .expect_err("no key")
+            .code(),
+        Code::InvalidArgument
+    );
+
+    let e = send(&mut c, &outsider.token, &group.id, "x", "hi")
+        .await
+        .expect_err("outsider sends");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = c
+        .get_conversation(authed(
+            pb::GetConversationRequest {
+                conversation_id: group.id.clone(),
+            },
+            &outsider.token,
+        ))
+        .await
+        .expect_err("outsider reads");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = c
+        .list_messages(authed(
+            pb::ListMessagesRequest {
+                conversation_id: group.id.clone(),
+                ..Default::default()
+            },
+            &outsider.token,
+        ))
+        .await
+        .expect_err("outsider lists");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = send(&mut c, &owner.token, "no-such-conversation", "x", "hi")
+        .await
+        .expect_err("unknown");
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .list_messages(authed(
+            pb::ListMessagesRequest {
+                conversation_id: group.id.clone(),
+                before_seq: 5,
+                after_seq: 1,
+                limit: 0,
+            },
+            &owner.token,
+        ))
+        .await
+        .expect_err("both bounds");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c
+        .list_messages(authed(
+            pb::ListMessagesRequest {
+                conversation_id: group.id.clone(),
+                limit: 201,
+                ..Default::default()
+            },
+            &owner.token,
+        ))
+        .await
+        .expect_err("limit");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c
+        .create_conversation(authed(
+            pb::CreateConversationRequest {
+                kind: pb::ConversationKind::Direct as i32,
+                title: String::new(),
+                member_ids: vec![],
+            },
+            &owner.token,
+        ))
+        .await
+        .expect_err("direct without a peer");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c
+        .add_members(authed(
+            pb::AddMembersRequest {
+                conversation_id: group.id.clone(),
+                user_ids: vec![outsider.id.clone()],
+            },
+            &member.token,
+        ))
+        .await
+        .expect_err("non-owner adds");
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    // On the stream: refusals are frames, and the stream stays usable.
+    let mut conn = Connection::open(cluster.m[1].channel(), &outsider.token)
+        .await
+        .expect("connect");
+    conn.send_empty().await.expect("send");
+    let err = conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::Error(e) = f { Some(e) } else { None }
+        })
+        .await
+        .expect("error frame");
+    assert_eq!(err.code, Code::InvalidArgument as i32);
+    conn.subscribe(&group.id, 0).await.expect("send");
+    let err = conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::Error(e) = f { Some(e) } else { None }
+        })
+        .await
+        .expect("error frame");
+    assert_eq!(
+        (err.code, err.conversation_id.as_str()),
+        (Code::PermissionDenied as i32, group.id.as_str())
+    );
+    conn.subscribe("no-such-conversation", 0)
+        .await
+        .expect("send");
+    let err = conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::Error(e) = f { Some(e) } else { None }
+        })
+        .await
+        .expect("error frame");
+    assert_eq!(err.code, Code::NotFound as i32);
+    conn.send(In::Send(pb::Send {
+        conversation_id: group.id.clone(),
+        client_msg_id: "s".into(),
+        body: "hi".into(),
+        metadata: HashMap::new(),
+    }))
+    .await
+    .expect("send");
+    let result = conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::SendResult(r) = f {
+                Some(r)
+            } else {
+                None
+            }
+        })
+        .await
+        .expect("result");
+    assert!(
+        matches!(result.result, Some(pb::send_result::Result::Error(e)) if e.code == Code::PermissionDenied as i32)
+    );
+    conn.send(In::Ping(pb::Ping { nonce: 7 }))
+        .await
+        .expect("ping");
+    let pong = conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::Pong(p) = f { Some(p) } else { None }
+        })
+        .await
+        .expect("pong");
+    assert_eq!(pong.nonce, 7);
+
+    // Resuming from a position the conversation never reached says Resync.
+    let mut owner_conn = Connection::open(cluster.m[0].channel(), &owner.token)
+        .await
+        .expect("connect");
+    owner_conn
+        .subscribe(&group.id, 999)
+        .await
+        .expect("subscribe");
+    let resync = owner_conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::Resync(r) = f {
+                Some(r)
+            } else {
+                None
+            }
+        })
+        .await
+        .expect("resync");
+    assert_eq!(resync.oldest_seq, 1);
+}
+
+#[tokio::test]
+async fn streams_end_when_the_token_expires_unless_refreshed_and_on_logout() {
+    let cluster = Cluster::start(MessagingOptions::default()).await;
+    let users = cluster.users("exp", 1).await;
+    let user = &users[0];
+    let short = cluster.token_expiring(user, "s-short", now_secs() + 2);
+    let mut expiring = Connection::open(cluster.m[0].channel(), &short)
+        .await
+        .expect("connect");
+    let mut refreshed = Connection::open(
+        cluster.m[1].channel(),
+        &cluster.token_expiring(user, "s-short2", now_secs() + 2),
+    )
+    .await
+    .expect("connect");
+    refreshed
+        .send(In::RefreshToken(pb::RefreshToken {
+            access_token: user.token.clone(),
+        }))
+        .await
+        .expect("refresh");
+
+    let status = loop {
+        match expiring.next(Duration::from_secs(8)).await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("expired"), "{}", status.message());
+
+    refreshed
+        .send(In::Ping(pb::Ping { nonce: 1 }))
+        .await
+        .expect("ping");
+    refreshed
+        .until(Duration::from_secs(5), |f| {
+            if let Out::Pong(_) = f { Some(()) } else { None }
+        })
+        .await
+        .expect("refreshed stream alive");
+
+    // Logout of the session ends its streams on every instance.
+    auth_client(&cluster.auth)
+        .logout(authed(auth_pb::LogoutRequest {}, &user.token))
+        .await
+        .expect("logout");
+    let status = loop {
+        match refreshed.next(Duration::from_secs(3)).await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("revoked"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn direct_pairs_are_unique_and_members_hear_about_new_conversations() {
+    let cluster = Cluster::start(MessagingOptions::default()).await;
+    let users = cluster.users("direct", 2).await;
+    let (a, b) = (&users[0], &users[1]);
+    let mut b_conn = Connection::open(cluster.m[1].channel(), &b.token)
+        .await
+        .expect("connect");
+    // The stream is registered once a ping round-trips.
+    b_conn
+        .send(In::Ping(pb::Ping { nonce: 1 }))
+        .await
+        .expect("ping");
+    b_conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::Pong(_) = f { Some(()) } else { None }
+        })
+        .await
+        .expect("pong");
+
+    let req = |members: Vec<String>| pb::CreateConversationRequest {
+        kind: pb::ConversationKind::Direct as i32,
+        title: String::new(),
+        member_ids: members,
+    };
+    let first = messaging_client(&cluster.m[0])
+        .create_conversation(authed(req(vec![b.id.clone()]), &a.token))
+        .await
+        .expect("create")
+        .into_inner();
+    assert!(first.created);
+    let again = messaging_client(&cluster.m[1])
+        .create_conversation(authed(req(vec![a.id.clone()]), &b.token))
+        .await
+        .expect("again")
+        .into_inner();
+    assert!(!again.created);
+    let id = first.conversation.expect("conversation").id;
+    assert_eq!(again.conversation.expect("conversation").id, id);
+
+    let event = b_conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::ConversationEvent(e) = f {
+                Some(e)
+            } else {
+                None
+            }
+        })
+        .await
+        .expect("event");
+    assert_eq!(event.kind, pb::ConversationEventKind::Created as i32);
+    assert_eq!(event.conversation.expect("conversation").id, id);
+
+    send(
+        &mut messaging_client(&cluster.m[0]),
+        &a.token,
+        &id,
+        "d1",
+        "hi b",
+    )
+    .await
+    .expect("send");
+    let listed = messaging_client(&cluster.m[1])
+        .list_conversations(authed(pb::ListConversationsRequest::default(), &b.token))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.conversations.len(), 1);
+    assert_eq!(listed.conversations[0].unread_count, 1);
+    let read = messaging_client(&cluster.m[1])
+        .mark_read(authed(
+            pb::MarkReadRequest {
+                conversation_id: id.clone(),
+                seq: 1,
+            },
+            &b.token,
+        ))
+        .await
+        .expect("read")
+        .into_inner();
+    assert_eq!(read.read_seq, 1);
+}
