@@ -499,8 +499,8 @@ async fn bad_input_gets_precise_statuses() {
         .list_messages(authed(
             pb::ListMessagesRequest {
                 conversation_id: group.id.clone(),
-                before_seq: 5,
-                after_seq: 1,
+                before_seq: Some(5),
+                after_seq: Some(1),
                 limit: 0,
             },
             &owner.token,

@@ -445,8 +445,8 @@ impl<S: MessagingStore> Messaging<S> {
         &self,
         caller: &Caller,
         conversation_id: &str,
-        before_seq: u64,
-        after_seq: u64,
+        before_seq: Option<u64>,
+        after_seq: Option<u64>,
         limit: u32,
     ) -> Result<(Vec<pb::Message>, bool, u64)> {
         self.authorize(caller, conversation_id).await?;
@@ -460,9 +460,9 @@ impl<S: MessagingStore> Messaging<S> {
             }
         };
         let range = match (before_seq, after_seq) {
-            (0, 0) => Range::Latest,
-            (0, a) => Range::After(a),
-            (b, 0) => Range::Before(b),
+            (None, None) => Range::Latest,
+            (None, Some(a)) => Range::After(a),
+            (Some(b), None) => Range::Before(b),
             _ => {
                 return Err(Error::InvalidArgument(
                     "give at most one of before_seq and after_seq".into(),

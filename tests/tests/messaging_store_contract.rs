@@ -1,0 +1,305 @@
+//! The messaging storage contract, run against the in-memory engine and a real Redis.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_common::bus::{Bus, BusEvent, MemoryBus, RedisBus, redis_manager};
+use switchboard_common::shutdown::CancellationToken;
+use switchboard_messaging::conversation::{ConversationRecord, Kind, Member};
+use switchboard_messaging::message::{Envelope, Frame, decode};
+use switchboard_messaging::store::memory::MemoryStore;
+use switchboard_messaging::store::redis::RedisStore;
+use switchboard_messaging::store::{MessagingStore, Outgoing, Range, Sent, conversation_channel};
+use switchboard_proto::messaging::v1 as pb;
+use switchboard_tests::redis::RedisServer;
+
+fn group(id: &str, members: &[&str]) -> ConversationRecord {
+    ConversationRecord {
+        id: id.into(),
+        kind: Kind::Group,
+        title: "t".into(),
+        owner_id: members[0].into(),
+        created_at_ms: 1000,
+        epoch: "e1".into(),
+        read_only: false,
+        members: members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Member {
+                user_id: (*m).into(),
+                joined_at_ms: 1000 + i as u64,
+            })
+            .collect(),
+    }
+}
+
+fn outgoing(conversation: &str, sender: &str, key: &str, body: &str) -> Outgoing {
+    let message = pb::Message {
+        id: format!("id-{key}"),
+        conversation_id: conversation.into(),
+        sender_id: sender.into(),
+        body: body.into(),
+        client_msg_id: key.into(),
+        ..Default::default()
+    };
+    Outgoing {
+        conversation_id: conversation.into(),
+        sender_id: sender.into(),
+        client_msg_id: key.into(),
+        message: prost::Message::encode_to_vec(&message),
+        envelope: prost::Message::encode_to_vec(&Envelope {
+            message: Some(message.clone()),
+            ..Default::default()
+        }),
+        message_id: message.id,
+        sent_at_ms: 5,
+    }
+}
+
+async fn contract(store: impl MessagingStore, bus: Arc<dyn Bus>, retention: usize) {
+    // Conversations and membership.
+    store
+        .create(&group("g1", &["a", "b"]))
+        .await
+        .expect("create");
+    assert_eq!(
+        store.conversation("g1").await.expect("get"),
+        Some(group("g1", &["a", "b"]))
+    );
+    assert_eq!(store.conversation("nope").await.expect("get"), None);
+    let after = store
+        .add_members("g1", &["c".into(), "a".into()], 2000)
+        .await
+        .expect("add")
+        .expect("exists");
+    assert_eq!(
+        after
+            .members
+            .iter()
+            .map(|m| m.user_id.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    assert_eq!(
+        after.members[0].joined_at_ms, 1000,
+        "existing member's join time changed"
+    );
+    assert_eq!(
+        store
+            .add_members("nope", &["c".into()], 1)
+            .await
+            .expect("add"),
+        None
+    );
+    let after = store
+        .remove_member("g1", "c", Some("b"))
+        .await
+        .expect("remove")
+        .expect("exists");
+    assert_eq!(after.owner_id, "b");
+    assert!(!after.is_member("c"));
+    assert_eq!(store.user_conversations("a").await.expect("index"), ["g1"]);
+    assert!(
+        store
+            .user_conversations("c")
+            .await
+            .expect("index")
+            .is_empty()
+    );
+
+    // One direct conversation per pair.
+    let mut d1 = group("d1", &["a", "b"]);
+    d1.kind = Kind::Direct;
+    let mut d2 = group("d2", &["b", "a"]);
+    d2.kind = Kind::Direct;
+    let (first, created) = store.create_direct("a|b", &d1).await.expect("direct");
+    assert!(created);
+    let (second, created) = store.create_direct("a|b", &d2).await.expect("direct again");
+    assert!(!created);
+    assert_eq!(second.id, first.id);
+
+    // Sending: seqs from 1, published in order with the seq, idempotent per sender.
+    let mut sub = bus
+        .subscribe(&conversation_channel("g1"))
+        .await
+        .expect("subscribe");
+    for k in 1..=5u64 {
+        assert_eq!(
+            store
+                .send(&outgoing("g1", "a", &format!("k{k}"), &format!("m{k}")))
+                .await
+                .expect("send"),
+            Sent::Stored(k)
+        );
+    }
+    for k in 1..=5u64 {
+        let event = tokio::time::timeout(Duration::from_secs(3), sub.recv())
+            .await
+            .expect("published")
+            .expect("event");
+        let BusEvent::Message(payload) = event else {
+            panic!("gap")
+        };
+        match decode(&payload) {
+            Some(Frame::Message(seq, env)) => {
+                assert_eq!(seq, k);
+                assert_eq!(env.message.expect("message").body, format!("m{k}"));
+            }
+            other => panic!("bad payload {other:?}"),
+        }
+    }
+    assert_eq!(
+        store
+            .send(&outgoing("g1", "a", "k3", "again"))
+            .await
+            .expect("dup"),
+        Sent::Duplicate {
+            seq: 3,
+            message_id: "id-k3".into(),
+            sent_at_ms: 5
+        }
+    );
+    assert_eq!(
+        store
+            .send(&outgoing("g1", "b", "k3", "b's own"))
+            .await
+            .expect("other sender"),
+        Sent::Stored(6)
+    );
+    assert_eq!(
+        store
+            .send(&outgoing("g1", "c", "x", "gone"))
+            .await
+            .expect("not member"),
+        Sent::NotMember
+    );
+    assert_eq!(
+        store
+            .send(&outgoing("nope", "a", "x", "x"))
+            .await
+            .expect("not found"),
+        Sent::NotFound
+    );
+    let mut closed = group("ro", &["a"]);
+    closed.read_only = true;
+    store.create(&closed).await.expect("create");
+    assert_eq!(
+        store
+            .send(&outgoing("ro", "a", "x", "x"))
+            .await
+            .expect("read only"),
+        Sent::ReadOnly
+    );
+
+    // History ranges.
+    let seqs = |h: &switchboard_messaging::store::History| {
+        h.messages.iter().map(|m| m.seq).collect::<Vec<_>>()
+    };
+    let h = store
+        .history("g1", Range::After(2), 2)
+        .await
+        .expect("after");
+    assert_eq!((seqs(&h), h.oldest_seq, h.last_seq), (vec![3, 4], 1, 6));
+    assert_eq!(h.messages[0].body, "m3");
+    assert_eq!(
+        seqs(
+            &store
+                .history("g1", Range::Before(5), 2)
+                .await
+                .expect("before")
+        ),
+        [3, 4]
+    );
+    assert_eq!(
+        seqs(
+            &store
+                .history("g1", Range::Before(1), 2)
+                .await
+                .expect("before 1")
+        ),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        seqs(&store.history("g1", Range::Latest, 2).await.expect("latest")),
+        [5, 6]
+    );
+    assert_eq!(
+        seqs(
+            &store
+                .history("g1", Range::After(6), 10)
+                .await
+                .expect("none")
+        ),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        store
+            .history("nope", Range::Latest, 10)
+            .await
+            .expect("unknown"),
+        Default::default()
+    );
+    assert_eq!(
+        store
+            .last_seqs(&["g1".into(), "nope".into(), "ro".into()])
+            .await
+            .expect("last"),
+        [6, 0, 0]
+    );
+
+    // Retention trims the oldest (Redis trims approximately, so only check it is bounded).
+    for k in 0..(retention + 150) {
+        store
+            .send(&outgoing("g1", "b", &format!("r{k}"), "r"))
+            .await
+            .expect("send");
+    }
+    let h = store.history("g1", Range::Latest, 1).await.expect("latest");
+    assert!(h.oldest_seq > 1, "nothing was trimmed");
+    assert!(
+        h.last_seq - h.oldest_seq + 1 <= (retention + 150) as u64,
+        "history not bounded"
+    );
+
+    // Read positions only move forward and never past the end.
+    assert_eq!(store.mark_read("g1", "b", 3).await.expect("read"), 3);
+    assert_eq!(store.mark_read("g1", "b", 2).await.expect("read back"), 3);
+    assert_eq!(
+        store
+            .mark_read("g1", "b", 1_000_000)
+            .await
+            .expect("read past"),
+        h.last_seq
+    );
+    assert_eq!(
+        store
+            .read_positions("g1")
+            .await
+            .expect("positions")
+            .get("b"),
+        Some(&h.last_seq)
+    );
+
+    // Ephemeral publishes reach subscribers.
+    store
+        .publish(&conversation_channel("g1"), b"1E\nraw".to_vec())
+        .await
+        .expect("publish");
+}
+
+#[tokio::test]
+async fn memory_engine_meets_the_contract() {
+    let bus = MemoryBus::new();
+    contract(MemoryStore::new(bus.clone(), 100), Arc::new(bus), 100).await;
+}
+
+#[tokio::test]
+async fn redis_engine_meets_the_contract() {
+    let redis = RedisServer::spawn().expect("redis");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let conn = redis_manager(&client).expect("manager");
+    let shutdown = CancellationToken::new();
+    let bus = RedisBus::start(client, conn.clone(), shutdown.clone());
+    contract(RedisStore::new(conn, 100), Arc::new(bus), 100).await;
+    shutdown.cancel();
+}
