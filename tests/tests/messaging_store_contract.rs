@@ -256,9 +256,11 @@ async fn contract(store: impl MessagingStore, bus: Arc<dyn Bus>, retention: usiz
     }
     let h = store.history("g1", Range::Latest, 1).await.expect("latest");
     assert!(h.oldest_seq > 1, "nothing was trimmed");
+    // Redis trims whole stream nodes (100 entries by default), so allow one node extra.
+    let kept = h.last_seq - h.oldest_seq + 1;
     assert!(
-        h.last_seq - h.oldest_seq + 1 <= (retention + 150) as u64,
-        "history not bounded"
+        kept < (retention + 100) as u64,
+        "history not bounded: {kept} kept"
     );
 
     // Read positions only move forward and never past the end.
