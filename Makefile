@@ -45,11 +45,16 @@ lint: deps
 test: deps lint build
 	$(CARGO) test --workspace --no-fail-fast
 	./target/debug/switchboard-bench auth --quick > /dev/null
+	./target/debug/switchboard-bench fanout --subscribers 10 --duration 1 > /dev/null
+	./target/debug/switchboard-bench connections --streams 50 > /dev/null
 
 # Only JSON lines go to stdout (build output and progress go to stderr).
 bench:
 	@$(CARGO) build --release --workspace --bins >&2
 	@./target/release/switchboard-bench auth
+	@./target/release/switchboard-bench fanout --mode fixed --subscribers 200 --rate 200
+	@./target/release/switchboard-bench fanout --mode max --subscribers 200
+	@./target/release/switchboard-bench connections --streams 10000
 
 deploy-check:
 	@echo "deploy checks arrive with the deploy issue (#6); nothing to check yet"

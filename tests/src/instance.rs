@@ -205,22 +205,21 @@ pub fn messaging_client(
     )
 }
 
-/// The directory holding the built binaries (`target/<profile>`), found from the test
-/// executable's own path (`target/<profile>/deps/<test>`).
+/// A built service binary: next to the running executable (the bench binary in
+/// `target/<profile>/`) or one level up (test executables in `target/<profile>/deps/`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("test executable has no target directory")?;
-    let path = dir.join(name);
-    if !path.exists() {
-        bail!(
-            "{} is not built; run `cargo build --bins` first (make test does)",
-            path.display()
-        );
+    let here = exe.parent().context("executable has no directory")?;
+    for dir in [Some(here), here.parent()].into_iter().flatten() {
+        let path = dir.join(name);
+        if path.exists() {
+            return Ok(path);
+        }
     }
-    Ok(path)
+    bail!(
+        "{name} is not built next to {}; run `cargo build --bins` first (make test does)",
+        exe.display()
+    )
 }
 
 /// A service binary running as a child process; killed (by PID) when dropped.

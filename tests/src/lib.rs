@@ -8,6 +8,7 @@
 //! Everything a test starts is stopped when its handle drops, also when the test fails.
 
 pub mod auth;
+pub mod bench;
 pub mod instance;
 pub mod messaging;
 pub mod redis;

@@ -4,6 +4,9 @@
 //!
 //! - `auth`: access-token verifications per second on one core, and login latency
 //!   (p50/p99) with the production argon2id parameters, against a private Redis.
+//! - `fanout`: one group, subscribers split over messaging instances (separate
+//!   processes), publishers at a fixed rate or with a window of unacknowledged sends.
+//! - `connections`: many idle Connect streams on one instance; memory per stream.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +45,36 @@ enum Workload {
         /// A short run to check the benchmark itself works (used by `make test`).
         #[arg(long)]
         quick: bool,
+    },
+    /// One conversation, subscribers on several instances (BENCH.md `fanout`).
+    Fanout {
+        /// `fixed`: total rate --rate; `max`: each publisher keeps --window sends unacknowledged.
+        #[arg(long, value_parser = ["fixed", "max"], default_value = "fixed")]
+        mode: String,
+        /// Subscriber streams, split evenly across instances.
+        #[arg(long, default_value_t = 200)]
+        subscribers: usize,
+        /// Publishers, split across instances.
+        #[arg(long, default_value_t = 4)]
+        publishers: usize,
+        /// Total messages per second in `fixed` mode.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Measured seconds (after 2 s of warm-up).
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Unacknowledged sends per publisher in `max` mode.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        /// Messaging instances (separate processes).
+        #[arg(long, default_value_t = 2)]
+        instances: usize,
+    },
+    /// Many idle Connect streams on one instance (BENCH.md `connections`).
+    Connections {
+        /// Streams to open, each subscribed to its own direct conversation.
+        #[arg(long, default_value_t = 10_000)]
+        streams: usize,
     },
 }
 
@@ -189,6 +222,38 @@ async fn bench_login(logins: usize, concurrency: usize) -> anyhow::Result<Vec<se
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.workload {
+        Workload::Fanout {
+            mode,
+            subscribers,
+            publishers,
+            rate,
+            duration,
+            window,
+            instances,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let params = switchboard_tests::bench::Fanout {
+                max_mode: mode == "max",
+                subscribers,
+                publishers,
+                rate,
+                duration,
+                window,
+                instances,
+            };
+            println!("{}", rt.block_on(switchboard_tests::bench::fanout(params))?);
+        }
+        Workload::Connections { streams } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            println!(
+                "{}",
+                rt.block_on(switchboard_tests::bench::connections(streams))?
+            );
+        }
         Workload::Auth {
             verify_secs,
             logins,

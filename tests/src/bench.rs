@@ -1,0 +1,480 @@
+//! Benchmark workloads of `shared/design/BENCH.md`, run by the `switchboard-bench` binary.
+//!
+//! Messaging instances run as separate processes (the built binary) so their CPU time can
+//! be read from `/proc/<pid>/stat` and compared with other servers; Redis and auth are
+//! started by the benchmark too (auth only mints tokens before timing starts).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use switchboard_proto::messaging::v1 as pb;
+use switchboard_proto::messaging::v1::connect_request::Frame as In;
+use switchboard_proto::messaging::v1::connect_response::Frame as Out;
+use tokio::sync::Semaphore;
+
+use crate::auth::{authed, register_and_login};
+use crate::instance::{AuthOptions, ChildService, InProcess, auth_client, spawn_auth};
+use crate::messaging::Connection;
+use crate::redis::RedisServer;
+
+/// Fan-out parameters (BENCH.md names).
+#[derive(Debug, Clone)]
+pub struct Fanout {
+    /// `fixed` (rate R) or `max` (window W per publisher).
+    pub max_mode: bool,
+    /// Subscriber streams, split across instances.
+    pub subscribers: usize,
+    /// Publishers, split across instances.
+    pub publishers: usize,
+    /// Total publish rate in `fixed` mode (messages per second).
+    pub rate: f64,
+    /// Measured seconds.
+    pub duration: u64,
+    /// Unacknowledged sends per publisher in `max` mode.
+    pub window: usize,
+    /// Messaging instances.
+    pub instances: usize,
+}
+
+const PAYLOAD_BYTES: usize = 100;
+const WARMUP: Duration = Duration::from_secs(2);
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11).context("utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("stime")?.parse()?;
+    Ok((utime + stime) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Resident memory of a process in KiB, from `/proc/<pid>/status`.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
+}
+
+fn progress(label: &str, done: f64, total: f64) {
+    let width = 30;
+    let filled = ((done / total).clamp(0.0, 1.0) * width as f64) as usize;
+    eprint!(
+        "\r{label} [{}{}] {done:.0}/{total:.0} s",
+        "#".repeat(filled),
+        " ".repeat(width - filled)
+    );
+    if done >= total {
+        eprintln!();
+    }
+}
+
+async fn users(auth: &InProcess, prefix: &str, n: usize) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::with_capacity(n);
+    let mut c = auth_client(auth);
+    for i in 0..n {
+        let t = register_and_login(&mut c, &format!("{prefix}{i}")).await?;
+        let me = c
+            .who_am_i(authed(
+                switchboard_proto::auth::v1::WhoAmIRequest {},
+                &t.access_token,
+            ))
+            .await?;
+        out.push((me.into_inner().user.context("user")?.id, t.access_token));
+        if i % 100 == 99 {
+            eprint!("\rusers: {}/{n}", i + 1);
+        }
+    }
+    if n >= 100 {
+        eprintln!();
+    }
+    Ok(out)
+}
+
+fn messaging_process(redis: &RedisServer, auth: &InProcess) -> anyhow::Result<ChildService> {
+    ChildService::spawn(
+        "switchboard-messaging",
+        &[
+            ("REDIS_URL", redis.url()),
+            ("AUTH_URL", format!("http://{}", auth.addr)),
+            ("RUST_LOG", "warn,switchboard_messaging=info".into()),
+            ("MESSAGING_SEND_RATE_PER_SEC", "1000000".into()),
+            ("MESSAGING_SEND_BURST", "1000000".into()),
+        ],
+    )
+}
+
+/// Runs the fan-out workload and returns its JSON line.
+pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
+    if p.instances == 0 || p.publishers == 0 || p.subscribers == 0 {
+        bail!("instances, publishers and subscribers must be at least 1");
+    }
+    let redis = RedisServer::spawn()?;
+    let auth = spawn_auth(
+        Some(&redis),
+        AuthOptions {
+            per_peer: u64::MAX,
+            ..AuthOptions::default()
+        },
+    )
+    .await?;
+    let mut servers = Vec::new();
+    for _ in 0..p.instances {
+        servers.push(messaging_process(&redis, &auth)?);
+    }
+    eprintln!(
+        "fanout: {} subscribers, {} publishers on {} instances",
+        p.subscribers, p.publishers, p.instances
+    );
+    let pubs = users(&auth, "pub", p.publishers).await?;
+    let subs = users(&auth, "sub", p.subscribers).await?;
+    let members: Vec<String> = pubs
+        .iter()
+        .skip(1)
+        .chain(subs.iter())
+        .map(|(id, _)| id.clone())
+        .collect();
+    let mut client =
+        switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(
+            servers[0].channel(),
+        );
+    let group = crate::messaging::create_group(&mut client, &pubs[0].1, "fanout", &members).await?;
+
+    // Measurement window in microseconds since the epoch; set once warm-up is over.
+    let window_start = Arc::new(AtomicU64::new(u64::MAX));
+    let window_end = Arc::new(AtomicU64::new(u64::MAX));
+
+    // Subscribers, split across instances; one histogram each, merged at the end.
+    let mut subscriber_tasks = tokio::task::JoinSet::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    for (i, (_, token)) in subs.iter().enumerate() {
+        let channel = servers[i % p.instances].channel();
+        let mut conn = Connection::open(channel.clone(), token).await?;
+        conn.subscribe(&group.id, 0).await?;
+        conn.recovered(&group.id).await?;
+        let (start, end, stop, token, group_id) = (
+            window_start.clone(),
+            window_end.clone(),
+            stop.clone(),
+            token.clone(),
+            group.id.clone(),
+        );
+        subscriber_tasks.spawn(async move {
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let (mut delivered, mut last_delivery, mut last_seq, mut resumes) =
+                (0u64, 0u64, 0u64, 0u64);
+            loop {
+                let frame = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    f = conn.next(Duration::from_secs(30)) => f,
+                };
+                match frame {
+                    Ok(Some(Out::Message(m))) if m.seq > last_seq => {
+                        last_seq = m.seq;
+                        let now = now_us();
+                        let sent: u64 = m.body.get(..20).and_then(|s| s.parse().ok()).unwrap_or(0);
+                        if sent >= start.load(Ordering::Relaxed)
+                            && sent < end.load(Ordering::Relaxed)
+                        {
+                            delivered += 1;
+                            last_delivery = last_delivery.max(now);
+                            let _ = hist.record(now.saturating_sub(sent).max(1));
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => {
+                        // Cut off as a slow consumer (or a hiccup): resume like a real client.
+                        resumes += 1;
+                        match Connection::open(channel.clone(), &token).await {
+                            Ok(c) => {
+                                conn = c;
+                                if conn.subscribe(&group_id, last_seq).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            (hist, delivered, last_delivery, resumes)
+        });
+    }
+    eprintln!("subscribers connected");
+
+    // Publishers: one Connect stream each, half per instance.
+    let sent_in_window = Arc::new(AtomicU64::new(0));
+    let per_publisher_rate = p.rate / p.publishers as f64;
+    let total = WARMUP + Duration::from_secs(p.duration);
+    let mut publisher_tasks = tokio::task::JoinSet::new();
+    let began = Instant::now();
+    for (i, (_, token)) in pubs.iter().enumerate() {
+        let conn = Connection::open(servers[i % p.instances].channel(), token).await?;
+        let (group_id, start, end, sent_in_window) = (
+            group.id.clone(),
+            window_start.clone(),
+            window_end.clone(),
+            sent_in_window.clone(),
+        );
+        let (max_mode, window) = (p.max_mode, p.window);
+        publisher_tasks.spawn(async move {
+            let mut conn = conn;
+            let permits = Arc::new(Semaphore::new(if max_mode {
+                window
+            } else {
+                usize::MAX >> 4
+            }));
+            let (mut k, mut acked) = (0u64, 0u64);
+            let mut next = Instant::now();
+            let interval = Duration::from_secs_f64(1.0 / per_publisher_rate.max(0.001));
+            while began.elapsed() < total {
+                if max_mode {
+                    // Acks release window slots.
+                    loop {
+                        match permits.clone().try_acquire_owned() {
+                            Ok(p) => {
+                                p.forget();
+                                break;
+                            }
+                            Err(_) => match conn.next(Duration::from_secs(10)).await {
+                                Ok(Some(Out::SendResult(_))) => {
+                                    acked += 1;
+                                    permits.add_permits(1)
+                                }
+                                Ok(Some(_)) => {}
+                                other => {
+                                    return Err(anyhow::anyhow!(
+                                        "publisher stream failed: {other:?}"
+                                    ));
+                                }
+                            },
+                        }
+                    }
+                } else {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += interval;
+                }
+                let ts = now_us();
+                let mut body = format!("{ts:020}");
+                body.push_str(&"x".repeat(PAYLOAD_BYTES - body.len()));
+                conn.send(In::Send(pb::Send {
+                    conversation_id: group_id.clone(),
+                    client_msg_id: format!("{i}-{k}"),
+                    body,
+                    metadata: Default::default(),
+                }))
+                .await?;
+                k += 1;
+                if ts >= start.load(Ordering::Relaxed) && ts < end.load(Ordering::Relaxed) {
+                    sent_in_window.fetch_add(1, Ordering::Relaxed);
+                }
+                // Fixed mode: drain acks without waiting.
+                if !max_mode {
+                    while let Ok(Some(frame)) = conn.next(Duration::from_millis(0)).await {
+                        if matches!(frame, Out::SendResult(_)) {
+                            acked += 1;
+                        }
+                    }
+                }
+            }
+            // Wait for the sends still in flight: dropping the stream would discard them.
+            while acked < k {
+                match conn.next(Duration::from_secs(10)).await {
+                    Ok(Some(Out::SendResult(_))) => acked += 1,
+                    Ok(Some(_)) => {}
+                    other => {
+                        return Err(anyhow::anyhow!(
+                            "publisher stream failed while draining: {other:?}"
+                        ));
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+
+    // Warm-up, then the measured window.
+    tokio::time::sleep(WARMUP).await;
+    let t0 = now_us();
+    window_start.store(t0, Ordering::Relaxed);
+    window_end.store(t0 + p.duration * 1_000_000, Ordering::Relaxed);
+    let cpu0: f64 = servers
+        .iter()
+        .map(|s| cpu_seconds(s.pid()).unwrap_or(0.0))
+        .sum();
+    for s in 0..p.duration {
+        progress(
+            if p.max_mode {
+                "fanout max"
+            } else {
+                "fanout fixed"
+            },
+            s as f64,
+            p.duration as f64,
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    progress(
+        if p.max_mode {
+            "fanout max"
+        } else {
+            "fanout fixed"
+        },
+        p.duration as f64,
+        p.duration as f64,
+    );
+    while let Some(r) = publisher_tasks.join_next().await {
+        r??;
+    }
+    let sent = sent_in_window.load(Ordering::Relaxed);
+    let expected = sent * p.subscribers as u64;
+    // Let in-flight deliveries land (bounded).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu1: f64 = servers
+        .iter()
+        .map(|s| cpu_seconds(s.pid()).unwrap_or(0.0))
+        .sum();
+    stop.cancel();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut delivered = 0u64;
+    let mut last_delivery = t0;
+    let mut resumes = 0;
+    while let Some(r) = subscriber_tasks.join_next().await {
+        let (h, d, l, n) = r?;
+        hist.add(&h)?;
+        delivered += d;
+        last_delivery = last_delivery.max(l);
+        resumes += n;
+    }
+    if resumes > 0 {
+        eprintln!("subscribers resumed {resumes} times after being cut off as slow consumers");
+    }
+    let span = (p.duration as f64).max((last_delivery.saturating_sub(t0)) as f64 / 1e6);
+    let round1 = |v: f64| (v * 10.0).round() / 10.0;
+    Ok(json!({
+        "system": "switchboard",
+        "mode": if p.max_mode { "max" } else { "fixed" },
+        "instances": p.instances,
+        "subscribers": p.subscribers,
+        "publishers": p.publishers,
+        "payload_bytes": PAYLOAD_BYTES,
+        "duration_s": p.duration,
+        "rate_target": if p.max_mode { serde_json::Value::Null } else { json!(p.rate) },
+        "sent": sent,
+        "expected": expected,
+        "delivered": delivered,
+        "lost": expected.saturating_sub(delivered),
+        "deliveries_per_s": round1(delivered as f64 / span),
+        "latency_us": {
+            "p50": hist.value_at_quantile(0.50),
+            "p90": hist.value_at_quantile(0.90),
+            "p99": hist.value_at_quantile(0.99),
+            "p999": hist.value_at_quantile(0.999),
+            "max": hist.max(),
+        },
+        "server_cpu_s": ((cpu1 - cpu0).max(0.0) * 100.0).round() / 100.0,
+    }))
+}
+
+/// Runs the idle-connections workload and returns its JSON line.
+pub async fn connections(streams: usize) -> anyhow::Result<serde_json::Value> {
+    let redis = RedisServer::spawn()?;
+    let auth = spawn_auth(
+        Some(&redis),
+        AuthOptions {
+            per_peer: u64::MAX,
+            ..AuthOptions::default()
+        },
+    )
+    .await?;
+    let server = messaging_process(&redis, &auth)?;
+    let peer = users(&auth, "peer", 1).await?.remove(0);
+    eprintln!("connections: creating {streams} users and direct conversations");
+    let people = users(&auth, "idle", streams).await?;
+    let mut client =
+        switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(
+            server.channel(),
+        );
+    let mut conversations = Vec::with_capacity(streams);
+    for (i, (_, token)) in people.iter().enumerate() {
+        let req = pb::CreateConversationRequest {
+            kind: pb::ConversationKind::Direct as i32,
+            title: String::new(),
+            member_ids: vec![peer.0.clone()],
+        };
+        let c = client
+            .create_conversation(authed(req, token))
+            .await?
+            .into_inner()
+            .conversation
+            .context("conversation")?;
+        conversations.push(c.id);
+        if i % 500 == 499 {
+            eprint!("\rconversations: {}/{streams}", i + 1);
+        }
+    }
+    eprintln!();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(server.pid())?;
+    let started = Instant::now();
+    // 100 streams per HTTP/2 connection, as a client library would multiplex them.
+    let mut open = Vec::with_capacity(streams);
+    let mut channel = server.channel();
+    for (i, ((_, token), conversation)) in people.iter().zip(&conversations).enumerate() {
+        if i % 100 == 0 {
+            channel = server.channel();
+        }
+        let mut conn = Connection::open(channel.clone(), token).await?;
+        conn.subscribe(conversation, 0).await?;
+        conn.recovered(conversation).await?;
+        open.push(conn);
+        if i % 500 == 499 {
+            eprint!("\rstreams: {}/{streams}", i + 1);
+        }
+    }
+    eprintln!();
+    let connect_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(server.pid())?;
+    let per_stream = (after.saturating_sub(before) * 1024) as f64 / streams.max(1) as f64;
+    drop(open);
+    Ok(json!({
+        "system": "switchboard",
+        "streams": streams,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "bytes_per_stream": per_stream.round(),
+        "connect_s": (connect_s * 100.0).round() / 100.0,
+    }))
+}
