@@ -98,26 +98,44 @@ fn progress(label: &str, done: f64, total: f64) {
     }
 }
 
+/// Registers and logs in `n` users, 16 at a time; (id, access token) in order.
 async fn users(auth: &InProcess, prefix: &str, n: usize) -> anyhow::Result<Vec<(String, String)>> {
-    let mut out = Vec::with_capacity(n);
-    let mut c = auth_client(auth);
-    for i in 0..n {
-        let t = register_and_login(&mut c, &format!("{prefix}{i}")).await?;
-        let me = c
-            .who_am_i(authed(
-                switchboard_proto::auth::v1::WhoAmIRequest {},
-                &t.access_token,
-            ))
-            .await?;
-        out.push((me.into_inner().user.context("user")?.id, t.access_token));
-        if i % 100 == 99 {
-            eprint!("\rusers: {}/{n}", i + 1);
+    let mut out: Vec<Option<(String, String)>> = vec![None; n];
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next = 0;
+    let mut done = 0;
+    while done < n {
+        while next < n && tasks.len() < 16 {
+            let (i, name, mut c) = (next, format!("{prefix}{next}"), auth_client(auth));
+            tasks.spawn(async move {
+                let t = register_and_login(&mut c, &name).await?;
+                let me = c
+                    .who_am_i(authed(
+                        switchboard_proto::auth::v1::WhoAmIRequest {},
+                        &t.access_token,
+                    ))
+                    .await?;
+                Ok::<_, anyhow::Error>((
+                    i,
+                    me.into_inner().user.context("user")?.id,
+                    t.access_token,
+                ))
+            });
+            next += 1;
+        }
+        if let Some(r) = tasks.join_next().await {
+            let (i, id, token) = r??;
+            out[i] = Some((id, token));
+            done += 1;
+            if done % 500 == 0 {
+                eprint!("\rusers: {done}/{n}");
+            }
         }
     }
-    if n >= 100 {
+    if n >= 500 {
         eprintln!();
     }
-    Ok(out)
+    out.into_iter().map(|u| u.context("missing user")).collect()
 }
 
 fn messaging_process(redis: &RedisServer, auth: &InProcess) -> anyhow::Result<ChildService> {
@@ -422,29 +440,39 @@ pub async fn connections(streams: usize) -> anyhow::Result<serde_json::Value> {
     let peer = users(&auth, "peer", 1).await?.remove(0);
     eprintln!("connections: creating {streams} users and direct conversations");
     let people = users(&auth, "idle", streams).await?;
-    let mut client =
-        switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(
-            server.channel(),
-        );
-    let mut conversations = Vec::with_capacity(streams);
+    let mut conversations: Vec<String> = vec![String::new(); streams];
+    let mut tasks = tokio::task::JoinSet::new();
     for (i, (_, token)) in people.iter().enumerate() {
-        let req = pb::CreateConversationRequest {
-            kind: pb::ConversationKind::Direct as i32,
-            title: String::new(),
-            member_ids: vec![peer.0.clone()],
-        };
-        let c = client
-            .create_conversation(authed(req, token))
-            .await?
-            .into_inner()
-            .conversation
-            .context("conversation")?;
-        conversations.push(c.id);
-        if i % 500 == 499 {
-            eprint!("\rconversations: {}/{streams}", i + 1);
+        let mut client =
+            switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(
+                server.channel(),
+            );
+        let (token, peer_id) = (token.clone(), peer.0.clone());
+        tasks.spawn(async move {
+            let req = pb::CreateConversationRequest {
+                kind: pb::ConversationKind::Direct as i32,
+                title: String::new(),
+                member_ids: vec![peer_id],
+            };
+            let c = client
+                .create_conversation(authed(req, &token))
+                .await?
+                .into_inner()
+                .conversation
+                .context("conversation")?;
+            Ok::<_, anyhow::Error>((i, c.id))
+        });
+        if tasks.len() >= 16
+            && let Some(r) = tasks.join_next().await
+        {
+            let (i, id) = r??;
+            conversations[i] = id;
         }
     }
-    eprintln!();
+    while let Some(r) = tasks.join_next().await {
+        let (i, id) = r??;
+        conversations[i] = id;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(server.pid())?;
     let started = Instant::now();

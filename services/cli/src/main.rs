@@ -1,0 +1,571 @@
+//! `switchboard`: the command-line client. Register, log in (the session is kept in the
+//! user's config directory and refreshed automatically), list conversations, send, read
+//! history, and `chat`: an interactive line-mode chat that shows incoming messages live and
+//! resumes after a dropped connection, on the same or another messaging instance.
+
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use switchboard_proto::auth::v1 as auth_pb;
+use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
+use switchboard_proto::messaging::v1 as pb;
+use switchboard_proto::messaging::v1::connect_request::Frame as In;
+use switchboard_proto::messaging::v1::connect_response::Frame as Out;
+use switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient;
+use tokio::sync::mpsc;
+use tonic::Request;
+use tonic::transport::{Channel, Endpoint};
+
+/// Switchboard command-line client.
+#[derive(Parser)]
+#[command(name = "switchboard", version, about)]
+struct Cli {
+    /// The auth service.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AUTH_URL",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    auth_url: String,
+    /// Messaging instances, comma-separated; `chat` moves to the next one when a connection drops.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MESSAGING_URL",
+        default_value = "http://127.0.0.1:50053",
+        global = true
+    )]
+    messaging_url: String,
+    /// Where the session is kept (default: the user's config directory + /switchboard).
+    #[arg(long, env = "SWITCHBOARD_CONFIG_DIR", global = true)]
+    config_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an account (the password is read from SWITCHBOARD_PASSWORD or asked for).
+    Register {
+        /// 3 to 32 of a-z 0-9 _ . -
+        username: String,
+        /// Name shown to others.
+        #[arg(long, default_value = "")]
+        display_name: String,
+    },
+    /// Log in and keep the session for the other commands.
+    Login {
+        /// Your username.
+        username: String,
+    },
+    /// End the session everywhere and forget it here.
+    Logout,
+    /// Show who you are logged in as (your user id is what others add you with).
+    Whoami,
+    /// List your conversations, most recently active first.
+    Conversations,
+    /// Open (or find) the direct conversation with a user id; prints its id.
+    Direct {
+        /// The other person's user id (`switchboard whoami` shows one's own).
+        user_id: String,
+    },
+    /// Create a group; prints its id.
+    Group {
+        /// Title.
+        title: String,
+        /// Member user ids.
+        members: Vec<String>,
+    },
+    /// Send one message.
+    Send {
+        /// Conversation id.
+        conversation: String,
+        /// The text.
+        #[arg(required = true)]
+        text: Vec<String>,
+    },
+    /// Show the newest messages.
+    History {
+        /// Conversation id.
+        conversation: String,
+        /// How many (1 to 200).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Chat interactively: incoming messages appear live; each line you type is sent.
+    Chat {
+        /// Conversation id.
+        conversation: String,
+    },
+}
+
+/// The stored session.
+#[derive(Serialize, Deserialize)]
+struct Session {
+    user_id: String,
+    username: String,
+    access_token: String,
+    access_expires_at: i64,
+    refresh_token: String,
+}
+
+struct Client {
+    cli_auth: String,
+    messaging: Vec<String>,
+    path: PathBuf,
+}
+
+fn channel(url: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("bad URL {url}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect_lazy())
+}
+
+fn authed<T>(msg: T, token: &str) -> anyhow::Result<Request<T>> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .context("token is not ASCII")?,
+    );
+    Ok(req)
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn password() -> anyhow::Result<String> {
+    if let Ok(p) = std::env::var("SWITCHBOARD_PASSWORD") {
+        return Ok(p);
+    }
+    if std::io::stdin().is_terminal() {
+        return rpassword::prompt_password("password: ").context("cannot read the password");
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+fn status_message(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+impl Client {
+    fn auth(&self) -> anyhow::Result<AuthServiceClient<Channel>> {
+        Ok(AuthServiceClient::new(channel(&self.cli_auth)?))
+    }
+
+    fn messaging(&self, which: usize) -> anyhow::Result<MessagingServiceClient<Channel>> {
+        Ok(MessagingServiceClient::new(channel(
+            &self.messaging[which % self.messaging.len()],
+        )?))
+    }
+
+    fn save(&self, session: &Session) -> anyhow::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&self.path, serde_json::to_vec_pretty(session)?)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(())
+    }
+
+    /// The session with a fresh access token (refreshed when it expires within a minute).
+    async fn session(&self) -> anyhow::Result<Session> {
+        let raw = std::fs::read(&self.path)
+            .map_err(|_| anyhow::anyhow!("not logged in; run `switchboard login <username>`"))?;
+        let mut session: Session =
+            serde_json::from_slice(&raw).context("session file is corrupt; log in again")?;
+        if session.access_expires_at - now_secs() < 60 {
+            let tokens = self
+                .auth()?
+                .refresh(auth_pb::RefreshRequest {
+                    refresh_token: session.refresh_token.clone(),
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("session ended ({}); log in again", e.message()))?
+                .into_inner()
+                .tokens
+                .context("no tokens")?;
+            session.access_token = tokens.access_token;
+            session.access_expires_at = tokens
+                .access_token_expires_at
+                .map(|t| t.seconds)
+                .unwrap_or(0);
+            session.refresh_token = tokens.refresh_token;
+            self.save(&session)?;
+        }
+        Ok(session)
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchboard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let dir = match cli.config_dir {
+        Some(d) => d,
+        None => std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+            .context("no config directory: set SWITCHBOARD_CONFIG_DIR")?
+            .join("switchboard"),
+    };
+    let client = Client {
+        cli_auth: cli.auth_url,
+        messaging: cli
+            .messaging_url
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        path: dir.join("session.json"),
+    };
+    if client.messaging.is_empty() {
+        bail!("--messaging-url is empty");
+    }
+    match cli.command {
+        Command::Register {
+            username,
+            display_name,
+        } => {
+            let password = password()?;
+            let user = client
+                .auth()?
+                .register(auth_pb::RegisterRequest {
+                    username,
+                    password,
+                    display_name,
+                })
+                .await
+                .map_err(status_message)?
+                .into_inner()
+                .user
+                .context("no user")?;
+            println!("registered {} ({})", user.username, user.id);
+        }
+        Command::Login { username } => {
+            let password = password()?;
+            let r = client
+                .auth()?
+                .login(auth_pb::LoginRequest { username, password })
+                .await
+                .map_err(status_message)?
+                .into_inner();
+            let (user, tokens) = (r.user.context("no user")?, r.tokens.context("no tokens")?);
+            client.save(&Session {
+                user_id: user.id.clone(),
+                username: user.username.clone(),
+                access_token: tokens.access_token,
+                access_expires_at: tokens
+                    .access_token_expires_at
+                    .map(|t| t.seconds)
+                    .unwrap_or(0),
+                refresh_token: tokens.refresh_token,
+            })?;
+            println!("logged in as {} ({})", user.username, user.id);
+        }
+        Command::Logout => {
+            let s = client.session().await?;
+            client
+                .auth()?
+                .logout(authed(auth_pb::LogoutRequest {}, &s.access_token)?)
+                .await
+                .map_err(status_message)?;
+            std::fs::remove_file(&client.path)?;
+            println!("logged out");
+        }
+        Command::Whoami => {
+            let s = client.session().await?;
+            let me = client
+                .auth()?
+                .who_am_i(authed(auth_pb::WhoAmIRequest {}, &s.access_token)?)
+                .await
+                .map_err(status_message)?;
+            let user = me.into_inner().user.context("no user")?;
+            println!("{} {} ({})", user.id, user.username, user.display_name);
+        }
+        Command::Conversations => {
+            let s = client.session().await?;
+            let list = client
+                .messaging(0)?
+                .list_conversations(authed(
+                    pb::ListConversationsRequest::default(),
+                    &s.access_token,
+                )?)
+                .await
+                .map_err(status_message)?
+                .into_inner();
+            for c in list.conversations {
+                let kind = pb::ConversationKind::try_from(c.kind)
+                    .map(|k| k.as_str_name())
+                    .unwrap_or("?");
+                let title = if c.title.is_empty() {
+                    c.member_ids.join(", ")
+                } else {
+                    c.title
+                };
+                println!(
+                    "{}  {:<26} {:>4} unread  {}",
+                    c.id,
+                    kind.trim_start_matches("CONVERSATION_KIND_"),
+                    c.unread_count,
+                    title
+                );
+            }
+        }
+        Command::Direct { user_id } => {
+            let s = client.session().await?;
+            let req = pb::CreateConversationRequest {
+                kind: pb::ConversationKind::Direct as i32,
+                title: String::new(),
+                member_ids: vec![user_id],
+            };
+            let c = client
+                .messaging(0)?
+                .create_conversation(authed(req, &s.access_token)?)
+                .await
+                .map_err(status_message)?;
+            println!(
+                "{}",
+                c.into_inner().conversation.context("no conversation")?.id
+            );
+        }
+        Command::Group { title, members } => {
+            let s = client.session().await?;
+            let req = pb::CreateConversationRequest {
+                kind: pb::ConversationKind::Group as i32,
+                title,
+                member_ids: members,
+            };
+            let c = client
+                .messaging(0)?
+                .create_conversation(authed(req, &s.access_token)?)
+                .await
+                .map_err(status_message)?;
+            println!(
+                "{}",
+                c.into_inner().conversation.context("no conversation")?.id
+            );
+        }
+        Command::Send { conversation, text } => {
+            let s = client.session().await?;
+            let req = pb::SendMessageRequest {
+                conversation_id: conversation,
+                client_msg_id: uuid::Uuid::now_v7().to_string(),
+                body: text.join(" "),
+                metadata: HashMap::new(),
+            };
+            let m = client
+                .messaging(0)?
+                .send_message(authed(req, &s.access_token)?)
+                .await
+                .map_err(status_message)?;
+            println!(
+                "sent #{}",
+                m.into_inner().message.context("no message")?.seq
+            );
+        }
+        Command::History {
+            conversation,
+            limit,
+        } => {
+            let s = client.session().await?;
+            let req = pb::ListMessagesRequest {
+                conversation_id: conversation,
+                limit,
+                ..Default::default()
+            };
+            let page = client
+                .messaging(0)?
+                .list_messages(authed(req, &s.access_token)?)
+                .await
+                .map_err(status_message)?;
+            let mut names = Names::default();
+            for m in page.into_inner().messages {
+                println!("{}", names.line(&client, &s, &m).await);
+            }
+        }
+        Command::Chat { conversation } => chat(&client, &conversation).await?,
+    }
+    Ok(())
+}
+
+/// User ids → usernames, looked up once each.
+#[derive(Default)]
+struct Names(HashMap<String, String>);
+
+impl Names {
+    async fn line(&mut self, client: &Client, s: &Session, m: &pb::Message) -> String {
+        if !self.0.contains_key(&m.sender_id) {
+            let name = async {
+                let req = authed(
+                    auth_pb::GetUsersRequest {
+                        user_ids: vec![m.sender_id.clone()],
+                    },
+                    &s.access_token,
+                )
+                .ok()?;
+                client
+                    .auth()
+                    .ok()?
+                    .get_users(req)
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .users
+                    .pop()
+                    .map(|u| u.username)
+            }
+            .await
+            .unwrap_or_else(|| m.sender_id.clone());
+            self.0.insert(m.sender_id.clone(), name);
+        }
+        format!(
+            "[#{}] {}: {}",
+            m.seq,
+            self.0.get(&m.sender_id).map(String::as_str).unwrap_or("?"),
+            m.body
+        )
+    }
+}
+
+/// Interactive chat: resumes from the last seq seen after any disconnect, trying the
+/// messaging instances in turn; lines not yet acknowledged are sent again with the same
+/// idempotency key, so nothing is lost or doubled.
+async fn chat(client: &Client, conversation: &str) -> anyhow::Result<()> {
+    let (line_tx, mut lines) = mpsc::channel::<String>(64);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if line_tx.blocking_send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut names = Names::default();
+    let mut last_seq = 0u64;
+    let mut pending: Vec<(String, String)> = Vec::new();
+    let mut which = 0usize;
+    let mut stdin_open = true;
+    let mut backoff = Duration::from_millis(200);
+    eprintln!("chat in {conversation}; type a line to send it, Ctrl-D to quit");
+    loop {
+        let session = client.session().await?;
+        let (tx, rx) = mpsc::channel::<pb::ConnectRequest>(64);
+        let stream = client
+            .messaging(which)?
+            .connect(authed(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                &session.access_token,
+            )?)
+            .await;
+        let mut inbound = match stream {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                eprintln!(
+                    "(cannot connect to {}: {}; retrying)",
+                    client.messaging[which % client.messaging.len()],
+                    e.message()
+                );
+                which += 1;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let frame = |f: In| pb::ConnectRequest { frame: Some(f) };
+        let subscribe = pb::Subscribe {
+            conversation_id: conversation.to_owned(),
+            since_seq: last_seq,
+            ..Default::default()
+        };
+        let _ = tx.send(frame(In::Subscribe(subscribe))).await;
+        for (key, body) in &pending {
+            let send = pb::Send {
+                conversation_id: conversation.to_owned(),
+                client_msg_id: key.clone(),
+                body: body.clone(),
+                metadata: HashMap::new(),
+            };
+            let _ = tx.send(frame(In::Send(send))).await;
+        }
+        loop {
+            tokio::select! {
+                line = lines.recv(), if stdin_open => match line {
+                    Some(line) if !line.trim().is_empty() => {
+                        let key = uuid::Uuid::now_v7().to_string();
+                        pending.push((key.clone(), line.clone()));
+                        let send = pb::Send { conversation_id: conversation.to_owned(), client_msg_id: key, body: line, metadata: HashMap::new() };
+                        let _ = tx.send(frame(In::Send(send))).await;
+                    }
+                    Some(_) => {}
+                    None => {
+                        stdin_open = false;
+                        if pending.is_empty() {
+                            return Ok(());
+                        }
+                    }
+                },
+                msg = inbound.message() => match msg {
+                    Ok(Some(r)) => match r.frame {
+                        Some(Out::Message(m)) if m.seq > last_seq => {
+                            last_seq = m.seq;
+                            println!("{}", names.line(client, &session, &m).await);
+                            let _ = std::io::stdout().flush();
+                            backoff = Duration::from_millis(200);
+                        }
+                        Some(Out::SendResult(r)) => {
+                            if let Some(pb::send_result::Result::Error(e)) = &r.result {
+                                eprintln!("(not sent: {})", e.message);
+                            }
+                            pending.retain(|(k, _)| *k != r.client_msg_id);
+                            if !stdin_open && pending.is_empty() {
+                                return Ok(());
+                            }
+                        }
+                        Some(Out::Error(e)) => bail!("{}", e.message),
+                        Some(Out::Resync(r)) => {
+                            eprintln!("(history before #{} is gone; continuing from there)", r.oldest_seq);
+                            last_seq = r.oldest_seq.saturating_sub(1);
+                            break;
+                        }
+                        Some(Out::Typing(t)) => eprintln!("({} is typing)", names.0.get(&t.user_id).map(String::as_str).unwrap_or(&t.user_id)),
+                        _ => {}
+                    },
+                    Ok(None) | Err(_) => {
+                        eprintln!("(connection lost; resuming after #{last_seq})");
+                        which += 1;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Messaging as a real process: `--help`, bad configuration, SIGTERM with an open stream.
+
+use std::process::Command;
+use std::time::Duration;
+
+use switchboard_tests::auth::register_and_login;
+use switchboard_tests::instance::{AuthOptions, ChildService, auth_client, binary, spawn_auth};
+use switchboard_tests::messaging::Connection;
+use switchboard_tests::redis::RedisServer;
+use tonic::Code;
+
+#[test]
+fn help_lists_every_setting_and_bad_configuration_exits_64() {
+    let out = Command::new(binary("switchboard-messaging").expect("binary"))
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "LISTEN_ADDR",
+        "REDIS_URL",
+        "AUTH_URL",
+        "MAX_MESSAGE_BYTES",
+        "SHUTDOWN_GRACE_SECS",
+        "MESSAGING_HISTORY_RETENTION",
+        "MESSAGING_OUTBOUND_QUEUE",
+        "MESSAGING_SEND_RATE_PER_SEC",
+        "MESSAGING_SEND_BURST",
+    ] {
+        assert!(
+            help.contains(&format!("[env: {var}")),
+            "--help does not list {var}"
+        );
+    }
+    let out = Command::new(binary("switchboard-messaging").expect("binary"))
+        .env("MESSAGING_OUTBOUND_QUEUE", "1")
+        .env("AUTH_URL", "not a url")
+        .env("REDIS_URL", "nope://x")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for named in ["MESSAGING_OUTBOUND_QUEUE", "AUTH_URL", "REDIS_URL"] {
+        assert!(stderr.contains(named), "{named} not reported in:\n{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_ends_open_streams_with_unavailable_and_exits_zero() {
+    let redis = RedisServer::spawn().expect("redis");
+    let auth = spawn_auth(Some(&redis), AuthOptions::default())
+        .await
+        .expect("auth");
+    let mut messaging = ChildService::spawn(
+        "switchboard-messaging",
+        &[
+            ("REDIS_URL", redis.url()),
+            ("AUTH_URL", format!("http://{}", auth.addr)),
+            ("SHUTDOWN_GRACE_SECS", "5".into()),
+        ],
+    )
+    .expect("messaging");
+    let token = register_and_login(&mut auth_client(&auth), "term")
+        .await
+        .expect("user")
+        .access_token;
+    let mut conn = Connection::open(messaging.channel(), &token)
+        .await
+        .expect("connect");
+    conn.send(switchboard_proto::messaging::v1::connect_request::Frame::Ping(Default::default()))
+        .await
+        .expect("ping");
+    conn.next(Duration::from_secs(5)).await.expect("pong");
+
+    let waiter = std::thread::spawn(move || {
+        let status = messaging.terminate(Duration::from_secs(15));
+        (status.map(|s| s.success()), messaging.output())
+    });
+    let ended = conn
+        .next(Duration::from_secs(10))
+        .await
+        .expect_err("stream should end with a status");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("reconnect"), "{}", ended.message());
+    let (exited, output) = waiter.join().expect("waiter");
+    assert!(exited.expect("exits"), "non-zero exit; output:\n{output}");
+}
