@@ -771,3 +771,114 @@ async fn direct_pairs_are_unique_and_members_hear_about_new_conversations() {
         .into_inner();
     assert_eq!(read.read_seq, 1);
 }
+
+#[tokio::test]
+async fn receipts_and_typing_reach_members_on_the_other_instance() {
+    let cluster = Cluster::start(MessagingOptions::default()).await;
+    let users = cluster.users("rt", 2).await;
+    let (a, b) = (&users[0], &users[1]);
+    let group = create_group(
+        &mut messaging_client(&cluster.m[0]),
+        &a.token,
+        "rt",
+        std::slice::from_ref(&b.id),
+    )
+    .await
+    .expect("group");
+    let mut a_conn = Connection::open(cluster.m[0].channel(), &a.token)
+        .await
+        .expect("a");
+    a_conn.subscribe(&group.id, 0).await.expect("subscribe");
+    a_conn.recovered(&group.id).await.expect("recovered");
+    let b_conn = Connection::open(cluster.m[1].channel(), &b.token)
+        .await
+        .expect("b");
+    send(
+        &mut messaging_client(&cluster.m[0]),
+        &a.token,
+        &group.id,
+        "r1",
+        "read me",
+    )
+    .await
+    .expect("send");
+
+    b_conn
+        .send(In::Typing(pb::Typing {
+            conversation_id: group.id.clone(),
+        }))
+        .await
+        .expect("typing");
+    let typing = a_conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::Typing(t) = f {
+                Some(t)
+            } else {
+                None
+            }
+        })
+        .await
+        .expect("typing event");
+    assert_eq!(
+        (typing.user_id.as_str(), typing.conversation_id.as_str()),
+        (b.id.as_str(), group.id.as_str())
+    );
+
+    b_conn
+        .send(In::Read(pb::Read {
+            conversation_id: group.id.clone(),
+            seq: 1,
+        }))
+        .await
+        .expect("read");
+    let receipt = a_conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::Receipt(r) = f {
+                Some(r)
+            } else {
+                None
+            }
+        })
+        .await
+        .expect("receipt");
+    assert_eq!(
+        (receipt.user_id.as_str(), receipt.read_seq),
+        (b.id.as_str(), 1)
+    );
+
+    // Typing is ephemeral: nothing was stored.
+    let history = messaging_client(&cluster.m[1])
+        .list_messages(authed(
+            pb::ListMessagesRequest {
+                conversation_id: group.id.clone(),
+                ..Default::default()
+            },
+            &b.token,
+        ))
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(history.messages.len(), 1);
+    // And rate-limited: a second notice at once is refused with a retry hint.
+    b_conn
+        .send(In::Typing(pb::Typing {
+            conversation_id: group.id.clone(),
+        }))
+        .await
+        .expect("typing");
+    b_conn
+        .send(In::Typing(pb::Typing {
+            conversation_id: group.id.clone(),
+        }))
+        .await
+        .expect("typing");
+    let mut b_conn = b_conn;
+    let refused = b_conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::Error(e) = f { Some(e) } else { None }
+        })
+        .await
+        .expect("refusal");
+    assert_eq!(refused.code, Code::ResourceExhausted as i32);
+    assert!(refused.retry_after_ms > 0);
+}
