@@ -26,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // with the `Connect` RPCs of presence and messaging; clients use `XxxClient::new(channel)`.
     tonic_prost_build::configure()
         .build_transport(false)
+        // Small stream buffers; see src/codec.rs.
+        .codec_path("crate::codec::SmallBufferCodec")
         .file_descriptor_set_path(out.join("switchboard_descriptor.bin"))
         .compile_protos(&files, &[root])?;
     Ok(())

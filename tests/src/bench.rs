@@ -408,7 +408,11 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
         "publishers": p.publishers,
         "payload_bytes": PAYLOAD_BYTES,
         "duration_s": p.duration,
-        "rate_target": if p.max_mode { serde_json::Value::Null } else { json!(p.rate) },
+        "rate_target": match (p.max_mode, p.rate.fract() == 0.0) {
+            (true, _) => serde_json::Value::Null,
+            (false, true) => json!(p.rate as u64),
+            (false, false) => json!(p.rate),
+        },
         "sent": sent,
         "expected": expected,
         "delivered": delivered,

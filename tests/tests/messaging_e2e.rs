@@ -882,3 +882,53 @@ async fn receipts_and_typing_reach_members_on_the_other_instance() {
     assert_eq!(refused.code, Code::ResourceExhausted as i32);
     assert!(refused.retry_after_ms > 0);
 }
+
+#[tokio::test]
+async fn sending_too_fast_gets_resource_exhausted_with_a_retry_hint() {
+    let cluster = Cluster::start(MessagingOptions {
+        send_rate: 1.0,
+        send_burst: 3.0,
+        ..MessagingOptions::default()
+    })
+    .await;
+    let users = cluster.users("rate", 2).await;
+    let group = create_group(
+        &mut messaging_client(&cluster.m[0]),
+        &users[0].token,
+        "rate",
+        std::slice::from_ref(&users[1].id),
+    )
+    .await
+    .expect("group");
+    let mut c = messaging_client(&cluster.m[0]);
+    for k in 0..3 {
+        send(
+            &mut c,
+            &users[0].token,
+            &group.id,
+            &format!("ok{k}"),
+            "within the burst",
+        )
+        .await
+        .expect("send");
+    }
+    let limited = send(&mut c, &users[0].token, &group.id, "over", "too fast")
+        .await
+        .expect_err("over the limit");
+    assert_eq!(limited.code(), Code::ResourceExhausted, "{limited:?}");
+    let retry: u64 = limited
+        .metadata()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("retry-after-ms");
+    assert!(retry > 0 && retry <= 1000, "retry-after-ms {retry}");
+    // Other users have their own bucket; after the hint, the sender may go on.
+    send(&mut c, &users[1].token, &group.id, "other", "mine")
+        .await
+        .expect("other user unaffected");
+    tokio::time::sleep(Duration::from_millis(retry + 50)).await;
+    send(&mut c, &users[0].token, &group.id, "over", "now fine")
+        .await
+        .expect("after the wait");
+}

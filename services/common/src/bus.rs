@@ -24,7 +24,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// How many events a subscriber may have queued before it is told [`BusEvent::Gap`].
 /// Kept small: tokio's broadcast channel allocates every slot up front, one channel per
 /// subscribed channel, and consumers drain it at once (a lag is recovered as a gap).
-pub const SUBSCRIBER_QUEUE: usize = 128;
+pub const SUBSCRIBER_QUEUE: usize = 64;
 
 /// How long `subscribe` waits for Redis to confirm.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);

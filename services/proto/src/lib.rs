@@ -4,6 +4,8 @@
 //! format; it re-exports `tonic` and `prost` so versions never drift.
 #![allow(missing_docs, clippy::all)]
 
+pub mod codec;
+
 pub use prost;
 pub use prost_types;
 pub use tonic;
