@@ -168,16 +168,25 @@ impl<S: MessagingStore> Session<S> {
         // A client may half-close its side and keep listening (grpcurl does); the stream
         // then lives until the client goes away.
         let mut inbound_open = true;
+        // Armed once and reset only when RefreshToken moves the expiry: re-creating the
+        // timer every iteration would cost a timer-wheel insert per delivery.
+        let deadline = |exp: u64| {
+            tokio::time::Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs()))
+        };
+        let mut armed = self.caller.expires_at;
+        let expiry = tokio::time::sleep_until(deadline(armed));
+        tokio::pin!(expiry);
         loop {
-            let expiry = tokio::time::sleep(Duration::from_secs(
-                self.caller.expires_at.saturating_sub(now_secs()),
-            ));
+            if self.caller.expires_at != armed {
+                armed = self.caller.expires_at;
+                expiry.as_mut().reset(deadline(armed));
+            }
             let result = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Err(End::Status(Status::unavailable("server is shutting down; reconnect and resume from your last seq"))),
                 _ = overflow.cancelled() => Err(self.overflowed()),
                 _ = out.closed() => Err(End::Gone),
-                _ = expiry => Err(End::Status(Status::unauthenticated("access token expired; send RefreshToken before expiry, or reconnect with a fresh token"))),
+                _ = &mut expiry => Err(End::Status(Status::unauthenticated("access token expired; send RefreshToken before expiry, or reconnect with a fresh token"))),
                 r = revoked.recv() => match r {
                     Ok(sid) if sid == self.caller.session_id => Err(End::Status(Status::unauthenticated("session has been revoked (logged out)"))),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_))
