@@ -21,11 +21,7 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_common::bus::{Bus, MemoryBus, RedisBus, redis_manager};
-use switchboard_common::config::Engine;
-use switchboard_common::revocation::{
-    self, MemoryRevocations, RedisRevocations, RevocationList, RevocationStore,
-};
+use switchboard_common::backend::{Backend, Link};
 use switchboard_common::server::{self, Assembly, AuthLayer};
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_common::token::Verifier;
@@ -50,34 +46,21 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    match config.engine.clone() {
-        Engine::Memory => {
-            let bus = MemoryBus::new();
-            let revocations = MemoryRevocations::new(bus.clone());
+    let backend = Backend::start(&config.engine, &shutdown)?;
+    match &backend.link {
+        Link::Memory(_) => {
             serve(
                 config,
                 listener,
                 shutdown,
                 Arc::new(MemoryStore::new()),
-                Arc::new(bus),
-                Arc::new(revocations),
+                backend,
             )
             .await
         }
-        Engine::Redis(url) => {
-            let client = redis::Client::open(url.expose())?;
-            let conn = redis_manager(&client)?;
-            let bus = RedisBus::start(client, conn.clone(), shutdown.clone());
+        Link::Redis(conn) => {
             let store = Arc::new(RedisStore::new(conn.clone()));
-            serve(
-                config,
-                listener,
-                shutdown,
-                store,
-                Arc::new(bus),
-                Arc::new(RedisRevocations::new(conn)),
-            )
-            .await
+            serve(config, listener, shutdown, store, backend).await
         }
     }
 }
@@ -87,8 +70,7 @@ async fn serve<S: AuthStore>(
     listener: TcpListener,
     shutdown: CancellationToken,
     store: Arc<S>,
-    bus: Arc<dyn Bus>,
-    revocations: Arc<dyn RevocationStore>,
+    backend: Backend,
 ) -> anyhow::Result<()> {
     let hasher = Hasher::new(config.argon2, config.hash_concurrency, config.hash_queue)?;
     let access_ttl = config.access_ttl.as_secs();
@@ -101,7 +83,7 @@ async fn serve<S: AuthStore>(
         store,
         hasher,
         keyring,
-        revocations.clone(),
+        backend.revocations.clone(),
         config.limits,
         config.refresh_ttl,
     ));
@@ -112,8 +94,7 @@ async fn serve<S: AuthStore>(
         shutdown.clone(),
     ));
 
-    let list = Arc::new(RevocationList::default());
-    revocation::follow(list.clone(), bus, revocations, shutdown.clone()).await;
+    let list = backend.follow_revocations(&shutdown).await;
     let verifier = Arc::new(Verifier::new(Arc::new(StoreKeys(auth.clone())), list));
 
     let mut routes = tonic::service::Routes::builder();

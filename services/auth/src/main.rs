@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use switchboard_auth::{Args, run};
-use switchboard_common::{config::parse_args, shutdown, telemetry};
+use switchboard_common::config::parse_args;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -21,31 +21,9 @@ async fn main() -> ExitCode {
         };
     }
     let config = args.validate().unwrap_or_else(|e| e.exit());
-    let telemetry = match telemetry::init("switchboard-auth", config.server.log_format) {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("cannot start telemetry: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let listener = match tokio::net::TcpListener::bind(config.server.listen_addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(addr = %config.server.listen_addr, error = %e, "cannot listen");
-            return ExitCode::FAILURE;
-        }
-    };
-    match listener.local_addr() {
-        Ok(addr) => tracing::info!(%addr, "switchboard-auth listening"),
-        Err(e) => tracing::warn!(error = %e, "listening on an unknown address"),
-    }
-    let result = run(config, listener, shutdown::on_signal()).await;
-    telemetry.shutdown();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("switchboard-auth failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let server = config.server.clone();
+    switchboard_common::server::main("switchboard-auth", &server, |listener, shutdown| {
+        run(config, listener, shutdown)
+    })
+    .await
 }

@@ -3,8 +3,9 @@
 //! with health, reflection, compression, limits, TLS and authentication ([`server`]),
 //! graceful shutdown ([`shutdown`]), local verification of access tokens ([`token`]),
 //! session revocations ([`revocation`]) and the pub/sub bus that carries them between
-//! instances ([`bus`]).
+//! instances ([`bus`]), all set up per process by [`backend`].
 
+pub mod backend;
 pub mod bus;
 pub mod config;
 pub mod revocation;

@@ -292,6 +292,48 @@ pub async fn serve(
     Ok(())
 }
 
+/// The whole life of a service binary after its configuration is validated: telemetry,
+/// listen, log the address, run until SIGTERM/SIGINT, flush telemetry, and turn the
+/// outcome into an exit code.
+pub async fn main<F, Fut>(
+    service: &'static str,
+    config: &ServerConfig,
+    run: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use std::process::ExitCode;
+    let telemetry = match crate::telemetry::init(service, config.log_format) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("{service}: cannot start telemetry: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match TcpListener::bind(config.listen_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(addr = %config.listen_addr, error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(%addr, "{service} listening"),
+        Err(e) => tracing::warn!(error = %e, "listening on an unknown address"),
+    }
+    let result = run(listener, crate::shutdown::on_signal()).await;
+    telemetry.shutdown();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{service} failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

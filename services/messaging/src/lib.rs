@@ -20,11 +20,7 @@ pub mod stream;
 
 use std::sync::Arc;
 
-use switchboard_common::bus::{Bus, MemoryBus, RedisBus, redis_manager};
-use switchboard_common::config::Engine;
-use switchboard_common::revocation::{
-    self, MemoryRevocations, RedisRevocations, RevocationList, RevocationStore,
-};
+use switchboard_common::backend::{Backend, Link};
 use switchboard_common::server::{self, Assembly, AuthLayer};
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_common::token::{GrpcKeySource, Verifier};
@@ -42,48 +38,29 @@ use crate::store::MessagingStore;
 use crate::stream::Streams;
 
 /// Serves messaging on `listener` until `shutdown` fires. `main` and the tests call this.
+///
+/// With the embedded engine, revocations are not shared with the auth process, so logouts
+/// end streams only in Redis deployments.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    match config.engine.clone() {
-        Engine::Memory => {
-            let bus = MemoryBus::new();
+    let backend = Backend::start(&config.engine, &shutdown)?;
+    match &backend.link {
+        Link::Memory(bus) => {
             let store = Arc::new(store::memory::MemoryStore::new(
                 bus.clone(),
                 config.history_retention,
             ));
-            // Revocations are auth's; with the embedded engine they are not shared between
-            // processes, so only Redis deployments end streams on logout elsewhere.
-            let revocations = MemoryRevocations::new(bus.clone());
-            serve(
-                config,
-                listener,
-                shutdown,
-                store,
-                Arc::new(bus),
-                Arc::new(revocations),
-            )
-            .await
+            serve(config, listener, shutdown, store, backend).await
         }
-        Engine::Redis(url) => {
-            let client = redis::Client::open(url.expose())?;
-            let conn = redis_manager(&client)?;
-            let bus = RedisBus::start(client, conn.clone(), shutdown.clone());
+        Link::Redis(conn) => {
             let store = Arc::new(store::redis::RedisStore::new(
                 conn.clone(),
                 config.history_retention,
             ));
-            serve(
-                config,
-                listener,
-                shutdown,
-                store,
-                Arc::new(bus),
-                Arc::new(RedisRevocations::new(conn)),
-            )
-            .await
+            serve(config, listener, shutdown, store, backend).await
         }
     }
 }
@@ -93,11 +70,9 @@ async fn serve<S: MessagingStore>(
     listener: TcpListener,
     shutdown: CancellationToken,
     store: Arc<S>,
-    bus: Arc<dyn Bus>,
-    revocations: Arc<dyn RevocationStore>,
+    backend: Backend,
 ) -> anyhow::Result<()> {
-    let list = Arc::new(RevocationList::default());
-    revocation::follow(list.clone(), bus.clone(), revocations, shutdown.clone()).await;
+    let list = backend.follow_revocations(&shutdown).await;
     let auth = tonic::transport::Endpoint::from_shared(config.auth_url.clone())?
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect_lazy();
@@ -106,7 +81,7 @@ async fn serve<S: MessagingStore>(
     let messaging = Arc::new(Messaging::new(store.clone(), config.send_limit));
     let streams = Arc::new(Streams {
         messaging,
-        hub: Hub::new(bus, store),
+        hub: Hub::new(backend.bus.clone(), store),
         verifier: verifier.clone(),
         queue: config.outbound_queue,
         shutdown: shutdown.clone(),

@@ -1,0 +1,69 @@
+//! The storage engine a service process runs on, set up once: the pub/sub bus, the
+//! revocation store, and (with Redis) the shared connection the service's own store uses.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, MemoryBus, RedisBus, redis_manager};
+use crate::config::Engine;
+use crate::revocation::{
+    self, MemoryRevocations, RedisRevocations, RevocationList, RevocationStore,
+};
+
+/// What a service's own store is built on.
+pub enum Link {
+    /// The embedded engine; publishing goes to this in-process bus.
+    Memory(MemoryBus),
+    /// Redis through this reconnecting connection.
+    Redis(redis::aio::ConnectionManager),
+}
+
+/// The engine of one process.
+pub struct Backend {
+    /// Pub/sub between instances (or within the process).
+    pub bus: Arc<dyn Bus>,
+    /// Durable revocations.
+    pub revocations: Arc<dyn RevocationStore>,
+    /// For the service's own store.
+    pub link: Link,
+}
+
+impl Backend {
+    /// Connects (lazily) to the configured engine; background tasks stop with `shutdown`.
+    pub fn start(engine: &Engine, shutdown: &CancellationToken) -> anyhow::Result<Self> {
+        Ok(match engine {
+            Engine::Memory => {
+                let bus = MemoryBus::new();
+                Self {
+                    bus: Arc::new(bus.clone()),
+                    revocations: Arc::new(MemoryRevocations::new(bus.clone())),
+                    link: Link::Memory(bus),
+                }
+            }
+            Engine::Redis(url) => {
+                let client = redis::Client::open(url.expose())?;
+                let conn = redis_manager(&client)?;
+                Self {
+                    bus: Arc::new(RedisBus::start(client, conn.clone(), shutdown.clone())),
+                    revocations: Arc::new(RedisRevocations::new(conn.clone())),
+                    link: Link::Redis(conn),
+                }
+            }
+        })
+    }
+
+    /// A revocation list kept up to date for this process's token verifier (returns once
+    /// the current revocations are loaded).
+    pub async fn follow_revocations(&self, shutdown: &CancellationToken) -> Arc<RevocationList> {
+        let list = Arc::new(RevocationList::default());
+        revocation::follow(
+            list.clone(),
+            self.bus.clone(),
+            self.revocations.clone(),
+            shutdown.clone(),
+        )
+        .await;
+        list
+    }
+}
