@@ -144,7 +144,10 @@ fn messaging_process(redis: &RedisServer, auth: &InProcess) -> anyhow::Result<Ch
         &[
             ("REDIS_URL", redis.url()),
             ("AUTH_URL", format!("http://{}", auth.addr)),
-            ("RUST_LOG", "warn,switchboard_messaging=info".into()),
+            (
+                "RUST_LOG",
+                "warn,switchboard_common=info,switchboard_messaging=info".into(),
+            ),
             ("MESSAGING_SEND_RATE_PER_SEC", "1000000".into()),
             ("MESSAGING_SEND_BURST", "1000000".into()),
         ],

@@ -232,7 +232,8 @@ pub struct ChildService {
 
 impl ChildService {
     /// Starts `binary` with `env` (plus `LISTEN_ADDR=127.0.0.1:0`) and waits until it
-    /// logs the address it listens on.
+    /// logs the address it listens on (an info line of `switchboard_common`, so a
+    /// `RUST_LOG` given in `env` must keep it).
     pub fn spawn(binary_name: &str, env: &[(&str, String)]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary(binary_name)?);
         cmd.env("LISTEN_ADDR", "127.0.0.1:0")
