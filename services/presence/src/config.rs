@@ -1,0 +1,100 @@
+//! Presence configuration: one struct from flags and environment variables, validated once.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use switchboard_common::config::{Engine, Problems, ServerArgs, ServerConfig, StoreArgs};
+
+/// Environment variable names of presence's own settings.
+pub mod env {
+    /// Where the auth service is.
+    pub const AUTH_URL: &str = switchboard_common::config::env::AUTH_URL;
+    /// Session lifetime without refresh.
+    pub const TTL_SECS: &str = "PRESENCE_TTL_SECS";
+    /// How often expired sessions are swept.
+    pub const SWEEP_INTERVAL_MS: &str = "PRESENCE_SWEEP_INTERVAL_MS";
+}
+
+/// `switchboard-presence`: who is online, on how many devices, in which state.
+///
+/// Every flag can also be set by the environment variable shown.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "switchboard-presence", version, about, long_about = None)]
+pub struct Args {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = switchboard_common::config::env::LISTEN_ADDR, default_value = "0.0.0.0:50052")]
+    pub listen_addr: SocketAddr,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub store: StoreArgs,
+    /// The auth service, for its token keys (GetJwks).
+    #[arg(long, env = env::AUTH_URL, default_value = "http://127.0.0.1:50051")]
+    pub auth_url: String,
+    /// Seconds a device session lives without being refreshed; the sessions of a crashed
+    /// instance go offline after this (plus up to one sweep interval).
+    #[arg(long, env = env::TTL_SECS, default_value_t = 30)]
+    pub ttl_secs: u64,
+    /// Milliseconds between sweeps for expired sessions (every instance sweeps; it is safe).
+    #[arg(long, env = env::SWEEP_INTERVAL_MS, default_value_t = 2000)]
+    pub sweep_interval_ms: u64,
+}
+
+/// Validated presence settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC server settings.
+    pub server: ServerConfig,
+    /// Storage engine.
+    pub engine: Engine,
+    /// The auth service.
+    pub auth_url: String,
+    /// Session lifetime without refresh.
+    pub ttl: Duration,
+    /// Sweep period.
+    pub sweep_interval: Duration,
+}
+
+impl Args {
+    /// Checks every setting, reporting all problems together.
+    pub fn validate(self) -> Result<Config, switchboard_common::config::ConfigError> {
+        let mut problems = Problems::default();
+        let server = self.server.validate(self.listen_addr, &mut problems);
+        let engine = self.store.validate(&mut problems);
+        if tonic::transport::Endpoint::from_shared(self.auth_url.clone()).is_err() {
+            problems.add(format!("{}: not a URL: {}", env::AUTH_URL, self.auth_url));
+        }
+        if !(1..=3600).contains(&self.ttl_secs) {
+            problems.add(format!("{}: must be 1 to 3600 seconds", env::TTL_SECS));
+        }
+        if !(50..=60_000).contains(&self.sweep_interval_ms) {
+            problems.add(format!(
+                "{}: must be 50 to 60000 ms",
+                env::SWEEP_INTERVAL_MS
+            ));
+        }
+        problems.finish(Config {
+            server,
+            engine,
+            auth_url: self.auth_url,
+            ttl: Duration::from_secs(self.ttl_secs),
+            sweep_interval: Duration::from_millis(self.sweep_interval_ms),
+        })
+    }
+}
+
+impl Config {
+    /// Defaults for tests and tools: plaintext on `listen_addr`, given engine and auth.
+    pub fn for_tests(listen_addr: SocketAddr, engine: Engine, auth_url: String) -> Self {
+        use clap::Parser;
+        let mut config = Args::parse_from(["switchboard-presence"])
+            .validate()
+            .unwrap_or_else(|e| e.exit());
+        config.server = ServerConfig::plain(listen_addr);
+        config.engine = engine;
+        config.auth_url = auth_url;
+        config
+    }
+}

@@ -1,0 +1,332 @@
+//! The gRPC adapter and the two streams: a device session (`Connect`) and `Watch`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use switchboard_common::bus::{Bus, BusEvent};
+use switchboard_common::shutdown::CancellationToken;
+use switchboard_common::token::Caller;
+use switchboard_proto::presence::v1 as pb;
+use switchboard_proto::presence::v1::presence_service_server::PresenceService;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{Error, Result};
+use crate::model::{Change, MAX_CUSTOM_TEXT, MAX_DEVICE, Session, State};
+use crate::store::{PresenceStore, user_channel};
+
+/// Most ids per Get or Watch.
+pub const MAX_IDS: usize = 500;
+
+/// `switchboard.presence.v1.PresenceService`.
+pub struct PresenceGrpc<S> {
+    store: Arc<S>,
+    bus: Arc<dyn Bus>,
+    ttl: Duration,
+    shutdown: CancellationToken,
+}
+
+impl<S> PresenceGrpc<S> {
+    /// Serves presence from `store`, changes from `bus`.
+    pub fn new(
+        store: Arc<S>,
+        bus: Arc<dyn Bus>,
+        ttl: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            bus,
+            ttl,
+            shutdown,
+        }
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
+    req.extensions().get::<Caller>().cloned().ok_or_else(|| {
+        Status::unauthenticated(
+            "missing authorization metadata: send 'authorization: Bearer <access token>'",
+        )
+    })
+}
+
+/// 1 to [`MAX_IDS`] distinct, non-empty ids, in the order first given.
+fn user_ids(ids: Vec<String>) -> Result<Vec<String>> {
+    if ids.is_empty() || ids.len() > MAX_IDS {
+        return Err(Error::InvalidArgument(format!(
+            "user_ids must hold 1 to {MAX_IDS} ids, got {}",
+            ids.len()
+        )));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(ids.len());
+    for id in ids {
+        if id.is_empty() {
+            return Err(Error::InvalidArgument(
+                "user_ids must not contain empty ids".into(),
+            ));
+        }
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
+/// Applies a SetState frame to `session`.
+fn apply(session: &mut Session, set: pb::SetState) -> Result<()> {
+    let state = State::from_proto(set.state).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "state must be AVAILABLE, AWAY or BUSY, got {}",
+            set.state
+        ))
+    })?;
+    if set.custom_text.chars().count() > MAX_CUSTOM_TEXT {
+        return Err(Error::InvalidArgument(format!(
+            "custom_text must be at most {MAX_CUSTOM_TEXT} characters"
+        )));
+    }
+    if set.device_name.chars().count() > MAX_DEVICE {
+        return Err(Error::InvalidArgument(format!(
+            "device_name must be at most {MAX_DEVICE} characters"
+        )));
+    }
+    session.state = state.to_proto();
+    session.custom_text = set.custom_text;
+    if !set.device_name.is_empty() {
+        session.device = set.device_name;
+    }
+    Ok(())
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
+    type ConnectStream = BoxStream<pb::ConnectResponse>;
+
+    #[tracing::instrument(skip_all)]
+    async fn connect(
+        &self,
+        req: Request<Streaming<pb::ConnectRequest>>,
+    ) -> std::result::Result<Response<Self::ConnectStream>, Status> {
+        let c = caller(&req)?;
+        let mut inbound = req.into_inner();
+        let (out, rx) = mpsc::channel::<std::result::Result<pb::ConnectResponse, Status>>(8);
+        let (store, ttl, shutdown) = (self.store.clone(), self.ttl, self.shutdown.clone());
+        let mut session = Session {
+            session_id: uuid::Uuid::now_v7().to_string(),
+            state: State::Available.to_proto(),
+            role: c.role.to_proto(),
+            started_at_ms: now_ms(),
+            ..Default::default()
+        };
+        let presence = store
+            .put_session(
+                &c.user_id,
+                &session,
+                now_ms() + ttl.as_millis() as u64,
+                now_ms(),
+            )
+            .await
+            .map_err(Error::from)?;
+        tokio::spawn(async move {
+            let frame = |f: pb::connect_response::Frame| Ok(pb::ConnectResponse { frame: Some(f) });
+            let connected = pb::Connected {
+                session_id: session.session_id.clone(),
+                heartbeat_interval_seconds: (ttl.as_secs() / 3).max(1) as u32,
+                ttl_seconds: ttl.as_secs() as u32,
+            };
+            let _ = out
+                .send(frame(pb::connect_response::Frame::Connected(connected)))
+                .await;
+            let _ = out
+                .send(frame(pb::connect_response::Frame::Presence(presence)))
+                .await;
+            // While the stream is open this instance keeps the session alive; if it crashes,
+            // the session expires after the TTL and any instance's sweep removes it.
+            let mut refresh = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
+            refresh.tick().await;
+            let end: Option<Status> = loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Some(Status::unavailable("server is shutting down; reconnect")),
+                    _ = out.closed() => break None,
+                    _ = refresh.tick() => {
+                        let key = [(c.user_id.clone(), session.session_id.clone())];
+                        if let Err(e) = store.touch(&key, now_ms() + ttl.as_millis() as u64).await {
+                            tracing::warn!(error = %e, "cannot refresh a presence session");
+                        }
+                    }
+                    msg = inbound.message() => match msg {
+                        Ok(Some(pb::ConnectRequest { frame: Some(pb::connect_request::Frame::SetState(set)) })) => {
+                            if let Err(e) = apply(&mut session, set) {
+                                break Some(e.into());
+                            }
+                            match store.put_session(&c.user_id, &session, now_ms() + ttl.as_millis() as u64, now_ms()).await {
+                                Ok(p) => { let _ = out.send(frame(pb::connect_response::Frame::Presence(p))).await; }
+                                Err(e) => break Some(Error::from(e).into()),
+                            }
+                        }
+                        Ok(Some(pb::ConnectRequest { frame: Some(pb::connect_request::Frame::Heartbeat(_)) })) => {
+                            let key = [(c.user_id.clone(), session.session_id.clone())];
+                            let _ = store.touch(&key, now_ms() + ttl.as_millis() as u64).await;
+                            let _ = out.send(frame(pb::connect_response::Frame::HeartbeatAck(pb::HeartbeatAck {}))).await;
+                        }
+                        Ok(Some(pb::ConnectRequest { frame: None })) => {
+                            break Some(Status::invalid_argument("empty frame: set set_state or heartbeat"));
+                        }
+                        Ok(None) | Err(_) => break None,
+                    },
+                }
+            };
+            // Closing the stream makes the device offline at once.
+            if let Err(e) = store
+                .drop_session(&c.user_id, &session.session_id, now_ms())
+                .await
+            {
+                tracing::warn!(error = %e, "cannot end a presence session; it will expire");
+            }
+            if let Some(status) = end {
+                let _ = out.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get(
+        &self,
+        req: Request<pb::GetRequest>,
+    ) -> std::result::Result<Response<pb::GetResponse>, Status> {
+        caller(&req)?;
+        let ids = user_ids(req.into_inner().user_ids)?;
+        let rows = self.store.get(&ids, now_ms()).await.map_err(Error::from)?;
+        Ok(Response::new(pb::GetResponse {
+            presences: rows.into_iter().map(|(_, p)| p).collect(),
+        }))
+    }
+
+    type WatchStream = BoxStream<pb::WatchResponse>;
+
+    #[tracing::instrument(skip_all)]
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> std::result::Result<Response<Self::WatchStream>, Status> {
+        caller(&req)?;
+        let ids = user_ids(req.into_inner().user_ids)?;
+        // Subscribe first, then take the snapshot: no change can fall between the two.
+        let mut subscriptions = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let sub = self
+                .bus
+                .subscribe(&user_channel(id))
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            subscriptions.push(
+                futures::stream::unfold(sub, |mut s| async move { s.recv().await.map(|e| (e, s)) })
+                    .boxed(),
+            );
+        }
+        let snapshot = self.store.get(&ids, now_ms()).await.map_err(Error::from)?;
+        let mut versions: HashMap<String, u64> = snapshot
+            .iter()
+            .map(|(v, p)| (p.user_id.clone(), *v))
+            .collect();
+        let (out, rx) = mpsc::channel::<std::result::Result<pb::WatchResponse, Status>>(64);
+        let (store, shutdown) = (self.store.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            let first = pb::WatchResponse {
+                event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {
+                    presences: snapshot.into_iter().map(|(_, p)| p).collect(),
+                })),
+            };
+            if out.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let mut changes = futures::stream::select_all(subscriptions);
+            loop {
+                let event = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let _ = out.send(Err(Status::unavailable("server is shutting down; watch again"))).await;
+                        return;
+                    }
+                    _ = out.closed() => return,
+                    e = changes.next() => e,
+                };
+                let updates: Vec<(u64, pb::UserPresence)> = match event {
+                    Some(BusEvent::Message(payload)) => match prost::Message::decode(&*payload) {
+                        Ok(Change {
+                            version,
+                            presence: Some(p),
+                        }) => vec![(version, p)],
+                        _ => continue,
+                    },
+                    // Changes may have been missed: compare against a fresh read.
+                    Some(BusEvent::Gap) => match store
+                        .get(&versions.keys().cloned().collect::<Vec<_>>(), now_ms())
+                        .await
+                    {
+                        Ok(rows) => rows,
+                        Err(_) => continue,
+                    },
+                    None => return,
+                };
+                for (version, presence) in updates {
+                    let known = versions.entry(presence.user_id.clone()).or_insert(0);
+                    if version <= *known {
+                        continue;
+                    }
+                    *known = version;
+                    let change = pb::WatchResponse {
+                        event: Some(pb::watch_response::Event::Change(presence)),
+                    };
+                    if out.send(Ok(change)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_online(
+        &self,
+        req: Request<pb::ListOnlineRequest>,
+    ) -> std::result::Result<Response<pb::ListOnlineResponse>, Status> {
+        caller(&req)?;
+        let r = req.into_inner();
+        if switchboard_common::token::Role::from_proto(r.role).is_none() {
+            return Err(
+                Error::InvalidArgument("role must be CUSTOMER, AGENT or ADMIN".into()).into(),
+            );
+        }
+        let filter = match r.state {
+            0 => None,
+            s => Some(State::from_proto(s).ok_or_else(|| {
+                Error::InvalidArgument("state must be unset, AVAILABLE, AWAY or BUSY".into())
+            })?),
+        };
+        let ids = self.store.online(r.role).await.map_err(Error::from)?;
+        let rows = self.store.get(&ids, now_ms()).await.map_err(Error::from)?;
+        let users = rows
+            .into_iter()
+            .map(|(_, p)| p)
+            .filter(|p| p.session_count > 0 && filter.is_none_or(|f| p.state == f.to_proto()))
+            .collect();
+        Ok(Response::new(pb::ListOnlineResponse { users }))
+    }
+}

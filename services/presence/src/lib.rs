@@ -1,0 +1,98 @@
+//! The Switchboard presence service: who is online, on how many devices, in which state,
+//! and when they were last seen, across every instance.
+//!
+//! A device is online while its `Connect` stream is open; the serving instance keeps the
+//! session's expiry fresh, so sessions of a crashed instance expire after the TTL and are
+//! removed by a sweep that every instance runs ([`store::PresenceStore::sweep`], safe when
+//! several run at once). Each change is published on the user's channel with a version,
+//! so `Watch` on any instance sees changes made anywhere, in order.
+
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod model;
+pub mod store;
+
+use std::sync::Arc;
+
+use switchboard_common::backend::{Backend, Link};
+use switchboard_common::server::{self, Assembly, AuthLayer};
+use switchboard_common::shutdown::CancellationToken;
+use switchboard_common::token::{GrpcKeySource, Verifier};
+use switchboard_common::tune;
+use switchboard_proto::presence::v1::presence_service_server::PresenceServiceServer;
+use tokio::net::TcpListener;
+use tonic::server::NamedService;
+
+pub use config::{Args, Config};
+
+use crate::grpc::{PresenceGrpc, now_ms};
+use crate::store::PresenceStore;
+
+/// Serves presence on `listener` until `shutdown` fires. `main` and the tests call this.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let backend = Backend::start(&config.engine, &shutdown)?;
+    match &backend.link {
+        Link::Memory(bus) => {
+            let store = Arc::new(store::memory::MemoryStore::new(bus.clone()));
+            serve(config, listener, shutdown, store, backend).await
+        }
+        Link::Redis(conn) => {
+            let store = Arc::new(store::redis::RedisStore::new(conn.clone()));
+            serve(config, listener, shutdown, store, backend).await
+        }
+    }
+}
+
+async fn serve<S: PresenceStore>(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    store: Arc<S>,
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let list = backend.follow_revocations(&shutdown).await;
+    let auth = tonic::transport::Endpoint::from_shared(config.auth_url.clone())?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect_lazy();
+    let verifier = Arc::new(Verifier::new(Arc::new(GrpcKeySource::new(auth)), list));
+    tokio::spawn(sweep(
+        store.clone(),
+        config.sweep_interval,
+        shutdown.clone(),
+    ));
+
+    let service = PresenceGrpc::new(store, backend.bus.clone(), config.ttl, shutdown.clone());
+    let mut routes = tonic::service::Routes::builder();
+    routes.add_service(tune!(PresenceServiceServer::new(service), config.server));
+    let assembly = Assembly {
+        routes: routes.routes(),
+        service_names: vec![<PresenceServiceServer<PresenceGrpc<S>> as NamedService>::NAME],
+        auth: AuthLayer::new(verifier, &[]),
+    };
+    server::serve(&config.server, listener, shutdown, assembly).await
+}
+
+/// Removes expired sessions every `interval` until shutdown.
+async fn sweep<S: PresenceStore>(
+    store: Arc<S>,
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.sweep(now_ms(), 1000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "swept expired presence sessions"),
+            Err(e) => tracing::warn!(error = %e, "presence sweep failed"),
+        }
+    }
+}
