@@ -10,6 +10,7 @@ use crate::config::Engine;
 use crate::revocation::{
     self, MemoryRevocations, RedisRevocations, RevocationList, RevocationStore,
 };
+use crate::token::{GrpcKeySource, Verifier};
 
 /// What a service's own store is built on.
 pub enum Link {
@@ -65,5 +66,22 @@ impl Backend {
         )
         .await;
         list
+    }
+
+    /// The token verifier of a service other than auth: keys fetched from the auth service
+    /// at `auth_url` (connected lazily), revocations followed through this backend.
+    pub async fn remote_verifier(
+        &self,
+        auth_url: &str,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Arc<Verifier>> {
+        let list = self.follow_revocations(shutdown).await;
+        let auth = tonic::transport::Endpoint::from_shared(auth_url.to_owned())?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .connect_lazy();
+        Ok(Arc::new(Verifier::new(
+            Arc::new(GrpcKeySource::new(auth)),
+            list,
+        )))
     }
 }

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use switchboard_common::backend::{Backend, Link};
 use switchboard_common::server::{self, Assembly, AuthLayer};
 use switchboard_common::shutdown::CancellationToken;
-use switchboard_common::token::{GrpcKeySource, Verifier};
 use switchboard_common::tune;
 use switchboard_proto::presence::v1::presence_service_server::PresenceServiceServer;
 use tokio::net::TcpListener;
@@ -55,11 +54,7 @@ async fn serve<S: PresenceStore>(
     store: Arc<S>,
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let list = backend.follow_revocations(&shutdown).await;
-    let auth = tonic::transport::Endpoint::from_shared(config.auth_url.clone())?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .connect_lazy();
-    let verifier = Arc::new(Verifier::new(Arc::new(GrpcKeySource::new(auth)), list));
+    let verifier = backend.remote_verifier(&config.auth_url, &shutdown).await?;
     tokio::spawn(sweep(
         store.clone(),
         config.sweep_interval,
