@@ -427,3 +427,64 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn logout_ends_device_sessions_and_the_user_goes_offline() {
+    let redis = RedisServer::spawn().expect("redis");
+    let auth = spawn_auth(Some(&redis), AuthOptions::default())
+        .await
+        .expect("auth");
+    let a = spawn_presence(
+        Some(&redis),
+        auth.addr,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await
+    .expect("presence a");
+    let b = spawn_presence(
+        Some(&redis),
+        auth.addr,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await
+    .expect("presence b");
+    let (dave, dave_token) = user(&auth, "pdave").await;
+    let (_, watcher_token) = user(&auth, "pwatch3").await;
+    let mut w = watch(a.channel(), &watcher_token, vec![dave.clone()]).await;
+    let device = connect(b.channel(), &dave_token).await;
+    until_state(
+        &mut w,
+        &dave,
+        pb::PresenceState::Available,
+        Some(1),
+        Duration::from_secs(5),
+    )
+    .await;
+
+    auth_client(&auth)
+        .logout(authed(auth_pb::LogoutRequest {}, &dave_token))
+        .await
+        .expect("logout");
+    let mut rx = device._rx;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(3), rx.message())
+            .await
+            .expect("stream ended within 3 s")
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    until_state(
+        &mut w,
+        &dave,
+        pb::PresenceState::Offline,
+        Some(0),
+        Duration::from_secs(5),
+    )
+    .await;
+}

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use switchboard_common::bus::{Bus, BusEvent};
+use switchboard_common::revocation::RevocationList;
 use switchboard_common::shutdown::CancellationToken;
-use switchboard_common::token::Caller;
+use switchboard_common::token::{Caller, now_secs};
 use switchboard_proto::presence::v1 as pb;
 use switchboard_proto::presence::v1::presence_service_server::PresenceService;
 use tokio::sync::mpsc;
@@ -28,21 +29,27 @@ pub struct PresenceGrpc<S> {
     bus: Arc<dyn Bus>,
     ttl: Duration,
     shutdown: CancellationToken,
+    revocations: Arc<RevocationList>,
 }
 
 impl<S> PresenceGrpc<S> {
-    /// Serves presence from `store`, changes from `bus`.
+    /// Serves presence from `store`, changes from `bus`; device sessions end when their
+    /// session is revoked (logout). They outlive the access token they were opened with
+    /// (presence's Connect has no RefreshToken frame, and ending them at expiry would make
+    /// every device flap offline and online every 15 minutes).
     pub fn new(
         store: Arc<S>,
         bus: Arc<dyn Bus>,
         ttl: Duration,
         shutdown: CancellationToken,
+        revocations: Arc<RevocationList>,
     ) -> Self {
         Self {
             store,
             bus,
             ttl,
             shutdown,
+            revocations,
         }
     }
 }
@@ -126,6 +133,8 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         let mut inbound = req.into_inner();
         let (out, rx) = mpsc::channel::<std::result::Result<pb::ConnectResponse, Status>>(8);
         let (store, ttl, shutdown) = (self.store.clone(), self.ttl, self.shutdown.clone());
+        let revocations = self.revocations.clone();
+        let mut revoked = revocations.watch();
         let mut session = Session {
             session_id: uuid::Uuid::now_v7().to_string(),
             state: State::Available.to_proto(),
@@ -162,6 +171,15 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
             let end: Option<Status> = loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break Some(Status::unavailable("server is shutting down; reconnect")),
+                    r = revoked.recv() => {
+                        let gone = match r {
+                            Ok(sid) => sid == c.session_id,
+                            Err(_) => revocations.is_revoked(&c.session_id, now_secs()),
+                        };
+                        if gone {
+                            break Some(Status::unauthenticated("session has been revoked (logged out)"));
+                        }
+                    }
                     _ = out.closed() => break None,
                     _ = refresh.tick() => {
                         let key = [(c.user_id.clone(), session.session_id.clone())];

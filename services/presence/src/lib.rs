@@ -61,7 +61,13 @@ async fn serve<S: PresenceStore>(
         shutdown.clone(),
     ));
 
-    let service = PresenceGrpc::new(store, backend.bus.clone(), config.ttl, shutdown.clone());
+    let service = PresenceGrpc::new(
+        store,
+        backend.bus.clone(),
+        config.ttl,
+        shutdown.clone(),
+        verifier.revocations().clone(),
+    );
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(tune!(PresenceServiceServer::new(service), config.server));
     let assembly = Assembly {
