@@ -108,15 +108,20 @@ impl Default for AuthOptions {
     }
 }
 
+/// Redis at `redis`, or the embedded engine with `None`.
+fn engine(redis: Option<&RedisServer>) -> Engine {
+    match redis {
+        Some(r) => Engine::Redis(Secret::new(r.url())),
+        None => Engine::Memory,
+    }
+}
+
 /// An in-process auth instance on `redis` (or the memory engine with `None`).
 pub async fn spawn_auth(
     redis: Option<&RedisServer>,
     options: AuthOptions,
 ) -> anyhow::Result<InProcess> {
-    let engine = match redis {
-        Some(r) => Engine::Redis(Secret::new(r.url())),
-        None => Engine::Memory,
-    };
+    let engine = engine(redis);
     InProcess::start(move |listener, shutdown| {
         let mut config = switchboard_auth::Config::for_tests(
             listener
@@ -177,10 +182,7 @@ pub async fn spawn_messaging(
     auth: SocketAddr,
     options: MessagingOptions,
 ) -> anyhow::Result<InProcess> {
-    let engine = match redis {
-        Some(r) => Engine::Redis(Secret::new(r.url())),
-        None => Engine::Memory,
-    };
+    let engine = engine(redis);
     InProcess::start(move |listener, shutdown| {
         let addr = listener
             .local_addr()
@@ -213,10 +215,7 @@ pub async fn spawn_presence(
     ttl: Duration,
     sweep: Duration,
 ) -> anyhow::Result<InProcess> {
-    let engine = match redis {
-        Some(r) => Engine::Redis(Secret::new(r.url())),
-        None => Engine::Memory,
-    };
+    let engine = engine(redis);
     InProcess::start(move |listener, shutdown| {
         let addr = listener
             .local_addr()

@@ -39,3 +39,18 @@ pub fn free_port() -> std::io::Result<u16> {
         .local_addr()?
         .port())
 }
+
+/// Reads `stream` until it ends and returns the status it ended with; panics if it ends
+/// cleanly or nothing ends it within `limit`.
+pub async fn ended<T>(stream: &mut tonic::Streaming<T>, limit: Duration) -> tonic::Status {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, stream.message()).await {
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => panic!("stream ended without a status"),
+            Ok(Err(status)) => return status,
+            Err(_) => panic!("stream did not end within {limit:?}"),
+        }
+    }
+}

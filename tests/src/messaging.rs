@@ -69,6 +69,11 @@ impl Connection {
         }
     }
 
+    /// Reads frames until the stream ends and returns its status (see [`crate::ended`]).
+    pub async fn ended(&mut self, limit: Duration) -> tonic::Status {
+        crate::ended(&mut self.rx, limit).await
+    }
+
     /// Skips frames until one matches `pick`, within `limit` in all.
     pub async fn until<T>(
         &mut self,

@@ -652,13 +652,7 @@ async fn streams_end_when_the_token_expires_unless_refreshed_and_on_logout() {
         .await
         .expect("refresh");
 
-    let status = loop {
-        match expiring.next(Duration::from_secs(8)).await {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("ended without a status"),
-            Err(s) => break s,
-        }
-    };
+    let status = expiring.ended(Duration::from_secs(8)).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("expired"), "{}", status.message());
 
@@ -678,13 +672,7 @@ async fn streams_end_when_the_token_expires_unless_refreshed_and_on_logout() {
         .logout(authed(auth_pb::LogoutRequest {}, &user.token))
         .await
         .expect("logout");
-    let status = loop {
-        match refreshed.next(Duration::from_secs(3)).await {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("ended without a status"),
-            Err(s) => break s,
-        }
-    };
+    let status = refreshed.ended(Duration::from_secs(3)).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("revoked"), "{}", status.message());
 }

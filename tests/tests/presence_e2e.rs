@@ -375,16 +375,7 @@ async fn bad_input_gets_invalid_argument() {
             .await
             .expect("send");
         let mut rx = device._rx;
-        let status = loop {
-            match tokio::time::timeout(Duration::from_secs(5), rx.message())
-                .await
-                .expect("in time")
-            {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("ended without a status"),
-                Err(s) => break s,
-            }
-        };
+        let status = switchboard_tests::ended(&mut rx, Duration::from_secs(5)).await;
         assert_eq!(
             status.code(),
             Code::InvalidArgument,
@@ -468,16 +459,7 @@ async fn logout_ends_device_sessions_and_the_user_goes_offline() {
         .await
         .expect("logout");
     let mut rx = device._rx;
-    let status = loop {
-        match tokio::time::timeout(Duration::from_secs(3), rx.message())
-            .await
-            .expect("stream ended within 3 s")
-        {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("ended without a status"),
-            Err(s) => break s,
-        }
-    };
+    let status = switchboard_tests::ended(&mut rx, Duration::from_secs(3)).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     until_state(
         &mut w,

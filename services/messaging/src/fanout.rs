@@ -173,14 +173,6 @@ impl<S: MessagingStore> Hub<S> {
         feeds.insert(channel.to_owned(), Arc::downgrade(&feed));
         Ok(feed)
     }
-
-    /// Number of open feeds (for tests and metrics).
-    pub fn feeds(&self) -> usize {
-        lock(&self.feeds)
-            .values()
-            .filter(|f| f.strong_count() > 0)
-            .count()
-    }
 }
 
 async fn run_feed<S: MessagingStore>(

@@ -13,6 +13,7 @@
 //! RESOURCE_EXHAUSTED; the client resumes from its last seq and loses nothing.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -82,8 +83,6 @@ impl Stream for Outbound {
         }
     }
 }
-
-use std::future::Future as _;
 
 /// Why a stream stops.
 enum End {

@@ -2,7 +2,6 @@
 //! aggregated from them (online if any session is; the most available state wins; last
 //! seen kept when the last session ends).
 
-use switchboard_common::token::Role;
 use switchboard_proto::presence::v1 as pb;
 
 /// A device's state.
@@ -118,11 +117,6 @@ pub fn aggregate(
 }
 
 use switchboard_proto::prost_types;
-
-/// The role of a caller on the wire.
-pub fn role_value(role: Role) -> i32 {
-    role.to_proto()
-}
 
 #[cfg(test)]
 mod tests {
