@@ -80,3 +80,66 @@ pub async fn redis_revocation_follower(
     .await;
     list
 }
+
+/// A registered, logged-in user.
+#[derive(Debug, Clone)]
+pub struct Person {
+    /// User id.
+    pub id: String,
+    /// Username.
+    pub name: String,
+    /// Access token (carrying the role the user had at login).
+    pub token: String,
+}
+
+/// Logs in the configured first admin, waiting for auth to create it.
+pub async fn first_admin(c: &AuthServiceClient<Channel>, name: &str, password: &str) -> Person {
+    let tokens = crate::eventually(std::time::Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move { login(&mut c, name, password).await.ok() }
+    })
+    .await
+    .unwrap_or_else(|| panic!("first admin {name} never could log in"));
+    let me = c
+        .clone()
+        .who_am_i(authed(pb::WhoAmIRequest {}, &tokens.access_token))
+        .await
+        .unwrap_or_else(|e| panic!("whoami of the admin: {e}"))
+        .into_inner()
+        .user
+        .unwrap_or_default();
+    Person {
+        id: me.id,
+        name: name.into(),
+        token: tokens.access_token,
+    }
+}
+
+/// Registers `name`, gives it `role` with `admin`'s token (unless CUSTOMER), then logs in,
+/// so the token carries the role.
+pub async fn person(
+    c: &AuthServiceClient<Channel>,
+    name: &str,
+    role: pb::Role,
+    admin: Option<&Person>,
+) -> Result<Person, Status> {
+    let mut c = c.clone();
+    let user = register(&mut c, name, "right password").await?;
+    if role != pb::Role::Customer {
+        let admin = admin.ok_or_else(|| Status::failed_precondition("roles need an admin"))?;
+        c.set_role(authed(
+            pb::SetRoleRequest {
+                user_id: user.id.clone(),
+                role: role as i32,
+            },
+            &admin.token,
+        ))
+        .await?;
+    }
+    let tokens = login(&mut c, name, "right password").await?;
+    Ok(Person {
+        id: user.id,
+        name: name.into(),
+        token: tokens.access_token,
+    })
+}

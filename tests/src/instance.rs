@@ -214,6 +214,7 @@ pub async fn spawn_presence(
     auth: SocketAddr,
     ttl: Duration,
     sweep: Duration,
+    grace: Duration,
 ) -> anyhow::Result<InProcess> {
     let engine = engine(redis);
     InProcess::start(move |listener, shutdown| {
@@ -224,6 +225,7 @@ pub async fn spawn_presence(
             switchboard_presence::Config::for_tests(addr, engine, format!("http://{auth}"));
         config.ttl = ttl;
         config.sweep_interval = sweep;
+        config.reconnect_grace = grace;
         switchboard_presence::run(config, listener, shutdown)
     })
     .await

@@ -5,10 +5,11 @@ use std::time::Duration;
 use switchboard_proto::auth::v1 as auth_pb;
 use switchboard_proto::presence::v1 as pb;
 use switchboard_proto::presence::v1::presence_service_client::PresenceServiceClient;
-use switchboard_tests::auth::{authed, register_and_login};
+use switchboard_tests::auth::{authed, first_admin, person, register_and_login};
 use switchboard_tests::instance::{
     AuthOptions, ChildService, InProcess, auth_client, spawn_auth, spawn_presence,
 };
+use switchboard_tests::proxy::Proxy;
 use switchboard_tests::redis::RedisServer;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -28,7 +29,7 @@ async fn user(auth: &InProcess, name: &str) -> (String, String) {
 /// A device session: the request sender and the response stream.
 struct Device {
     tx: mpsc::Sender<pb::ConnectRequest>,
-    _rx: Streaming<pb::ConnectResponse>,
+    rx: Streaming<pb::ConnectResponse>,
 }
 
 async fn connect(channel: Channel, token: &str) -> Device {
@@ -47,10 +48,26 @@ async fn connect(channel: Channel, token: &str) -> Device {
         first.frame,
         Some(pb::connect_response::Frame::Connected(_))
     ));
-    Device { tx, _rx: stream }
+    Device { tx, rx: stream }
 }
 
+const MS500: Duration = Duration::from_millis(500);
+
 impl Device {
+    /// Ends the stream cleanly (half-close) and waits for the server to finish it.
+    async fn close(self) {
+        let Device { tx, mut rx } = self;
+        drop(tx);
+        let drained = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = rx.message().await {}
+        })
+        .await;
+        assert!(
+            drained.is_ok(),
+            "the server did not end a half-closed stream"
+        );
+    }
+
     async fn set(&self, state: pb::PresenceState, text: &str) {
         let set = pb::SetState {
             state: state as i32,
@@ -99,7 +116,13 @@ async fn until_state(
 
 async fn watch(channel: Channel, token: &str, ids: Vec<String>) -> Streaming<pb::WatchResponse> {
     PresenceServiceClient::new(channel)
-        .watch(authed(pb::WatchRequest { user_ids: ids }, token))
+        .watch(authed(
+            pb::WatchRequest {
+                user_ids: ids,
+                role: 0,
+            },
+            token,
+        ))
         .await
         .expect("watch")
         .into_inner()
@@ -112,10 +135,10 @@ async fn a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggre
         .await
         .expect("auth");
     let ttl = Duration::from_secs(30);
-    let a = spawn_presence(Some(&redis), auth.addr, ttl, Duration::from_millis(500))
+    let a = spawn_presence(Some(&redis), auth.addr, ttl, MS500, Duration::from_secs(1))
         .await
         .expect("presence a");
-    let b = spawn_presence(Some(&redis), auth.addr, ttl, Duration::from_millis(500))
+    let b = spawn_presence(Some(&redis), auth.addr, ttl, MS500, Duration::from_secs(1))
         .await
         .expect("presence b");
     let (bob, bob_token) = user(&auth, "pbob").await;
@@ -203,7 +226,7 @@ async fn a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggre
     );
 
     // Closing one stream leaves the other; closing both makes Bob offline at once.
-    drop(laptop);
+    laptop.close().await;
     until_state(
         &mut w,
         &bob,
@@ -212,7 +235,7 @@ async fn a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggre
         Duration::from_secs(5),
     )
     .await;
-    drop(phone);
+    phone.close().await;
     until_state(
         &mut w,
         &bob,
@@ -259,6 +282,7 @@ async fn sessions_of_a_killed_instance_expire_and_watchers_elsewhere_see_it() {
         auth.addr,
         Duration::from_secs(2),
         Duration::from_millis(200),
+        Duration::from_secs(1),
     )
     .await
     .expect("presence");
@@ -314,6 +338,7 @@ async fn bad_input_gets_invalid_argument() {
         auth.addr,
         Duration::from_secs(30),
         Duration::from_secs(1),
+        Duration::from_secs(1),
     )
     .await
     .expect("presence");
@@ -327,10 +352,33 @@ async fn bad_input_gets_invalid_argument() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("500"), "{}", e.message());
     let e = c
-        .watch(authed(pb::WatchRequest { user_ids: vec![] }, &token))
+        .watch(authed(
+            pb::WatchRequest {
+                user_ids: vec![],
+                role: 0,
+            },
+            &token,
+        ))
         .await
         .expect_err("0 ids");
     assert_eq!(e.code(), Code::InvalidArgument);
+    for (ids, role, why) in [
+        (vec!["x".to_string()], auth_pb::Role::Agent as i32, "both"),
+        (vec![], 42, "unknown role"),
+        ((0..501).map(|i| format!("u{i}")).collect(), 0, "501 ids"),
+    ] {
+        let e = c
+            .watch(authed(
+                pb::WatchRequest {
+                    user_ids: ids,
+                    role,
+                },
+                &token,
+            ))
+            .await
+            .expect_err(why);
+        assert_eq!(e.code(), Code::InvalidArgument, "{why}: {e:?}");
+    }
     let e = c
         .list_online(authed(pb::ListOnlineRequest { role: 0, state: 0 }, &token))
         .await
@@ -374,7 +422,7 @@ async fn bad_input_gets_invalid_argument() {
             })
             .await
             .expect("send");
-        let mut rx = device._rx;
+        let mut rx = device.rx;
         let status = switchboard_tests::ended(&mut rx, Duration::from_secs(5)).await;
         assert_eq!(
             status.code(),
@@ -399,6 +447,7 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
         "AUTH_URL",
         "PRESENCE_TTL_SECS",
         "PRESENCE_SWEEP_INTERVAL_MS",
+        "PRESENCE_RECONNECT_GRACE_MS",
         "SHUTDOWN_GRACE_SECS",
     ] {
         assert!(
@@ -430,6 +479,7 @@ async fn logout_ends_device_sessions_and_the_user_goes_offline() {
         auth.addr,
         Duration::from_secs(30),
         Duration::from_secs(1),
+        Duration::from_secs(1),
     )
     .await
     .expect("presence a");
@@ -437,6 +487,7 @@ async fn logout_ends_device_sessions_and_the_user_goes_offline() {
         Some(&redis),
         auth.addr,
         Duration::from_secs(30),
+        Duration::from_secs(1),
         Duration::from_secs(1),
     )
     .await
@@ -458,7 +509,7 @@ async fn logout_ends_device_sessions_and_the_user_goes_offline() {
         .logout(authed(auth_pb::LogoutRequest {}, &dave_token))
         .await
         .expect("logout");
-    let mut rx = device._rx;
+    let mut rx = device.rx;
     let status = switchboard_tests::ended(&mut rx, Duration::from_secs(3)).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     until_state(
@@ -469,4 +520,176 @@ async fn logout_ends_device_sessions_and_the_user_goes_offline() {
         Duration::from_secs(5),
     )
     .await;
+}
+
+/// Every watch item (for `user`, if given) seen within `window`.
+async fn collect(
+    watch: &mut Streaming<pb::WatchResponse>,
+    user: Option<&str>,
+    window: Duration,
+) -> Vec<pb::UserPresence> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Ok(Some(msg))) = tokio::time::timeout_at(deadline, watch.message()).await {
+        let items = match msg.event {
+            Some(pb::watch_response::Event::Snapshot(s)) => s.presences,
+            Some(pb::watch_response::Event::Change(p)) => vec![p],
+            None => vec![],
+        };
+        seen.extend(
+            items
+                .into_iter()
+                .filter(|p| user.is_none_or(|u| p.user_id == u)),
+        );
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_device_that_reconnects_within_the_grace_never_looks_offline() {
+    let redis = RedisServer::spawn().expect("redis");
+    let auth = spawn_auth(Some(&redis), AuthOptions::default())
+        .await
+        .expect("auth");
+    let grace = Duration::from_millis(1500);
+    let ttl = Duration::from_secs(30);
+    let sweep = Duration::from_millis(200);
+    let a = spawn_presence(Some(&redis), auth.addr, ttl, sweep, grace)
+        .await
+        .expect("presence a");
+    let b = spawn_presence(Some(&redis), auth.addr, ttl, sweep, grace)
+        .await
+        .expect("presence b");
+    let (bob, bob_token) = user(&auth, "flapbob").await;
+    let (_, watcher_token) = user(&auth, "flapwatch").await;
+    let mut w = watch(a.channel(), &watcher_token, vec![bob.clone()]).await;
+
+    let proxy = Proxy::start(b.addr).await.expect("proxy");
+    let _first = connect(proxy.channel(), &bob_token).await;
+    until_state(
+        &mut w,
+        &bob,
+        pb::PresenceState::Available,
+        Some(1),
+        Duration::from_secs(5),
+    )
+    .await;
+    // The network drops (the client never closes its stream), and the device is back on
+    // the other instance a moment later.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let proxy_a = Proxy::start(a.addr).await.expect("proxy");
+    let _second = connect(proxy_a.channel(), &bob_token).await;
+    // Long enough for the old session to linger out and be swept.
+    let seen = collect(&mut w, Some(&bob), grace + sweep * 5).await;
+    assert!(
+        seen.iter()
+            .all(|p| p.state == pb::PresenceState::Available as i32),
+        "a reconnect within the grace must not show Bob offline: {seen:?}"
+    );
+    assert_eq!(
+        seen.last().map(|p| p.session_count),
+        Some(1),
+        "the broken session expired after the grace, the new one stays: {seen:?}"
+    );
+
+    // Without a reconnect, a broken stream goes offline once the grace is over.
+    let broke_at = tokio::time::Instant::now();
+    proxy_a.cut();
+    until_state(
+        &mut w,
+        &bob,
+        pb::PresenceState::Offline,
+        Some(0),
+        grace + Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        broke_at.elapsed() >= grace - Duration::from_millis(100),
+        "offline after {:?}, before the grace of {grace:?}",
+        broke_at.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_role_watch_sees_agents_come_online_change_and_leave() {
+    let redis = RedisServer::spawn().expect("redis");
+    let auth = spawn_auth(
+        Some(&redis),
+        AuthOptions {
+            admin: Some(("padmin".into(), "admin password".into())),
+            ..AuthOptions::default()
+        },
+    )
+    .await
+    .expect("auth");
+    let ttl = Duration::from_secs(30);
+    let a = spawn_presence(Some(&redis), auth.addr, ttl, MS500, Duration::ZERO)
+        .await
+        .expect("presence a");
+    let b = spawn_presence(Some(&redis), auth.addr, ttl, MS500, Duration::ZERO)
+        .await
+        .expect("presence b");
+    let ac = auth_client(&auth);
+    let admin = first_admin(&ac, "padmin", "admin password").await;
+    let early = person(&ac, "early_agent", auth_pb::Role::Agent, Some(&admin))
+        .await
+        .expect("agent");
+    let late = person(&ac, "late_agent", auth_pb::Role::Agent, Some(&admin))
+        .await
+        .expect("agent");
+    let customer = person(&ac, "role_customer", auth_pb::Role::Customer, None)
+        .await
+        .expect("customer");
+    let _early_device = connect(b.channel(), &early.token).await;
+
+    let mut w = PresenceServiceClient::new(a.channel())
+        .watch(authed(
+            pb::WatchRequest {
+                user_ids: vec![],
+                role: auth_pb::Role::Agent as i32,
+            },
+            &customer.token,
+        ))
+        .await
+        .expect("role watch")
+        .into_inner();
+    let snapshot = match w.message().await.expect("frame").expect("open").event {
+        Some(pb::watch_response::Event::Snapshot(s)) => s.presences,
+        other => panic!("snapshot first, got {other:?}"),
+    };
+    assert_eq!(
+        snapshot
+            .iter()
+            .map(|p| p.user_id.as_str())
+            .collect::<Vec<_>>(),
+        [early.id.as_str()],
+        "the snapshot holds the online agents"
+    );
+    // A customer coming online is not an agent: never on this watch.
+    let _customer_device = connect(b.channel(), &customer.token).await;
+    let late_device = connect(b.channel(), &late.token).await;
+    let mut seen = collect(&mut w, None, Duration::from_millis(1500)).await;
+    late_device.set(pb::PresenceState::Away, "lunch").await;
+    seen.extend(collect(&mut w, None, Duration::from_millis(1000)).await);
+    late_device.close().await;
+    seen.extend(collect(&mut w, None, Duration::from_millis(1000)).await);
+    assert!(
+        seen.iter().all(|p| p.user_id == late.id),
+        "only the agent that changed: {seen:?}"
+    );
+    let states: Vec<i32> = seen.iter().map(|p| p.state).collect();
+    assert_eq!(
+        states,
+        [
+            pb::PresenceState::Available as i32,
+            pb::PresenceState::Away as i32,
+            pb::PresenceState::Offline as i32
+        ],
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().all(|p| p.role == auth_pb::Role::Agent as i32),
+        "the role is reported, offline too: {seen:?}"
+    );
 }

@@ -13,6 +13,8 @@ pub mod env {
     pub const TTL_SECS: &str = "PRESENCE_TTL_SECS";
     /// How often expired sessions are swept.
     pub const SWEEP_INTERVAL_MS: &str = "PRESENCE_SWEEP_INTERVAL_MS";
+    /// How long a broken device stream stays online, waiting for the device to reconnect.
+    pub const RECONNECT_GRACE_MS: &str = "PRESENCE_RECONNECT_GRACE_MS";
 }
 
 /// `switchboard-presence`: who is online, on how many devices, in which state.
@@ -40,6 +42,11 @@ pub struct Args {
     /// Milliseconds between sweeps for expired sessions (every instance sweeps; it is safe).
     #[arg(long, env = env::SWEEP_INTERVAL_MS, default_value_t = 2000)]
     pub sweep_interval_ms: u64,
+    /// Milliseconds a device whose stream broke (network loss, instance shutdown) stays
+    /// online waiting for it to reconnect, so watchers see no offline/online flap; 0 turns
+    /// damping off. A stream the client closes goes offline at once.
+    #[arg(long, env = env::RECONNECT_GRACE_MS, default_value_t = 5000)]
+    pub reconnect_grace_ms: u64,
 }
 
 /// Validated presence settings.
@@ -55,6 +62,8 @@ pub struct Config {
     pub ttl: Duration,
     /// Sweep period.
     pub sweep_interval: Duration,
+    /// Flap damping: how long a broken stream's session lingers.
+    pub reconnect_grace: Duration,
 }
 
 impl Args {
@@ -75,12 +84,19 @@ impl Args {
                 env::SWEEP_INTERVAL_MS
             ));
         }
+        if self.reconnect_grace_ms > 60_000 {
+            problems.add(format!(
+                "{}: must be 0 to 60000 ms",
+                env::RECONNECT_GRACE_MS
+            ));
+        }
         problems.finish(Config {
             server,
             engine,
             auth_url: self.auth_url,
             ttl: Duration::from_secs(self.ttl_secs),
             sweep_interval: Duration::from_millis(self.sweep_interval_ms),
+            reconnect_grace: Duration::from_millis(self.reconnect_grace_ms),
         })
     }
 }

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Error, Result};
 use crate::model::{Change, MAX_CUSTOM_TEXT, MAX_DEVICE, Session, State};
-use crate::store::{PresenceStore, user_channel};
+use crate::store::{PresenceStore, role_channel, user_channel};
 
 /// Most ids per Get or Watch.
 pub const MAX_IDS: usize = 500;
@@ -28,8 +28,20 @@ pub struct PresenceGrpc<S> {
     store: Arc<S>,
     bus: Arc<dyn Bus>,
     ttl: Duration,
+    grace: Duration,
     shutdown: CancellationToken,
     revocations: Arc<RevocationList>,
+}
+
+/// Why a device stream ended, which decides what happens to its session.
+enum End {
+    /// The client closed its side: offline at once.
+    Closed,
+    /// The stream broke (client gone, network, shutdown): the session lingers for the
+    /// reconnect grace, then expires, unless the device is back by then.
+    Broken(Option<Status>),
+    /// Refused or revoked: offline at once, with this status.
+    Refused(Status),
 }
 
 impl<S> PresenceGrpc<S> {
@@ -41,6 +53,7 @@ impl<S> PresenceGrpc<S> {
         store: Arc<S>,
         bus: Arc<dyn Bus>,
         ttl: Duration,
+        grace: Duration,
         shutdown: CancellationToken,
         revocations: Arc<RevocationList>,
     ) -> Self {
@@ -48,6 +61,7 @@ impl<S> PresenceGrpc<S> {
             store,
             bus,
             ttl,
+            grace,
             shutdown,
             revocations,
         }
@@ -92,6 +106,16 @@ fn user_ids(ids: Vec<String>) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// A role's wire value, if it names one.
+fn valid_role(role: i32) -> Result<i32> {
+    match switchboard_common::token::Role::from_proto(role) {
+        Some(_) => Ok(role),
+        None => Err(Error::InvalidArgument(format!(
+            "role must be CUSTOMER, AGENT or ADMIN, got {role}"
+        ))),
+    }
+}
+
 /// Applies a SetState frame to `session`.
 fn apply(session: &mut Session, set: pb::SetState) -> Result<()> {
     let state = State::from_proto(set.state).ok_or_else(|| {
@@ -132,7 +156,8 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         let c = caller(&req)?;
         let mut inbound = req.into_inner();
         let (out, rx) = mpsc::channel::<std::result::Result<pb::ConnectResponse, Status>>(8);
-        let (store, ttl, shutdown) = (self.store.clone(), self.ttl, self.shutdown.clone());
+        let (store, ttl, grace) = (self.store.clone(), self.ttl, self.grace);
+        let shutdown = self.shutdown.clone();
         let revocations = self.revocations.clone();
         let mut revoked = revocations.watch();
         let mut session = Session {
@@ -168,19 +193,19 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
             // the session expires after the TTL and any instance's sweep removes it.
             let mut refresh = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
             refresh.tick().await;
-            let end: Option<Status> = loop {
+            let end = loop {
                 tokio::select! {
-                    _ = shutdown.cancelled() => break Some(Status::unavailable("server is shutting down; reconnect")),
+                    _ = shutdown.cancelled() => break End::Broken(Some(Status::unavailable("server is shutting down; reconnect"))),
                     r = revoked.recv() => {
                         let gone = match r {
                             Ok(sid) => sid == c.session_id,
                             Err(_) => revocations.is_revoked(&c.session_id, now_secs()),
                         };
                         if gone {
-                            break Some(Status::unauthenticated("session has been revoked (logged out)"));
+                            break End::Refused(Status::unauthenticated("session has been revoked (logged out)"));
                         }
                     }
-                    _ = out.closed() => break None,
+                    _ = out.closed() => break End::Broken(None),
                     _ = refresh.tick() => {
                         let key = [(c.user_id.clone(), session.session_id.clone())];
                         if let Err(e) = store.touch(&key, now_ms() + ttl.as_millis() as u64).await {
@@ -190,11 +215,11 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                     msg = inbound.message() => match msg {
                         Ok(Some(pb::ConnectRequest { frame: Some(pb::connect_request::Frame::SetState(set)) })) => {
                             if let Err(e) = apply(&mut session, set) {
-                                break Some(e.into());
+                                break End::Refused(e.into());
                             }
                             match store.put_session(&c.user_id, &session, now_ms() + ttl.as_millis() as u64, now_ms()).await {
                                 Ok(p) => { let _ = out.send(frame(pb::connect_response::Frame::Presence(p))).await; }
-                                Err(e) => break Some(Error::from(e).into()),
+                                Err(e) => break End::Broken(Some(Error::from(e).into())),
                             }
                         }
                         Ok(Some(pb::ConnectRequest { frame: Some(pb::connect_request::Frame::Heartbeat(_)) })) => {
@@ -203,20 +228,40 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                             let _ = out.send(frame(pb::connect_response::Frame::HeartbeatAck(pb::HeartbeatAck {}))).await;
                         }
                         Ok(Some(pb::ConnectRequest { frame: None })) => {
-                            break Some(Status::invalid_argument("empty frame: set set_state or heartbeat"));
+                            break End::Refused(Status::invalid_argument("empty frame: set set_state or heartbeat"));
                         }
-                        Ok(None) | Err(_) => break None,
+                        Ok(None) => break End::Closed,
+                        Err(_) => break End::Broken(None),
                     },
                 }
             };
-            // Closing the stream makes the device offline at once.
-            if let Err(e) = store
-                .drop_session(&c.user_id, &session.session_id, now_ms())
-                .await
-            {
+            let key = [(c.user_id.clone(), session.session_id.clone())];
+            let (outcome, status) = match end {
+                // Flap damping: the session stays until the grace ends (the sweep removes
+                // it then); a device back by then never looked offline to watchers.
+                End::Broken(status) if !grace.is_zero() => (
+                    store.touch(&key, now_ms() + grace.as_millis() as u64).await,
+                    status,
+                ),
+                other => {
+                    let status = match other {
+                        End::Closed => None,
+                        End::Broken(s) => s,
+                        End::Refused(s) => Some(s),
+                    };
+                    (
+                        store
+                            .drop_session(&c.user_id, &session.session_id, now_ms())
+                            .await
+                            .map(|_| ()),
+                        status,
+                    )
+                }
+            };
+            if let Err(e) = outcome {
                 tracing::warn!(error = %e, "cannot end a presence session; it will expire");
             }
-            if let Some(status) = end {
+            if let Some(status) = status {
                 let _ = out.send(Err(status)).await;
             }
         });
@@ -244,13 +289,30 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         req: Request<pb::WatchRequest>,
     ) -> std::result::Result<Response<Self::WatchStream>, Status> {
         caller(&req)?;
-        let ids = user_ids(req.into_inner().user_ids)?;
+        let r = req.into_inner();
+        let role = match (r.role, r.user_ids.is_empty()) {
+            (0, _) => None,
+            (role, true) => Some(valid_role(role)?),
+            (_, false) => {
+                return Err(Error::InvalidArgument(
+                    "give either user_ids or role, not both".into(),
+                )
+                .into());
+            }
+        };
+        let channels: Vec<String> = match role {
+            Some(role) => vec![role_channel(role)],
+            None => user_ids(r.user_ids.clone())?
+                .iter()
+                .map(|id| user_channel(id))
+                .collect(),
+        };
         // Subscribe first, then take the snapshot: no change can fall between the two.
-        let mut subscriptions = Vec::with_capacity(ids.len());
-        for id in &ids {
+        let mut subscriptions = Vec::with_capacity(channels.len());
+        for channel in &channels {
             let sub = self
                 .bus
-                .subscribe(&user_channel(id))
+                .subscribe(channel)
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             subscriptions.push(
@@ -258,6 +320,10 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                     .boxed(),
             );
         }
+        let ids = match role {
+            Some(role) => self.store.online(role).await.map_err(Error::from)?,
+            None => user_ids(r.user_ids)?,
+        };
         let snapshot = self.store.get(&ids, now_ms()).await.map_err(Error::from)?;
         let mut versions: HashMap<String, u64> = snapshot
             .iter()
@@ -293,13 +359,21 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                         _ => continue,
                     },
                     // Changes may have been missed: compare against a fresh read.
-                    Some(BusEvent::Gap) => match store
-                        .get(&versions.keys().cloned().collect::<Vec<_>>(), now_ms())
-                        .await
-                    {
-                        Ok(rows) => rows,
-                        Err(_) => continue,
-                    },
+                    Some(BusEvent::Gap) => {
+                        let mut ids: Vec<String> = versions.keys().cloned().collect();
+                        if let Some(role) = role {
+                            match store.online(role).await {
+                                Ok(online) => ids.extend(
+                                    online.into_iter().filter(|id| !versions.contains_key(id)),
+                                ),
+                                Err(_) => continue,
+                            }
+                        }
+                        match store.get(&ids, now_ms()).await {
+                            Ok(rows) => rows,
+                            Err(_) => continue,
+                        }
+                    }
                     None => return,
                 };
                 for (version, presence) in updates {
@@ -327,11 +401,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
     ) -> std::result::Result<Response<pb::ListOnlineResponse>, Status> {
         caller(&req)?;
         let r = req.into_inner();
-        if switchboard_common::token::Role::from_proto(r.role).is_none() {
-            return Err(
-                Error::InvalidArgument("role must be CUSTOMER, AGENT or ADMIN".into()).into(),
-            );
-        }
+        valid_role(r.role)?;
         let filter = match r.state {
             0 => None,
             s => Some(State::from_proto(s).ok_or_else(|| {

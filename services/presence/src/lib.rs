@@ -65,6 +65,7 @@ async fn serve<S: PresenceStore>(
         store,
         backend.bus.clone(),
         config.ttl,
+        config.reconnect_grace,
         shutdown.clone(),
         verifier.revocations().clone(),
     );

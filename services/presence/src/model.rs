@@ -85,11 +85,13 @@ pub const MAX_CUSTOM_TEXT: usize = 128;
 /// Longest device label in characters.
 pub const MAX_DEVICE: usize = 64;
 
-/// A user's presence from their live sessions.
+/// A user's presence from their live sessions; `role` is the user's last known role
+/// (reported while offline too).
 pub fn aggregate(
     user_id: &str,
     sessions: &[Session],
     last_seen_ms: Option<u64>,
+    role: i32,
     now_ms: u64,
 ) -> pb::UserPresence {
     let best = sessions
@@ -112,7 +114,7 @@ pub fn aggregate(
             nanos: ((ms % 1000) * 1_000_000) as i32,
         }),
         session_count: sessions.len() as u32,
-        role: sessions.first().map(|s| s.role).unwrap_or(0),
+        role: sessions.first().map(|s| s.role).unwrap_or(role),
     }
 }
 
@@ -141,6 +143,7 @@ mod tests {
                 s("c", State::Busy, 3),
             ],
             None,
+            0,
             50,
         );
         assert_eq!(p.state, pb::PresenceState::Available as i32);
@@ -150,13 +153,15 @@ mod tests {
             "u",
             &[s("a", State::Away, 1), s("c", State::Busy, 3)],
             None,
+            0,
             50,
         );
         assert_eq!(p.state, pb::PresenceState::Busy as i32);
-        let off = aggregate("u", &[], Some(7_000), 50_000);
+        let off = aggregate("u", &[], Some(7_000), 2, 50_000);
+        assert_eq!(off.role, 2, "the role is kept while offline");
         assert_eq!(off.state, pb::PresenceState::Offline as i32);
         assert_eq!(off.last_seen.map(|t| t.seconds), Some(7));
-        assert_eq!(aggregate("u", &[], None, 1).last_seen, None);
+        assert_eq!(aggregate("u", &[], None, 0, 1).last_seen, None);
         assert_eq!(State::from_proto(pb::PresenceState::Offline as i32), None);
         assert_eq!(State::from_proto(99), None);
     }

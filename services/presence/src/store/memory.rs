@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use switchboard_common::bus::MemoryBus;
 use switchboard_proto::presence::v1 as pb;
 
-use super::{PresenceStore, StoreResult, user_channel};
+use super::{PresenceStore, StoreResult, role_channel, user_channel};
 use crate::model::{Change, Session, aggregate};
 
 #[derive(Default)]
@@ -14,6 +14,7 @@ struct User {
     sessions: HashMap<String, Session>,
     version: u64,
     last_seen_ms: Option<u64>,
+    role: i32,
 }
 
 #[derive(Default)]
@@ -46,14 +47,12 @@ impl MemoryStore {
     }
 
     fn publish(&self, user_id: &str, version: u64, presence: &pb::UserPresence) {
-        let change = Change {
+        let change = prost::Message::encode_to_vec(&Change {
             version,
             presence: Some(presence.clone()),
-        };
-        self.bus.publish_now(
-            &user_channel(user_id),
-            prost::Message::encode_to_vec(&change),
-        );
+        });
+        self.bus.publish_now(&user_channel(user_id), change.clone());
+        self.bus.publish_now(&role_channel(presence.role), change);
     }
 }
 
@@ -92,7 +91,7 @@ fn remove(
     let sessions: Vec<Session> = user.sessions.values().cloned().collect();
     Some((
         user.version,
-        aggregate(user_id, &sessions, user.last_seen_ms, now_ms),
+        aggregate(user_id, &sessions, user.last_seen_ms, user.role, now_ms),
     ))
 }
 
@@ -107,13 +106,14 @@ impl PresenceStore for MemoryStore {
         let (version, presence) = self.with(|s| {
             set_expiry(s, user_id, &session.session_id, expires_at_ms);
             let user = s.users.entry(user_id.to_owned()).or_default();
+            user.role = session.role;
             user.sessions
                 .insert(session.session_id.clone(), session.clone());
             user.version += 1;
             let sessions: Vec<Session> = user.sessions.values().cloned().collect();
             (
                 user.version,
-                aggregate(user_id, &sessions, user.last_seen_ms, now_ms),
+                aggregate(user_id, &sessions, user.last_seen_ms, user.role, now_ms),
             )
         });
         self.publish(user_id, version, &presence);
@@ -155,9 +155,12 @@ impl PresenceStore for MemoryStore {
                 .map(|id| match s.users.get(id) {
                     Some(u) => {
                         let sessions: Vec<Session> = u.sessions.values().cloned().collect();
-                        (u.version, aggregate(id, &sessions, u.last_seen_ms, now_ms))
+                        (
+                            u.version,
+                            aggregate(id, &sessions, u.last_seen_ms, u.role, now_ms),
+                        )
                     }
-                    None => (0, aggregate(id, &[], None, now_ms)),
+                    None => (0, aggregate(id, &[], None, 0, now_ms)),
                 })
                 .collect()
         }))

@@ -2,8 +2,9 @@
 //! engine ([`memory`]); one contract suite runs against both
 //! (`tests/tests/presence_store_contract.rs`).
 //!
-//! Every change bumps the user's version and is published on the user's channel as a
-//! [`Change`](crate::model::Change), so a `Watch` on any instance sees changes made on any other.
+//! Every change bumps the user's version and is published as a
+//! [`Change`](crate::model::Change) on the user's channel and on the channel of the user's
+//! role, so a `Watch` on any instance sees changes made on any other.
 
 use std::future::Future;
 
@@ -31,6 +32,12 @@ pub enum StoreError {
 /// Pub/sub channel of a user's presence changes.
 pub fn user_channel(user_id: &str) -> String {
     format!("sb:presence:{{u:{user_id}}}")
+}
+
+/// Pub/sub channel of every change of users with a role (wire value), for role watches
+/// such as the support desk's watch of agents.
+pub fn role_channel(role: i32) -> String {
+    format!("sb:presence:role:{role}")
 }
 
 /// Presence's storage contract.

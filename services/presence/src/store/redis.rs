@@ -8,7 +8,7 @@
 use redis::aio::ConnectionManager;
 use switchboard_proto::presence::v1 as pb;
 
-use super::{PresenceStore, StoreError, StoreResult, user_channel};
+use super::{PresenceStore, StoreError, StoreResult, role_channel, user_channel};
 use crate::model::{Change, Session, aggregate};
 
 const EXPIRY: &str = "sb:presence:expiry";
@@ -21,21 +21,22 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[5])
 redis.call('HSET', KEYS[2], 'role', ARGV[6])
 local v = redis.call('HINCRBY', KEYS[2], 'version', 1)
-return {v, redis.call('HGET', KEYS[2], 'last_seen') or '', redis.call('HVALS', KEYS[1])}
+return {v, redis.call('HGET', KEYS[2], 'last_seen') or '', redis.call('HVALS', KEYS[1]), ARGV[6]}
 "#;
 
 /// Removes a session if present. KEYS: sessions, meta, expiry.
 /// ARGV: session id, expiry member, user id, now.
 const DROP: &str = r#"
 redis.call('ZREM', KEYS[3], ARGV[2])
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return {0, '', {}} end
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return {0, '', {}, '0'} end
 local v = redis.call('HINCRBY', KEYS[2], 'version', 1)
 if redis.call('HLEN', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[2], 'last_seen', ARGV[4])
   local role = redis.call('HGET', KEYS[2], 'role')
   if role then redis.call('SREM', 'sb:presence:online:' .. role, ARGV[3]) end
 end
-return {v, redis.call('HGET', KEYS[2], 'last_seen') or '', redis.call('HVALS', KEYS[1])}
+return {v, redis.call('HGET', KEYS[2], 'last_seen') or '', redis.call('HVALS', KEYS[1]),
+  redis.call('HGET', KEYS[2], 'role') or '0'}
 "#;
 
 /// Presence in Redis.
@@ -63,14 +64,16 @@ impl RedisStore {
         presence: &pb::UserPresence,
     ) -> StoreResult<()> {
         let mut conn = self.conn.clone();
-        let change = Change {
+        let change = prost::Message::encode_to_vec(&Change {
             version,
             presence: Some(presence.clone()),
-        };
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(user_channel(user_id))
-            .arg(prost::Message::encode_to_vec(&change))
-            .query_async(&mut conn)
+        });
+        redis::pipe()
+            .publish(user_channel(user_id), &change)
+            .ignore()
+            .publish(role_channel(presence.role), &change)
+            .ignore()
+            .query_async::<()>(&mut conn)
             .await?;
         Ok(())
     }
@@ -94,15 +97,15 @@ fn decode_sessions(raw: Vec<Vec<u8>>) -> StoreResult<Vec<Session>> {
         .collect()
 }
 
-/// The scripts' reply: version, last seen ('' if never), encoded sessions.
-type Reply = (u64, String, Vec<Vec<u8>>);
+/// The scripts' reply: version, last seen ('' if never), encoded sessions, role.
+type Reply = (u64, String, Vec<Vec<u8>>, i32);
 
 fn presence_of(user_id: &str, reply: Reply, now_ms: u64) -> StoreResult<(u64, pb::UserPresence)> {
-    let (version, last_seen, raw) = reply;
+    let (version, last_seen, raw, role) = reply;
     let sessions = decode_sessions(raw)?;
     Ok((
         version,
-        aggregate(user_id, &sessions, last_seen.parse().ok(), now_ms),
+        aggregate(user_id, &sessions, last_seen.parse().ok(), role, now_ms),
     ))
 }
 
@@ -194,19 +197,26 @@ impl PresenceStore for RedisStore {
             pipe.cmd("HMGET")
                 .arg(meta_key(id))
                 .arg("version")
-                .arg("last_seen");
+                .arg("last_seen")
+                .arg("role");
         }
         let rows: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
         let mut out = Vec::with_capacity(user_ids.len());
         for (id, pair) in user_ids.iter().zip(rows.chunks(2)) {
             let raw: Vec<Vec<u8>> = redis::from_redis_value(pair[0].clone())
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let (version, last_seen): (Option<u64>, Option<u64>) =
+            let (version, last_seen, role): (Option<u64>, Option<u64>, Option<i32>) =
                 redis::from_redis_value(pair[1].clone())
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             out.push((
                 version.unwrap_or(0),
-                aggregate(id, &decode_sessions(raw)?, last_seen, now_ms),
+                aggregate(
+                    id,
+                    &decode_sessions(raw)?,
+                    last_seen,
+                    role.unwrap_or(0),
+                    now_ms,
+                ),
             ));
         }
         Ok(out)
