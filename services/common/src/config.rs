@@ -33,6 +33,8 @@ pub mod env {
     pub const REDIS_URL: &str = "REDIS_URL";
     /// Where other services reach the auth service for token keys.
     pub const AUTH_URL: &str = "AUTH_URL";
+    /// Shared secret with which services call each other (messaging → presence).
+    pub const SERVICE_TOKEN: &str = "SERVICE_TOKEN";
 }
 
 /// Parses the command line (and environment) into `T`, printing help or version and
@@ -251,6 +253,34 @@ pub struct StoreArgs {
     /// between processes).
     #[arg(long, env = env::REDIS_URL, value_name = "URL")]
     pub redis_url: Option<Secret>,
+}
+
+/// The shared secret services present to each other: presence accepts it in place of a
+/// user's token, messaging sends it to presence.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceTokenArgs {
+    /// Shared secret (at least 32 characters) that messaging presents to presence for the
+    /// support desk's routing; set the same value on both. Unset: presence refuses service
+    /// calls, and consultations wait in the queue until an agent accepts one.
+    #[arg(long, env = env::SERVICE_TOKEN, value_name = "SECRET", hide_env_values = true)]
+    pub service_token: Option<Secret>,
+}
+
+/// Shortest service token accepted.
+pub const MIN_SERVICE_TOKEN: usize = 32;
+
+impl ServiceTokenArgs {
+    /// Checks the token's length; problems go to `problems`.
+    pub fn validate(&self, problems: &mut Problems) -> Option<Secret> {
+        let token = self.service_token.clone()?;
+        if token.expose().len() < MIN_SERVICE_TOKEN {
+            problems.add(format!(
+                "{}: must be at least {MIN_SERVICE_TOKEN} characters (e.g. `openssl rand -hex 32`)",
+                env::SERVICE_TOKEN
+            ));
+        }
+        Some(token)
+    }
 }
 
 /// Which storage engine a service uses.

@@ -18,7 +18,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tower::{Layer, Service};
 
 use crate::bus::BoxFuture;
-use crate::config::ServerConfig;
+use crate::config::{Secret, ServerConfig};
 use crate::token::Verifier;
 
 /// Applies Switchboard's standard settings to a generated tonic server: accept and send
@@ -52,7 +52,16 @@ const ALWAYS_PUBLIC: &[&str] = &[
 pub struct AuthLayer {
     verifier: Arc<Verifier>,
     public: Arc<[&'static str]>,
+    service_token: Option<Arc<Secret>>,
 }
+
+/// Metadata key that carries the shared service token on calls between services.
+pub const SERVICE_TOKEN_HEADER: &str = "x-switchboard-service-token";
+
+/// Put into request extensions (instead of a [`Caller`](crate::token::Caller)) when another
+/// Switchboard service made the call with the shared service token.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceCall;
 
 impl AuthLayer {
     /// Authenticates with `verifier`; `public` lists full method paths
@@ -61,8 +70,22 @@ impl AuthLayer {
         Self {
             verifier,
             public: public.into(),
+            service_token: None,
         }
     }
+
+    /// Also accepts calls from other services that carry `token` in
+    /// [`SERVICE_TOKEN_HEADER`]; they get a [`ServiceCall`] extension.
+    pub fn accepting_service_token(mut self, token: Option<Secret>) -> Self {
+        self.service_token = token.map(Arc::new);
+        self
+    }
+}
+
+/// Whether `presented` is the service token (constant time).
+fn service_token_matches(expected: Option<&Secret>, presented: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    expected.is_some_and(|t| bool::from(t.expose().as_bytes().ct_eq(presented)))
 }
 
 impl<S> Layer<S> for AuthLayer {
@@ -104,6 +127,16 @@ where
             ALWAYS_PUBLIC.iter().any(|p| path.starts_with(p)) || self.layer.public.contains(&path);
         if public {
             return Box::pin(inner.call(req));
+        }
+        if let Some(presented) = req.headers().get(SERVICE_TOKEN_HEADER) {
+            if service_token_matches(self.layer.service_token.as_deref(), presented.as_bytes()) {
+                req.extensions_mut().insert(ServiceCall);
+                return Box::pin(inner.call(req));
+            }
+            let status = tonic::Status::unauthenticated(
+                "service token refused: set the same SERVICE_TOKEN on the calling service and this one",
+            );
+            return Box::pin(async move { Ok(status.into_http()) });
         }
         let verifier = self.layer.verifier.clone();
         Box::pin(async move {

@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use switchboard_common::config::{Engine, Problems, ServerArgs, ServerConfig, StoreArgs};
+use switchboard_common::config::{
+    Engine, Problems, Secret, ServerArgs, ServerConfig, ServiceTokenArgs, StoreArgs,
+};
 
 /// Environment variable names of presence's own settings.
 pub mod env {
@@ -32,6 +34,9 @@ pub struct Args {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub service: ServiceTokenArgs,
     /// The auth service, for its token keys (GetJwks).
     #[arg(long, env = env::AUTH_URL, default_value = "http://127.0.0.1:50051")]
     pub auth_url: String,
@@ -64,6 +69,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Flap damping: how long a broken stream's session lingers.
     pub reconnect_grace: Duration,
+    /// Shared secret accepted from other services.
+    pub service_token: Option<Secret>,
 }
 
 impl Args {
@@ -72,6 +79,7 @@ impl Args {
         let mut problems = Problems::default();
         let server = self.server.validate(self.listen_addr, &mut problems);
         let engine = self.store.validate(&mut problems);
+        let service_token = self.service.validate(&mut problems);
         if tonic::transport::Endpoint::from_shared(self.auth_url.clone()).is_err() {
             problems.add(format!("{}: not a URL: {}", env::AUTH_URL, self.auth_url));
         }
@@ -97,6 +105,7 @@ impl Args {
             ttl: Duration::from_secs(self.ttl_secs),
             sweep_interval: Duration::from_millis(self.sweep_interval_ms),
             reconnect_grace: Duration::from_millis(self.reconnect_grace_ms),
+            service_token,
         })
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use switchboard_common::bus::{Bus, BusEvent};
 use switchboard_common::revocation::RevocationList;
+use switchboard_common::server::ServiceCall;
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_common::token::{Caller, now_secs};
 use switchboard_proto::presence::v1 as pb;
@@ -76,7 +77,20 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A user or another Switchboard service (the desk's routing) may read presence.
+fn reader<T>(req: &Request<T>) -> std::result::Result<(), Status> {
+    if req.extensions().get::<ServiceCall>().is_some() {
+        return Ok(());
+    }
+    caller(req).map(|_| ())
+}
+
 fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
+    if req.extensions().get::<ServiceCall>().is_some() {
+        return Err(Status::permission_denied(
+            "a service cannot open a device session; use a user's access token",
+        ));
+    }
     req.extensions().get::<Caller>().cloned().ok_or_else(|| {
         Status::unauthenticated(
             "missing authorization metadata: send 'authorization: Bearer <access token>'",
@@ -273,7 +287,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         &self,
         req: Request<pb::GetRequest>,
     ) -> std::result::Result<Response<pb::GetResponse>, Status> {
-        caller(&req)?;
+        reader(&req)?;
         let ids = user_ids(req.into_inner().user_ids)?;
         let rows = self.store.get(&ids, now_ms()).await.map_err(Error::from)?;
         Ok(Response::new(pb::GetResponse {
@@ -288,7 +302,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> std::result::Result<Response<Self::WatchStream>, Status> {
-        caller(&req)?;
+        reader(&req)?;
         let r = req.into_inner();
         let role = match (r.role, r.user_ids.is_empty()) {
             (0, _) => None,
@@ -399,7 +413,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         &self,
         req: Request<pb::ListOnlineRequest>,
     ) -> std::result::Result<Response<pb::ListOnlineResponse>, Status> {
-        caller(&req)?;
+        reader(&req)?;
         let r = req.into_inner();
         valid_role(r.role)?;
         let filter = match r.state {

@@ -74,7 +74,7 @@ async fn serve<S: PresenceStore>(
     let assembly = Assembly {
         routes: routes.routes(),
         service_names: vec![<PresenceServiceServer<PresenceGrpc<S>> as NamedService>::NAME],
-        auth: AuthLayer::new(verifier, &[]),
+        auth: AuthLayer::new(verifier, &[]).accepting_service_token(config.service_token.clone()),
     };
     server::serve(&config.server, listener, shutdown, assembly).await
 }

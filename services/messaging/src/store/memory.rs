@@ -21,14 +21,16 @@ type Rows = Vec<(u64, Vec<u8>)>;
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Default)]
-struct State {
+pub(super) struct State {
     conversations: HashMap<String, Conversation>,
     direct: HashMap<String, String>,
     by_user: HashMap<String, Vec<String>>,
+    /// The support desk (see `memory_desk`).
+    pub(super) desk: super::memory_desk::Desk,
 }
 
-struct Conversation {
-    record: ConversationRecord,
+pub(super) struct Conversation {
+    pub(super) record: ConversationRecord,
     last_seq: u64,
     log: BTreeMap<u64, Vec<u8>>,
     reads: HashMap<String, u64>,
@@ -53,7 +55,7 @@ impl MemoryStore {
         }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+    pub(super) fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         // Each operation is a handful of map updates that cannot panic half-way, so a
         // poisoned lock still guards consistent data.
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -61,7 +63,7 @@ impl MemoryStore {
     }
 }
 
-fn index(state: &mut State, record: &ConversationRecord) {
+pub(super) fn index(state: &mut State, record: &ConversationRecord) {
     for m in &record.members {
         let list = state.by_user.entry(m.user_id.clone()).or_default();
         if !list.contains(&record.id) {
@@ -70,7 +72,7 @@ fn index(state: &mut State, record: &ConversationRecord) {
     }
 }
 
-fn insert(state: &mut State, record: &ConversationRecord) {
+pub(super) fn insert(state: &mut State, record: &ConversationRecord) {
     index(state, record);
     state.conversations.insert(
         record.id.clone(),
@@ -89,6 +91,20 @@ fn decode(seq: u64, bytes: &[u8]) -> Result<pb::Message> {
         .map_err(|e| Error::Internal(format!("stored message {seq}: {e}")))?;
     m.seq = seq;
     Ok(m)
+}
+
+impl State {
+    /// A conversation's stored state.
+    pub(super) fn conversation_mut(&mut self, id: &str) -> Option<&mut Conversation> {
+        self.conversations.get_mut(id)
+    }
+
+    /// Drops `id` from `user`'s conversations.
+    pub(super) fn unindex(&mut self, user: &str, id: &str) {
+        if let Some(list) = self.by_user.get_mut(user) {
+            list.retain(|c| c != id);
+        }
+    }
 }
 
 impl MessagingStore for MemoryStore {

@@ -15,8 +15,13 @@ use switchboard_proto::messaging::v1 as pb;
 use crate::conversation::ConversationRecord;
 use crate::error::Result;
 
+pub mod desk;
 pub mod memory;
+mod memory_desk;
 pub mod redis;
+mod redis_desk;
+
+pub use desk::DeskStore;
 
 /// Pub/sub channel of a conversation (messages, receipts, typing).
 pub fn conversation_channel(conversation_id: &str) -> String {

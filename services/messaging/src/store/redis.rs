@@ -54,7 +54,7 @@ return cur
 /// Conversations in Redis.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    pub(super) conn: ConnectionManager,
     retention: usize,
     send: redis::Script,
     mark_read: redis::Script,
@@ -72,11 +72,11 @@ impl RedisStore {
     }
 }
 
-fn key(id: &str, part: &str) -> String {
+pub(super) fn key(id: &str, part: &str) -> String {
     format!("sb:msg:{{c:{id}}}:{part}")
 }
 
-fn user_index(user: &str) -> String {
+pub(super) fn user_index(user: &str) -> String {
     format!("sb:msg:user:{user}:convs")
 }
 
@@ -123,6 +123,32 @@ fn parse_record(
     }))
 }
 
+/// Adds the writes that store `c` and index it for its members to `pipe`.
+pub(super) fn write_conversation(pipe: &mut redis::Pipeline, c: &ConversationRecord) {
+    pipe.hset_multiple(
+        key(&c.id, "meta"),
+        &[
+            ("kind", c.kind.as_str().to_owned()),
+            ("title", c.title.clone()),
+            ("owner_id", c.owner_id.clone()),
+            ("created_at_ms", c.created_at_ms.to_string()),
+            ("epoch", c.epoch.clone()),
+            ("read_only", if c.read_only { "1" } else { "0" }.to_owned()),
+        ],
+    )
+    .ignore();
+    let members: Vec<(String, u64)> = c
+        .members
+        .iter()
+        .map(|m| (m.user_id.clone(), m.joined_at_ms))
+        .collect();
+    pipe.hset_multiple(key(&c.id, "members"), &members).ignore();
+    for m in &c.members {
+        pipe.zadd(user_index(&m.user_id), &c.id, m.joined_at_ms)
+            .ignore();
+    }
+}
+
 /// An XRANGE/XREVRANGE reply: `[[id, [field, value, …]], …]`.
 type Entries = Vec<(String, Vec<Vec<u8>>)>;
 
@@ -158,28 +184,7 @@ impl MessagingStore for RedisStore {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.hset_multiple(
-            key(&c.id, "meta"),
-            &[
-                ("kind", c.kind.as_str().to_owned()),
-                ("title", c.title.clone()),
-                ("owner_id", c.owner_id.clone()),
-                ("created_at_ms", c.created_at_ms.to_string()),
-                ("epoch", c.epoch.clone()),
-                ("read_only", if c.read_only { "1" } else { "0" }.to_owned()),
-            ],
-        )
-        .ignore();
-        let members: Vec<(String, u64)> = c
-            .members
-            .iter()
-            .map(|m| (m.user_id.clone(), m.joined_at_ms))
-            .collect();
-        pipe.hset_multiple(key(&c.id, "members"), &members).ignore();
-        for m in &c.members {
-            pipe.zadd(user_index(&m.user_id), &c.id, m.joined_at_ms)
-                .ignore();
-        }
+        write_conversation(&mut pipe, c);
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
     }

@@ -1,0 +1,149 @@
+//! The support desk's durable state: consultations, the queue and each agent's load,
+//! behind [`DeskStore`], implemented by both engines next to their conversations (a
+//! consultation is a SUPPORT conversation plus its record).
+//!
+//! Every change of a consultation's state is one atomic step that also moves the queue,
+//! the agents' loads and the conversation's members, so several messaging instances can
+//! route at once: a consultation is assigned at most once, and loads never drift.
+
+use std::future::Future;
+
+use super::MessagingStore;
+use crate::conversation::ConversationRecord;
+use crate::error::Result;
+
+/// Where a consultation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsultationState {
+    /// Waiting for an agent.
+    Queued,
+    /// An agent has it.
+    Assigned,
+    /// Done; the conversation is read-only.
+    Closed,
+}
+
+impl ConsultationState {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Assigned => "assigned",
+            Self::Closed => "closed",
+        }
+    }
+
+    /// From the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "queued" => Some(Self::Queued),
+            "assigned" => Some(Self::Assigned),
+            "closed" => Some(Self::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// A stored consultation; its id is its SUPPORT conversation's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsultationRecord {
+    /// Id (= conversation id).
+    pub id: String,
+    /// The customer who opened it.
+    pub customer_id: String,
+    /// The assigned agent; empty while queued.
+    pub agent_id: String,
+    /// What it is about.
+    pub topic: String,
+    /// Where it is.
+    pub state: ConsultationState,
+    /// Opened at, Unix ms.
+    pub opened_at_ms: u64,
+    /// Last assigned at, Unix ms (0: never).
+    pub assigned_at_ms: u64,
+    /// Closed at, Unix ms (0: open).
+    pub closed_at_ms: u64,
+    /// Resolution given at close.
+    pub resolution: String,
+    /// Note of the last transfer, for the agent.
+    pub transfer_note: String,
+}
+
+/// What a state change found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Done; the agent it went to, where there is one.
+    Done(String),
+    /// No such consultation.
+    NotFound,
+    /// The consultation is in this state, which does not allow the change.
+    WrongState(ConsultationState),
+    /// Another agent holds it now (it moved since the caller looked).
+    Moved(String),
+}
+
+/// Result of one routing attempt for the head of the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routed {
+    /// This consultation went to this agent.
+    Assigned {
+        /// Consultation id.
+        id: String,
+        /// Agent id.
+        agent_id: String,
+    },
+    /// Nothing is queued.
+    Empty,
+    /// No candidate has room.
+    NoAgent,
+}
+
+/// The desk's storage contract (on top of conversations).
+pub trait DeskStore: MessagingStore {
+    /// Stores the SUPPORT conversation, its consultation record, and queues it, atomically.
+    fn open(
+        &self,
+        conversation: &ConversationRecord,
+        consultation: &ConsultationRecord,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// A consultation by id.
+    fn consultation(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<ConsultationRecord>>> + Send;
+    /// 1-based position in the queue, `None` if not queued.
+    fn queue_position(&self, id: &str) -> impl Future<Output = Result<Option<u32>>> + Send;
+    /// Queued consultations, oldest first, at most `limit`.
+    fn queue(&self, limit: usize) -> impl Future<Output = Result<Vec<ConsultationRecord>>> + Send;
+    /// Assigns the oldest queued consultation to the candidate with the fewest assigned
+    /// consultations below `capacity` (0: no limit); ties go to the earlier candidate.
+    fn route_next(
+        &self,
+        candidates: &[String],
+        capacity: u32,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Routed>> + Send;
+    /// A QUEUED consultation goes to `agent` (whatever its load).
+    fn accept(&self, id: &str, agent: &str, now_ms: u64)
+    -> impl Future<Output = Result<Step>> + Send;
+    /// An ASSIGNED consultation held by `from` moves to `to`: loads move, `to` becomes a
+    /// member and `from` stops being one.
+    fn transfer(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        note: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Step>> + Send;
+    /// Closes a consultation that is not closed: leaves the queue or frees the agent's
+    /// load, and the conversation becomes read-only.
+    fn close(
+        &self,
+        id: &str,
+        resolution: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Step>> + Send;
+    /// Assigned consultations per agent, in the order asked.
+    fn loads(&self, agents: &[String]) -> impl Future<Output = Result<Vec<u32>>> + Send;
+}
