@@ -109,6 +109,9 @@ impl Default for AuthOptions {
 }
 
 /// Redis at `redis`, or the embedded engine with `None`.
+/// The service token every in-process instance shares (messaging → presence).
+pub const SERVICE_TOKEN: &str = "test-service-token-0123456789abcdef0123456789";
+
 fn engine(redis: Option<&RedisServer>) -> Engine {
     match redis {
         Some(r) => Engine::Redis(Secret::new(r.url())),
@@ -154,6 +157,10 @@ pub fn auth_client(instance: &InProcess) -> AuthServiceClient<Channel> {
 /// Options for an in-process messaging instance.
 #[derive(Clone)]
 pub struct MessagingOptions {
+    /// The presence instance the desk routes with (`None`: an unused address).
+    pub presence: Option<SocketAddr>,
+    /// Consultations routed to one agent at most (0: no limit).
+    pub agent_capacity: u32,
     /// Deliveries a stream may have waiting before it is cut off.
     pub outbound_queue: usize,
     /// Sends per second per user.
@@ -167,6 +174,8 @@ pub struct MessagingOptions {
 impl Default for MessagingOptions {
     fn default() -> Self {
         Self {
+            presence: None,
+            agent_capacity: 5,
             outbound_queue: 1024,
             send_rate: 10_000.0,
             send_burst: 10_000.0,
@@ -193,6 +202,13 @@ pub async fn spawn_messaging(
         config.send_limit.per_second = options.send_rate;
         config.send_limit.burst = options.send_burst;
         config.history_retention = options.history_retention;
+        config.service_token = Some(Secret::new(SERVICE_TOKEN));
+        config.agent_capacity = options.agent_capacity;
+        // Without a presence instance, a closed port: never someone else's presence.
+        config.presence_url = match options.presence {
+            Some(presence) => format!("http://{presence}"),
+            None => "http://127.0.0.1:1".into(),
+        };
         switchboard_messaging::run(config, listener, shutdown)
     })
     .await
@@ -226,6 +242,7 @@ pub async fn spawn_presence(
         config.ttl = ttl;
         config.sweep_interval = sweep;
         config.reconnect_grace = grace;
+        config.service_token = Some(Secret::new(SERVICE_TOKEN));
         switchboard_presence::run(config, listener, shutdown)
     })
     .await

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod bench;
 pub mod instance;
 pub mod messaging;
+pub mod presence;
 pub mod proxy;
 pub mod redis;
 

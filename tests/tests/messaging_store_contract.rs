@@ -7,9 +7,12 @@ use switchboard_common::bus::{Bus, BusEvent, MemoryBus, RedisBus, redis_manager}
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_messaging::conversation::{ConversationRecord, Kind, Member};
 use switchboard_messaging::message::{Envelope, Frame, decode};
+use switchboard_messaging::store::desk::{ConsultationRecord, ConsultationState, Routed, Step};
 use switchboard_messaging::store::memory::MemoryStore;
 use switchboard_messaging::store::redis::RedisStore;
-use switchboard_messaging::store::{MessagingStore, Outgoing, Range, Sent, conversation_channel};
+use switchboard_messaging::store::{
+    DeskStore, MessagingStore, Outgoing, Range, Sent, conversation_channel,
+};
 use switchboard_proto::messaging::v1 as pb;
 use switchboard_tests::redis::RedisServer;
 
@@ -289,10 +292,197 @@ async fn contract(store: impl MessagingStore, bus: Arc<dyn Bus>, retention: usiz
         .expect("publish");
 }
 
+fn support(id: &str, customer: &str, opened: u64) -> (ConversationRecord, ConsultationRecord) {
+    let conversation = ConversationRecord {
+        kind: Kind::Support,
+        owner_id: String::new(),
+        ..group(id, &[customer])
+    };
+    let consultation = ConsultationRecord {
+        id: id.into(),
+        customer_id: customer.into(),
+        agent_id: String::new(),
+        topic: "t".into(),
+        state: ConsultationState::Queued,
+        opened_at_ms: opened,
+        assigned_at_ms: 0,
+        closed_at_ms: 0,
+        resolution: String::new(),
+        transfer_note: String::new(),
+    };
+    (conversation, consultation)
+}
+
+async fn desk_contract(store: impl DeskStore) {
+    let agents: Vec<String> = vec!["ann".into(), "ben".into()];
+    assert_eq!(
+        store.route_next(&agents, 0, 1).await.expect("route"),
+        Routed::Empty
+    );
+    for (i, id) in ["s1", "s2", "s3", "s4"].iter().enumerate() {
+        let (c, r) = support(id, &format!("cust{i}"), 100 + i as u64);
+        store.open(&c, &r).await.expect("open");
+    }
+    assert_eq!(store.queue_position("s3").await.expect("pos"), Some(3));
+    let queue = store.queue(2).await.expect("queue");
+    assert_eq!(
+        queue.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["s1", "s2"]
+    );
+    assert_eq!(queue[0].state, ConsultationState::Queued);
+    assert_eq!(
+        store.route_next(&[], 0, 1).await.expect("route"),
+        Routed::NoAgent,
+        "nobody available"
+    );
+
+    // Oldest first, to the least loaded; ties go to the earlier candidate; capacity holds.
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        match store.route_next(&agents, 2, 200).await.expect("route") {
+            Routed::Assigned { id, agent_id } => got.push((id, agent_id)),
+            other => panic!("expected an assignment, got {other:?}"),
+        }
+    }
+    let got: Vec<(&str, &str)> = got.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    assert_eq!(got, [("s1", "ann"), ("s2", "ben"), ("s3", "ann")]);
+    assert_eq!(store.loads(&agents).await.expect("loads"), [2, 1]);
+    assert_eq!(
+        store.route_next(&agents[..1], 2, 300).await.expect("route"),
+        Routed::NoAgent,
+        "ann is full"
+    );
+    let s1 = store.consultation("s1").await.expect("get").expect("s1");
+    assert_eq!(
+        (s1.state, s1.agent_id.as_str(), s1.assigned_at_ms),
+        (ConsultationState::Assigned, "ann", 200)
+    );
+    let c1 = store.conversation("s1").await.expect("get").expect("s1");
+    assert!(c1.is_member("ann") && c1.is_member("cust0"));
+    assert!(
+        store
+            .user_conversations("ann")
+            .await
+            .expect("index")
+            .contains(&"s1".to_string())
+    );
+    assert_eq!(store.queue_position("s1").await.expect("pos"), None);
+    assert_eq!(store.queue_position("s4").await.expect("pos"), Some(1));
+
+    // Accept only what is queued.
+    assert_eq!(
+        store.accept("s1", "ben", 1).await.expect("accept"),
+        Step::WrongState(ConsultationState::Assigned)
+    );
+    assert_eq!(
+        store.accept("nope", "ben", 1).await.expect("accept"),
+        Step::NotFound
+    );
+    assert_eq!(
+        store.accept("s4", "ben", 400).await.expect("accept"),
+        Step::Done("ben".into())
+    );
+    assert_eq!(store.loads(&agents).await.expect("loads"), [2, 2]);
+    assert!(store.queue(10).await.expect("queue").is_empty());
+
+    // Transfer moves load and membership, only from the holder.
+    assert_eq!(
+        store.transfer("s1", "ben", "cat", "", 1).await.expect("t"),
+        Step::Moved("ann".into())
+    );
+    assert_eq!(
+        store
+            .transfer("s1", "ann", "ben", "vip", 500)
+            .await
+            .expect("t"),
+        Step::Done("ben".into())
+    );
+    assert_eq!(store.loads(&agents).await.expect("loads"), [1, 3]);
+    let c1 = store.conversation("s1").await.expect("get").expect("s1");
+    assert!(
+        c1.is_member("ben") && !c1.is_member("ann"),
+        "{:?}",
+        c1.members
+    );
+    assert!(
+        !store
+            .user_conversations("ann")
+            .await
+            .expect("index")
+            .contains(&"s1".to_string())
+    );
+    assert_eq!(
+        store
+            .consultation("s1")
+            .await
+            .expect("get")
+            .expect("s1")
+            .transfer_note,
+        "vip"
+    );
+
+    // Close frees the load and makes the conversation read-only; only once.
+    assert_eq!(
+        store.close("s1", "done", 600).await.expect("close"),
+        Step::Done("ben".into())
+    );
+    assert_eq!(store.loads(&agents).await.expect("loads"), [1, 2]);
+    assert_eq!(
+        store.close("s1", "again", 700).await.expect("close"),
+        Step::WrongState(ConsultationState::Closed)
+    );
+    let s1 = store.consultation("s1").await.expect("get").expect("s1");
+    assert_eq!(
+        (s1.state, s1.resolution.as_str(), s1.closed_at_ms),
+        (ConsultationState::Closed, "done", 600)
+    );
+    assert!(
+        store
+            .conversation("s1")
+            .await
+            .expect("get")
+            .expect("s1")
+            .read_only
+    );
+    assert_eq!(
+        store
+            .send(&outgoing("s1", "cust0", "late", "x"))
+            .await
+            .expect("send"),
+        Sent::ReadOnly
+    );
+    assert_eq!(
+        store.transfer("s1", "ben", "ann", "", 1).await.expect("t"),
+        Step::WrongState(ConsultationState::Closed)
+    );
+    // Closing a queued one takes it off the queue.
+    let (c, r) = support("s5", "cust5", 900);
+    store.open(&c, &r).await.expect("open");
+    assert_eq!(
+        store.close("s5", "", 901).await.expect("close"),
+        Step::Done(String::new())
+    );
+    assert!(store.queue(10).await.expect("queue").is_empty());
+    assert_eq!(store.loads(&agents).await.expect("loads"), [1, 2]);
+}
+
 #[tokio::test]
 async fn memory_engine_meets_the_contract() {
     let bus = MemoryBus::new();
     contract(MemoryStore::new(bus.clone(), 100), Arc::new(bus), 100).await;
+}
+
+#[tokio::test]
+async fn memory_engine_meets_the_desk_contract() {
+    desk_contract(MemoryStore::new(MemoryBus::new(), 100)).await;
+}
+
+#[tokio::test]
+async fn redis_engine_meets_the_desk_contract() {
+    let redis = RedisServer::spawn().expect("redis");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let conn = redis_manager(&client).expect("manager");
+    desk_contract(RedisStore::new(conn, 100)).await;
 }
 
 #[tokio::test]

@@ -9,9 +9,9 @@ use switchboard_tests::auth::{authed, first_admin, person, register_and_login};
 use switchboard_tests::instance::{
     AuthOptions, ChildService, InProcess, auth_client, spawn_auth, spawn_presence,
 };
+use switchboard_tests::presence::connect;
 use switchboard_tests::proxy::Proxy;
 use switchboard_tests::redis::RedisServer;
-use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
@@ -26,62 +26,7 @@ async fn user(auth: &InProcess, name: &str) -> (String, String) {
     (me.user.expect("user").id, t.access_token)
 }
 
-/// A device session: the request sender and the response stream.
-struct Device {
-    tx: mpsc::Sender<pb::ConnectRequest>,
-    rx: Streaming<pb::ConnectResponse>,
-}
-
-async fn connect(channel: Channel, token: &str) -> Device {
-    let (tx, rx) = mpsc::channel(8);
-    let mut client = PresenceServiceClient::new(channel);
-    let mut stream = client
-        .connect(authed(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            token,
-        ))
-        .await
-        .expect("connect")
-        .into_inner();
-    let first = stream.message().await.expect("frame").expect("connected");
-    assert!(matches!(
-        first.frame,
-        Some(pb::connect_response::Frame::Connected(_))
-    ));
-    Device { tx, rx: stream }
-}
-
 const MS500: Duration = Duration::from_millis(500);
-
-impl Device {
-    /// Ends the stream cleanly (half-close) and waits for the server to finish it.
-    async fn close(self) {
-        let Device { tx, mut rx } = self;
-        drop(tx);
-        let drained = tokio::time::timeout(Duration::from_secs(5), async {
-            while let Ok(Some(_)) = rx.message().await {}
-        })
-        .await;
-        assert!(
-            drained.is_ok(),
-            "the server did not end a half-closed stream"
-        );
-    }
-
-    async fn set(&self, state: pb::PresenceState, text: &str) {
-        let set = pb::SetState {
-            state: state as i32,
-            custom_text: text.into(),
-            device_name: String::new(),
-        };
-        self.tx
-            .send(pb::ConnectRequest {
-                frame: Some(pb::connect_request::Frame::SetState(set)),
-            })
-            .await
-            .expect("send");
-    }
-}
 
 /// Reads watch events until `user` has `state` (and `sessions`, if given).
 async fn until_state(

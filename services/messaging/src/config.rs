@@ -2,7 +2,11 @@
 
 use std::net::SocketAddr;
 
-use switchboard_common::config::{Engine, Problems, ServerArgs, ServerConfig, StoreArgs};
+use std::time::Duration;
+
+use switchboard_common::config::{
+    Engine, Problems, Secret, ServerArgs, ServerConfig, ServiceTokenArgs, StoreArgs,
+};
 
 /// Environment variable names of messaging's own settings.
 pub mod env {
@@ -16,6 +20,12 @@ pub mod env {
     pub const SEND_RATE: &str = "MESSAGING_SEND_RATE_PER_SEC";
     /// Send burst per user.
     pub const SEND_BURST: &str = "MESSAGING_SEND_BURST";
+    /// Where the presence service is (the desk routes to available agents).
+    pub const PRESENCE_URL: &str = "PRESENCE_URL";
+    /// Consultations an agent holds at once before routing skips them.
+    pub const AGENT_CAPACITY: &str = "MESSAGING_SUPPORT_AGENT_CAPACITY";
+    /// Seconds between safety passes over the support queue.
+    pub const QUEUE_RECHECK_SECS: &str = "MESSAGING_SUPPORT_RECHECK_SECS";
 }
 
 /// `switchboard-messaging`: conversations, history and the real-time Connect stream.
@@ -33,6 +43,9 @@ pub struct Args {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub service: ServiceTokenArgs,
     /// The auth service, for its token keys (GetJwks).
     #[arg(long, env = env::AUTH_URL, default_value = "http://127.0.0.1:50051")]
     pub auth_url: String,
@@ -50,6 +63,19 @@ pub struct Args {
     /// Messages a user may send in a burst.
     #[arg(long, env = env::SEND_BURST, default_value_t = 100.0)]
     pub send_burst: f64,
+    /// The presence service: the support desk asks it for available agents (ListOnline)
+    /// and watches agents' presence to route waiting consultations.
+    #[arg(long, env = env::PRESENCE_URL, default_value = "http://127.0.0.1:50052")]
+    pub presence_url: String,
+    /// Consultations an agent holds at once; routing skips agents at this load (0: no
+    /// limit). Agents may still accept more from the queue themselves.
+    #[arg(long, env = env::AGENT_CAPACITY, default_value_t = 5)]
+    pub support_agent_capacity: u32,
+    /// Seconds between safety passes over the support queue. Routing is driven by events
+    /// (new consultations, agents becoming available, closes); this pass only catches
+    /// what a crashed instance or a lost event left waiting.
+    #[arg(long, env = env::QUEUE_RECHECK_SECS, default_value_t = 10)]
+    pub support_recheck_secs: u64,
 }
 
 /// Validated messaging settings.
@@ -67,6 +93,14 @@ pub struct Config {
     pub outbound_queue: usize,
     /// Send limit.
     pub send_limit: crate::domain::SendLimit,
+    /// The presence service.
+    pub presence_url: String,
+    /// Shared secret for calls to presence.
+    pub service_token: Option<Secret>,
+    /// Most consultations routed to one agent.
+    pub agent_capacity: u32,
+    /// Period of the queue's safety pass.
+    pub queue_recheck: Duration,
 }
 
 impl Args {
@@ -75,6 +109,17 @@ impl Args {
         let mut problems = Problems::default();
         let server = self.server.validate(self.listen_addr, &mut problems);
         let engine = self.store.validate(&mut problems);
+        let service_token = self.service.validate(&mut problems);
+        if tonic::transport::Endpoint::from_shared(self.presence_url.clone()).is_err() {
+            problems.add(format!(
+                "{}: not a URL: {}",
+                env::PRESENCE_URL,
+                self.presence_url
+            ));
+        }
+        if !(1..=3600).contains(&self.support_recheck_secs) {
+            problems.add(format!("{}: must be 1 to 3600", env::QUEUE_RECHECK_SECS));
+        }
         if tonic::transport::Endpoint::from_shared(self.auth_url.clone()).is_err() {
             problems.add(format!("{}: not a URL: {}", env::AUTH_URL, self.auth_url));
         }
@@ -105,6 +150,10 @@ impl Args {
                 per_second: self.send_rate_per_sec,
                 burst: self.send_burst,
             },
+            presence_url: self.presence_url,
+            service_token,
+            agent_capacity: self.support_agent_capacity,
+            queue_recheck: Duration::from_secs(self.support_recheck_secs),
         })
     }
 }

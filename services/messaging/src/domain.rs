@@ -11,7 +11,7 @@ use switchboard_proto::messaging::v1 as pb;
 use crate::conversation::{ConversationRecord, Kind, Member, NewConversation, direct_key};
 use crate::error::{Error, Result};
 use crate::message::{Draft, Envelope, encode_event};
-use crate::store::{MessagingStore, Outgoing, Range, Sent, conversation_channel, user_channel};
+use crate::store::{DeskStore, Outgoing, Range, Sent, conversation_channel, user_channel};
 
 /// Largest page of history.
 pub const MAX_PAGE: usize = 200;
@@ -91,7 +91,7 @@ pub fn timestamp(ms: u64) -> prost_types::Timestamp {
 
 use switchboard_proto::prost_types;
 
-impl<S: MessagingStore> Messaging<S> {
+impl<S: DeskStore> Messaging<S> {
     /// Rules over `store` with the given send limit.
     pub fn new(store: Arc<S>, limit: SendLimit) -> Self {
         // Typing notices: one every two seconds per user and conversation is plenty.
@@ -561,13 +561,36 @@ impl<S: MessagingStore> Messaging<S> {
             last_seq: latest.last_seq,
             read_seq,
             unread_count: latest.last_seq.saturating_sub(read_seq),
-            consultation: None,
+            consultation: self.consultation_of(record, user).await?,
             read_only: record.read_only,
         })
     }
 
-    /// Publishes a conversation event to the user channels of `notify`.
-    async fn announce(
+    /// The consultation of a SUPPORT conversation, as `user` sees it.
+    async fn consultation_of(
+        &self,
+        record: &ConversationRecord,
+        user: &str,
+    ) -> Result<Option<pb::Consultation>> {
+        if record.kind != Kind::Support {
+            return Ok(None);
+        }
+        let Some(c) = self.store.consultation(&record.id).await? else {
+            return Ok(None);
+        };
+        let position = match c.state {
+            crate::store::desk::ConsultationState::Queued => {
+                self.store.queue_position(&c.id).await?
+            }
+            _ => None,
+        };
+        Ok(Some(crate::desk::consultation_view(&c, position, user)))
+    }
+
+    /// Publishes a conversation event to the user channels of `notify`. Each recipient
+    /// gets the conversation as they see it (their read position; for consultations, what
+    /// the customer may not see is left out).
+    pub(crate) async fn announce(
         &self,
         record: &ConversationRecord,
         kind: pb::ConversationEventKind,
@@ -575,31 +598,42 @@ impl<S: MessagingStore> Messaging<S> {
         about: &[String],
         notify: &[String],
     ) {
-        let conversation = match self.view(record, "").await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot build a conversation event");
-                return;
-            }
-        };
-        let event = pb::ConversationEvent {
-            kind: kind as i32,
-            conversation: Some(conversation),
-            actor_id: actor.to_owned(),
-            user_ids: about.to_vec(),
-        };
-        let payload = encode_event(&Envelope {
-            event: Some(event),
-            ..Default::default()
-        });
+        let mut shared: Option<Vec<u8>> = None;
         for user in notify {
+            let payload = match &shared {
+                Some(p) => p.clone(),
+                None => {
+                    // Groups and direct chats look the same to everyone in an event.
+                    let viewer = if record.kind == Kind::Support {
+                        user.as_str()
+                    } else {
+                        ""
+                    };
+                    let conversation = match self.view(record, viewer).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot build a conversation event");
+                            return;
+                        }
+                    };
+                    let payload = encode_event(&Envelope {
+                        event: Some(pb::ConversationEvent {
+                            kind: kind as i32,
+                            conversation: Some(conversation),
+                            actor_id: actor.to_owned(),
+                            user_ids: about.to_vec(),
+                        }),
+                        ..Default::default()
+                    });
+                    if record.kind != Kind::Support {
+                        shared = Some(payload.clone());
+                    }
+                    payload
+                }
+            };
             // Events are best effort (the change itself is stored); a client that missed
             // one sees the change in ListConversations.
-            if let Err(e) = self
-                .store
-                .publish(&user_channel(user), payload.clone())
-                .await
-            {
+            if let Err(e) = self.store.publish(&user_channel(user), payload).await {
                 tracing::warn!(error = %e, "cannot publish a conversation event");
             }
         }

@@ -14,6 +14,9 @@ pub enum Error {
     /// No such conversation.
     #[error("conversation '{0}' does not exist")]
     ConversationNotFound(String),
+    /// Something else that does not exist (a consultation); the message names it.
+    #[error("{0}")]
+    NotFound(String),
     /// The caller is not a member (or lacks the role).
     #[error("{0}")]
     PermissionDenied(String),
@@ -66,7 +69,9 @@ impl Error {
             Error::InvalidArgument(_) | Error::BodyTooLarge(_) => {
                 Status::invalid_argument(self.to_string())
             }
-            Error::ConversationNotFound(_) => Status::not_found(self.to_string()),
+            Error::ConversationNotFound(_) | Error::NotFound(_) => {
+                Status::not_found(self.to_string())
+            }
             Error::PermissionDenied(_) => Status::permission_denied(self.to_string()),
             Error::FailedPrecondition(_) => Status::failed_precondition(self.to_string()),
             Error::ResourceExhausted { .. } => Status::resource_exhausted(self.to_string()),

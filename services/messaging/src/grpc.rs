@@ -6,11 +6,13 @@ use std::sync::Arc;
 use switchboard_common::token::Caller;
 use switchboard_proto::messaging::v1 as pb;
 use switchboard_proto::messaging::v1::messaging_service_server::MessagingService;
+use switchboard_proto::messaging::v1::support_service_server::SupportService;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::desk::Desk;
 use crate::domain::Messaging;
 use crate::message::Draft;
-use crate::store::MessagingStore;
+use crate::store::DeskStore;
 use crate::stream::{Outbound, Streams};
 
 /// `switchboard.messaging.v1.MessagingService`.
@@ -39,7 +41,7 @@ fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
 }
 
 #[tonic::async_trait]
-impl<S: MessagingStore> MessagingService for MessagingGrpc<S> {
+impl<S: DeskStore> MessagingService for MessagingGrpc<S> {
     #[tracing::instrument(skip_all)]
     async fn create_conversation(
         &self,
@@ -198,5 +200,91 @@ impl<S: MessagingStore> MessagingService for MessagingGrpc<S> {
             c,
             req.into_inner(),
         )))
+    }
+}
+
+/// `switchboard.messaging.v1.SupportService`.
+pub struct SupportGrpc<S> {
+    desk: Arc<Desk<S>>,
+}
+
+impl<S> SupportGrpc<S> {
+    /// Serves `desk`.
+    pub fn new(desk: Arc<Desk<S>>) -> Self {
+        Self { desk }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: DeskStore> SupportService for SupportGrpc<S> {
+    #[tracing::instrument(skip_all)]
+    async fn open_consultation(
+        &self,
+        req: Request<pb::OpenConsultationRequest>,
+    ) -> Result<Response<pb::OpenConsultationResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let (consultation, conversation) = self.desk.open(&c, &r.topic, r.first_message).await?;
+        Ok(Response::new(pb::OpenConsultationResponse {
+            consultation: Some(consultation),
+            conversation: Some(conversation),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_queue(
+        &self,
+        req: Request<pb::ListQueueRequest>,
+    ) -> Result<Response<pb::ListQueueResponse>, Status> {
+        let c = caller(&req)?;
+        let consultations = self.desk.queue(&c, req.into_inner().limit).await?;
+        Ok(Response::new(pb::ListQueueResponse { consultations }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn accept_consultation(
+        &self,
+        req: Request<pb::AcceptConsultationRequest>,
+    ) -> Result<Response<pb::AcceptConsultationResponse>, Status> {
+        let c = caller(&req)?;
+        let consultation = self
+            .desk
+            .accept(&c, &req.into_inner().consultation_id)
+            .await?;
+        Ok(Response::new(pb::AcceptConsultationResponse {
+            consultation: Some(consultation),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn transfer_consultation(
+        &self,
+        req: Request<pb::TransferConsultationRequest>,
+    ) -> Result<Response<pb::TransferConsultationResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let consultation = self
+            .desk
+            .transfer(&c, &r.consultation_id, &r.to_agent_id, &r.note)
+            .await?;
+        Ok(Response::new(pb::TransferConsultationResponse {
+            consultation: Some(consultation),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn close_consultation(
+        &self,
+        req: Request<pb::CloseConsultationRequest>,
+    ) -> Result<Response<pb::CloseConsultationResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let consultation = self
+            .desk
+            .close(&c, &r.consultation_id, &r.resolution)
+            .await?;
+        Ok(Response::new(pb::CloseConsultationResponse {
+            consultation: Some(consultation),
+        }))
     }
 }

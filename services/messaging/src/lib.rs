@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod conversation;
+pub mod desk;
 pub mod domain;
 pub mod error;
 pub mod fanout;
@@ -25,15 +26,17 @@ use switchboard_common::server::{self, Assembly, AuthLayer};
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_common::tune;
 use switchboard_proto::messaging::v1::messaging_service_server::MessagingServiceServer;
+use switchboard_proto::messaging::v1::support_service_server::SupportServiceServer;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 
 pub use config::{Args, Config};
 
+use crate::desk::{Desk, Presence};
 use crate::domain::Messaging;
 use crate::fanout::Hub;
-use crate::grpc::MessagingGrpc;
-use crate::store::MessagingStore;
+use crate::grpc::{MessagingGrpc, SupportGrpc};
+use crate::store::DeskStore;
 use crate::stream::Streams;
 
 /// Serves messaging on `listener` until `shutdown` fires. `main` and the tests call this.
@@ -64,7 +67,7 @@ pub async fn run(
     }
 }
 
-async fn serve<S: MessagingStore>(
+async fn serve<S: DeskStore>(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
@@ -74,6 +77,21 @@ async fn serve<S: MessagingStore>(
     let verifier = backend.remote_verifier(&config.auth_url, &shutdown).await?;
 
     let messaging = Arc::new(Messaging::new(store.clone(), config.send_limit));
+    if config.service_token.is_none() {
+        tracing::warn!(
+            "SERVICE_TOKEN is unset: the support desk cannot ask presence for agents, so consultations wait until an agent accepts one"
+        );
+    }
+    let presence = Presence::new(&config.presence_url, config.service_token.clone())?;
+    let desk = Arc::new(Desk::new(
+        messaging.clone(),
+        presence,
+        config.agent_capacity,
+    ));
+    tokio::spawn(
+        desk.clone()
+            .dispatch(config.queue_recheck, shutdown.clone()),
+    );
     let streams = Arc::new(Streams {
         messaging,
         hub: Hub::new(backend.bus.clone(), store),
@@ -86,9 +104,16 @@ async fn serve<S: MessagingStore>(
         MessagingServiceServer::new(MessagingGrpc::new(streams)),
         config.server
     ));
+    routes.add_service(tune!(
+        SupportServiceServer::new(SupportGrpc::new(desk)),
+        config.server
+    ));
     let assembly = Assembly {
         routes: routes.routes(),
-        service_names: vec![<MessagingServiceServer<MessagingGrpc<S>> as NamedService>::NAME],
+        service_names: vec![
+            <MessagingServiceServer<MessagingGrpc<S>> as NamedService>::NAME,
+            <SupportServiceServer<SupportGrpc<S>> as NamedService>::NAME,
+        ],
         auth: AuthLayer::new(verifier, &[]),
     };
     server::serve(&config.server, listener, shutdown, assembly).await

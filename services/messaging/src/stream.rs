@@ -32,7 +32,7 @@ use crate::domain::Messaging;
 use crate::error::Error;
 use crate::fanout::{Delivery, Hub, Inbox, Joined};
 use crate::message::Draft;
-use crate::store::{MessagingStore, Range, conversation_channel, user_channel};
+use crate::store::{DeskStore, Range, conversation_channel, user_channel};
 
 /// Page size of history replay.
 const REPLAY_PAGE: usize = 200;
@@ -104,10 +104,13 @@ struct Session<S> {
     overflow: CancellationToken,
     out: mpsc::Sender<Box<pb::ConnectResponse>>,
     subs: HashMap<String, Subscription>,
+    /// Subscribed to all conversations: conversations the caller joins later (a new
+    /// direct chat, an assigned consultation) are followed too.
+    all: bool,
 }
 
 /// Opens a stream for `caller` reading client frames from `inbound`.
-pub fn open<S: MessagingStore>(
+pub fn open<S: DeskStore>(
     ctx: Arc<Streams<S>>,
     caller: Caller,
     inbound: Streaming<pb::ConnectRequest>,
@@ -124,6 +127,7 @@ pub fn open<S: MessagingStore>(
             overflow,
             out,
             subs: HashMap::new(),
+            all: false,
         };
         if let End::Status(status) = session.run(inbound, rx).await {
             let _ = end_tx.send(status);
@@ -145,7 +149,7 @@ fn frame_error(e: &Error, conversation_id: &str) -> pb::FrameError {
     }
 }
 
-impl<S: MessagingStore> Session<S> {
+impl<S: DeskStore> Session<S> {
     async fn run(
         &mut self,
         mut inbound: Streaming<pb::ConnectRequest>,
@@ -254,17 +258,11 @@ impl<S: MessagingStore> Session<S> {
                         Ok(ids) => ids,
                         Err(e) => return self.refuse(&e, "").await,
                     };
+                    self.all = true;
                     for id in ids {
                         let since = match s.positions.get(&id) {
                             Some(p) => *p,
-                            None => ctx
-                                .messaging
-                                .store()
-                                .read_positions(&id)
-                                .await
-                                .ok()
-                                .and_then(|r| r.get(&self.caller.user_id).copied())
-                                .unwrap_or(0),
+                            None => self.read_position(&id).await,
                         };
                         self.subscribe(&id, since, "").await?;
                     }
@@ -336,6 +334,18 @@ impl<S: MessagingStore> Session<S> {
                 }
             },
         }
+    }
+
+    /// The caller's read position in a conversation (0 if unknown or unreadable).
+    async fn read_position(&self, conversation_id: &str) -> u64 {
+        self.ctx
+            .messaging
+            .store()
+            .read_positions(conversation_id)
+            .await
+            .ok()
+            .and_then(|r| r.get(&self.caller.user_id).copied())
+            .unwrap_or(0)
     }
 
     async fn subscribe(
@@ -477,19 +487,30 @@ impl<S: MessagingStore> Session<S> {
             Delivery::Message(message) => self.send_message(Arc::unwrap_or_clone(message)).await,
             Delivery::Frame(frame) => {
                 let frame = Arc::unwrap_or_clone(frame);
+                let mut follow = None;
                 match &frame {
                     Out::Typing(t) if t.user_id == self.caller.user_id => return Ok(()),
-                    Out::ConversationEvent(e)
-                        if e.kind == pb::ConversationEventKind::MemberLeft as i32
-                            && e.user_ids.contains(&self.caller.user_id) =>
-                    {
-                        if let Some(c) = &e.conversation {
+                    Out::ConversationEvent(pb::ConversationEvent {
+                        conversation: Some(c),
+                        ..
+                    }) => {
+                        if !c.member_ids.contains(&self.caller.user_id) {
+                            // Left, removed, or a consultation transferred away.
                             self.subs.remove(&c.id);
+                        } else if self.all && !self.subs.contains_key(&c.id) {
+                            follow = Some(c.id.clone());
                         }
                     }
                     _ => {}
                 }
-                self.emit(frame).await
+                self.emit(frame).await?;
+                match follow {
+                    Some(id) => {
+                        let since = self.read_position(&id).await;
+                        self.subscribe(&id, since, "").await
+                    }
+                    None => Ok(()),
+                }
             }
         }
     }

@@ -124,8 +124,12 @@ pub trait DeskStore: MessagingStore {
         now_ms: u64,
     ) -> impl Future<Output = Result<Routed>> + Send;
     /// A QUEUED consultation goes to `agent` (whatever its load).
-    fn accept(&self, id: &str, agent: &str, now_ms: u64)
-    -> impl Future<Output = Result<Step>> + Send;
+    fn accept(
+        &self,
+        id: &str,
+        agent: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Step>> + Send;
     /// An ASSIGNED consultation held by `from` moves to `to`: loads move, `to` becomes a
     /// member and `from` stops being one.
     fn transfer(

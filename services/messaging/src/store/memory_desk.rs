@@ -77,7 +77,12 @@ impl DeskStore for MemoryStore {
         }))
     }
 
-    async fn route_next(&self, candidates: &[String], capacity: u32, now_ms: u64) -> Result<Routed> {
+    async fn route_next(
+        &self,
+        candidates: &[String],
+        capacity: u32,
+        now_ms: u64,
+    ) -> Result<Routed> {
         Ok(self.with(|s| {
             let Some((opened, id)) = s.desk.queue.first().cloned() else {
                 return Routed::Empty;

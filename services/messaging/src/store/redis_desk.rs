@@ -201,7 +201,12 @@ impl DeskStore for RedisStore {
         Ok(out)
     }
 
-    async fn route_next(&self, candidates: &[String], capacity: u32, now_ms: u64) -> Result<Routed> {
+    async fn route_next(
+        &self,
+        candidates: &[String],
+        capacity: u32,
+        now_ms: u64,
+    ) -> Result<Routed> {
         let mut conn = self.conn.clone();
         // Another instance may take the head between the read and the script; the script
         // then says 'gone' and the next head is tried (a bounded number of times).
