@@ -14,6 +14,7 @@ struct Person {
     dir: tempfile::TempDir,
     auth: String,
     messaging: String,
+    presence: String,
 }
 
 impl Person {
@@ -23,6 +24,7 @@ impl Person {
             .env("SWITCHBOARD_CONFIG_DIR", self.dir.path())
             .env("SWITCHBOARD_AUTH_URL", &self.auth)
             .env("SWITCHBOARD_MESSAGING_URL", &self.messaging)
+            .env("SWITCHBOARD_PRESENCE_URL", &self.presence)
             .env("SWITCHBOARD_PASSWORD", "cli password");
         cmd
     }
@@ -40,7 +42,11 @@ impl Person {
 
 /// Reads `child`'s stdout lines on a thread.
 fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stdout = child.stdout.take().expect("stdout");
+    read_lines(child.stdout.take().expect("stdout"))
+}
+
+/// Reads lines of `pipe` on a thread.
+fn read_lines(stdout: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -73,6 +79,7 @@ fn person(auth: &ChildService, messaging: &[&ChildService]) -> Person {
             .map(|m| format!("http://{}", m.addr))
             .collect::<Vec<_>>()
             .join(","),
+        presence: "http://127.0.0.1:1".into(),
     }
 }
 
@@ -163,4 +170,114 @@ fn two_people_chat_through_two_instances_and_chat_resumes_after_a_crash() {
     let out = alice.cmd(&["whoami"]).output().expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not logged in"));
+}
+
+#[test]
+fn a_customer_opens_a_consultation_and_an_agent_console_answers_and_closes_it() {
+    let redis = RedisServer::spawn().expect("redis");
+    let auth = ChildService::spawn(
+        "switchboard-auth",
+        &[
+            ("REDIS_URL", redis.url()),
+            ("AUTH_ARGON2_MEMORY_KIB", "1024".into()),
+            ("AUTH_ARGON2_ITERATIONS", "1".into()),
+            ("AUTH_ADMIN_USERNAME", "cliadmin".into()),
+            ("AUTH_ADMIN_PASSWORD", "cli admin password".into()),
+        ],
+    )
+    .expect("auth");
+    let token = (
+        "SERVICE_TOKEN",
+        "cli-test-service-token-0123456789abcdef".to_string(),
+    );
+    let common = [
+        ("REDIS_URL", redis.url()),
+        ("AUTH_URL", format!("http://{}", auth.addr)),
+        token.clone(),
+    ];
+    let presence = ChildService::spawn("switchboard-presence", &common).expect("presence");
+    let mut env = common.to_vec();
+    env.push(("PRESENCE_URL", format!("http://{}", presence.addr)));
+    let messaging = ChildService::spawn("switchboard-messaging", &env).expect("messaging");
+
+    let mut customer = person(&auth, &[&messaging]);
+    let mut agent = person(&auth, &[&messaging]);
+    for p in [&mut customer, &mut agent] {
+        p.presence = format!("http://{}", presence.addr);
+    }
+    customer.run(&["register", "clicustomer"]);
+    customer.run(&["login", "clicustomer"]);
+    let agent_id = agent.run(&["register", "cliagent"]);
+    let agent_id = agent_id
+        .split(['(', ')'])
+        .nth(1)
+        .expect("registered prints the id")
+        .to_owned();
+    // An admin makes the account an agent (there is no CLI command for roles).
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        use switchboard_proto::auth::v1 as auth_pb;
+        let c = switchboard_proto::auth::v1::auth_service_client::AuthServiceClient::new(
+            switchboard_tests::instance::channel(auth.addr),
+        );
+        let admin =
+            switchboard_tests::auth::first_admin(&c, "cliadmin", "cli admin password").await;
+        c.clone()
+            .set_role(switchboard_tests::auth::authed(
+                auth_pb::SetRoleRequest {
+                    user_id: agent_id.clone(),
+                    role: auth_pb::Role::Agent as i32,
+                },
+                &admin.token,
+            ))
+            .await
+            .expect("set role");
+    });
+    agent.run(&["login", "cliagent"]);
+
+    let mut console = agent
+        .cmd(&["chat", "--agent"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agent console");
+    let out = lines(&mut console);
+    let err = read_lines(console.stderr.take().expect("stderr"));
+    expect_line(&err, "online and AVAILABLE");
+
+    let opened = customer.run(&["support", "open", "order 42", "where", "is", "it?"]);
+    let id = opened.split_whitespace().next().expect("id").to_owned();
+    expect_line(&err, "(new consultation)");
+    expect_line(&out, "clicustomer: where is it?");
+    let mut stdin = console.stdin.take().expect("stdin");
+    writeln!(stdin, "it ships today").expect("type");
+    expect_line(&out, "cliagent: it ships today");
+    let history = customer.run(&["history", &id]);
+    assert!(history.contains("cliagent: it ships today"), "{history}");
+
+    // Customers cannot work the queue.
+    let out_queue = customer.cmd(&["support", "queue"]).output().expect("run");
+    assert!(!out_queue.status.success());
+    assert!(
+        String::from_utf8_lossy(&out_queue.stderr).contains("PermissionDenied"),
+        "{}",
+        String::from_utf8_lossy(&out_queue.stderr)
+    );
+
+    writeln!(stdin, "/close shipped").expect("type");
+    expect_line(&err, "CLOSED");
+    let late = customer
+        .cmd(&["send", &id, "thanks"])
+        .output()
+        .expect("run");
+    assert!(!late.status.success(), "a closed consultation is read-only");
+    assert!(
+        String::from_utf8_lossy(&late.stderr).contains("FailedPrecondition"),
+        "{}",
+        String::from_utf8_lossy(&late.stderr)
+    );
+    drop(stdin);
+    let status = console.wait().expect("console exits at end of input");
+    assert!(status.success());
 }

@@ -18,6 +18,9 @@ use switchboard_proto::messaging::v1 as pb;
 use switchboard_proto::messaging::v1::connect_request::Frame as In;
 use switchboard_proto::messaging::v1::connect_response::Frame as Out;
 use switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient;
+use switchboard_proto::messaging::v1::support_service_client::SupportServiceClient;
+
+mod agent;
 use tokio::sync::mpsc;
 use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
@@ -42,6 +45,14 @@ struct Cli {
         global = true
     )]
     messaging_url: String,
+    /// The presence service (`chat --agent` keeps you online there while it runs).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_PRESENCE_URL",
+        default_value = "http://127.0.0.1:50052",
+        global = true
+    )]
+    presence_url: String,
     /// Where the session is kept (default: the user's config directory + /switchboard).
     #[arg(long, env = "SWITCHBOARD_CONFIG_DIR", global = true)]
     config_dir: Option<PathBuf>,
@@ -99,9 +110,56 @@ enum Command {
         limit: u32,
     },
     /// Chat interactively: incoming messages appear live; each line you type is sent.
+    /// With --agent: the support agent's console instead (see `chat --help`).
     Chat {
-        /// Conversation id.
-        conversation: String,
+        /// Conversation id (not with --agent).
+        #[arg(required_unless_present = "agent")]
+        conversation: Option<String>,
+        /// Agent console: be online and AVAILABLE for the desk while it runs, see new
+        /// consultations and their messages as they come. Lines go to the current
+        /// consultation; commands: /list, /use <id>, /close [resolution],
+        /// /transfer <agent id> [note], /away, /available.
+        #[arg(long, conflicts_with = "conversation")]
+        agent: bool,
+    },
+    /// The support desk: open consultations (customers), work the queue (agents).
+    #[command(subcommand)]
+    Support(SupportCommand),
+}
+
+#[derive(Subcommand)]
+enum SupportCommand {
+    /// Customers: open a consultation; prints its id (chat in it with `switchboard chat <id>`).
+    Open {
+        /// What it is about (1 to 128 characters).
+        topic: String,
+        /// Your first message.
+        #[arg(required = true)]
+        text: Vec<String>,
+    },
+    /// Agents: consultations waiting for an agent, oldest first.
+    Queue,
+    /// Agents: take a waiting consultation.
+    Accept {
+        /// Consultation id.
+        consultation: String,
+    },
+    /// The assigned agent: hand a consultation to another (online) agent.
+    Transfer {
+        /// Consultation id.
+        consultation: String,
+        /// The other agent's user id.
+        to_agent_id: String,
+        /// A note for the other agent.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Customer or assigned agent: close a consultation (it becomes read-only).
+    Close {
+        /// Consultation id.
+        consultation: String,
+        /// How it ended.
+        resolution: Vec<String>,
     },
 }
 
@@ -117,6 +175,7 @@ struct Session {
 
 struct Client {
     cli_auth: String,
+    presence: String,
     messaging: Vec<String>,
     path: PathBuf,
 }
@@ -165,6 +224,10 @@ fn status_message(e: tonic::Status) -> anyhow::Error {
 impl Client {
     fn auth(&self) -> anyhow::Result<AuthServiceClient<Channel>> {
         Ok(AuthServiceClient::new(channel(&self.cli_auth)?))
+    }
+
+    fn support(&self) -> anyhow::Result<SupportServiceClient<Channel>> {
+        Ok(SupportServiceClient::new(channel(&self.messaging[0])?))
     }
 
     fn messaging(&self, which: usize) -> anyhow::Result<MessagingServiceClient<Channel>> {
@@ -238,6 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let client = Client {
         cli_auth: cli.auth_url,
+        presence: cli.presence_url,
         messaging: cli
             .messaging_url
             .split(',')
@@ -411,7 +475,123 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", names.line(&client, &s, &m).await);
             }
         }
-        Command::Chat { conversation } => chat(&client, &conversation).await?,
+        Command::Chat {
+            conversation: Some(conversation),
+            agent: false,
+        } => chat(&client, &conversation).await?,
+        Command::Chat { .. } => agent::console(&client).await?,
+        Command::Support(command) => support(&client, command).await?,
+    }
+    Ok(())
+}
+
+/// One line about a consultation.
+fn describe(c: &pb::Consultation) -> String {
+    let state = pb::ConsultationState::try_from(c.state)
+        .map(|s| s.as_str_name().trim_start_matches("CONSULTATION_STATE_"))
+        .unwrap_or("?");
+    let mut line = format!("{}  {:<8} {}", c.id, state, c.topic);
+    if c.queue_position > 0 {
+        line.push_str(&format!("  (position {} in the queue)", c.queue_position));
+    }
+    if !c.agent_id.is_empty() {
+        line.push_str(&format!("  agent {}", c.agent_id));
+    }
+    if !c.transfer_note.is_empty() {
+        line.push_str(&format!("  note: {}", c.transfer_note));
+    }
+    line
+}
+
+async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()> {
+    let s = client.session().await?;
+    let token = &s.access_token;
+    let mut desk = client.support()?;
+    match command {
+        SupportCommand::Open { topic, text } => {
+            let r = desk
+                .open_consultation(authed(
+                    pb::OpenConsultationRequest {
+                        topic,
+                        first_message: text.join(" "),
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(status_message)?
+                .into_inner();
+            let c = r.consultation.context("no consultation")?;
+            println!("{}", describe(&c));
+            eprintln!("chat in it with: switchboard chat {}", c.id);
+        }
+        SupportCommand::Queue => {
+            let q = desk
+                .list_queue(authed(pb::ListQueueRequest { limit: 0 }, token)?)
+                .await
+                .map_err(status_message)?
+                .into_inner();
+            if q.consultations.is_empty() {
+                eprintln!("the queue is empty");
+            }
+            for c in q.consultations {
+                println!("{}", describe(&c));
+            }
+        }
+        SupportCommand::Accept { consultation } => {
+            let c = desk
+                .accept_consultation(authed(
+                    pb::AcceptConsultationRequest {
+                        consultation_id: consultation,
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(status_message)?
+                .into_inner()
+                .consultation
+                .context("no consultation")?;
+            println!("{}", describe(&c));
+        }
+        SupportCommand::Transfer {
+            consultation,
+            to_agent_id,
+            note,
+        } => {
+            let c = desk
+                .transfer_consultation(authed(
+                    pb::TransferConsultationRequest {
+                        consultation_id: consultation,
+                        to_agent_id,
+                        note,
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(status_message)?
+                .into_inner()
+                .consultation
+                .context("no consultation")?;
+            println!("{}", describe(&c));
+        }
+        SupportCommand::Close {
+            consultation,
+            resolution,
+        } => {
+            let c = desk
+                .close_consultation(authed(
+                    pb::CloseConsultationRequest {
+                        consultation_id: consultation,
+                        resolution: resolution.join(" "),
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(status_message)?
+                .into_inner()
+                .consultation
+                .context("no consultation")?;
+            println!("{}", describe(&c));
+        }
     }
     Ok(())
 }

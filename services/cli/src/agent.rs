@@ -1,0 +1,338 @@
+//! `switchboard chat --agent`: the support agent's console. While it runs the agent is
+//! online (a presence device session, AVAILABLE until `/away`), so the desk routes
+//! consultations here; new consultations and every message of the agent's consultations
+//! appear live, and typed lines go to the current consultation.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::time::Duration;
+
+use anyhow::Context;
+use switchboard_proto::messaging::v1 as pb;
+use switchboard_proto::presence::v1 as presence_pb;
+use switchboard_proto::presence::v1::presence_service_client::PresenceServiceClient;
+use tokio::sync::mpsc;
+
+use super::{Client, In, Names, Out, authed, channel, describe, status_message};
+
+const HELP: &str = "commands: /list, /use <id>, /close [resolution], /transfer <agent id> [note], /away, /available, /help";
+
+/// What the console knows of the agent's consultations.
+#[derive(Default)]
+struct Desk {
+    me: String,
+    current: Option<String>,
+    topics: HashMap<String, String>,
+    positions: HashMap<String, u64>,
+}
+
+impl Desk {
+    fn label(&self, id: &str) -> String {
+        let short: String = id
+            .chars()
+            .rev()
+            .take(6)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        match self.topics.get(id) {
+            Some(t) => format!("{t} …{short}"),
+            None => format!("…{short}"),
+        }
+    }
+
+    fn event(&mut self, e: &pb::ConversationEvent) {
+        let Some(c) = e.conversation.as_ref().and_then(|c| c.consultation.clone()) else {
+            return;
+        };
+        self.topics.insert(c.id.clone(), c.topic.clone());
+        let mine = c.agent_id == self.me;
+        match pb::ConversationEventKind::try_from(e.kind) {
+            Ok(pb::ConversationEventKind::ConsultationAssigned) if mine => {
+                eprintln!("(new consultation) {}", describe(&c));
+                self.current.get_or_insert(c.id.clone());
+            }
+            Ok(pb::ConversationEventKind::ConsultationTransferred) if mine => {
+                eprintln!("(transferred to you) {}", describe(&c));
+                self.current.get_or_insert(c.id.clone());
+            }
+            Ok(pb::ConversationEventKind::ConsultationTransferred) => {
+                eprintln!("({} now handled by {})", self.label(&c.id), c.agent_id);
+                if self.current.as_deref() == Some(c.id.as_str()) {
+                    self.current = None;
+                }
+            }
+            Ok(pb::ConversationEventKind::ConsultationClosed) => {
+                eprintln!("(closed) {}: {}", self.label(&c.id), c.resolution);
+                if self.current.as_deref() == Some(c.id.as_str()) {
+                    self.current = None;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Keeps the agent's device session open; `state` changes its state.
+async fn presence(
+    client: &Client,
+    token: &str,
+) -> anyhow::Result<(
+    mpsc::Sender<presence_pb::ConnectRequest>,
+    tonic::Streaming<presence_pb::ConnectResponse>,
+)> {
+    let (tx, rx) = mpsc::channel(8);
+    let stream = PresenceServiceClient::new(channel(&client.presence)?)
+        .connect(authed(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            token,
+        )?)
+        .await
+        .map_err(status_message)
+        .with_context(|| format!("presence at {}", client.presence))?
+        .into_inner();
+    set_state(&tx, presence_pb::PresenceState::Available).await;
+    Ok((tx, stream))
+}
+
+async fn set_state(
+    tx: &mpsc::Sender<presence_pb::ConnectRequest>,
+    state: presence_pb::PresenceState,
+) {
+    let frame = presence_pb::connect_request::Frame::SetState(presence_pb::SetState {
+        state: state as i32,
+        custom_text: String::new(),
+        device_name: "switchboard cli".into(),
+    });
+    let _ = tx
+        .send(presence_pb::ConnectRequest { frame: Some(frame) })
+        .await;
+}
+
+/// The agent's assigned consultations now.
+async fn assigned(client: &Client, token: &str, me: &str) -> anyhow::Result<Vec<pb::Conversation>> {
+    let list = client
+        .messaging(0)?
+        .list_conversations(authed(
+            pb::ListConversationsRequest {
+                page_size: 100,
+                page_token: String::new(),
+            },
+            token,
+        )?)
+        .await
+        .map_err(status_message)?
+        .into_inner();
+    Ok(list
+        .conversations
+        .into_iter()
+        .filter(|c| {
+            c.consultation.as_ref().is_some_and(|k| {
+                k.agent_id == me && k.state == pb::ConsultationState::Assigned as i32
+            })
+        })
+        .collect())
+}
+
+/// Runs the console until stdin ends.
+pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
+    let session = client.session().await?;
+    let mut desk = Desk {
+        me: session.user_id.clone(),
+        ..Desk::default()
+    };
+    for c in assigned(client, &session.access_token, &desk.me).await? {
+        desk.positions.insert(c.id.clone(), c.last_seq);
+        if let Some(k) = &c.consultation {
+            desk.topics.insert(c.id.clone(), k.topic.clone());
+            eprintln!("(yours) {}", describe(k));
+            desk.current.get_or_insert(c.id.clone());
+        }
+    }
+    let (line_tx, mut lines) = mpsc::channel::<String>(64);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if line_tx.blocking_send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let (mut state_tx, mut presence_rx) = presence(client, &session.access_token).await?;
+    eprintln!("online and AVAILABLE as {}; {HELP}", session.username);
+    let mut names = Names::default();
+    let mut which = 0usize;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let session = client.session().await?;
+        let (tx, rx) = mpsc::channel::<pb::ConnectRequest>(64);
+        let stream = client
+            .messaging(which)?
+            .connect(authed(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                &session.access_token,
+            )?)
+            .await;
+        let mut inbound = match stream {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                eprintln!("(cannot connect: {}; retrying)", e.message());
+                which += 1;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let frame = |f: In| pb::ConnectRequest { frame: Some(f) };
+        let subscribe = pb::Subscribe {
+            all_conversations: true,
+            positions: desk.positions.clone(),
+            ..Default::default()
+        };
+        let _ = tx.send(frame(In::Subscribe(subscribe))).await;
+        loop {
+            tokio::select! {
+                line = lines.recv() => {
+                    let Some(line) = line else { return Ok(()) };
+                    command(client, &session.access_token, &mut desk, &state_tx, &tx, line.trim()).await;
+                }
+                p = presence_rx.message() => {
+                    if !matches!(p, Ok(Some(_))) {
+                        eprintln!("(presence connection lost; reconnecting)");
+                        tokio::time::sleep(backoff).await;
+                        match presence(client, &session.access_token).await {
+                            Ok((tx, rx)) => (state_tx, presence_rx) = (tx, rx),
+                            Err(e) => {
+                                eprintln!("({e:#})");
+                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(r)) => match r.frame {
+                        Some(Out::Message(m)) => {
+                            desk.positions.insert(m.conversation_id.clone(), m.seq);
+                            let line = names.line(client, &session, &m).await;
+                            println!("[{}] {line}", desk.label(&m.conversation_id));
+                            backoff = Duration::from_millis(200);
+                        }
+                        Some(Out::ConversationEvent(e)) => desk.event(&e),
+                        Some(Out::SendResult(pb::SendResult { result: Some(pb::send_result::Result::Error(e)), .. })) => {
+                            eprintln!("(not sent: {})", e.message);
+                        }
+                        Some(Out::Error(e)) => eprintln!("({})", e.message),
+                        _ => {}
+                    },
+                    Ok(None) | Err(_) => {
+                        eprintln!("(connection lost; resuming)");
+                        which += 1;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// One typed line: a command or a message to the current consultation.
+async fn command(
+    client: &Client,
+    token: &str,
+    desk: &mut Desk,
+    state: &mpsc::Sender<presence_pb::ConnectRequest>,
+    stream: &mpsc::Sender<pb::ConnectRequest>,
+    line: &str,
+) {
+    let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let rest = rest.trim();
+    let result: anyhow::Result<()> = async {
+        match word {
+            "" => {}
+            "/help" => eprintln!("{HELP}"),
+            "/away" => set_state(state, presence_pb::PresenceState::Away).await,
+            "/available" => set_state(state, presence_pb::PresenceState::Available).await,
+            "/list" => {
+                for c in assigned(client, token, &desk.me).await? {
+                    if let Some(k) = &c.consultation {
+                        let mark = if desk.current.as_deref() == Some(c.id.as_str()) {
+                            "*"
+                        } else {
+                            " "
+                        };
+                        eprintln!("{mark} {}", describe(k));
+                    }
+                }
+            }
+            "/use" if !rest.is_empty() => {
+                desk.current = Some(rest.to_owned());
+                eprintln!("(now in {})", desk.label(rest));
+            }
+            "/close" | "/transfer" => {
+                let id = desk
+                    .current
+                    .clone()
+                    .context("no current consultation; /list and /use <id>")?;
+                let mut support = client.support()?;
+                let c = if word == "/close" {
+                    support
+                        .close_consultation(authed(
+                            pb::CloseConsultationRequest {
+                                consultation_id: id,
+                                resolution: rest.to_owned(),
+                            },
+                            token,
+                        )?)
+                        .await
+                        .map_err(status_message)?
+                        .into_inner()
+                        .consultation
+                } else {
+                    let (to, note) = rest.split_once(' ').unwrap_or((rest, ""));
+                    support
+                        .transfer_consultation(authed(
+                            pb::TransferConsultationRequest {
+                                consultation_id: id,
+                                to_agent_id: to.to_owned(),
+                                note: note.trim().to_owned(),
+                            },
+                            token,
+                        )?)
+                        .await
+                        .map_err(status_message)?
+                        .into_inner()
+                        .consultation
+                };
+                if let Some(c) = c {
+                    eprintln!("{}", describe(&c));
+                }
+                desk.current = None;
+            }
+            w if w.starts_with('/') => eprintln!("unknown command; {HELP}"),
+            _ => {
+                let id = desk
+                    .current
+                    .clone()
+                    .context("no current consultation; /list and /use <id>")?;
+                let send = pb::Send {
+                    conversation_id: id,
+                    client_msg_id: uuid::Uuid::now_v7().to_string(),
+                    body: line.to_owned(),
+                    metadata: HashMap::new(),
+                };
+                let _ = stream
+                    .send(pb::ConnectRequest {
+                        frame: Some(In::Send(send)),
+                    })
+                    .await;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("({e:#})");
+    }
+}
