@@ -47,6 +47,7 @@ test: deps lint build
 	./target/debug/switchboard-bench auth --quick > /dev/null
 	./target/debug/switchboard-bench fanout --subscribers 10 --duration 1 > /dev/null
 	./target/debug/switchboard-bench connections --streams 50 > /dev/null
+	./target/debug/switchboard-bench presence --watchers 20 --devices 4 --duration 1 > /dev/null
 
 # Only JSON lines go to stdout (build output and progress go to stderr).
 bench:
@@ -55,6 +56,7 @@ bench:
 	@./target/release/switchboard-bench fanout --mode fixed --subscribers 200 --rate 200
 	@./target/release/switchboard-bench fanout --mode max --subscribers 200
 	@./target/release/switchboard-bench connections --streams 10000
+	@./target/release/switchboard-bench presence --watchers 1000 --subjects 10 --rate 50
 
 deploy-check:
 	@echo "deploy checks arrive with the deploy issue (#6); nothing to check yet"

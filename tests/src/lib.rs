@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod bench;
+pub mod bench_presence;
 pub mod instance;
 pub mod messaging;
 pub mod presence;

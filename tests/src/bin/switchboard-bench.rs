@@ -70,6 +70,25 @@ enum Workload {
         #[arg(long, default_value_t = 2)]
         instances: usize,
     },
+    /// Presence: state changes per second, and watch fan-out latency with many watchers
+    /// across two instances.
+    Presence {
+        /// Watch streams, split over two instances.
+        #[arg(long, default_value_t = 1000)]
+        watchers: usize,
+        /// Users every watcher follows, whose state changes.
+        #[arg(long, default_value_t = 10)]
+        subjects: usize,
+        /// Changes per second in the fan-out run.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        /// Measured seconds of each run.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Devices flipping state as fast as acknowledged in the throughput run.
+        #[arg(long, default_value_t = 64)]
+        devices: usize,
+    },
     /// Many idle Connect streams on one instance (BENCH.md `connections`).
     Connections {
         /// Streams to open, each subscribed to its own direct conversation.
@@ -244,6 +263,27 @@ fn main() -> anyhow::Result<()> {
                 instances,
             };
             println!("{}", rt.block_on(switchboard_tests::bench::fanout(params))?);
+        }
+        Workload::Presence {
+            watchers,
+            subjects,
+            rate,
+            duration,
+            devices,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let params = switchboard_tests::bench_presence::PresenceBench {
+                watchers,
+                subjects: subjects.max(1),
+                rate,
+                duration,
+                devices: devices.max(1),
+            };
+            for line in rt.block_on(switchboard_tests::bench_presence::presence(params))? {
+                println!("{line}");
+            }
         }
         Workload::Connections { streams } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
