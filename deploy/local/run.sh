@@ -9,6 +9,11 @@ PRES=${PRESENCE_ADDR:-127.0.0.1:50052}
 MSG=${MESSAGING_ADDR:-127.0.0.1:50053}
 ENGINE=${REDIS_URL:+Redis at $REDIS_URL}
 ENGINE=${ENGINE:-the embedded in-memory engine}
+# Messaging asks presence for available agents with a shared service token; one per run.
+export SERVICE_TOKEN=${SERVICE_TOKEN:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
+# The first admin (makes agents with SetRole); override with AUTH_ADMIN_PASSWORD.
+export AUTH_ADMIN_USERNAME=${AUTH_ADMIN_USERNAME:-admin}
+export AUTH_ADMIN_PASSWORD=${AUTH_ADMIN_PASSWORD:-switchboard admin}
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -16,7 +21,7 @@ trap cleanup EXIT INT TERM
 
 LISTEN_ADDR=$AUTH "$BIN/switchboard-auth" & pids+=($!)
 LISTEN_ADDR=$PRES AUTH_URL=http://$AUTH "$BIN/switchboard-presence" & pids+=($!)
-LISTEN_ADDR=$MSG AUTH_URL=http://$AUTH "$BIN/switchboard-messaging" & pids+=($!)
+LISTEN_ADDR=$MSG AUTH_URL=http://$AUTH PRESENCE_URL=http://$PRES "$BIN/switchboard-messaging" & pids+=($!)
 sleep 1
 
 cat <<TXT
@@ -49,6 +54,23 @@ Alice sends from terminal 1, and reads the history:
 Who is online (any terminal with the variables above):
 
   grpcurl -plaintext -H "authorization: Bearer \$ALICE" -d "{\"user_ids\":[\"\$BOB_ID\"]}" $PRES switchboard.presence.v1.PresenceService/Get
+
+The support desk with the CLI client ($BIN/switchboard). An agent in terminal 3:
+
+  SB=$BIN/switchboard; export SWITCHBOARD_CONFIG_DIR=/tmp/sb-agent SWITCHBOARD_PASSWORD='agent password'
+  \$SB register agent1                     # prints: registered agent1 (<agent id>)
+  ADMIN=\$(grpcurl -plaintext -d '{"username":"$AUTH_ADMIN_USERNAME","password":"$AUTH_ADMIN_PASSWORD"}' $AUTH switchboard.auth.v1.AuthService/Login | python3 -c "import json,sys; print(json.load(sys.stdin)['tokens']['accessToken'])")
+  grpcurl -plaintext -H "authorization: Bearer \$ADMIN" -d '{"user_id":"<agent id>","role":"ROLE_AGENT"}' $AUTH switchboard.auth.v1.AuthService/SetRole
+  \$SB login agent1 && \$SB chat --agent      # online and AVAILABLE; /help lists the commands
+
+A customer in terminal 4:
+
+  SB=$BIN/switchboard; export SWITCHBOARD_CONFIG_DIR=/tmp/sb-customer SWITCHBOARD_PASSWORD='customer password'
+  \$SB register carol && \$SB login carol
+  \$SB support open "order 42" where is my parcel?    # prints the consultation id
+  \$SB chat <consultation id>                          # the agent's console shows it; type to talk
+
+The agent answers by typing, and ends it with /close <resolution> (then the chat is read-only).
 
 Ctrl-C stops all services.
 TXT
