@@ -27,6 +27,10 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
         "MESSAGING_OUTBOUND_QUEUE",
         "MESSAGING_SEND_RATE_PER_SEC",
         "MESSAGING_SEND_BURST",
+        "PRESENCE_URL",
+        "SERVICE_TOKEN",
+        "MESSAGING_SUPPORT_AGENT_CAPACITY",
+        "MESSAGING_SUPPORT_RECHECK_SECS",
     ] {
         assert!(
             help.contains(&format!("[env: {var}")),

@@ -393,6 +393,7 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
         "PRESENCE_TTL_SECS",
         "PRESENCE_SWEEP_INTERVAL_MS",
         "PRESENCE_RECONNECT_GRACE_MS",
+        "SERVICE_TOKEN",
         "SHUTDOWN_GRACE_SECS",
     ] {
         assert!(
