@@ -92,7 +92,7 @@ fn set_state(state: pb::PresenceState, text: String) -> pb::ConnectRequest {
 }
 
 fn flip(i: u64) -> pb::PresenceState {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         pb::PresenceState::Away
     } else {
         pb::PresenceState::Available
@@ -192,7 +192,7 @@ pub async fn presence(p: PresenceBench) -> anyhow::Result<Vec<serde_json::Value>
     let mut channels = [servers[0].channel(), servers[1].channel()];
     for w in 0..p.watchers {
         // 100 watch streams per HTTP/2 connection, as a client library would multiplex.
-        if w % 200 == 0 {
+        if w.is_multiple_of(200) {
             channels = [servers[0].channel(), servers[1].channel()];
         }
         let mut stream = PresenceServiceClient::new(channels[w % 2].clone())
