@@ -385,3 +385,36 @@ impl Drop for ChildService {
         let _ = self.child.wait();
     }
 }
+
+/// Asserts that `binary_name --help` succeeds and lists every one of `vars` as the
+/// environment variable of a setting.
+pub fn assert_help_lists(binary_name: &str, vars: &[&str]) {
+    let bin = binary(binary_name).unwrap_or_else(|e| panic!("{binary_name}: {e}"));
+    let out = Command::new(&bin)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("run {binary_name}: {e}"));
+    assert!(out.status.success(), "{binary_name} --help failed");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in vars {
+        assert!(
+            help.contains(&format!("[env: {var}")),
+            "{binary_name} --help does not list {var}"
+        );
+    }
+}
+
+/// Asserts that `binary_name` started with the bad settings `env` exits with 64 and
+/// names every one of `named` in its report.
+pub fn assert_bad_config_exits_64(binary_name: &str, env: &[(&str, &str)], named: &[&str]) {
+    let bin = binary(binary_name).unwrap_or_else(|e| panic!("{binary_name}: {e}"));
+    let out = Command::new(&bin)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("run {binary_name}: {e}"));
+    assert_eq!(out.status.code(), Some(64), "{binary_name} with {env:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for name in named {
+        assert!(stderr.contains(name), "{name} not reported in:\n{stderr}");
+    }
+}

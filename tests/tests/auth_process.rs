@@ -7,7 +7,9 @@ use std::time::Duration;
 use switchboard_proto::auth::v1 as pb;
 use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
 use switchboard_tests::auth::{authed, register_and_login};
-use switchboard_tests::instance::{AuthOptions, ChildService, auth_client, binary, spawn_auth};
+use switchboard_tests::instance::{
+    AuthOptions, ChildService, assert_help_lists, auth_client, binary, spawn_auth,
+};
 use switchboard_tests::redis::RedisServer;
 
 #[tokio::test]
@@ -99,38 +101,30 @@ fn bad_configuration_is_reported_all_at_once_with_exit_code_64() {
 
 #[test]
 fn help_lists_every_setting_with_its_environment_variable() {
-    let out = Command::new(binary("switchboard-auth").expect("binary"))
-        .arg("--help")
-        .output()
-        .expect("run");
-    assert!(out.status.success());
-    let help = String::from_utf8_lossy(&out.stdout);
-    for var in [
-        "LISTEN_ADDR",
-        "REDIS_URL",
-        "TLS_CERT_FILE",
-        "TLS_KEY_FILE",
-        "MAX_MESSAGE_BYTES",
-        "SHUTDOWN_GRACE_SECS",
-        "LOG_FORMAT",
-        "AUTH_ACCESS_TTL_SECS",
-        "AUTH_REFRESH_TTL_SECS",
-        "AUTH_SIGNING_KEY_FILE",
-        "AUTH_ADMIN_USERNAME",
-        "AUTH_ADMIN_PASSWORD",
-        "AUTH_ARGON2_MEMORY_KIB",
-        "AUTH_ARGON2_ITERATIONS",
-        "AUTH_HASH_CONCURRENCY",
-        "AUTH_HASH_QUEUE",
-        "AUTH_LOGIN_MAX_FAILURES_PER_USER",
-        "AUTH_LOGIN_MAX_FAILURES_PER_PEER",
-        "AUTH_LOGIN_FAILURE_WINDOW_SECS",
-    ] {
-        assert!(
-            help.contains(&format!("[env: {var}")),
-            "--help does not list {var}"
-        );
-    }
+    assert_help_lists(
+        "switchboard-auth",
+        &[
+            "LISTEN_ADDR",
+            "REDIS_URL",
+            "TLS_CERT_FILE",
+            "TLS_KEY_FILE",
+            "MAX_MESSAGE_BYTES",
+            "SHUTDOWN_GRACE_SECS",
+            "LOG_FORMAT",
+            "AUTH_ACCESS_TTL_SECS",
+            "AUTH_REFRESH_TTL_SECS",
+            "AUTH_SIGNING_KEY_FILE",
+            "AUTH_ADMIN_USERNAME",
+            "AUTH_ADMIN_PASSWORD",
+            "AUTH_ARGON2_MEMORY_KIB",
+            "AUTH_ARGON2_ITERATIONS",
+            "AUTH_HASH_CONCURRENCY",
+            "AUTH_HASH_QUEUE",
+            "AUTH_LOGIN_MAX_FAILURES_PER_USER",
+            "AUTH_LOGIN_MAX_FAILURES_PER_PEER",
+            "AUTH_LOGIN_FAILURE_WINDOW_SECS",
+        ],
+    );
 }
 
 #[tokio::test]

@@ -253,16 +253,11 @@ async fn six_customers_two_agents_balanced_once_each_and_presence_steers_routing
     }
 
     // The agent is a member: customer and agent talk over the messaging stream.
-    let mine = ids
+    let who = ids
         .iter()
-        .enumerate()
-        .find(|(i, id)| {
-            let _ = i;
-            events.iter().any(|(e, a)| e == *id && *a == agents[0].id)
-        })
-        .map(|(i, id)| (i, id.clone()))
+        .position(|id| events.iter().any(|(e, a)| e == id && *a == agents[0].id))
         .expect("ann has one");
-    let (who, conversation) = mine;
+    let conversation = ids[who].clone();
     let customer_stream = Connection::open(desk.messaging[1].channel(), &customers[who].token)
         .await
         .expect("customer stream");

@@ -1,53 +1,45 @@
 //! Messaging as a real process: `--help`, bad configuration, SIGTERM with an open stream.
 
-use std::process::Command;
 use std::time::Duration;
 
 use switchboard_tests::auth::register_and_login;
-use switchboard_tests::instance::{AuthOptions, ChildService, auth_client, binary, spawn_auth};
+use switchboard_tests::instance::{
+    AuthOptions, ChildService, assert_bad_config_exits_64, assert_help_lists, auth_client,
+    spawn_auth,
+};
 use switchboard_tests::messaging::Connection;
 use switchboard_tests::redis::RedisServer;
 use tonic::Code;
 
 #[test]
 fn help_lists_every_setting_and_bad_configuration_exits_64() {
-    let out = Command::new(binary("switchboard-messaging").expect("binary"))
-        .arg("--help")
-        .output()
-        .expect("run");
-    assert!(out.status.success());
-    let help = String::from_utf8_lossy(&out.stdout);
-    for var in [
-        "LISTEN_ADDR",
-        "REDIS_URL",
-        "AUTH_URL",
-        "MAX_MESSAGE_BYTES",
-        "SHUTDOWN_GRACE_SECS",
-        "MESSAGING_HISTORY_RETENTION",
-        "MESSAGING_OUTBOUND_QUEUE",
-        "MESSAGING_SEND_RATE_PER_SEC",
-        "MESSAGING_SEND_BURST",
-        "PRESENCE_URL",
-        "SERVICE_TOKEN",
-        "MESSAGING_SUPPORT_AGENT_CAPACITY",
-        "MESSAGING_SUPPORT_RECHECK_SECS",
-    ] {
-        assert!(
-            help.contains(&format!("[env: {var}")),
-            "--help does not list {var}"
-        );
-    }
-    let out = Command::new(binary("switchboard-messaging").expect("binary"))
-        .env("MESSAGING_OUTBOUND_QUEUE", "1")
-        .env("AUTH_URL", "not a url")
-        .env("REDIS_URL", "nope://x")
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    for named in ["MESSAGING_OUTBOUND_QUEUE", "AUTH_URL", "REDIS_URL"] {
-        assert!(stderr.contains(named), "{named} not reported in:\n{stderr}");
-    }
+    assert_help_lists(
+        "switchboard-messaging",
+        &[
+            "LISTEN_ADDR",
+            "REDIS_URL",
+            "AUTH_URL",
+            "MAX_MESSAGE_BYTES",
+            "SHUTDOWN_GRACE_SECS",
+            "MESSAGING_HISTORY_RETENTION",
+            "MESSAGING_OUTBOUND_QUEUE",
+            "MESSAGING_SEND_RATE_PER_SEC",
+            "MESSAGING_SEND_BURST",
+            "PRESENCE_URL",
+            "SERVICE_TOKEN",
+            "MESSAGING_SUPPORT_AGENT_CAPACITY",
+            "MESSAGING_SUPPORT_RECHECK_SECS",
+        ],
+    );
+    assert_bad_config_exits_64(
+        "switchboard-messaging",
+        &[
+            ("MESSAGING_OUTBOUND_QUEUE", "1"),
+            ("AUTH_URL", "not a url"),
+            ("REDIS_URL", "nope://x"),
+        ],
+        &["MESSAGING_OUTBOUND_QUEUE", "AUTH_URL", "REDIS_URL"],
+    );
 }
 
 #[tokio::test]

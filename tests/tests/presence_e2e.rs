@@ -7,7 +7,8 @@ use switchboard_proto::presence::v1 as pb;
 use switchboard_proto::presence::v1::presence_service_client::PresenceServiceClient;
 use switchboard_tests::auth::{authed, first_admin, person, register_and_login};
 use switchboard_tests::instance::{
-    AuthOptions, ChildService, InProcess, auth_client, spawn_auth, spawn_presence,
+    AuthOptions, ChildService, InProcess, assert_bad_config_exits_64, assert_help_lists,
+    auth_client, spawn_auth, spawn_presence,
 };
 use switchboard_tests::presence::connect;
 use switchboard_tests::proxy::Proxy;
@@ -379,38 +380,26 @@ async fn bad_input_gets_invalid_argument() {
 
 #[test]
 fn help_lists_every_setting_and_bad_configuration_exits_64() {
-    let bin = switchboard_tests::instance::binary("switchboard-presence").expect("binary");
-    let out = std::process::Command::new(&bin)
-        .arg("--help")
-        .output()
-        .expect("run");
-    assert!(out.status.success());
-    let help = String::from_utf8_lossy(&out.stdout);
-    for var in [
-        "LISTEN_ADDR",
-        "REDIS_URL",
-        "AUTH_URL",
-        "PRESENCE_TTL_SECS",
-        "PRESENCE_SWEEP_INTERVAL_MS",
-        "PRESENCE_RECONNECT_GRACE_MS",
-        "SERVICE_TOKEN",
-        "SHUTDOWN_GRACE_SECS",
-    ] {
-        assert!(
-            help.contains(&format!("[env: {var}")),
-            "--help does not list {var}"
-        );
-    }
-    let out = std::process::Command::new(&bin)
-        .env("PRESENCE_TTL_SECS", "0")
-        .env("PRESENCE_SWEEP_INTERVAL_MS", "1")
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("PRESENCE_TTL_SECS") && stderr.contains("PRESENCE_SWEEP_INTERVAL_MS"),
-        "{stderr}"
+    assert_help_lists(
+        "switchboard-presence",
+        &[
+            "LISTEN_ADDR",
+            "REDIS_URL",
+            "AUTH_URL",
+            "PRESENCE_TTL_SECS",
+            "PRESENCE_SWEEP_INTERVAL_MS",
+            "PRESENCE_RECONNECT_GRACE_MS",
+            "SERVICE_TOKEN",
+            "SHUTDOWN_GRACE_SECS",
+        ],
+    );
+    assert_bad_config_exits_64(
+        "switchboard-presence",
+        &[
+            ("PRESENCE_TTL_SECS", "0"),
+            ("PRESENCE_SWEEP_INTERVAL_MS", "1"),
+        ],
+        &["PRESENCE_TTL_SECS", "PRESENCE_SWEEP_INTERVAL_MS"],
     );
 }
 

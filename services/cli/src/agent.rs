@@ -4,7 +4,6 @@
 //! appear live, and typed lines go to the current consultation.
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,7 +12,9 @@ use switchboard_proto::presence::v1 as presence_pb;
 use switchboard_proto::presence::v1::presence_service_client::PresenceServiceClient;
 use tokio::sync::mpsc;
 
-use super::{Client, In, Names, Out, authed, channel, describe, status_message};
+use super::{
+    Client, In, Names, Out, authed, channel, describe, next_instance, status_message, stdin_lines,
+};
 
 const HELP: &str = "commands: /list, /use <id>, /close [resolution], /transfer <agent id> [note], /away, /available, /help";
 
@@ -150,39 +151,14 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
             desk.current.get_or_insert(c.id.clone());
         }
     }
-    let (line_tx, mut lines) = mpsc::channel::<String>(64);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-            if line_tx.blocking_send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let mut lines = stdin_lines();
     let (mut state_tx, mut presence_rx) = presence(client, &session.access_token).await?;
     eprintln!("online and AVAILABLE as {}; {HELP}", session.username);
     let mut names = Names::default();
     let mut which = 0usize;
     let mut backoff = Duration::from_millis(200);
     loop {
-        let session = client.session().await?;
-        let (tx, rx) = mpsc::channel::<pb::ConnectRequest>(64);
-        let stream = client
-            .messaging(which)?
-            .connect(authed(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-                &session.access_token,
-            )?)
-            .await;
-        let mut inbound = match stream {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
-                eprintln!("(cannot connect: {}; retrying)", e.message());
-                which += 1;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
+        let (session, tx, mut inbound) = client.open_stream(&mut which, &mut backoff).await?;
         let frame = |f: In| pb::ConnectRequest { frame: Some(f) };
         let subscribe = pb::Subscribe {
             all_conversations: true,
@@ -226,9 +202,7 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
                     },
                     Ok(None) | Err(_) => {
                         eprintln!("(connection lost; resuming)");
-                        which += 1;
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        next_instance(&mut which, &mut backoff).await;
                         break;
                     }
                 },

@@ -503,6 +503,15 @@ fn describe(c: &pb::Consultation) -> String {
     line
 }
 
+/// Prints the consultation a desk call answered with, or its error.
+fn print_consultation(
+    reply: Result<Option<pb::Consultation>, tonic::Status>,
+) -> anyhow::Result<()> {
+    let c = reply.map_err(status_message)?.context("no consultation")?;
+    println!("{}", describe(&c));
+    Ok(())
+}
+
 async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()> {
     let s = client.session().await?;
     let token = &s.access_token;
@@ -538,62 +547,95 @@ async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()>
             }
         }
         SupportCommand::Accept { consultation } => {
-            let c = desk
-                .accept_consultation(authed(
-                    pb::AcceptConsultationRequest {
-                        consultation_id: consultation,
-                    },
-                    token,
-                )?)
-                .await
-                .map_err(status_message)?
-                .into_inner()
-                .consultation
-                .context("no consultation")?;
-            println!("{}", describe(&c));
+            let req = pb::AcceptConsultationRequest {
+                consultation_id: consultation,
+            };
+            let r = desk.accept_consultation(authed(req, token)?).await;
+            print_consultation(r.map(|r| r.into_inner().consultation))?;
         }
         SupportCommand::Transfer {
             consultation,
             to_agent_id,
             note,
         } => {
-            let c = desk
-                .transfer_consultation(authed(
-                    pb::TransferConsultationRequest {
-                        consultation_id: consultation,
-                        to_agent_id,
-                        note,
-                    },
-                    token,
-                )?)
-                .await
-                .map_err(status_message)?
-                .into_inner()
-                .consultation
-                .context("no consultation")?;
-            println!("{}", describe(&c));
+            let req = pb::TransferConsultationRequest {
+                consultation_id: consultation,
+                to_agent_id,
+                note,
+            };
+            let r = desk.transfer_consultation(authed(req, token)?).await;
+            print_consultation(r.map(|r| r.into_inner().consultation))?;
         }
         SupportCommand::Close {
             consultation,
             resolution,
         } => {
-            let c = desk
-                .close_consultation(authed(
-                    pb::CloseConsultationRequest {
-                        consultation_id: consultation,
-                        resolution: resolution.join(" "),
-                    },
-                    token,
-                )?)
-                .await
-                .map_err(status_message)?
-                .into_inner()
-                .consultation
-                .context("no consultation")?;
-            println!("{}", describe(&c));
+            let req = pb::CloseConsultationRequest {
+                consultation_id: consultation,
+                resolution: resolution.join(" "),
+            };
+            let r = desk.close_consultation(authed(req, token)?).await;
+            print_consultation(r.map(|r| r.into_inner().consultation))?;
         }
     }
     Ok(())
+}
+
+/// Lines typed on stdin, read on a thread.
+fn stdin_lines() -> mpsc::Receiver<String> {
+    let (line_tx, lines) = mpsc::channel::<String>(64);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if line_tx.blocking_send(line).is_err() {
+                return;
+            }
+        }
+    });
+    lines
+}
+
+/// Waits `backoff` (doubling it, up to 5 s) and moves on to the next messaging instance.
+async fn next_instance(which: &mut usize, backoff: &mut Duration) {
+    *which += 1;
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+}
+
+impl Client {
+    /// A Connect stream on messaging instance `which`, moving on to the next ones (with
+    /// backoff) while they refuse; also the session it was opened with.
+    async fn open_stream(
+        &self,
+        which: &mut usize,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<(
+        Session,
+        mpsc::Sender<pb::ConnectRequest>,
+        tonic::Streaming<pb::ConnectResponse>,
+    )> {
+        loop {
+            let session = self.session().await?;
+            let (tx, rx) = mpsc::channel::<pb::ConnectRequest>(64);
+            let stream = self
+                .messaging(*which)?
+                .connect(authed(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                    &session.access_token,
+                )?)
+                .await;
+            match stream {
+                Ok(r) => return Ok((session, tx, r.into_inner())),
+                Err(e) => {
+                    eprintln!(
+                        "(cannot connect to {}: {}; retrying)",
+                        self.messaging[*which % self.messaging.len()],
+                        e.message()
+                    );
+                    next_instance(which, backoff).await;
+                }
+            }
+        }
+    }
 }
 
 /// User ids → usernames, looked up once each.
@@ -639,14 +681,7 @@ impl Names {
 /// messaging instances in turn; lines not yet acknowledged are sent again with the same
 /// idempotency key, so nothing is lost or doubled.
 async fn chat(client: &Client, conversation: &str) -> anyhow::Result<()> {
-    let (line_tx, mut lines) = mpsc::channel::<String>(64);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-            if line_tx.blocking_send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let mut lines = stdin_lines();
     let mut names = Names::default();
     let mut last_seq = 0u64;
     let mut pending: Vec<(String, String)> = Vec::new();
@@ -655,29 +690,7 @@ async fn chat(client: &Client, conversation: &str) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     eprintln!("chat in {conversation}; type a line to send it, Ctrl-D to quit");
     loop {
-        let session = client.session().await?;
-        let (tx, rx) = mpsc::channel::<pb::ConnectRequest>(64);
-        let stream = client
-            .messaging(which)?
-            .connect(authed(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-                &session.access_token,
-            )?)
-            .await;
-        let mut inbound = match stream {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
-                eprintln!(
-                    "(cannot connect to {}: {}; retrying)",
-                    client.messaging[which % client.messaging.len()],
-                    e.message()
-                );
-                which += 1;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
+        let (session, tx, mut inbound) = client.open_stream(&mut which, &mut backoff).await?;
         let frame = |f: In| pb::ConnectRequest { frame: Some(f) };
         let subscribe = pb::Subscribe {
             conversation_id: conversation.to_owned(),
@@ -739,9 +752,7 @@ async fn chat(client: &Client, conversation: &str) -> anyhow::Result<()> {
                     },
                     Ok(None) | Err(_) => {
                         eprintln!("(connection lost; resuming after #{last_seq})");
-                        which += 1;
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        next_instance(&mut which, &mut backoff).await;
                         break;
                     }
                 },

@@ -158,6 +158,39 @@ fn required_id(field: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
+fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("consultation '{id}' does not exist"))
+}
+
+/// Turns what a store step found into the caller's error; `rule` says which states allow
+/// the change.
+fn checked(id: &str, step: Step, rule: &str) -> Result<()> {
+    match step {
+        Step::Done(_) => Ok(()),
+        Step::NotFound => Err(not_found(id)),
+        Step::WrongState(state) => Err(Error::FailedPrecondition(format!(
+            "consultation '{id}' is {}; {rule}",
+            state.as_str()
+        ))),
+        Step::Moved(agent) => Err(Error::FailedPrecondition(format!(
+            "consultation '{id}' is now held by agent '{agent}'"
+        ))),
+    }
+}
+
+/// A stored consultation as `viewer` sees it, with its queue position while queued.
+pub async fn consultation_of<S: DeskStore>(
+    store: &S,
+    r: &ConsultationRecord,
+    viewer: &str,
+) -> Result<pb::Consultation> {
+    let position = match r.state {
+        ConsultationState::Queued => store.queue_position(&r.id).await?,
+        _ => None,
+    };
+    Ok(consultation_view(r, position, viewer))
+}
+
 /// A consultation as `viewer` sees it (the transfer note is for agents only).
 pub fn consultation_view(
     r: &ConsultationRecord,
@@ -205,20 +238,26 @@ impl<S: DeskStore> Desk<S> {
         self.messaging.store()
     }
 
-    async fn view(&self, r: &ConsultationRecord, viewer: &str) -> Result<pb::Consultation> {
-        let position = match r.state {
-            ConsultationState::Queued => self.store().queue_position(&r.id).await?,
-            _ => None,
-        };
-        Ok(consultation_view(r, position, viewer))
-    }
-
     async fn record(&self, id: &str) -> Result<ConsultationRecord> {
         required_id("consultation_id", id)?;
         self.store()
             .consultation(id)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("consultation '{id}' does not exist")))
+            .ok_or_else(|| not_found(id))
+    }
+
+    /// After a change of consultation `id`: tells those concerned, and returns it as
+    /// `caller` sees it.
+    async fn changed(
+        &self,
+        id: &str,
+        kind: pb::ConversationEventKind,
+        caller: &Caller,
+        also: &[String],
+    ) -> Result<pb::Consultation> {
+        let after = self.record(id).await?;
+        self.tell(&after, kind, &caller.user_id, also).await;
+        consultation_of(self.store().as_ref(), &after, &caller.user_id).await
     }
 
     /// A customer opens a consultation with its first message; it is routed at once.
@@ -300,9 +339,12 @@ impl<S: DeskStore> Desk<S> {
         if let Err(e) = self.route().await {
             tracing::warn!(error = %e, "routing a new consultation failed; it waits in the queue");
         }
-        let record = self.record(&id).await?;
         let conversation = self.messaging.get(caller, &id).await?;
-        Ok((self.view(&record, &caller.user_id).await?, conversation))
+        let consultation = conversation
+            .consultation
+            .clone()
+            .ok_or_else(|| Error::Internal(format!("consultation {id} has no record")))?;
+        Ok((consultation, conversation))
     }
 
     /// Agents and admins: the waiting consultations, oldest first.
@@ -336,35 +378,16 @@ impl<S: DeskStore> Desk<S> {
                 "only agents and admins may accept consultations".into(),
             ));
         }
-        self.record(id).await?;
-        match self.store().accept(id, &caller.user_id, now_ms()).await? {
-            Step::Done(_) => {}
-            Step::NotFound => {
-                return Err(Error::NotFound(format!(
-                    "consultation '{id}' does not exist"
-                )));
-            }
-            Step::WrongState(state) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "consultation '{id}' is {}, not queued; only queued consultations can be accepted",
-                    state.as_str()
-                )));
-            }
-            Step::Moved(agent) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "consultation '{id}' was taken by agent '{agent}'"
-                )));
-            }
-        }
-        let record = self.record(id).await?;
-        self.tell(
-            &record,
+        required_id("consultation_id", id)?;
+        let step = self.store().accept(id, &caller.user_id, now_ms()).await?;
+        checked(id, step, "only queued consultations can be accepted")?;
+        self.changed(
+            id,
             pb::ConversationEventKind::ConsultationAssigned,
-            &caller.user_id,
+            caller,
             &[],
         )
-        .await;
-        self.view(&record, &caller.user_id).await
+        .await
     }
 
     /// The assigned agent (or an admin) hands a consultation to another online agent.
@@ -405,40 +428,20 @@ impl<S: DeskStore> Desk<S> {
             )));
         }
         let previous = record.agent_id.clone();
-        match self
+        let step = self
             .store()
             .transfer(id, &previous, to, &transfer_note, now_ms())
-            .await?
-        {
-            Step::Done(_) => {}
-            Step::NotFound => {
-                return Err(Error::NotFound(format!(
-                    "consultation '{id}' does not exist"
-                )));
-            }
-            Step::WrongState(state) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "consultation '{id}' became {} meanwhile",
-                    state.as_str()
-                )));
-            }
-            Step::Moved(agent) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "consultation '{id}' moved to agent '{agent}' meanwhile"
-                )));
-            }
-        }
-        let after = self.record(id).await?;
-        self.tell(
-            &after,
-            pb::ConversationEventKind::ConsultationTransferred,
-            &caller.user_id,
-            &[previous],
-        )
-        .await;
+            .await?;
+        checked(id, step, "only assigned consultations can be transferred")?;
         // The previous agent has room again.
         self.wake.notify_one();
-        self.view(&after, &caller.user_id).await
+        self.changed(
+            id,
+            pb::ConversationEventKind::ConsultationTransferred,
+            caller,
+            &[previous],
+        )
+        .await
     }
 
     /// The customer, the assigned agent or an admin closes a consultation; its
@@ -454,29 +457,16 @@ impl<S: DeskStore> Desk<S> {
                 "only the customer, the assigned agent or an admin may close consultation '{id}'"
             )));
         }
-        match self.store().close(id, &resolution, now_ms()).await? {
-            Step::Done(_) => {}
-            Step::NotFound => {
-                return Err(Error::NotFound(format!(
-                    "consultation '{id}' does not exist"
-                )));
-            }
-            Step::WrongState(_) | Step::Moved(_) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "consultation '{id}' is already closed"
-                )));
-            }
-        }
-        let after = self.record(id).await?;
-        self.tell(
-            &after,
+        let step = self.store().close(id, &resolution, now_ms()).await?;
+        checked(id, step, "it cannot be closed again")?;
+        self.wake.notify_one();
+        self.changed(
+            id,
             pb::ConversationEventKind::ConsultationClosed,
-            &caller.user_id,
+            caller,
             &[],
         )
-        .await;
-        self.wake.notify_one();
-        self.view(&after, &caller.user_id).await
+        .await
     }
 
     /// Tells the customer and the agent (and `also`) about a change of `record`.

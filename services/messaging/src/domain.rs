@@ -575,16 +575,12 @@ impl<S: DeskStore> Messaging<S> {
         if record.kind != Kind::Support {
             return Ok(None);
         }
-        let Some(c) = self.store.consultation(&record.id).await? else {
-            return Ok(None);
-        };
-        let position = match c.state {
-            crate::store::desk::ConsultationState::Queued => {
-                self.store.queue_position(&c.id).await?
-            }
-            _ => None,
-        };
-        Ok(Some(crate::desk::consultation_view(&c, position, user)))
+        match self.store.consultation(&record.id).await? {
+            Some(c) => Ok(Some(
+                crate::desk::consultation_of(self.store.as_ref(), &c, user).await?,
+            )),
+            None => Ok(None),
+        }
     }
 
     /// Publishes a conversation event to the user channels of `notify`. Each recipient
