@@ -270,16 +270,20 @@ pub struct ChildService {
     child: Child,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where it serves `/metrics` (the harness sets `METRICS_ADDR=127.0.0.1:0`).
+    pub metrics_addr: Option<SocketAddr>,
     output: Arc<Mutex<String>>,
 }
 
 impl ChildService {
-    /// Starts `binary` with `env` (plus `LISTEN_ADDR=127.0.0.1:0`) and waits until it
+    /// Starts `binary` with `env` (plus `LISTEN_ADDR` and `METRICS_ADDR` on
+    /// `127.0.0.1:0`) and waits until it
     /// logs the address it listens on (an info line of `switchboard_common`, so a
     /// `RUST_LOG` given in `env` must keep it).
     pub fn spawn(binary_name: &str, env: &[(&str, String)]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary(binary_name)?);
         cmd.env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .env_remove("REDIS_URL")
@@ -289,7 +293,7 @@ impl ChildService {
         }
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
         let output = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+        let (tx, rx) = std::sync::mpsc::channel::<(bool, SocketAddr)>();
         let stdout = child.stdout.take().context("no stdout")?;
         let stderr = child.stderr.take().context("no stderr")?;
         for pipe in [
@@ -301,14 +305,21 @@ impl ChildService {
             // Drains the pipe for the life of the child so it never blocks on a full pipe.
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    // Text or JSON lines: `addr=1.2.3.4:5` or `"addr":"1.2.3.4:5"`.
+                    let field = |name: &str| {
+                        [format!(" {name}="), format!("\"{name}\":\"")]
+                            .iter()
+                            .find_map(|k| line.split(k.as_str()).nth(1))
+                            .and_then(|a| a.split(|c: char| c.is_whitespace() || c == '"').next())
+                            .and_then(|a| a.parse::<SocketAddr>().ok())
+                    };
+                    if let Some(addr) = field("metrics_addr") {
+                        let _ = tx.send((true, addr));
+                    }
                     if line.contains("listening")
-                        && let Some(addr) = line
-                            .split("addr=")
-                            .nth(1)
-                            .and_then(|a| a.split_whitespace().next())
-                        && let Ok(addr) = addr.parse()
+                        && let Some(addr) = field("addr")
                     {
-                        let _ = tx.send(addr);
+                        let _ = tx.send((false, addr));
                     }
                     if let Ok(mut o) = output.lock() {
                         o.push_str(&line);
@@ -317,13 +328,23 @@ impl ChildService {
                 }
             });
         }
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => Ok(Self {
+        let mut metrics_addr = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let listening = loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((true, addr)) => metrics_addr = Some(addr),
+                Ok((false, addr)) => break Some(addr),
+                Err(_) => break None,
+            }
+        };
+        match listening {
+            Some(addr) => Ok(Self {
                 child,
                 addr,
+                metrics_addr,
                 output,
             }),
-            Err(_) => {
+            None => {
                 let _ = child.kill();
                 let _ = child.wait();
                 bail!(

@@ -93,6 +93,9 @@ impl From<Error> for tonic::Status {
                 status
             }
             Error::Unavailable(cause) => {
+                if matches!(cause, StoreError::Redis(_)) {
+                    switchboard_common::metrics::redis_error();
+                }
                 tracing::warn!(error = %cause, "storage unavailable");
                 Status::unavailable("storage is unavailable; retry shortly")
             }

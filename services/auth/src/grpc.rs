@@ -97,7 +97,15 @@ impl<S: AuthStore> AuthService for AuthGrpc<S> {
     ) -> Result<Response<pb::LoginResponse>, Status> {
         let peer = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
-        let (t, u) = self.auth.login(&r.username, &r.password, peer).await?;
+        let outcome = self.auth.login(&r.username, &r.password, peer).await;
+        let result = match &outcome {
+            Ok(_) => "success",
+            Err(crate::error::Error::RateLimited { .. }) => "limited",
+            Err(crate::error::Error::BadCredentials) => "failure",
+            Err(_) => "error",
+        };
+        metrics::counter!(switchboard_common::metrics::LOGINS, "result" => result).increment(1);
+        let (t, u) = outcome?;
         tracing::info!(user_id = %u.id, session_id = %t.session_id, "logged in");
         Ok(Response::new(pb::LoginResponse {
             tokens: Some(tokens(t)),

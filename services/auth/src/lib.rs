@@ -106,6 +106,8 @@ async fn serve<S: AuthStore>(
         routes: routes.routes(),
         service_names: vec![<AuthServiceServer<AuthGrpc<S>> as NamedService>::NAME],
         auth: AuthLayer::new(verifier, PUBLIC_METHODS),
+        long_lived: &[],
+        drain: CancellationToken::new(),
     };
     server::serve(&config.server, listener, shutdown, assembly).await
 }

@@ -69,7 +69,10 @@ impl Subscription {
     pub async fn recv(&mut self) -> Option<BusEvent> {
         match self.rx.recv().await {
             Ok(event) => Some(event),
-            Err(broadcast::error::RecvError::Lagged(_)) => Some(BusEvent::Gap),
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                metrics::counter!(crate::metrics::QUEUE_OVERFLOWS).increment(1);
+                Some(BusEvent::Gap)
+            }
             Err(broadcast::error::RecvError::Closed) => None,
         }
     }
@@ -328,6 +331,7 @@ async fn run_pubsub(
         backoff = Duration::from_millis(50);
         if connected_before {
             tracing::info!("redis pub/sub reconnected");
+            metrics::counter!(crate::metrics::REDIS_RECONNECTS).increment(1);
             // Anything published while we were away is lost to pub/sub.
             registry.gap_all();
         }

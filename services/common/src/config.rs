@@ -19,6 +19,8 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 pub mod env {
     /// Address the gRPC server listens on.
     pub const LISTEN_ADDR: &str = "LISTEN_ADDR";
+    /// Address of the Prometheus `/metrics` HTTP endpoint, or `off`.
+    pub const METRICS_ADDR: &str = "METRICS_ADDR";
     /// PEM certificate chain for TLS.
     pub const TLS_CERT_FILE: &str = "TLS_CERT_FILE";
     /// PEM private key for TLS.
@@ -125,6 +127,23 @@ impl std::str::FromStr for Secret {
     }
 }
 
+/// Where `/metrics` is served: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" | "off" => Ok(Self(None)),
+            addr => addr
+                .parse()
+                .map(|a| Self(Some(a)))
+                .map_err(|e| format!("{e}: expected host:port (e.g. 0.0.0.0:9464) or `off`")),
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum LogFormat {
@@ -148,7 +167,9 @@ pub struct ServerArgs {
     /// get RESOURCE_EXHAUSTED.
     #[arg(long, env = env::MAX_MESSAGE_BYTES, default_value_t = 1024 * 1024, value_name = "BYTES")]
     pub max_message_bytes: usize,
-    /// Seconds that open calls get to finish after SIGTERM before the server exits.
+    /// Seconds a drain may take after SIGTERM: health turns NOT_SERVING, open streams are
+    /// ended with UNAVAILABLE ("reconnect elsewhere"), unary calls get this long to finish.
+    /// Keep Kubernetes' terminationGracePeriodSeconds longer.
     #[arg(long, env = env::SHUTDOWN_GRACE_SECS, default_value_t = 10, value_name = "SECS")]
     pub shutdown_grace_secs: u64,
     /// Log line format (`RUST_LOG` sets the filter, e.g. `info,switchboard_auth=debug`).
@@ -161,6 +182,8 @@ pub struct ServerArgs {
 pub struct ServerConfig {
     /// Address to listen on.
     pub listen_addr: SocketAddr,
+    /// Where `/metrics` is served; `None`: not at all.
+    pub metrics_addr: Option<SocketAddr>,
     /// PEM certificate chain and key, when TLS is on.
     pub tls: Option<TlsFiles>,
     /// Largest request message accepted, in bytes.
@@ -188,7 +211,12 @@ impl fmt::Debug for TlsFiles {
 
 impl ServerArgs {
     /// Validates the settings, reading the TLS files; problems go to `problems`.
-    pub fn validate(&self, listen_addr: SocketAddr, problems: &mut Problems) -> ServerConfig {
+    pub fn validate(
+        &self,
+        listen_addr: SocketAddr,
+        metrics_addr: MetricsAddr,
+        problems: &mut Problems,
+    ) -> ServerConfig {
         let tls = match (&self.tls_cert_file, &self.tls_key_file) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
@@ -222,8 +250,19 @@ impl ServerArgs {
                 env::MAX_MESSAGE_BYTES
             ));
         }
+        if metrics_addr
+            .0
+            .is_some_and(|m| m.port() != 0 && m == listen_addr)
+        {
+            problems.add(format!(
+                "{}: must differ from {} ({listen_addr})",
+                env::METRICS_ADDR,
+                env::LISTEN_ADDR
+            ));
+        }
         ServerConfig {
             listen_addr,
+            metrics_addr: metrics_addr.0,
             tls,
             max_message_bytes: self.max_message_bytes,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
@@ -233,10 +272,12 @@ impl ServerArgs {
 }
 
 impl ServerConfig {
-    /// Settings for tests and tools: plaintext on `listen_addr`, defaults elsewhere.
+    /// Settings for tests and tools: plaintext on `listen_addr`, no metrics endpoint,
+    /// defaults elsewhere.
     pub fn plain(listen_addr: SocketAddr) -> Self {
         Self {
             listen_addr,
+            metrics_addr: None,
             tls: None,
             max_message_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),

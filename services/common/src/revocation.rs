@@ -52,6 +52,7 @@ impl RedisRevocations {
 }
 
 fn unavailable(e: redis::RedisError) -> StoreUnavailable {
+    crate::metrics::redis_error();
     StoreUnavailable(e.to_string())
 }
 

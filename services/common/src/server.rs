@@ -239,11 +239,21 @@ pub struct Assembly {
     pub service_names: Vec<&'static str>,
     /// Authenticates every call but the public ones.
     pub auth: AuthLayer,
+    /// Full paths of the long-lived streaming methods (their call span ends at set-up).
+    pub long_lived: &'static [&'static str],
+    /// Cancelled once health reports `NOT_SERVING` at shutdown: the service's open streams
+    /// end with UNAVAILABLE ("reconnect elsewhere") and new ones are refused.
+    pub drain: CancellationToken,
 }
 
+/// Time between health turning `NOT_SERVING` and open streams being ended, so clients and
+/// load balancers watching health learn of the drain before their streams end.
+const DRAIN_NOTICE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Serves `assembly` on `listener` until `shutdown` fires, then drains: health turns
-/// `NOT_SERVING`, no new connections are accepted, and open calls get the configured grace
-/// period before the server returns.
+/// `NOT_SERVING`, no new connections are accepted, the service's streams are ended
+/// (`assembly.drain`), and open calls get the configured grace period before the server
+/// returns.
 pub async fn serve(
     config: &ServerConfig,
     listener: TcpListener,
@@ -283,13 +293,10 @@ pub async fn serve(
         // Detect dead peers on long-lived streams (mobile clients vanish without a FIN).
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        // One span per call, named by the gRPC method (OpenTelemetry RPC conventions).
-        .trace_fn(|req| {
-            let path = req.uri().path();
-            let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
-            tracing::info_span!("grpc", otel.name = %path, rpc.system = "grpc", rpc.service = %service, rpc.method = %method)
-        })
-        // Outermost: fix the status of oversize requests whoever produced it.
+        // Outermost: one span per call continuing the caller's trace (OpenTelemetry RPC
+        // conventions) and the call metrics, so they see every call and its final status.
+        .layer(crate::rpc::ServerTraceLayer::new(assembly.long_lived))
+        // Then fix the status of oversize requests whoever produced it.
         .layer(OversizeLayer)
         // Then authentication, so handlers only ever see verified callers.
         .layer(assembly.auth)
@@ -300,17 +307,22 @@ pub async fn serve(
         .add_service(reflection_v1alpha);
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let drain = assembly.drain.clone();
     let signal = {
         let shutdown = shutdown.clone();
         let health = health.clone();
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let drain = drain.clone();
         async move {
             shutdown.cancelled().await;
+            tracing::info!("draining: health NOT_SERVING, ending streams");
             for name in &names {
                 health
                     .set_service_status(name, tonic_health::ServingStatus::NotServing)
                     .await;
             }
+            tokio::time::sleep(DRAIN_NOTICE).await;
+            drain.cancel();
         }
     };
     let server = router.serve_with_incoming_shutdown(incoming, signal);
@@ -322,12 +334,14 @@ pub async fn serve(
             tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace elapsed; closing remaining calls");
         }
     }
+    drain.cancel();
+    tracing::info!("drained");
     Ok(())
 }
 
 /// The whole life of a service binary after its configuration is validated: telemetry,
-/// listen, log the address, run until SIGTERM/SIGINT, flush telemetry, and turn the
-/// outcome into an exit code.
+/// listen, serve `/metrics`, log both addresses, run until SIGTERM/SIGINT (the drain),
+/// flush telemetry, and turn the outcome into an exit code.
 pub async fn main<F, Fut>(
     service: &'static str,
     config: &ServerConfig,
@@ -352,6 +366,18 @@ where
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = config.metrics_addr {
+        match crate::metrics::serve(addr).await {
+            Ok(Some(bound)) => {
+                tracing::info!(metrics_addr = %bound, "metrics at http://{bound}/metrics")
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve metrics");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     match listener.local_addr() {
         Ok(addr) => tracing::info!(%addr, "{service} listening"),
         Err(e) => tracing::warn!(error = %e, "listening on an unknown address"),

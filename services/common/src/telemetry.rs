@@ -6,11 +6,28 @@
 //!   `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_TRACES_SAMPLER`/`_ARG` are honoured by the SDK.
 //!   Export is batched, so a slow or absent collector never blocks a request.
 //! - The W3C trace-context propagator is installed for calls between services.
+//! - Spans the exporter cannot deliver (collector down) are dropped, never queued without
+//!   bound, and counted in `switchboard_otel_spans_dropped_total`.
+//! - JSON log lines carry the `trace_id` and `span_id` of the span they were logged in,
+//!   so a log line leads to its trace in Jaeger.
+//! - Each process reports `service.instance.id` (`$HOSTNAME-<pid>`, the pod name in
+//!   Kubernetes) unless `OTEL_RESOURCE_ATTRIBUTES` sets one, so instances of one service
+//!   are told apart.
 
-use opentelemetry::trace::TracerProvider as _;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use tracing::dispatcher::WeakDispatch;
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{Format, Json, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -56,6 +73,7 @@ fn otlp_configured() -> bool {
 ///
 /// Safe to call more than once (tests): later calls keep the first subscriber.
 pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Guard> {
+    let dispatch: Arc<OnceLock<WeakDispatch>> = Arc::default();
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = match format {
         LogFormat::Text => {
@@ -69,16 +87,28 @@ pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Guard> {
         }
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
-            .flatten_event(true)
+            .event_format(JsonWithTrace {
+                inner: tracing_subscriber::fmt::format().json().flatten_event(true),
+                dispatch: dispatch.clone(),
+            })
             .boxed(),
     };
     let provider = if otlp_configured() {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .build()?;
+        let exporter = CountingExporter(exporter);
         let mut resource = opentelemetry_sdk::Resource::builder();
         if std::env::var("OTEL_SERVICE_NAME").is_err() {
             resource = resource.with_service_name(service);
+        }
+        let attributes = std::env::var("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+        if !attributes.contains("service.instance.id=") {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+            resource = resource.with_attribute(opentelemetry::KeyValue::new(
+                "service.instance.id",
+                format!("{host}-{}", std::process::id()),
+            ));
         }
         Some(
             SdkTracerProvider::builder()
@@ -102,6 +132,90 @@ pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Guard> {
         .try_init();
     if installed.is_err() {
         tracing::debug!("a tracing subscriber was already installed; keeping it");
+    } else {
+        let _ = dispatch.set(tracing::dispatcher::get_default(|d| d.downgrade()));
     }
     Ok(Guard { provider })
+}
+
+/// The OTLP exporter, counting the spans of every batch it fails to deliver.
+#[derive(Debug)]
+struct CountingExporter<E>(E);
+
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len() as u64;
+        let result = self.0.export(batch).await;
+        if result.is_err() {
+            metrics::counter!(crate::metrics::SPANS_DROPPED).increment(spans);
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.0.set_resource(resource);
+    }
+}
+
+/// tracing-subscriber's JSON lines plus the OpenTelemetry `trace_id` and `span_id` of the
+/// span the event happened in.
+struct JsonWithTrace {
+    inner: Format<Json>,
+    /// The installed subscriber, which holds the OpenTelemetry span data.
+    dispatch: Arc<OnceLock<WeakDispatch>>,
+}
+
+impl JsonWithTrace {
+    fn ids<S>(
+        &self,
+        ctx: &FmtContext<'_, S, impl for<'w> FormatFields<'w> + 'static>,
+        event: &Event<'_>,
+    ) -> Option<(String, String)>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let id = event
+            .parent()
+            .cloned()
+            .or_else(|| ctx.lookup_current().map(|s| s.id()))?;
+        let dispatch = self.dispatch.get()?.upgrade()?;
+        let cx = tracing_opentelemetry::get_otel_context(&id, &dispatch)?;
+        let span = cx.span();
+        let sc = span.span_context();
+        sc.is_valid()
+            .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for JsonWithTrace
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'w> FormatFields<'w> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut line = String::new();
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
+        let object = line.trim_end().strip_suffix('}');
+        match (object, self.ids(ctx, event)) {
+            (Some(head), Some((trace_id, span_id))) => writeln!(
+                writer,
+                "{head},\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"}}"
+            ),
+            _ => writer.write_str(&line),
+        }
+    }
 }

@@ -172,16 +172,17 @@ pub trait KeySource: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct GrpcKeySource {
     client: switchboard_proto::auth::v1::auth_service_client::AuthServiceClient<
-        tonic::transport::Channel,
+        crate::rpc::Traced<tonic::transport::Channel>,
     >,
 }
 
 impl GrpcKeySource {
-    /// A key source for the auth service at `channel` (connect lazily).
+    /// A key source for the auth service at `channel` (connect lazily); each fetch is a
+    /// client span in the trace of the call that needed the keys.
     pub fn new(channel: tonic::transport::Channel) -> Self {
         Self {
             client: switchboard_proto::auth::v1::auth_service_client::AuthServiceClient::new(
-                channel,
+                crate::rpc::Traced::new(channel, &[]),
             ),
         }
     }

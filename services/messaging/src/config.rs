@@ -37,6 +37,9 @@ pub struct Args {
     /// Address the gRPC server listens on.
     #[arg(long, env = switchboard_common::config::env::LISTEN_ADDR, default_value = "0.0.0.0:50053")]
     pub listen_addr: SocketAddr,
+    /// Address of the Prometheus `/metrics` HTTP endpoint, or `off`.
+    #[arg(long, env = switchboard_common::config::env::METRICS_ADDR, default_value = "0.0.0.0:9466")]
+    pub metrics_addr: switchboard_common::config::MetricsAddr,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub server: ServerArgs,
@@ -107,7 +110,9 @@ impl Args {
     /// Checks every setting, reporting all problems together.
     pub fn validate(self) -> Result<Config, switchboard_common::config::ConfigError> {
         let mut problems = Problems::default();
-        let server = self.server.validate(self.listen_addr, &mut problems);
+        let server = self
+            .server
+            .validate(self.listen_addr, self.metrics_addr, &mut problems);
         let engine = self.store.validate(&mut problems);
         let service_token = self.service.validate(&mut problems);
         if tonic::transport::Endpoint::from_shared(self.presence_url.clone()).is_err() {

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_common::config::Secret;
+use switchboard_common::metrics as m;
+use switchboard_common::rpc::Traced;
 use switchboard_common::server::SERVICE_TOKEN_HEADER;
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_common::token::{Caller, Role};
@@ -22,6 +24,7 @@ use switchboard_proto::presence::v1 as presence_pb;
 use switchboard_proto::presence::v1::presence_service_client::PresenceServiceClient;
 use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 use crate::conversation::{ConversationRecord, Kind, MAX_TITLE_CHARS, Member};
 use crate::domain::{Messaging, now_ms, timestamp};
@@ -40,12 +43,13 @@ const MAX_PER_PASS: usize = 1000;
 /// The presence service as the desk uses it, authenticated with the service token.
 #[derive(Clone)]
 pub struct Presence {
-    client: PresenceServiceClient<Channel>,
+    client: PresenceServiceClient<Traced<Channel>>,
     token: Option<Secret>,
 }
 
 impl Presence {
-    /// A lazily connected client of the presence service at `url`.
+    /// A lazily connected client of the presence service at `url`; its calls are client
+    /// spans of the desk operation that made them.
     pub fn new(url: &str, token: Option<Secret>) -> Result<Self> {
         let channel = Endpoint::from_shared(url.to_owned())
             .map_err(|e| Error::Internal(format!("presence url {url}: {e}")))?
@@ -53,7 +57,10 @@ impl Presence {
             .timeout(Duration::from_secs(5))
             .connect_lazy();
         Ok(Self {
-            client: PresenceServiceClient::new(channel),
+            client: PresenceServiceClient::new(Traced::new(
+                channel,
+                &["/switchboard.presence.v1.PresenceService/Watch"],
+            )),
             token,
         })
     }
@@ -322,9 +329,8 @@ impl<S: DeskStore> Desk<S> {
             transfer_note: String::new(),
         };
         self.store().open(&conversation, &consultation).await?;
-        self.messaging
-            .send(caller, draft, Default::default())
-            .await?;
+        self.messaging.send(caller, draft).await?;
+        metrics::counter!(m::CONSULTATIONS_QUEUED).increment(1);
         self.messaging
             .announce(
                 &conversation,
@@ -381,6 +387,7 @@ impl<S: DeskStore> Desk<S> {
         required_id("consultation_id", id)?;
         let step = self.store().accept(id, &caller.user_id, now_ms()).await?;
         checked(id, step, "only queued consultations can be accepted")?;
+        metrics::counter!(m::CONSULTATIONS_ASSIGNED, "how" => "accepted").increment(1);
         self.changed(
             id,
             pb::ConversationEventKind::ConsultationAssigned,
@@ -433,6 +440,7 @@ impl<S: DeskStore> Desk<S> {
             .transfer(id, &previous, to, &transfer_note, now_ms())
             .await?;
         checked(id, step, "only assigned consultations can be transferred")?;
+        metrics::counter!(m::CONSULTATIONS_ASSIGNED, "how" => "transferred").increment(1);
         // The previous agent has room again.
         self.wake.notify_one();
         self.changed(
@@ -525,6 +533,7 @@ impl<S: DeskStore> Desk<S> {
             {
                 Routed::Assigned { id, agent_id } => {
                     assigned += 1;
+                    metrics::counter!(m::CONSULTATIONS_ASSIGNED, "how" => "routed").increment(1);
                     tracing::info!(consultation_id = %id, agent_id = %agent_id, "consultation assigned");
                     if let Ok(record) = self.record(&id).await {
                         self.tell(
@@ -542,8 +551,11 @@ impl<S: DeskStore> Desk<S> {
         Ok(assigned)
     }
 
+    /// A routing pass of its own trace (nobody's call caused it).
     async fn route_logged(&self, why: &str) {
-        match self.route().await {
+        let span =
+            tracing::info_span!(parent: None, "route consultations", switchboard.trigger = why);
+        match self.route().instrument(span).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(assigned = n, trigger = why, "routing pass"),
             Err(e) => tracing::warn!(error = %e, trigger = why, "routing pass failed"),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use switchboard_common::token::Caller;
 use switchboard_proto::messaging::v1 as pb;
+use tracing::Instrument;
 
 use crate::conversation::{ConversationRecord, Kind, Member, NewConversation, direct_key};
 use crate::error::{Error, Result};
@@ -374,13 +375,9 @@ impl<S: DeskStore> Messaging<S> {
         Ok(record)
     }
 
-    /// Stores and publishes a message (or returns the first result of a retry).
-    pub async fn send(
-        &self,
-        caller: &Caller,
-        draft: Draft,
-        trace: HashMap<String, String>,
-    ) -> Result<(pb::Message, bool)> {
+    /// Stores and publishes a message (or returns the first result of a retry), in a
+    /// `publish` span whose trace context travels with the message to every instance.
+    pub async fn send(&self, caller: &Caller, draft: Draft) -> Result<(pb::Message, bool)> {
         if let Err(wait) = self.sends.take(&caller.user_id) {
             return Err(Error::ResourceExhausted {
                 message: "sending too fast; slow down".into(),
@@ -398,9 +395,18 @@ impl<S: DeskStore> Messaging<S> {
             sent_at: Some(timestamp(sent_at_ms)),
             client_msg_id: draft.client_msg_id.clone(),
         };
+        let publish = tracing::info_span!(
+            "publish",
+            otel.kind = "producer",
+            messaging.system = "redis",
+            messaging.operation.type = "send",
+            messaging.destination.name = "conversation",
+            switchboard.conversation_id = %draft.conversation_id,
+            switchboard.seq = tracing::field::Empty,
+        );
         let stored = prost::Message::encode_to_vec(&message);
         let envelope = prost::Message::encode_to_vec(&Envelope {
-            trace,
+            trace: publish.in_scope(switchboard_common::rpc::trace_map),
             message: Some(message.clone()),
             ..Default::default()
         });
@@ -413,8 +419,17 @@ impl<S: DeskStore> Messaging<S> {
             message_id: message.id.clone(),
             sent_at_ms,
         };
-        match self.store.send(&outgoing).await? {
-            Sent::Stored(seq) => Ok((pb::Message { seq, ..message }, false)),
+        let sent = self
+            .store
+            .send(&outgoing)
+            .instrument(publish.clone())
+            .await?;
+        match sent {
+            Sent::Stored(seq) => {
+                publish.record("switchboard.seq", seq);
+                metrics::counter!(switchboard_common::metrics::MESSAGES_PUBLISHED).increment(1);
+                Ok((pb::Message { seq, ..message }, false))
+            }
             Sent::Duplicate {
                 seq,
                 message_id,
@@ -510,7 +525,7 @@ impl<S: DeskStore> Messaging<S> {
             read_seq: position,
             read_at: Some(timestamp(now_ms())),
         };
-        let payload = encode_event(&Envelope {
+        let payload = encode_event(Envelope {
             receipt: Some(receipt),
             ..Default::default()
         });
@@ -536,7 +551,7 @@ impl<S: DeskStore> Messaging<S> {
             conversation_id: conversation_id.to_owned(),
             user_id: caller.user_id.clone(),
         };
-        let payload = encode_event(&Envelope {
+        let payload = encode_event(Envelope {
             typing: Some(typing),
             ..Default::default()
         });
@@ -612,7 +627,7 @@ impl<S: DeskStore> Messaging<S> {
                             return;
                         }
                     };
-                    let payload = encode_event(&Envelope {
+                    let payload = encode_event(Envelope {
                         event: Some(pb::ConversationEvent {
                             kind: kind as i32,
                             conversation: Some(conversation),

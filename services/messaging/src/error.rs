@@ -44,6 +44,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<redis::RedisError> for Error {
     fn from(e: redis::RedisError) -> Self {
+        switchboard_common::metrics::redis_error();
         Error::Unavailable(format!("redis: {e}"))
     }
 }

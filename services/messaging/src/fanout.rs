@@ -21,6 +21,8 @@ use switchboard_proto::messaging::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use switchboard_common::metrics as m;
+
 use crate::error::{Error, Result};
 use crate::message::{Frame, decode};
 use crate::store::{MessagingStore, Range};
@@ -77,6 +79,7 @@ impl Feed {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::info!(channel = %self.channel, "slow consumer cut off");
+                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS).increment(1);
                 inbox.overflow.cancel();
                 false
             }
@@ -202,7 +205,12 @@ async fn run_feed<S: MessagingStore>(
                     }
                     message.seq = seq;
                     if last.is_none_or(|l| seq > l) {
-                        feed.dispatch(&Delivery::Message(Arc::new(message)));
+                        let span = deliver_span(&envelope.trace, conversation.as_deref(), seq);
+                        let sent_at = message.sent_at;
+                        let streams =
+                            span.in_scope(|| feed.dispatch(&Delivery::Message(Arc::new(message))));
+                        span.record("switchboard.local_subscribers", streams);
+                        delivered(streams, sent_at);
                         last = Some(seq);
                     }
                 }
@@ -217,7 +225,10 @@ async fn run_feed<S: MessagingStore>(
                     } else {
                         continue;
                     };
-                    feed.dispatch(&Delivery::Frame(Arc::new(frame)));
+                    let span = deliver_span(&envelope.trace, conversation.as_deref(), 0);
+                    let streams =
+                        span.in_scope(|| feed.dispatch(&Delivery::Frame(Arc::new(frame))));
+                    span.record("switchboard.local_subscribers", streams);
                 }
                 None => tracing::warn!(channel = %feed.channel, "ignoring an undecodable payload"),
             },
@@ -227,6 +238,38 @@ async fn run_feed<S: MessagingStore>(
                     last = fill(&feed, &*store, c, l, None).await.or(last);
                 }
             }
+        }
+    }
+}
+
+/// The span of one payload's hand-over to this instance's streams, a child of the span
+/// that published it (its context crossed Redis in the envelope).
+fn deliver_span(
+    trace: &std::collections::HashMap<String, String>,
+    conversation: Option<&str>,
+    seq: u64,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "deliver",
+        otel.kind = "consumer",
+        messaging.system = "redis",
+        messaging.operation.type = "process",
+        switchboard.conversation_id = conversation.unwrap_or_default(),
+        switchboard.seq = seq,
+        switchboard.local_subscribers = tracing::field::Empty,
+    );
+    switchboard_common::rpc::continue_from(&span, trace);
+    span
+}
+
+/// Counts a live message handed to `streams` local streams, and its latency since sending.
+fn delivered(streams: usize, sent_at: Option<switchboard_proto::prost_types::Timestamp>) {
+    metrics::counter!(m::MESSAGES_DELIVERED).increment(streams as u64);
+    if let Some(t) = sent_at {
+        let sent = std::time::UNIX_EPOCH
+            + std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
+        if let Ok(age) = std::time::SystemTime::now().duration_since(sent) {
+            metrics::histogram!(m::DELIVERY_LATENCY).record(age.as_secs_f64());
         }
     }
 }

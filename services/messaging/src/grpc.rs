@@ -1,6 +1,5 @@
 //! The gRPC adapter: wire types in, calls into [`Messaging`], wire types out.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use switchboard_common::token::Caller;
@@ -142,7 +141,7 @@ impl<S: DeskStore> MessagingService for MessagingGrpc<S> {
         let r = req.into_inner();
         tracing::Span::current().record("conversation_id", r.conversation_id.as_str());
         let draft = Draft::parse(r.conversation_id, r.client_msg_id, r.body, r.metadata)?;
-        let (message, duplicate) = self.messaging.send(&c, draft, HashMap::new()).await?;
+        let (message, duplicate) = self.messaging.send(&c, draft).await?;
         Ok(Response::new(pb::SendMessageResponse {
             message: Some(message),
             duplicate,

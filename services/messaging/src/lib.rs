@@ -92,12 +92,14 @@ async fn serve<S: DeskStore>(
         desk.clone()
             .dispatch(config.queue_recheck, shutdown.clone()),
     );
+    // Ended by the server once health reports NOT_SERVING at shutdown.
+    let drain = CancellationToken::new();
     let streams = Arc::new(Streams {
         messaging,
         hub: Hub::new(backend.bus.clone(), store),
         verifier: verifier.clone(),
         queue: config.outbound_queue,
-        shutdown: shutdown.clone(),
+        shutdown: drain.clone(),
     });
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(tune!(
@@ -115,6 +117,8 @@ async fn serve<S: DeskStore>(
             <SupportServiceServer<SupportGrpc<S>> as NamedService>::NAME,
         ],
         auth: AuthLayer::new(verifier, &[]),
+        long_lived: &["/switchboard.messaging.v1.MessagingService/Connect"],
+        drain,
     };
     server::serve(&config.server, listener, shutdown, assembly).await
 }

@@ -55,10 +55,14 @@ pub enum Frame {
     Event(Envelope),
 }
 
-/// Encodes an ephemeral event payload.
-pub fn encode_event(envelope: &Envelope) -> Vec<u8> {
+/// Encodes an ephemeral event payload, carrying the current span's trace context unless
+/// the envelope has one.
+pub fn encode_event(mut envelope: Envelope) -> Vec<u8> {
+    if envelope.trace.is_empty() {
+        envelope.trace = switchboard_common::rpc::trace_map();
+    }
     let mut out = vec![FORMAT_VERSION, b'E', b'\n'];
-    prost::Message::encode(envelope, &mut out).unwrap_or_default();
+    prost::Message::encode(&envelope, &mut out).unwrap_or_default();
     out
 }
 
@@ -162,7 +166,7 @@ mod tests {
         let mut payload = message_header(42);
         prost::Message::encode(&env, &mut payload).expect("encode");
         assert_eq!(decode(&payload), Some(Frame::Message(42, env.clone())));
-        assert_eq!(decode(&encode_event(&env)), Some(Frame::Event(env)));
+        assert_eq!(decode(&encode_event(env.clone())), Some(Frame::Event(env)));
         assert_eq!(decode(b"2M1\n"), None, "unknown version");
         assert_eq!(decode(b"1Mx\n"), None, "bad seq");
         assert_eq!(decode(b""), None);

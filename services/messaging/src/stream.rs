@@ -28,6 +28,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
+use switchboard_common::rpc::SpanLink;
+use tracing::Instrument;
+
 use crate::domain::Messaging;
 use crate::error::Error;
 use crate::fanout::{Delivery, Hub, Inbox, Joined};
@@ -107,6 +110,8 @@ struct Session<S> {
     /// Subscribed to all conversations: conversations the caller joins later (a new
     /// direct chat, an assigned consultation) are followed too.
     all: bool,
+    /// The stream's set-up span, linked from each client frame's own span.
+    setup: SpanLink,
 }
 
 /// Opens a stream for `caller` reading client frames from `inbound`.
@@ -118,6 +123,7 @@ pub fn open<S: DeskStore>(
     // Frames ready for the transport; small, since the inbox is where deliveries wait.
     let (out, frames) = mpsc::channel(32);
     let (end_tx, end_rx) = oneshot::channel();
+    let setup = SpanLink::to_current();
     tokio::spawn(async move {
         let (inbox, rx, overflow) = Inbox::new(ctx.queue);
         let mut session = Session {
@@ -128,6 +134,7 @@ pub fn open<S: DeskStore>(
             out,
             subs: HashMap::new(),
             all: false,
+            setup,
         };
         if let End::Status(status) = session.run(inbound, rx).await {
             let _ = end_tx.send(status);
@@ -137,6 +144,31 @@ pub fn open<S: DeskStore>(
         frames,
         end: Some(end_rx),
     }
+}
+
+/// A client frame's own short span: a new trace (a stream lives too long to be one),
+/// linked to the stream's set-up.
+fn frame_span(req: &pb::ConnectRequest) -> tracing::Span {
+    let frame = match &req.frame {
+        None => "empty",
+        Some(In::Ping(_)) => "ping",
+        Some(In::Subscribe(_)) => "subscribe",
+        Some(In::Unsubscribe(_)) => "unsubscribe",
+        Some(In::Send(_)) => "send",
+        Some(In::Typing(_)) => "typing",
+        Some(In::Read(_)) => "read",
+        Some(In::RefreshToken(_)) => "refresh_token",
+    };
+    tracing::info_span!(
+        parent: None,
+        "frame",
+        otel.name = %format_args!("Connect {frame}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "switchboard.messaging.v1.MessagingService",
+        rpc.method = "Connect",
+        switchboard.frame = frame,
+    )
 }
 
 fn frame_error(e: &Error, conversation_id: &str) -> pb::FrameError {
@@ -203,7 +235,11 @@ impl<S: DeskStore> Session<S> {
                 frame = inbound.message(), if inbound_open => match frame {
                     // Boxed: client frames are rare next to deliveries, and the idle task
                     // then holds a pointer instead of space for the largest frame handler.
-                    Ok(Some(req)) => Box::pin(self.handle(req)).await,
+                    Ok(Some(req)) => {
+                        let span = frame_span(&req);
+                        self.setup.attach(&span);
+                        Box::pin(self.handle(req)).instrument(span).await
+                    }
                     Ok(None) => {
                         inbound_open = false;
                         Ok(())
@@ -284,11 +320,7 @@ impl<S: DeskStore> Session<S> {
                     s.body,
                     s.metadata,
                 ) {
-                    Ok(draft) => {
-                        ctx.messaging
-                            .send(&self.caller, draft, HashMap::new())
-                            .await
-                    }
+                    Ok(draft) => ctx.messaging.send(&self.caller, draft).await,
                     Err(e) => Err(e),
                 };
                 let result = match result {
@@ -410,6 +442,8 @@ impl<S: DeskStore> Session<S> {
         let mut page = first.messages;
         loop {
             let full = page.len() >= REPLAY_PAGE;
+            metrics::counter!(switchboard_common::metrics::MESSAGES_DELIVERED)
+                .increment(page.len() as u64);
             for message in page {
                 self.send_message(message).await?;
             }

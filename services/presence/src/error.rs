@@ -21,6 +21,9 @@ impl From<Error> for tonic::Status {
         match &e {
             Error::InvalidArgument(m) => tonic::Status::invalid_argument(m.clone()),
             Error::Unavailable(cause) => {
+                if matches!(cause, StoreError::Redis(_)) {
+                    switchboard_common::metrics::redis_error();
+                }
                 tracing::warn!(error = %cause, "storage unavailable");
                 tonic::Status::unavailable("storage is unavailable; retry shortly")
             }

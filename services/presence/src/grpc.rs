@@ -190,7 +190,10 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
             )
             .await
             .map_err(Error::from)?;
+        let held =
+            switchboard_common::metrics::Held::new(switchboard_common::metrics::PRESENCE_SESSIONS);
         tokio::spawn(async move {
+            let _held = held;
             let frame = |f: pb::connect_response::Frame| Ok(pb::ConnectResponse { frame: Some(f) });
             let connected = pb::Connected {
                 session_id: session.session_id.clone(),

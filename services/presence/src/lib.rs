@@ -61,12 +61,14 @@ async fn serve<S: PresenceStore>(
         shutdown.clone(),
     ));
 
+    // Ended by the server once health reports NOT_SERVING at shutdown.
+    let drain = CancellationToken::new();
     let service = PresenceGrpc::new(
         store,
         backend.bus.clone(),
         config.ttl,
         config.reconnect_grace,
-        shutdown.clone(),
+        drain.clone(),
         verifier.revocations().clone(),
     );
     let mut routes = tonic::service::Routes::builder();
@@ -75,6 +77,11 @@ async fn serve<S: PresenceStore>(
         routes: routes.routes(),
         service_names: vec![<PresenceServiceServer<PresenceGrpc<S>> as NamedService>::NAME],
         auth: AuthLayer::new(verifier, &[]).accepting_service_token(config.service_token.clone()),
+        long_lived: &[
+            "/switchboard.presence.v1.PresenceService/Connect",
+            "/switchboard.presence.v1.PresenceService/Watch",
+        ],
+        drain,
     };
     server::serve(&config.server, listener, shutdown, assembly).await
 }
