@@ -378,22 +378,30 @@ impl ChildService {
 
     /// Sends SIGTERM and waits up to `limit` for the exit status.
     pub fn terminate(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        self.signal_term()?;
+        self.wait_exit(limit)
+    }
+
+    /// Sends SIGTERM (the start of a drain).
+    pub fn signal_term(&self) -> anyhow::Result<()> {
         let status = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()?;
         if !status.success() {
             bail!("kill -TERM {} failed", self.pid());
         }
+        Ok(())
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                bail!(
-                    "process {} still running {limit:?} after SIGTERM",
-                    self.pid()
-                );
+                bail!("process {} still running after {limit:?}", self.pid());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

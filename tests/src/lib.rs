@@ -4,6 +4,7 @@
 //!   6379), each test its own, and kills it (by PID) when dropped.
 //! - [`instance`] starts service instances on port 0, either in-process (calling the same
 //!   `run` as `main`) or as child processes of the built binaries, for crash tests.
+//! - [`otlp::Receiver`] is a real OTLP trace receiver; [`scrape`] reads `/metrics`.
 //!
 //! Everything a test starts is stopped when its handle drops, also when the test fails.
 
@@ -12,9 +13,11 @@ pub mod bench;
 pub mod bench_presence;
 pub mod instance;
 pub mod messaging;
+pub mod otlp;
 pub mod presence;
 pub mod proxy;
 pub mod redis;
+pub mod scrape;
 
 use std::time::Duration;
 

@@ -262,7 +262,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let mut names: Vec<&str> = assembly.service_names.clone();
-    names.extend(["liveness", "readiness"]);
+    // "" is the whole server (what `grpc_health_probe` and Kubernetes ask by default).
+    names.extend(["", "liveness", "readiness"]);
     for name in &names {
         health
             .set_service_status(*name, tonic_health::ServingStatus::Serving)
