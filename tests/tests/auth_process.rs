@@ -105,6 +105,7 @@ fn help_lists_every_setting_with_its_environment_variable() {
         "switchboard-auth",
         &[
             "LISTEN_ADDR",
+            "METRICS_ADDR",
             "REDIS_URL",
             "TLS_CERT_FILE",
             "TLS_KEY_FILE",

@@ -17,6 +17,7 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
         "switchboard-messaging",
         &[
             "LISTEN_ADDR",
+            "METRICS_ADDR",
             "REDIS_URL",
             "AUTH_URL",
             "MAX_MESSAGE_BYTES",
@@ -39,6 +40,11 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
             ("REDIS_URL", "nope://x"),
         ],
         &["MESSAGING_OUTBOUND_QUEUE", "AUTH_URL", "REDIS_URL"],
+    );
+    assert_bad_config_exits_64(
+        "switchboard-messaging",
+        &[("METRICS_ADDR", "everywhere:please")],
+        &["METRICS_ADDR", "or `off`"],
     );
 }
 

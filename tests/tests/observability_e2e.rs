@@ -598,3 +598,50 @@ async fn sigterm_drains_not_serving_first_then_streams_end_with_a_reconnect_hint
     }
     assert!(signalled.elapsed() <= grace + Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_carry_the_trace_and_span_of_their_call() {
+    let otlp = Receiver::start().await.expect("otlp receiver");
+    let auth = spawn(
+        "switchboard-auth",
+        &[("LOG_FORMAT", "json".into())],
+        Some(&otlp),
+    );
+    let mut users = AuthServiceClient::new(auth.channel());
+    register_and_login(&mut users, "json_logger")
+        .await
+        .expect("login");
+    let line = switchboard_tests::eventually(Duration::from_secs(10), || {
+        let output = auth.output();
+        async move {
+            output
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["message"] == "logged in")
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("no JSON 'logged in' line:\n{}", auth.output()));
+    let trace_id = line["trace_id"].as_str().expect("trace_id").to_owned();
+    let span_id = line["span_id"].as_str().expect("span_id").to_owned();
+    assert_eq!(trace_id.len(), 32, "{line}");
+    assert_eq!(span_id.len(), 16, "{line}");
+    let login = otlp
+        .wait_for(Duration::from_secs(20), |spans| {
+            spans
+                .iter()
+                .find(|s| {
+                    is_rpc(s, "AuthService", "Login", SpanKind::Server) && s.trace_id() == trace_id
+                })
+                .cloned()
+        })
+        .await;
+    assert!(
+        login.is_some(),
+        "the log line's trace_id {trace_id} is not the Login call's trace"
+    );
+    assert!(
+        otlp.spans().iter().any(|s| s.span_id() == span_id),
+        "the log line's span_id {span_id} was never exported"
+    );
+}

@@ -384,6 +384,7 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
         "switchboard-presence",
         &[
             "LISTEN_ADDR",
+            "METRICS_ADDR",
             "REDIS_URL",
             "AUTH_URL",
             "PRESENCE_TTL_SECS",
