@@ -516,6 +516,7 @@ async fn sigterm_drains_not_serving_first_then_streams_end_with_a_reconnect_hint
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
     let redis = RedisServer::spawn().expect("redis");
+    let otlp = Receiver::start().await.expect("otlp receiver");
     let auth = spawn("switchboard-auth", &[("REDIS_URL", redis.url())], None);
     let grace = Duration::from_secs(5);
     let mut messaging = spawn(
@@ -524,6 +525,12 @@ async fn sigterm_drains_not_serving_first_then_streams_end_with_a_reconnect_hint
             ("REDIS_URL", redis.url()),
             ("AUTH_URL", format!("http://{}", auth.addr)),
             ("SHUTDOWN_GRACE_SECS", grace.as_secs().to_string()),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{}", otlp.addr),
+            ),
+            // Far beyond the test: only the flush at exit can deliver the spans.
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000".into()),
         ],
         None,
     );
@@ -597,6 +604,13 @@ async fn sigterm_drains_not_serving_first_then_streams_end_with_a_reconnect_hint
         (Err(e), output) => panic!("{e:#}\n{output}"),
     }
     assert!(signalled.elapsed() <= grace + Duration::from_secs(1));
+    // Spans were flushed on the way out: the ping frame's span arrived.
+    let spans = otlp.spans();
+    assert!(
+        spans.iter().any(|s| s.span.name == "Connect ping"),
+        "spans were not flushed at exit: {:?}",
+        spans.iter().map(|s| &s.span.name).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
