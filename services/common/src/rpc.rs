@@ -188,17 +188,26 @@ impl Call {
             // Fails only when no OpenTelemetry layer is installed; nothing to continue then.
             let _ = span.set_parent(parent);
         }
-        if side == Side::Server && long_lived {
-            ::metrics::gauge!(m::STREAMS_ACTIVE, "service" => service.to_owned(), "method" => method.to_owned()).increment(1.0);
-        }
-        Self {
+        let call = Self {
             span,
             side,
             service: service.to_owned(),
             method: method.to_owned(),
             started: Instant::now(),
             long_lived,
+        };
+        if side == Side::Server && long_lived {
+            ::metrics::gauge!(m::STREAMS_ACTIVE, &call.labels()).increment(1.0);
         }
+        call
+    }
+
+    /// The `service` and `method` labels of the call's metrics.
+    fn labels(&self) -> [(&'static str, String); 2] {
+        [
+            ("service", self.service.clone()),
+            ("method", self.method.clone()),
+        ]
     }
 
     /// Records the status on the span (if still open) and, for servers, in the metrics.
@@ -222,11 +231,10 @@ impl Call {
         }
         self.span = Span::none();
         if self.side == Side::Server {
-            let labels = [
-                ("service", self.service.clone()),
-                ("method", self.method.clone()),
-            ];
-            ::metrics::counter!(m::GRPC_REQUESTS, "service" => self.service.clone(), "method" => self.method.clone(), "code" => code_name(code)).increment(1);
+            let labels = self.labels();
+            let [service, method] = labels.clone();
+            let with_code = [service, method, ("code", code_name(code).to_owned())];
+            ::metrics::counter!(m::GRPC_REQUESTS, &with_code).increment(1);
             if self.long_lived {
                 ::metrics::gauge!(m::STREAMS_ACTIVE, &labels).decrement(1.0);
             } else {
