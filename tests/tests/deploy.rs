@@ -1,0 +1,535 @@
+//! The deploy manifests, read back: the kustomize overlays as `kubectl apply -k` would
+//! send them, the compose file, the Dockerfile and the Secret template. Schema validation
+//! (unknown fields) is `make deploy-check`'s job; these tests hold the rules and the drift
+//! checks against the services' own settings, and show that each rule can fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use switchboard_tests::deploy::{
+    Service, allows, compose_services, compose_unread_variables, containers, environment,
+    image_tag, object, objects, parse, pod_labels, policy_problems, read, render, secret_keys,
+    unread_variables,
+};
+use yaml_rust2::Yaml;
+
+const OVERLAYS: &[&str] = &["dev", "prod"];
+
+fn rendered(overlay: &str) -> (String, Vec<Yaml>) {
+    let text = render(overlay).expect("render the overlay");
+    let docs = parse(&text).expect("parse the rendered overlay");
+    (text, docs)
+}
+
+fn compose() -> Yaml {
+    let text = read("deploy/compose.yaml").expect("compose file");
+    parse(&text).expect("compose YAML").remove(0)
+}
+
+#[test]
+fn rendered_overlays_follow_the_deploy_rules() {
+    for overlay in OVERLAYS {
+        let (_, docs) = rendered(overlay);
+        let services: Vec<Service> = containers(&docs)
+            .iter()
+            .filter_map(|c| c.service())
+            .collect();
+        assert_eq!(
+            services.len(),
+            3,
+            "{overlay}: one container per service: {services:?}"
+        );
+        let problems = policy_problems(&docs);
+        assert!(problems.is_empty(), "{overlay}:\n{}", problems.join("\n"));
+    }
+}
+
+/// Each rule, broken once in an otherwise good rendering, is reported.
+#[test]
+fn each_deploy_rule_catches_its_violation() {
+    let (text, docs) = rendered("dev");
+    assert!(policy_problems(&docs).is_empty());
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "image: switchboard:0.1.0",
+            "image: switchboard:latest",
+            "is not pinned",
+        ),
+        ("image: redis:7.2.7", "image: redis", "is not pinned"),
+        ("runAsUser: 65532", "runAsUser: 0", "may run as root"),
+        (
+            "runAsNonRoot: true",
+            "runAsNonRoot: false",
+            "may run as root",
+        ),
+        ("readinessProbe:", "readinessGate:", "no readinessProbe"),
+        ("livenessProbe:", "livenessGate:", "no livenessProbe"),
+        (
+            "readOnlyRootFilesystem: true",
+            "readOnlyRootFilesystem: false",
+            "writable",
+        ),
+        (
+            "allowPrivilegeEscalation: false",
+            "allowPrivilegeEscalation: true",
+            "allowPrivilegeEscalation",
+        ),
+        ("- ALL", "- NET_RAW", "capabilities"),
+        (
+            "terminationGracePeriodSeconds: 30",
+            "terminationGracePeriodSeconds: 20",
+            "must exceed",
+        ),
+        (
+            "SHUTDOWN_GRACE_SECS: \"20\"",
+            "SHUTDOWN_GRACE_SECS: \"45\"",
+            "must exceed",
+        ),
+        (
+            "service: readiness",
+            "service: liveness",
+            "gRPC probe of service \"readiness\"",
+        ),
+        ("port: 50053\n", "port: 50054\n", "gRPC probe"),
+        (
+            "prometheus.io/port: \"9466\"",
+            "prometheus.io/port: \"9999\"",
+            "prometheus.io/scrape",
+        ),
+        ("  clusterIP: None\n", "", "headless Service"),
+        ("memory: 1Gi", "storage: 1Gi", "resources.limits.memory"),
+        (
+            "topologySpreadConstraints:",
+            "topologySpread:",
+            "topologySpreadConstraints",
+        ),
+        (
+            "  name: switchboard-messaging\n  namespace:",
+            "  name: switchboard-gone\n  namespace:",
+            "is not rendered",
+        ),
+    ];
+    for (from, to, expected) in cases {
+        assert!(text.contains(from), "the rendering has {from:?}");
+        let broken = parse(&text.replace(from, to)).expect("still YAML");
+        let problems = policy_problems(&broken);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{from:?} -> {to:?} should report {expected:?}, got {problems:?}"
+        );
+    }
+}
+
+/// Settings the manifests leave unset on purpose (deploy/k8s/base/config.yaml says why).
+const UNSET_ON_PURPOSE: &[&str] = &[
+    "TLS_CERT_FILE",
+    "TLS_KEY_FILE",
+    "OTEL_SERVICE_NAME",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+];
+
+#[test]
+fn manifests_set_every_setting_and_only_settings_the_services_read() {
+    assert!(Service::Auth.reads().contains("AUTH_SIGNING_KEY_FILE"));
+    assert!(Service::Messaging.reads().contains("SERVICE_TOKEN"));
+    assert!(!Service::Auth.reads().contains("SERVICE_TOKEN"));
+    assert!(
+        Service::Presence
+            .reads()
+            .contains("OTEL_EXPORTER_OTLP_ENDPOINT")
+    );
+    for overlay in OVERLAYS {
+        let (text, docs) = rendered(overlay);
+        let unread = unread_variables(&docs);
+        assert!(unread.is_empty(), "{overlay}:\n{}", unread.join("\n"));
+        for c in containers(&docs) {
+            let Some(service) = c.service() else { continue };
+            let env = environment(&docs, &c).expect("environment");
+            let missing: Vec<String> = service
+                .reads()
+                .into_iter()
+                .filter(|v| !env.contains_key(v) && !UNSET_ON_PURPOSE.contains(&v.as_str()))
+                .collect();
+            assert!(
+                missing.is_empty(),
+                "{overlay} {service:?} does not set {missing:?}"
+            );
+        }
+        // A misspelt setting is caught (it would be silently ignored by the service).
+        let typo = text.replace("  MESSAGING_SEND_BURST:", "  MESSAGING_SEND_BURTS:");
+        let problems = unread_variables(&parse(&typo).expect("YAML"));
+        assert!(
+            problems.iter().any(|p| p.contains("MESSAGING_SEND_BURTS")),
+            "{problems:?}"
+        );
+        // So is a service's setting given to another service.
+        let moved = text.replace("  PRESENCE_TTL_SECS:", "  AUTH_TTL:");
+        assert!(!unread_variables(&parse(&moved).expect("YAML")).is_empty());
+    }
+    let compose_text = read("deploy/compose.yaml").expect("compose");
+    let unread = compose_unread_variables(&compose());
+    assert!(unread.is_empty(), "compose:\n{}", unread.join("\n"));
+    let typo = compose_text.replace("  REDIS_URL:", "  REDIS_ULR:");
+    let problems = compose_unread_variables(&parse(&typo).expect("YAML")[0]);
+    assert_eq!(
+        problems.len(),
+        6,
+        "every compose instance inherits the typo: {problems:?}"
+    );
+}
+
+#[test]
+fn secret_template_names_every_key_the_pods_read_and_holds_no_secret() {
+    let text = read("deploy/k8s/secret.template.yaml").expect("template");
+    let template = parse(&text).expect("YAML").remove(0);
+    assert_eq!(template["kind"].as_str(), Some("Secret"));
+    let name = template["metadata"]["name"].as_str().expect("name");
+    let data = template["stringData"].as_hash().expect("stringData");
+    let template_keys: BTreeSet<String> = data
+        .keys()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect();
+    for (key, value) in data {
+        let value = value.as_str().unwrap_or("");
+        assert!(
+            value.contains("REPLACE-ME"),
+            "{key:?} must be a placeholder, is {value:?}"
+        );
+    }
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "a key is committed in the template"
+    );
+    for overlay in OVERLAYS {
+        let (_, docs) = rendered(overlay);
+        assert!(
+            objects(&docs, "Secret").is_empty(),
+            "{overlay} renders a Secret: real ones are created by hand"
+        );
+        let keys = secret_keys(&docs);
+        assert!(keys.len() >= 4, "{keys:?}");
+        for (secret, key) in keys {
+            assert_eq!(secret, name, "{overlay} reads another Secret");
+            assert!(
+                template_keys.contains(&key),
+                "{overlay} reads {key}, not in the template"
+            );
+        }
+    }
+}
+
+#[test]
+fn network_policies_allow_only_the_paths_the_services_use() {
+    let (_, docs) = rendered("dev");
+    let pod = |name: &str| {
+        let kind = if name == "redis" {
+            "StatefulSet"
+        } else {
+            "Deployment"
+        };
+        let labels = pod_labels(&docs, kind, name);
+        assert!(!labels.is_empty(), "{name} has pod labels");
+        labels
+    };
+    let [auth, presence, messaging, redis, collector, jaeger] = [
+        "auth",
+        "presence",
+        "messaging",
+        "redis",
+        "otel-collector",
+        "jaeger",
+    ]
+    .map(pod);
+    let outside: Option<&BTreeMap<String, String>> = None;
+    let allowed = [
+        ("client -> auth", outside, Some(&auth), 50051),
+        ("client -> presence", outside, Some(&presence), 50052),
+        ("client -> messaging", outside, Some(&messaging), 50053),
+        ("prometheus -> auth", outside, Some(&auth), 9464),
+        ("prometheus -> presence", outside, Some(&presence), 9465),
+        ("prometheus -> messaging", outside, Some(&messaging), 9466),
+        (
+            "messaging -> presence",
+            Some(&messaging),
+            Some(&presence),
+            50052,
+        ),
+        ("presence -> auth", Some(&presence), Some(&auth), 50051),
+        ("messaging -> auth", Some(&messaging), Some(&auth), 50051),
+        ("auth -> redis", Some(&auth), Some(&redis), 6379),
+        ("presence -> redis", Some(&presence), Some(&redis), 6379),
+        ("messaging -> redis", Some(&messaging), Some(&redis), 6379),
+        ("auth -> collector", Some(&auth), Some(&collector), 4317),
+        (
+            "presence -> collector",
+            Some(&presence),
+            Some(&collector),
+            4317,
+        ),
+        (
+            "messaging -> collector",
+            Some(&messaging),
+            Some(&collector),
+            4317,
+        ),
+        ("collector -> jaeger", Some(&collector), Some(&jaeger), 4317),
+        ("user -> jaeger UI", outside, Some(&jaeger), 16686),
+    ];
+    for (path, from, to, port) in allowed {
+        assert!(
+            allows(&docs, from, to, port),
+            "{path} :{port} must be allowed"
+        );
+    }
+    let denied = [
+        ("client -> redis", outside, Some(&redis), 6379),
+        ("client -> collector", outside, Some(&collector), 4317),
+        ("client -> jaeger OTLP", outside, Some(&jaeger), 4317),
+        ("auth -> presence", Some(&auth), Some(&presence), 50052),
+        ("auth -> messaging", Some(&auth), Some(&messaging), 50053),
+        (
+            "presence -> messaging",
+            Some(&presence),
+            Some(&messaging),
+            50053,
+        ),
+        ("redis -> auth", Some(&redis), Some(&auth), 50051),
+        (
+            "messaging -> redis, other port",
+            Some(&messaging),
+            Some(&redis),
+            6380,
+        ),
+        ("jaeger -> redis", Some(&jaeger), Some(&redis), 6379),
+        ("auth -> outside", Some(&auth), outside, 443),
+    ];
+    for (path, from, to, port) in denied {
+        assert!(
+            !allows(&docs, from, to, port),
+            "{path} :{port} must be denied"
+        );
+    }
+}
+
+fn replicas(docs: &[Yaml], name: &str) -> i64 {
+    object(docs, "Deployment", name).expect(name)["spec"]["replicas"]
+        .as_i64()
+        .expect("replicas")
+}
+
+const SERVICES: [&str; 3] = ["auth", "presence", "messaging"];
+
+#[test]
+fn dev_runs_one_of_each_with_jaeger_and_prod_scales_and_is_protected() {
+    let (_, dev) = rendered("dev");
+    for name in SERVICES {
+        assert_eq!(replicas(&dev, name), 1, "dev {name}");
+    }
+    let jaeger = object(&dev, "Deployment", "jaeger").expect("dev has Jaeger");
+    let ports: Vec<i64> = jaeger["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_vec()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["containerPort"].as_i64())
+        .collect();
+    assert!(ports.contains(&4317) && ports.contains(&16686), "{ports:?}");
+    let backend = |docs: &[Yaml]| {
+        object(docs, "ConfigMap", "otel-collector").expect("collector config")["data"]
+            ["TRACES_BACKEND"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert_eq!(backend(&dev).as_deref(), Some("jaeger:4317"));
+    let collector_config =
+        object(&dev, "ConfigMap", "otel-collector").expect("config")["data"]["config.yaml"]
+            .as_str()
+            .expect("config.yaml")
+            .to_owned();
+    let collector = parse(&collector_config).expect("collector YAML").remove(0);
+    assert_eq!(
+        collector["exporters"]["otlp"]["endpoint"].as_str(),
+        Some("${env:TRACES_BACKEND}")
+    );
+    assert_eq!(
+        collector["service"]["pipelines"]["traces"]["exporters"][0].as_str(),
+        Some("otlp")
+    );
+
+    let (_, prod) = rendered("prod");
+    assert!(object(&prod, "Deployment", "jaeger").is_none());
+    assert_ne!(backend(&prod).as_deref(), Some("jaeger:4317"));
+    for name in SERVICES {
+        assert!(replicas(&prod, name) >= 2, "prod {name}");
+        let hpa = object(&prod, "HorizontalPodAutoscaler", name).expect("HPA");
+        assert_eq!(hpa["spec"]["scaleTargetRef"]["name"].as_str(), Some(name));
+        assert_eq!(
+            hpa["spec"]["scaleTargetRef"]["kind"].as_str(),
+            Some("Deployment")
+        );
+        let min = hpa["spec"]["minReplicas"].as_i64().expect("minReplicas");
+        assert!(min >= 2 && hpa["spec"]["maxReplicas"].as_i64() > Some(min));
+        let pdb = object(&prod, "PodDisruptionBudget", name).expect("PDB");
+        let labels = pod_labels(&prod, "Deployment", name);
+        let selector = pdb["spec"]["selector"]["matchLabels"]
+            .as_hash()
+            .expect("selector");
+        assert!(!selector.is_empty());
+        for (k, v) in selector {
+            assert_eq!(
+                labels.get(k.as_str().unwrap_or("")).map(String::as_str),
+                v.as_str()
+            );
+        }
+    }
+    let redis = object(&prod, "StatefulSet", "redis").expect("redis");
+    let command = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_vec()
+        .expect("args");
+    let args: Vec<&str> = command.iter().filter_map(Yaml::as_str).collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--appendonly", "yes"]),
+        "{args:?}"
+    );
+    assert!(
+        !redis["spec"]["volumeClaimTemplates"][0].is_badvalue(),
+        "AOF on a PVC"
+    );
+}
+
+/// `ARG BINS="--bin a --bin b"` of the Dockerfile: the binaries the image holds.
+fn image_binaries(dockerfile: &str) -> BTreeSet<String> {
+    let value = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG BINS="))
+        .expect("ARG BINS in the Dockerfile");
+    value
+        .trim_matches('"')
+        .split_whitespace()
+        .filter(|w| *w != "--bin")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_image_holds_every_binary_the_manifests_run_and_is_pinned_and_non_root() {
+    let dockerfile = read("deploy/docker/Dockerfile").expect("Dockerfile");
+    let bins = image_binaries(&dockerfile);
+    let expected: BTreeSet<String> = [
+        "switchboard-auth",
+        "switchboard-presence",
+        "switchboard-messaging",
+        "switchboard",
+    ]
+    .map(str::to_owned)
+    .into();
+    assert_eq!(bins, expected);
+    for bin in &bins {
+        let found = ["auth", "presence", "messaging", "cli"].iter().any(|c| {
+            read(&format!("services/{c}/Cargo.toml"))
+                .is_ok_and(|t| t.contains(&format!("name = \"{bin}\"")))
+        });
+        assert!(found, "{bin} is a binary of the workspace");
+    }
+    // Every FROM names a tag (or a stage); none is `latest`.
+    let args: BTreeMap<&str, &str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("ARG "))
+        .filter_map(|a| a.split_once('='))
+        .collect();
+    let mut stages = BTreeSet::new();
+    for line in dockerfile.lines().filter(|l| l.starts_with("FROM ")) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let mut image = words[1].to_owned();
+        for (k, v) in &args {
+            image = image.replace(&format!("${{{k}}}"), v);
+        }
+        if !stages.contains(&image) {
+            let tag = image_tag(&image);
+            assert!(
+                tag.is_some_and(|t| t != "latest"),
+                "FROM {image} is not pinned"
+            );
+        }
+        if let Some(alias) = words.iter().position(|w| w.eq_ignore_ascii_case("AS")) {
+            stages.insert(words[alias + 1].to_owned());
+        }
+    }
+    let runtime = dockerfile.rsplit("\nFROM ").next().expect("a final stage");
+    let user = runtime
+        .lines()
+        .filter_map(|l| l.strip_prefix("USER "))
+        .next_back()
+        .expect("the final stage sets USER");
+    assert!(
+        !["0", "root"].contains(&user.split(':').next().unwrap_or("")),
+        "USER {user}"
+    );
+
+    let version = env!("CARGO_PKG_VERSION");
+    for overlay in OVERLAYS {
+        let (_, docs) = rendered(overlay);
+        for c in containers(&docs) {
+            let image = c.container["image"].as_str().unwrap_or("");
+            if !image.starts_with("switchboard:") {
+                continue;
+            }
+            assert_eq!(image_tag(image), Some(version), "{overlay}: {image}");
+            let command = c.container["command"][0].as_str().unwrap_or("");
+            assert!(
+                bins.contains(command),
+                "{overlay} runs {command:?}, not in the image"
+            );
+        }
+    }
+    let compose = compose();
+    let services = compose["services"].as_hash().expect("services");
+    for (name, _, _) in compose_services(&compose) {
+        let def = &services[&Yaml::String(name.clone())];
+        let merged_image = def["image"]
+            .as_str()
+            .or_else(|| compose["x-service"]["image"].as_str())
+            .unwrap_or("");
+        assert_eq!(
+            merged_image,
+            format!("switchboard:{version}"),
+            "compose {name}"
+        );
+    }
+}
+
+#[test]
+fn compose_runs_two_instances_of_each_service_on_loopback_ports() {
+    let compose = compose();
+    let services = compose_services(&compose);
+    for service in [Service::Auth, Service::Presence, Service::Messaging] {
+        let n = services.iter().filter(|(_, s, _)| *s == service).count();
+        assert_eq!(n, 2, "{service:?} instances");
+    }
+    for (name, _, env) in &services {
+        assert!(env.contains_key("REDIS_URL"), "{name} shares Redis");
+    }
+    let all = compose["services"].as_hash().expect("services");
+    assert!(all.contains_key(&Yaml::String("redis".into())));
+    assert!(all.contains_key(&Yaml::String("jaeger".into())));
+    let mut published = BTreeSet::new();
+    for (name, def) in all {
+        for port in def["ports"].as_vec().map(Vec::as_slice).unwrap_or(&[]) {
+            let port = port.as_str().expect("ports as strings");
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name:?} publishes {port} beyond loopback"
+            );
+            assert!(
+                published.insert(port.split(':').nth(1).map(str::to_owned)),
+                "{port} twice"
+            );
+        }
+    }
+    for port in [
+        "50051", "50061", "50052", "50062", "50053", "50063", "16686",
+    ] {
+        assert!(
+            published.contains(&Some(port.to_owned())),
+            "{port} is published"
+        );
+    }
+}
