@@ -416,7 +416,7 @@ impl Drop for ChildService {
 }
 
 /// Asserts that `binary_name --help` succeeds and lists every one of `vars` as the
-/// environment variable of a setting.
+/// environment variable of a setting, and every telemetry variable after the flags.
 pub fn assert_help_lists(binary_name: &str, vars: &[&str]) {
     let bin = binary(binary_name).unwrap_or_else(|e| panic!("{binary_name}: {e}"));
     let out = Command::new(&bin)
@@ -428,6 +428,16 @@ pub fn assert_help_lists(binary_name: &str, vars: &[&str]) {
     for var in vars {
         assert!(
             help.contains(&format!("[env: {var}")),
+            "{binary_name} --help does not list {var}"
+        );
+    }
+    let telemetry = help
+        .split("Telemetry (environment only):")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{binary_name} --help has no telemetry section"));
+    for (var, _) in switchboard_common::telemetry::ENV {
+        assert!(
+            telemetry.lines().any(|l| l.trim_start().starts_with(var)),
             "{binary_name} --help does not list {var}"
         );
     }
