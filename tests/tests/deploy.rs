@@ -4,6 +4,7 @@
 //! checks against the services' own settings, and show that each rule can fail.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use switchboard_tests::deploy::{
     Service, allows, compose_services, compose_unread_variables, containers, environment,
@@ -123,7 +124,6 @@ fn each_deploy_rule_catches_its_violation() {
 const UNSET_ON_PURPOSE: &[&str] = &[
     "TLS_CERT_FILE",
     "TLS_KEY_FILE",
-    "OTEL_SERVICE_NAME",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
 ];
 
@@ -530,6 +530,134 @@ fn compose_runs_two_instances_of_each_service_on_loopback_ports() {
         assert!(
             published.contains(&Some(port.to_owned())),
             "{port} is published"
+        );
+    }
+}
+
+/// The addresses a pod gets from the cluster, replaced by this test's own; everything else
+/// the dev overlay sets is passed to the binaries as is.
+const CLUSTER_ADDRESSES: &[&str] = &[
+    "LISTEN_ADDR",
+    "METRICS_ADDR",
+    "REDIS_URL",
+    "AUTH_URL",
+    "PRESENCE_URL",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "AUTH_SIGNING_KEY_FILE",
+];
+
+/// The manifests' own settings start every service, and each answers its probes' health
+/// names `SERVING`, then `NOT_SERVING` for readiness as soon as it is told to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_start_with_the_manifest_settings_and_answer_their_probes() {
+    use switchboard_tests::instance::{ChildService, SERVICE_TOKEN, binary};
+    use switchboard_tests::redis::RedisServer;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let (_, docs) = rendered("dev");
+    let redis = RedisServer::spawn().expect("redis");
+    let key = std::process::Command::new(binary("switchboard-auth").expect("auth binary"))
+        .arg("--generate-signing-key")
+        .output()
+        .expect("generate a key");
+    assert!(key.status.success());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("signing-key.pem");
+    std::fs::write(&key_file, &key.stdout).expect("write key");
+
+    let mut started: Vec<(Service, ChildService, Vec<String>)> = Vec::new();
+    for service in [Service::Auth, Service::Presence, Service::Messaging] {
+        let all = containers(&docs);
+        let c = all
+            .iter()
+            .find(|c| c.service() == Some(service))
+            .expect("a container per service");
+        let manifest_env = environment(&docs, c).expect("environment");
+        let mut env: Vec<(&str, String)> = manifest_env
+            .iter()
+            .filter(|(k, _)| !CLUSTER_ADDRESSES.contains(&k.as_str()))
+            .filter_map(|(k, v)| Some((k.as_str(), v.clone()?)))
+            .collect();
+        // Secrets (secretKeyRef: no value in the manifests).
+        for (name, value) in [
+            ("SERVICE_TOKEN", SERVICE_TOKEN.to_owned()),
+            ("AUTH_ADMIN_USERNAME", "probe_admin".to_owned()),
+            ("AUTH_ADMIN_PASSWORD", "probe admin password".to_owned()),
+        ] {
+            if manifest_env.contains_key(name) {
+                env.push((name, value));
+            }
+        }
+        env.push(("REDIS_URL", redis.url()));
+        // Short enough for the test; the manifests' own grace is checked by the rules.
+        env.retain(|(k, _)| *k != "SHUTDOWN_GRACE_SECS");
+        env.push(("SHUTDOWN_GRACE_SECS", "2".to_owned()));
+        if let Some((_, auth, _)) = started.first() {
+            env.push(("AUTH_URL", format!("http://{}", auth.addr)));
+        }
+        if let Some((_, presence, _)) = started.get(1) {
+            env.push(("PRESENCE_URL", format!("http://{}", presence.addr)));
+        }
+        if service == Service::Auth {
+            env.push(("AUTH_SIGNING_KEY_FILE", key_file.display().to_string()));
+        }
+        let bin = c.container["command"][0].as_str().expect("command");
+        let child = ChildService::spawn(bin, &env).unwrap_or_else(|e| panic!("{bin}: {e:#}"));
+        let probes: Vec<String> = ["startupProbe", "livenessProbe", "readinessProbe"]
+            .iter()
+            .filter_map(|p| {
+                c.container[*p]["grpc"]["service"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert!(probes.len() >= 2, "{service:?} probes: {probes:?}");
+        started.push((service, child, probes));
+    }
+    for (service, child, probes) in &mut started {
+        let mut health = HealthClient::new(child.channel());
+        for name in probes.iter() {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: name.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{service:?} health {name:?}: {e}"))
+                .into_inner()
+                .status;
+            assert_eq!(
+                status,
+                ServingStatus::Serving as i32,
+                "{service:?} {name:?}"
+            );
+        }
+        let mut watch = health
+            .watch(HealthCheckRequest {
+                service: "readiness".to_owned(),
+            })
+            .await
+            .expect("watch readiness")
+            .into_inner();
+        let first = watch.message().await.expect("status").expect("a status");
+        assert_eq!(first.status, ServingStatus::Serving as i32);
+        child.signal_term().expect("SIGTERM");
+        let mut not_ready = false;
+        while let Ok(Ok(Some(m))) =
+            tokio::time::timeout(Duration::from_secs(5), watch.message()).await
+        {
+            if m.status == ServingStatus::NotServing as i32 {
+                not_ready = true;
+                break;
+            }
+        }
+        assert!(not_ready, "{service:?} stayed ready after SIGTERM");
+        let exit = child.wait_exit(Duration::from_secs(10)).expect("exit");
+        assert!(
+            exit.success(),
+            "{service:?} exit {exit:?}:\n{}",
+            child.output()
         );
     }
 }
