@@ -490,9 +490,21 @@ fn service_problems(docs: &[Yaml], c: &Container<'_>, service: Service, p: &mut 
     }
 }
 
-/// The services of a compose file that run Switchboard: (name, service, environment).
-/// YAML merge keys (`<<: *anchor`) are resolved.
-pub fn compose_services(doc: &Yaml) -> Vec<(String, Service, BTreeMap<String, String>)> {
+/// A compose service that runs Switchboard.
+pub struct ComposeService {
+    /// Its name in the compose file.
+    pub name: String,
+    /// What it runs.
+    pub service: Service,
+    /// Its definition, merge keys resolved.
+    pub def: Yaml,
+    /// Its environment, merge keys resolved.
+    pub env: BTreeMap<String, String>,
+}
+
+/// The services of a compose file that run Switchboard. YAML merge keys (`<<: *anchor`)
+/// are resolved.
+pub fn compose_services(doc: &Yaml) -> Vec<ComposeService> {
     let mut out = Vec::new();
     let Some(services) = doc["services"].as_hash() else {
         return out;
@@ -506,8 +518,7 @@ pub fn compose_services(doc: &Yaml) -> Vec<(String, Service, BTreeMap<String, St
         else {
             continue;
         };
-        let env = merged(&def["environment"]);
-        let vars = env
+        let env = merged(&def["environment"])
             .as_hash()
             .map(|h| {
                 h.iter()
@@ -515,9 +526,52 @@ pub fn compose_services(doc: &Yaml) -> Vec<(String, Service, BTreeMap<String, St
                     .collect()
             })
             .unwrap_or_default();
-        out.push((str_of(name).unwrap_or_default(), service, vars));
+        out.push(ComposeService {
+            name: str_of(name).unwrap_or_default(),
+            service,
+            def,
+            env,
+        });
     }
     out
+}
+
+/// What breaks the rules in a compose file's Switchboard services: root, a writable root
+/// filesystem, kept capabilities, an unpinned image, a stop grace not above the drain.
+pub fn compose_problems(doc: &Yaml) -> Vec<String> {
+    let mut p = Vec::new();
+    for s in compose_services(doc) {
+        let name = &s.name;
+        let user = s.def["user"].as_str().unwrap_or("");
+        if user.is_empty() || ["0", "root"].contains(&user.split(':').next().unwrap_or("")) {
+            p.push(format!("compose {name}: runs as root (user {user:?})"));
+        }
+        if !is_true(&s.def["read_only"]) {
+            p.push(format!("compose {name}: root filesystem is writable"));
+        }
+        if !list(&s.def["cap_drop"])
+            .iter()
+            .any(|c| c.as_str() == Some("ALL"))
+        {
+            p.push(format!("compose {name}: capabilities are not all dropped"));
+        }
+        let image = s.def["image"].as_str().unwrap_or("");
+        if image_tag(image).is_none_or(|t| t == "latest") {
+            p.push(format!("compose {name}: image {image:?} is not pinned"));
+        }
+        let grace = seconds(s.env.get("SHUTDOWN_GRACE_SECS"), 10.0);
+        let stop = s.def["stop_grace_period"]
+            .as_str()
+            .and_then(|v| v.strip_suffix('s'))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(10.0);
+        if stop <= grace + 0.1 {
+            p.push(format!(
+                "compose {name}: stop_grace_period {stop}s must exceed SHUTDOWN_GRACE_SECS {grace} + 0.1 s"
+            ));
+        }
+    }
+    p
 }
 
 /// A mapping with its `<<` merge keys applied (own keys win), recursively for the merged maps.
@@ -549,11 +603,12 @@ fn merged(y: &Yaml) -> Yaml {
 /// Variables the compose file sets on Switchboard services that they do not read.
 pub fn compose_unread_variables(doc: &Yaml) -> Vec<String> {
     let mut problems = Vec::new();
-    for (name, service, vars) in compose_services(doc) {
-        let reads = service.reads();
-        for var in vars.keys().filter(|v| !reads.contains(*v)) {
+    for s in compose_services(doc) {
+        let reads = s.service.reads();
+        for var in s.env.keys().filter(|v| !reads.contains(*v)) {
             problems.push(format!(
-                "compose service {name}: sets {var}, which {service:?} never reads"
+                "compose service {}: sets {var}, which {:?} never reads",
+                s.name, s.service
             ));
         }
     }

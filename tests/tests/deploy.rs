@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use switchboard_tests::deploy::{
-    Service, allows, compose_services, compose_unread_variables, containers, environment,
-    image_tag, object, objects, parse, pod_labels, policy_problems, read, render, secret_keys,
-    unread_variables,
+    Service, allows, compose_problems, compose_services, compose_unread_variables, containers,
+    environment, image_tag, object, objects, parse, pod_labels, policy_problems, read, render,
+    secret_keys, unread_variables,
 };
 use yaml_rust2::Yaml;
 
@@ -480,18 +480,18 @@ fn the_image_holds_every_binary_the_manifests_run_and_is_pinned_and_non_root() {
             );
         }
     }
-    let compose = compose();
-    let services = compose["services"].as_hash().expect("services");
-    for (name, _, _) in compose_services(&compose) {
-        let def = &services[&Yaml::String(name.clone())];
-        let merged_image = def["image"]
-            .as_str()
-            .or_else(|| compose["x-service"]["image"].as_str())
-            .unwrap_or("");
+    for s in compose_services(&compose()) {
         assert_eq!(
-            merged_image,
-            format!("switchboard:{version}"),
-            "compose {name}"
+            s.def["image"].as_str(),
+            Some(format!("switchboard:{version}").as_str()),
+            "compose {}",
+            s.name
+        );
+        let command = s.def["command"][0].as_str().unwrap_or("");
+        assert!(
+            bins.contains(command),
+            "compose {} runs {command:?}",
+            s.name
         );
     }
 }
@@ -501,11 +501,41 @@ fn compose_runs_two_instances_of_each_service_on_loopback_ports() {
     let compose = compose();
     let services = compose_services(&compose);
     for service in [Service::Auth, Service::Presence, Service::Messaging] {
-        let n = services.iter().filter(|(_, s, _)| *s == service).count();
+        let n = services.iter().filter(|s| s.service == service).count();
         assert_eq!(n, 2, "{service:?} instances");
     }
-    for (name, _, env) in &services {
-        assert!(env.contains_key("REDIS_URL"), "{name} shares Redis");
+    for s in &services {
+        assert!(s.env.contains_key("REDIS_URL"), "{} shares Redis", s.name);
+    }
+    let problems = compose_problems(&compose);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let text = read("deploy/compose.yaml").expect("compose");
+    for (from, to, expected) in [
+        ("user: \"65532:65532\"", "user: \"0:0\"", "runs as root"),
+        ("read_only: true", "read_only: false", "writable"),
+        (
+            "cap_drop: [\"ALL\"]",
+            "cap_drop: [\"NET_RAW\"]",
+            "capabilities",
+        ),
+        (
+            "image: switchboard:0.1.0",
+            "image: switchboard",
+            "not pinned",
+        ),
+        (
+            "stop_grace_period: 15s",
+            "stop_grace_period: 10s",
+            "must exceed",
+        ),
+    ] {
+        assert!(text.contains(from), "compose has {from:?}");
+        let broken = parse(&text.replace(from, to)).expect("YAML").remove(0);
+        let problems = compose_problems(&broken);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{from:?} -> {to:?} should report {expected:?}: {problems:?}"
+        );
     }
     let all = compose["services"].as_hash().expect("services");
     assert!(all.contains_key(&Yaml::String("redis".into())));
