@@ -80,12 +80,6 @@ fn list(y: &Yaml) -> &[Yaml] {
     y.as_vec().map(Vec::as_slice).unwrap_or(&[])
 }
 
-fn keys(y: &Yaml) -> Vec<String> {
-    y.as_hash()
-        .map(|h| h.keys().filter_map(str_of).collect())
-        .unwrap_or_default()
-}
-
 fn labels(y: &Yaml) -> BTreeMap<String, String> {
     y.as_hash()
         .map(|h| {
@@ -339,14 +333,22 @@ pub fn policy_problems(docs: &[Yaml]) -> Vec<String> {
         p.push("no Namespace".to_owned());
     }
     let default_deny = objects(docs, "NetworkPolicy").into_iter().any(|n| {
+        let types: Vec<&str> = list(&n["spec"]["policyTypes"])
+            .iter()
+            .filter_map(Yaml::as_str)
+            .collect();
         n["spec"]["podSelector"]
             .as_hash()
             .is_some_and(|h| h.is_empty())
+            && types.contains(&"Ingress")
+            && types.contains(&"Egress")
             && list(&n["spec"]["ingress"]).is_empty()
-            && keys(&n["spec"]["podSelector"]).is_empty()
     });
     if !default_deny {
-        p.push("no default-deny NetworkPolicy (podSelector {} without ingress rules)".to_owned());
+        p.push(
+            "no default-deny NetworkPolicy (podSelector {}, Ingress and Egress, no ingress rule)"
+                .to_owned(),
+        );
     }
     let all = containers(docs);
     if all.is_empty() {
