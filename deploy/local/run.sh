@@ -60,8 +60,8 @@ The support desk with the CLI client ($BIN/switchboard). An agent in terminal 3:
 
   SB=$BIN/switchboard; export SWITCHBOARD_CONFIG_DIR=/tmp/sb-agent SWITCHBOARD_PASSWORD='agent password'
   \$SB register agent1                     # prints: registered agent1 (<agent id>)
-  ADMIN=\$(grpcurl -plaintext -d '{"username":"$AUTH_ADMIN_USERNAME","password":"$AUTH_ADMIN_PASSWORD"}' $AUTH switchboard.auth.v1.AuthService/Login | python3 -c "import json,sys; print(json.load(sys.stdin)['tokens']['accessToken'])")
-  grpcurl -plaintext -H "authorization: Bearer \$ADMIN" -d '{"user_id":"<agent id>","role":"ROLE_AGENT"}' $AUTH switchboard.auth.v1.AuthService/SetRole
+  SWITCHBOARD_CONFIG_DIR=/tmp/sb-admin SWITCHBOARD_PASSWORD='$AUTH_ADMIN_PASSWORD' \$SB login $AUTH_ADMIN_USERNAME
+  SWITCHBOARD_CONFIG_DIR=/tmp/sb-admin \$SB set-role <agent id> agent   # the admin makes agent1 an agent
   \$SB login agent1 && \$SB chat --agent      # online and AVAILABLE; /help lists the commands
 
 A customer in terminal 4:

@@ -213,26 +213,31 @@ fn a_customer_opens_a_consultation_and_an_agent_console_answers_and_closes_it() 
         .nth(1)
         .expect("registered prints the id")
         .to_owned();
-    // An admin makes the account an agent (there is no CLI command for roles).
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(async {
-        use switchboard_proto::auth::v1 as auth_pb;
-        let c = switchboard_proto::auth::v1::auth_service_client::AuthServiceClient::new(
-            switchboard_tests::instance::channel(auth.addr),
-        );
-        let admin =
-            switchboard_tests::auth::first_admin(&c, "cliadmin", "cli admin password").await;
-        c.clone()
-            .set_role(switchboard_tests::auth::authed(
-                auth_pb::SetRoleRequest {
-                    user_id: agent_id.clone(),
-                    role: auth_pb::Role::Agent as i32,
-                },
-                &admin.token,
-            ))
-            .await
-            .expect("set role");
-    });
+    // An admin makes the account an agent with `set-role`; nobody else can.
+    let admin = person(&auth, &[&messaging]);
+    let login = admin
+        .cmd(&["login", "cliadmin"])
+        .env("SWITCHBOARD_PASSWORD", "cli admin password")
+        .output()
+        .expect("run");
+    assert!(
+        login.status.success(),
+        "{}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+    let failure = |p: &Person, args: &[&str]| {
+        let out = p.cmd(args).output().expect("run");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let denied = failure(&customer, &["set-role", &agent_id, "agent"]);
+    assert!(denied.contains("PermissionDenied"), "{denied}");
+    let bad_role = failure(&admin, &["set-role", &agent_id, "boss"]);
+    assert!(bad_role.contains("customer, agent, admin"), "{bad_role}");
+    let unknown = failure(&admin, &["set-role", "no-such-user", "agent"]);
+    assert!(unknown.contains("NotFound"), "{unknown}");
+    let done = admin.run(&["set-role", &agent_id, "agent"]);
+    assert_eq!(done, format!("{agent_id} cliagent is now agent"));
     agent.run(&["login", "cliagent"]);
 
     let mut console = agent

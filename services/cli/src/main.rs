@@ -60,6 +60,27 @@ struct Cli {
     command: Command,
 }
 
+/// A role, as `set-role` takes it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    /// Talks in conversations and opens consultations.
+    Customer,
+    /// Also answers consultations at the support desk.
+    Agent,
+    /// Everything an agent may do, and `set-role`.
+    Admin,
+}
+
+impl From<RoleArg> for auth_pb::Role {
+    fn from(role: RoleArg) -> Self {
+        match role {
+            RoleArg::Customer => Self::Customer,
+            RoleArg::Agent => Self::Agent,
+            RoleArg::Admin => Self::Admin,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create an account (the password is read from SWITCHBOARD_PASSWORD or asked for).
@@ -79,6 +100,15 @@ enum Command {
     Logout,
     /// Show who you are logged in as (your user id is what others add you with).
     Whoami,
+    /// Admins: give a user a role (e.g. make an account a support agent). The user's
+    /// next login or token refresh carries it.
+    SetRole {
+        /// The user's id (`register` and `whoami` print it).
+        user_id: String,
+        /// The new role.
+        #[arg(value_enum)]
+        role: RoleArg,
+    },
     /// List your conversations, most recently active first.
     Conversations,
     /// Open (or find) the direct conversation with a user id; prints its id.
@@ -373,6 +403,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(status_message)?;
             let user = me.into_inner().user.context("no user")?;
             println!("{} {} ({})", user.id, user.username, user.display_name);
+        }
+        Command::SetRole { user_id, role } => {
+            let s = client.session().await?;
+            let req = auth_pb::SetRoleRequest {
+                user_id,
+                role: auth_pb::Role::from(role) as i32,
+            };
+            let user = client
+                .auth()?
+                .set_role(authed(req, &s.access_token)?)
+                .await
+                .map_err(status_message)?
+                .into_inner()
+                .user
+                .context("no user")?;
+            let role = auth_pb::Role::try_from(user.role)
+                .map(|r| r.as_str_name().trim_start_matches("ROLE_").to_lowercase())
+                .unwrap_or_else(|_| user.role.to_string());
+            println!("{} {} is now {role}", user.id, user.username);
         }
         Command::Conversations => {
             let s = client.session().await?;
