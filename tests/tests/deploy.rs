@@ -26,6 +26,32 @@ fn compose() -> Yaml {
     parse(&text).expect("compose YAML").remove(0)
 }
 
+/// What `check` reports once `from` (which `text` must hold) is replaced by `to`.
+fn reported_after(
+    text: &str,
+    from: &str,
+    to: &str,
+    check: impl Fn(&[Yaml]) -> Vec<String>,
+) -> Vec<String> {
+    assert!(text.contains(from), "{from:?} is not in the text");
+    check(&parse(&text.replace(from, to)).expect("still YAML"))
+}
+
+/// For each `(from, to, expected)`: replacing `from` by `to` makes `check` report `expected`.
+fn assert_each_reported(
+    text: &str,
+    cases: &[(&str, &str, &str)],
+    check: impl Fn(&[Yaml]) -> Vec<String>,
+) {
+    for (from, to, expected) in cases {
+        let problems = reported_after(text, from, to, &check);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{from:?} -> {to:?} should report {expected:?}, got {problems:?}"
+        );
+    }
+}
+
 #[test]
 fn rendered_overlays_follow_the_deploy_rules() {
     for overlay in OVERLAYS {
@@ -109,15 +135,7 @@ fn each_deploy_rule_catches_its_violation() {
             "is not rendered",
         ),
     ];
-    for (from, to, expected) in cases {
-        assert!(text.contains(from), "the rendering has {from:?}");
-        let broken = parse(&text.replace(from, to)).expect("still YAML");
-        let problems = policy_problems(&broken);
-        assert!(
-            problems.iter().any(|p| p.contains(expected)),
-            "{from:?} -> {to:?} should report {expected:?}, got {problems:?}"
-        );
-    }
+    assert_each_reported(&text, cases, policy_problems);
 }
 
 /// Settings the manifests leave unset on purpose (deploy/k8s/base/config.yaml says why).
@@ -155,21 +173,26 @@ fn manifests_set_every_setting_and_only_settings_the_services_read() {
             );
         }
         // A misspelt setting is caught (it would be silently ignored by the service).
-        let typo = text.replace("  MESSAGING_SEND_BURST:", "  MESSAGING_SEND_BURTS:");
-        let problems = unread_variables(&parse(&typo).expect("YAML"));
-        assert!(
-            problems.iter().any(|p| p.contains("MESSAGING_SEND_BURTS")),
-            "{problems:?}"
-        );
         // So is a service's setting given to another service.
-        let moved = text.replace("  PRESENCE_TTL_SECS:", "  AUTH_TTL:");
-        assert!(!unread_variables(&parse(&moved).expect("YAML")).is_empty());
+        assert_each_reported(
+            &text,
+            &[
+                (
+                    "  MESSAGING_SEND_BURST:",
+                    "  MESSAGING_SEND_BURTS:",
+                    "MESSAGING_SEND_BURTS",
+                ),
+                ("  PRESENCE_TTL_SECS:", "  AUTH_TTL:", "AUTH_TTL"),
+            ],
+            unread_variables,
+        );
     }
     let compose_text = read("deploy/compose.yaml").expect("compose");
     let unread = compose_unread_variables(&compose());
     assert!(unread.is_empty(), "compose:\n{}", unread.join("\n"));
-    let typo = compose_text.replace("  REDIS_URL:", "  REDIS_ULR:");
-    let problems = compose_unread_variables(&parse(&typo).expect("YAML")[0]);
+    let problems = reported_after(&compose_text, "  REDIS_URL:", "  REDIS_ULR:", |docs| {
+        compose_unread_variables(&docs[0])
+    });
     assert_eq!(
         problems.len(),
         6,
@@ -510,33 +533,29 @@ fn compose_runs_two_instances_of_each_service_on_loopback_ports() {
     let problems = compose_problems(&compose);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     let text = read("deploy/compose.yaml").expect("compose");
-    for (from, to, expected) in [
-        ("user: \"65532:65532\"", "user: \"0:0\"", "runs as root"),
-        ("read_only: true", "read_only: false", "writable"),
-        (
-            "cap_drop: [\"ALL\"]",
-            "cap_drop: [\"NET_RAW\"]",
-            "capabilities",
-        ),
-        (
-            "image: switchboard:0.1.0",
-            "image: switchboard",
-            "not pinned",
-        ),
-        (
-            "stop_grace_period: 15s",
-            "stop_grace_period: 10s",
-            "must exceed",
-        ),
-    ] {
-        assert!(text.contains(from), "compose has {from:?}");
-        let broken = parse(&text.replace(from, to)).expect("YAML").remove(0);
-        let problems = compose_problems(&broken);
-        assert!(
-            problems.iter().any(|p| p.contains(expected)),
-            "{from:?} -> {to:?} should report {expected:?}: {problems:?}"
-        );
-    }
+    assert_each_reported(
+        &text,
+        &[
+            ("user: \"65532:65532\"", "user: \"0:0\"", "runs as root"),
+            ("read_only: true", "read_only: false", "writable"),
+            (
+                "cap_drop: [\"ALL\"]",
+                "cap_drop: [\"NET_RAW\"]",
+                "capabilities",
+            ),
+            (
+                "image: switchboard:0.1.0",
+                "image: switchboard",
+                "not pinned",
+            ),
+            (
+                "stop_grace_period: 15s",
+                "stop_grace_period: 10s",
+                "must exceed",
+            ),
+        ],
+        |docs| compose_problems(&docs[0]),
+    );
     let all = compose["services"].as_hash().expect("services");
     assert!(all.contains_key(&Yaml::String("redis".into())));
     assert!(all.contains_key(&Yaml::String("jaeger".into())));
@@ -597,9 +616,9 @@ async fn services_start_with_the_manifest_settings_and_answer_their_probes() {
     let key_file = dir.path().join("signing-key.pem");
     std::fs::write(&key_file, &key.stdout).expect("write key");
 
+    let all = containers(&docs);
     let mut started: Vec<(Service, ChildService, Vec<String>)> = Vec::new();
     for service in [Service::Auth, Service::Presence, Service::Messaging] {
-        let all = containers(&docs);
         let c = all
             .iter()
             .find(|c| c.service() == Some(service))

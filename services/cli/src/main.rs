@@ -279,6 +279,27 @@ impl Client {
         Ok(())
     }
 
+    /// Creates (or, for a direct one, finds) a conversation; its id.
+    async fn create_conversation(
+        &self,
+        kind: pb::ConversationKind,
+        title: String,
+        member_ids: Vec<String>,
+    ) -> anyhow::Result<String> {
+        let s = self.session().await?;
+        let req = pb::CreateConversationRequest {
+            kind: kind as i32,
+            title,
+            member_ids,
+        };
+        let c = self
+            .messaging(0)?
+            .create_conversation(authed(req, &s.access_token)?)
+            .await
+            .map_err(status_message)?;
+        Ok(c.into_inner().conversation.context("no conversation")?.id)
+    }
+
     /// The session with a fresh access token (refreshed when it expires within a minute).
     async fn session(&self) -> anyhow::Result<Session> {
         let raw = std::fs::read(&self.path)
@@ -453,38 +474,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Direct { user_id } => {
-            let s = client.session().await?;
-            let req = pb::CreateConversationRequest {
-                kind: pb::ConversationKind::Direct as i32,
-                title: String::new(),
-                member_ids: vec![user_id],
-            };
-            let c = client
-                .messaging(0)?
-                .create_conversation(authed(req, &s.access_token)?)
-                .await
-                .map_err(status_message)?;
-            println!(
-                "{}",
-                c.into_inner().conversation.context("no conversation")?.id
-            );
+            let id = client
+                .create_conversation(pb::ConversationKind::Direct, String::new(), vec![user_id])
+                .await?;
+            println!("{id}");
         }
         Command::Group { title, members } => {
-            let s = client.session().await?;
-            let req = pb::CreateConversationRequest {
-                kind: pb::ConversationKind::Group as i32,
-                title,
-                member_ids: members,
-            };
-            let c = client
-                .messaging(0)?
-                .create_conversation(authed(req, &s.access_token)?)
-                .await
-                .map_err(status_message)?;
-            println!(
-                "{}",
-                c.into_inner().conversation.context("no conversation")?.id
-            );
+            let id = client
+                .create_conversation(pb::ConversationKind::Group, title, members)
+                .await?;
+            println!("{id}");
         }
         Command::Send { conversation, text } => {
             let s = client.session().await?;
