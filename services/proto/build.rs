@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "switchboard/auth/v1/auth.proto",
     "switchboard/presence/v1/presence.proto",
     "switchboard/messaging/v1/messaging.proto",
+    "switchboard/errors/v1/errors.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -120,12 +120,13 @@ async fn happy_path_across_two_instances_with_per_instance_keys() {
     let bob = register(&mut b, "bob", "another pass")
         .await
         .expect("register");
+    let missing = uuid::Uuid::now_v7().to_string();
     let users = a
         .get_users(authed(
             pb::GetUsersRequest {
                 user_ids: vec![
                     bob.id.clone(),
-                    "missing".into(),
+                    missing.clone(),
                     alice.id.clone(),
                     bob.id.clone(),
                 ],
@@ -143,7 +144,7 @@ async fn happy_path_across_two_instances_with_per_instance_keys() {
             .collect::<Vec<_>>(),
         ["bob", "alice"]
     );
-    assert_eq!(users.missing_ids, ["missing"]);
+    assert_eq!(users.missing_ids, [missing]);
 }
 
 #[tokio::test]
@@ -559,9 +560,19 @@ async fn roles_first_admin_and_set_role() {
 
     let cases = [
         (
-            "no-such-user".to_string(),
+            uuid::Uuid::now_v7().to_string(),
             pb::Role::Agent as i32,
             Code::NotFound,
+        ),
+        (
+            "no-such-user".to_string(),
+            pb::Role::Agent as i32,
+            Code::InvalidArgument,
+        ),
+        (
+            "x".repeat(20_000),
+            pb::Role::Agent as i32,
+            Code::InvalidArgument,
         ),
         (
             jo.id.clone(),

@@ -234,8 +234,11 @@ fn a_customer_opens_a_consultation_and_an_agent_console_answers_and_closes_it() 
     assert!(denied.contains("PermissionDenied"), "{denied}");
     let bad_role = failure(&admin, &["set-role", &agent_id, "boss"]);
     assert!(bad_role.contains("customer, agent, admin"), "{bad_role}");
-    let unknown = failure(&admin, &["set-role", "no-such-user", "agent"]);
+    let nobody = uuid::Uuid::now_v7().to_string();
+    let unknown = failure(&admin, &["set-role", &nobody, "agent"]);
     assert!(unknown.contains("NotFound"), "{unknown}");
+    let malformed = failure(&admin, &["set-role", "no-such-user", "agent"]);
+    assert!(malformed.contains("InvalidArgument"), "{malformed}");
     let done = admin.run(&["set-role", &agent_id, "agent"]);
     assert_eq!(done, format!("{agent_id} cliagent is now agent"));
     agent.run(&["login", "cliagent"]);

@@ -504,13 +504,24 @@ async fn queued_until_an_agent_comes_online_then_transfer_close_and_refusals() {
         .support(0)
         .accept_consultation(authed(
             pb::AcceptConsultationRequest {
-                consultation_id: "nope".into(),
+                consultation_id: uuid::Uuid::now_v7().to_string(),
             },
             &eve.token,
         ))
         .await
         .expect_err("unknown");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = desk
+        .support(0)
+        .accept_consultation(authed(
+            pb::AcceptConsultationRequest {
+                consultation_id: "nope".into(),
+            },
+            &eve.token,
+        ))
+        .await
+        .expect_err("malformed");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
     // Nobody is available (Eve AWAY, Fay gone): an agent accepts by hand from the queue.
     fay_device.close().await;

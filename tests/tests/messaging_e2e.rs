@@ -491,10 +491,20 @@ async fn bad_input_gets_precise_statuses() {
         .await
         .expect_err("outsider lists");
     assert_eq!(e.code(), Code::PermissionDenied);
+    let e = send(
+        &mut c,
+        &owner.token,
+        &uuid::Uuid::now_v7().to_string(),
+        "x",
+        "hi",
+    )
+    .await
+    .expect_err("unknown");
+    assert_eq!(e.code(), Code::NotFound);
     let e = send(&mut c, &owner.token, "no-such-conversation", "x", "hi")
         .await
-        .expect_err("unknown");
-    assert_eq!(e.code(), Code::NotFound);
+        .expect_err("malformed id");
+    assert_eq!(e.code(), Code::InvalidArgument);
     let e = c
         .list_messages(authed(
             pb::ListMessagesRequest {
@@ -567,6 +577,19 @@ async fn bad_input_gets_precise_statuses() {
         (err.code, err.conversation_id.as_str()),
         (Code::PermissionDenied as i32, group.id.as_str())
     );
+    conn.subscribe(&uuid::Uuid::now_v7().to_string(), 0)
+        .await
+        .expect("send");
+    let err = conn
+        .until(Duration::from_secs(5), |f| {
+            if let Out::Error(e) = f { Some(e) } else { None }
+        })
+        .await
+        .expect("error frame");
+    assert_eq!(
+        (err.code, err.reason.as_str()),
+        (Code::NotFound as i32, "CONVERSATION_NOT_FOUND")
+    );
     conn.subscribe("no-such-conversation", 0)
         .await
         .expect("send");
@@ -576,7 +599,11 @@ async fn bad_input_gets_precise_statuses() {
         })
         .await
         .expect("error frame");
-    assert_eq!(err.code, Code::NotFound as i32);
+    assert_eq!(
+        (err.code, err.reason.as_str(), err.conversation_id.as_str()),
+        (Code::InvalidArgument as i32, "INVALID_ARGUMENT", ""),
+        "a malformed id is refused and not echoed"
+    );
     conn.send(In::Send(pb::Send {
         conversation_id: group.id.clone(),
         client_msg_id: "s".into(),

@@ -89,11 +89,12 @@ async fn a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggre
         .expect("presence b");
     let (bob, bob_token) = user(&auth, "pbob").await;
     let (_, watcher_token) = user(&auth, "pwatcher").await;
+    let never_seen = uuid::Uuid::now_v7().to_string();
 
     let mut w = watch(
         a.channel(),
         &watcher_token,
-        vec![bob.clone(), "never-seen".into()],
+        vec![bob.clone(), never_seen.clone()],
     )
     .await;
     until_state(
@@ -137,7 +138,7 @@ async fn a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggre
     let got = PresenceServiceClient::new(b.channel())
         .get(authed(
             pb::GetRequest {
-                user_ids: vec![bob.clone(), "never-seen".into()],
+                user_ids: vec![bob.clone(), never_seen.clone()],
             },
             &watcher_token,
         ))

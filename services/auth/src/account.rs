@@ -15,17 +15,19 @@ impl Username {
         let folded = raw.trim().to_lowercase();
         let len = folded.chars().count();
         if !(3..=32).contains(&len) {
-            return Err(Error::InvalidArgument(format!(
-                "username must be 3 to 32 characters, got {len}"
-            )));
+            return Err(Error::invalid(
+                "username",
+                format!("username must be 3 to 32 characters, got {len}"),
+            ));
         }
         if let Some(bad) = folded
             .chars()
             .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '_' | '.' | '-'))
         {
-            return Err(Error::InvalidArgument(format!(
-                "username may contain only a-z, 0-9, '_', '.' and '-', not {bad:?}"
-            )));
+            return Err(Error::invalid(
+                "username",
+                format!("username may contain only a-z, 0-9, '_', '.' and '-', not {bad:?}"),
+            ));
         }
         Ok(Self(folded))
     }
@@ -44,14 +46,16 @@ impl Password {
     pub fn parse(raw: &str) -> Result<Self, Error> {
         let len = raw.chars().count();
         if len < 8 {
-            return Err(Error::InvalidArgument(format!(
-                "password must be at least 8 characters, got {len}"
-            )));
+            return Err(Error::invalid(
+                "password",
+                format!("password must be at least 8 characters, got {len}"),
+            ));
         }
         if len > 128 {
-            return Err(Error::InvalidArgument(format!(
-                "password must be at most 128 characters, got {len}"
-            )));
+            return Err(Error::invalid(
+                "password",
+                format!("password must be at most 128 characters, got {len}"),
+            ));
         }
         Ok(Self(raw.to_owned()))
     }
@@ -81,13 +85,15 @@ impl DisplayName {
         }
         let len = trimmed.chars().count();
         if len > 64 {
-            return Err(Error::InvalidArgument(format!(
-                "display_name must be at most 64 characters, got {len}"
-            )));
+            return Err(Error::invalid(
+                "display_name",
+                format!("display_name must be at most 64 characters, got {len}"),
+            ));
         }
         if trimmed.chars().any(char::is_control) {
-            return Err(Error::InvalidArgument(
-                "display_name must not contain control characters".into(),
+            return Err(Error::invalid(
+                "display_name",
+                "display_name must not contain control characters",
             ));
         }
         Ok(Self(trimmed.to_owned()))

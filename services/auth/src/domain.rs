@@ -134,6 +134,10 @@ impl<S: AuthStore> Auth<S> {
     }
 
     /// Makes sure the configured first admin exists and is an admin.
+    ///
+    /// An existing account of that name is promoted only if its password is the configured
+    /// one; otherwise [`Error::AdminNameTaken`] (auth refuses to start), so registering the
+    /// name first never earns anyone admin.
     pub async fn ensure_admin(&self, username: &str, password: &str) -> Result<()> {
         let name = Username::parse(username)?;
         let existing = self.store.user_by_name(name.as_str()).await?;
@@ -163,6 +167,13 @@ impl<S: AuthStore> Auth<S> {
             }
         };
         if user.role != Role::Admin {
+            let configured = self
+                .hasher
+                .verify(password, Some(user.password_hash.as_str()))
+                .await?;
+            if !configured {
+                return Err(Error::AdminNameTaken(user.username));
+            }
             self.store.set_role(&user.id, Role::Admin).await?;
         }
         Ok(())
@@ -177,7 +188,7 @@ impl<S: AuthStore> Auth<S> {
     ) -> Result<(Tokens, UserRecord)> {
         let username = Username::parse(username)?;
         if password.is_empty() {
-            return Err(Error::InvalidArgument("password is required".into()));
+            return Err(Error::invalid("password", "password is required"));
         }
         // Attempts are counted before the password is checked, so a burst of concurrent
         // guesses cannot slip past the limit; a successful login takes its count back.
@@ -245,7 +256,7 @@ impl<S: AuthStore> Auth<S> {
     /// Exchanges a refresh token for a new pair; re-use of a spent one revokes the session.
     pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens> {
         if refresh_token.trim().is_empty() {
-            return Err(Error::InvalidArgument("refresh_token is required".into()));
+            return Err(Error::invalid("refresh_token", "refresh_token is required"));
         }
         let (sid, secret) = split_refresh(refresh_token).ok_or(Error::BadRefreshToken)?;
         let next = new_secret();
@@ -322,17 +333,17 @@ impl<S: AuthStore> Auth<S> {
     /// Profiles by id, in the order asked, and the ids that matched nobody.
     pub async fn users(&self, ids: &[String]) -> Result<(Vec<UserRecord>, Vec<String>)> {
         if ids.len() > MAX_USERS_PER_CALL {
-            return Err(Error::InvalidArgument(format!(
-                "user_ids holds {} ids; at most {MAX_USERS_PER_CALL} per call",
-                ids.len()
-            )));
+            return Err(Error::invalid(
+                "user_ids",
+                format!(
+                    "user_ids holds {} ids; at most {MAX_USERS_PER_CALL} per call",
+                    ids.len()
+                ),
+            ));
         }
-        let mut unique: Vec<String> = Vec::with_capacity(ids.len());
-        for id in ids {
-            if !unique.contains(id) {
-                unique.push(id.clone());
-            }
-        }
+        switchboard_common::id::check_all("user_ids", ids)?;
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        let unique: Vec<String> = ids.iter().filter(|id| seen.insert(*id)).cloned().collect();
         let found = self.store.users_by_id(&unique).await?;
         let mut users = Vec::new();
         let mut missing = Vec::new();
@@ -357,12 +368,9 @@ impl<S: AuthStore> Auth<S> {
                 "only admins may change roles".into(),
             ));
         }
-        let role = role.ok_or_else(|| {
-            Error::InvalidArgument("role must be CUSTOMER, AGENT or ADMIN".into())
-        })?;
-        if user_id.is_empty() {
-            return Err(Error::InvalidArgument("user_id is required".into()));
-        }
+        let role =
+            role.ok_or_else(|| Error::invalid("role", "role must be CUSTOMER, AGENT or ADMIN"))?;
+        switchboard_common::id::check("user_id", user_id)?;
         if user_id == caller.user_id {
             return Err(Error::FailedPrecondition(
                 "admins cannot change their own role; ask another admin".into(),

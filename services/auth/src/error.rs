@@ -1,13 +1,22 @@
-//! Auth's errors and their one mapping to gRPC status codes.
+//! Auth's errors and their one mapping to a [`Refusal`] (and so to a gRPC status).
 
 use std::time::Duration;
+
+use switchboard_common::id::{IdError, quote};
+use switchboard_common::status::{Reason, Refusal};
+use switchboard_common::token::TokenError;
 
 /// Everything an auth operation can refuse or fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A request field is wrong; the message names it.
-    #[error("{0}")]
-    InvalidArgument(String),
+    #[error("{message}")]
+    InvalidArgument {
+        /// The request field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The username is taken.
     #[error("username '{0}' is already taken")]
     UsernameTaken(String),
@@ -22,15 +31,25 @@ pub enum Error {
         "refresh token was already used; the session has been revoked for safety, log in again"
     )]
     RefreshReused,
+    /// No verified caller on a call that needs one.
+    #[error("{0}")]
+    Token(#[from] TokenError),
     /// The caller's role does not allow this.
     #[error("{0}")]
     PermissionDenied(String),
     /// No such user.
-    #[error("no user with id '{0}'")]
+    #[error("no user with id {}", quote(.0))]
     UserNotFound(String),
     /// Valid request in the wrong state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The configured first admin's name belongs to an account that is not an admin and
+    /// whose password is not the configured one: auth refuses to start rather than hand
+    /// admin to whoever registered that name.
+    #[error(
+        "AUTH_ADMIN_USERNAME '{0}' names an existing account that is not an admin and whose password is not AUTH_ADMIN_PASSWORD; refusing to make it an admin. Choose another AUTH_ADMIN_USERNAME (or set AUTH_ADMIN_PASSWORD to that account's password if it is yours)"
+    )]
+    AdminNameTaken(String),
     /// Too many attempts; retry after the duration.
     #[error("{message}")]
     RateLimited {
@@ -67,42 +86,65 @@ impl From<StoreError> for Error {
     }
 }
 
+impl From<IdError> for Error {
+    fn from(e: IdError) -> Self {
+        Error::InvalidArgument {
+            field: e.field,
+            message: e.message,
+        }
+    }
+}
+
 /// Result of auth operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
-        use tonic::Status;
-        match &e {
-            Error::InvalidArgument(m) => Status::invalid_argument(m.clone()),
-            Error::UsernameTaken(_) => Status::already_exists(e.to_string()),
-            Error::BadCredentials | Error::BadRefreshToken | Error::RefreshReused => {
-                Status::unauthenticated(e.to_string())
+impl Error {
+    /// INVALID_ARGUMENT naming `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The one mapping to a refusal; internal causes are logged here and never sent.
+    pub fn refusal(&self) -> Refusal {
+        let message = self.to_string();
+        match self {
+            Error::InvalidArgument { field, message } => Refusal::invalid(field, message),
+            Error::UsernameTaken(_) => Refusal::new(Reason::UsernameTaken, message),
+            Error::BadCredentials => Refusal::new(Reason::BadCredentials, message),
+            Error::BadRefreshToken => Refusal::new(Reason::RefreshTokenInvalid, message),
+            Error::RefreshReused => Refusal::new(Reason::RefreshTokenReused, message),
+            Error::Token(e) => e.refusal(),
+            Error::PermissionDenied(_) => Refusal::new(Reason::PermissionDenied, message),
+            Error::UserNotFound(_) => Refusal::new(Reason::UserNotFound, message),
+            Error::FailedPrecondition(_) | Error::AdminNameTaken(_) => {
+                Refusal::new(Reason::FailedPrecondition, message)
             }
-            Error::PermissionDenied(m) => Status::permission_denied(m.clone()),
-            Error::UserNotFound(_) => Status::not_found(e.to_string()),
-            Error::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
-            Error::RateLimited {
-                message,
-                retry_after,
-            } => {
-                let mut status = Status::resource_exhausted(message.clone());
-                if let Ok(v) = retry_after.as_millis().to_string().parse() {
-                    status.metadata_mut().insert("retry-after-ms", v);
-                }
-                status
+            Error::RateLimited { retry_after, .. } => {
+                Refusal::new(Reason::RateLimited, message).retry_after(*retry_after)
             }
             Error::Unavailable(cause) => {
                 if matches!(cause, StoreError::Redis(_)) {
                     switchboard_common::metrics::redis_error();
                 }
                 tracing::warn!(error = %cause, "storage unavailable");
-                Status::unavailable("storage is unavailable; retry shortly")
+                Refusal::new(
+                    Reason::StorageUnavailable,
+                    "storage is unavailable; retry shortly",
+                )
             }
             Error::Internal(cause) => {
                 tracing::error!(error = %cause, "internal error");
-                Status::internal("internal error")
+                Refusal::new(Reason::Internal, "internal error")
             }
         }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        e.refusal().to_status()
     }
 }

@@ -33,11 +33,7 @@ impl<S> AuthGrpc<S> {
 
 /// The verified caller the auth layer put into the request.
 fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    req.extensions().get::<Caller>().cloned().ok_or_else(|| {
-        Status::unauthenticated(
-            "missing authorization metadata: send 'authorization: Bearer <access token>'",
-        )
-    })
+    Ok(switchboard_common::server::caller(req)?)
 }
 
 fn timestamp_secs(secs: u64) -> prost_types::Timestamp {

@@ -88,10 +88,13 @@ async fn serve<S: AuthStore>(
         config.refresh_ttl,
     ));
 
+    // A first-admin conflict stops the service: serving on would leave no admin, or worse.
+    let (fatal_tx, fatal) = tokio::sync::oneshot::channel();
     tokio::spawn(maintain(
         auth.clone(),
         config.admin.clone(),
         shutdown.clone(),
+        fatal_tx,
     ));
 
     let list = backend.follow_revocations(&shutdown).await;
@@ -109,7 +112,13 @@ async fn serve<S: AuthStore>(
         long_lived: &[],
         drain: CancellationToken::new(),
     };
-    server::serve(&config.server, listener, shutdown, assembly).await
+    tokio::select! {
+        served = server::serve(&config.server, listener, shutdown, assembly) => served,
+        Ok(e) = fatal => {
+            tracing::error!(error = %e, "cannot start");
+            Err(anyhow::anyhow!(e))
+        }
+    }
 }
 
 /// Keeps the public key published and makes sure the first admin exists, retrying while
@@ -118,7 +127,9 @@ async fn maintain<S: AuthStore>(
     auth: Arc<Auth<S>>,
     admin: Option<(String, switchboard_common::config::Secret)>,
     shutdown: CancellationToken,
+    fatal: tokio::sync::oneshot::Sender<error::Error>,
 ) {
+    let mut fatal = Some(fatal);
     let mut admin = admin;
     loop {
         let mut healthy = true;
@@ -131,6 +142,12 @@ async fn maintain<S: AuthStore>(
                 Ok(()) => {
                     tracing::info!(username = %name, "first admin ready");
                     admin = None;
+                }
+                Err(e @ error::Error::AdminNameTaken(_)) => {
+                    if let Some(tx) = fatal.take() {
+                        let _ = tx.send(e);
+                    }
+                    return;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot create the first admin; retrying");

@@ -32,7 +32,10 @@ impl Keyring {
     /// The key in a PKCS#8 PEM file (`openssl genpkey -algorithm ed25519`).
     pub fn from_pem(pem: &str, access_ttl_secs: u64) -> Result<Self> {
         let key = SigningKey::from_pkcs8_pem(pem).map_err(|e| {
-            Error::InvalidArgument(format!("not a PKCS#8 PEM Ed25519 private key: {e}"))
+            Error::invalid(
+                "AUTH_SIGNING_KEY_FILE",
+                format!("not a PKCS#8 PEM Ed25519 private key: {e}"),
+            )
         })?;
         Self::from_signing_key(key, access_ttl_secs)
     }

@@ -9,11 +9,13 @@
 pub mod backend;
 pub mod bus;
 pub mod config;
+pub mod id;
 pub mod metrics;
 pub mod revocation;
 pub mod rpc;
 pub mod server;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 pub mod token;
 

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
@@ -19,6 +19,7 @@ use tower::{Layer, Service};
 
 use crate::bus::BoxFuture;
 use crate::config::{Secret, ServerConfig};
+use crate::status::{Reason, Refusal};
 use crate::token::Verifier;
 
 /// Applies Switchboard's standard settings to a generated tonic server: accept and send
@@ -82,6 +83,17 @@ impl AuthLayer {
     }
 }
 
+/// The verified caller [`AuthLayer`] put into the request (`Missing` if none: a public
+/// method, or a service call).
+pub fn caller<T>(
+    req: &tonic::Request<T>,
+) -> Result<crate::token::Caller, crate::token::TokenError> {
+    req.extensions()
+        .get::<crate::token::Caller>()
+        .cloned()
+        .ok_or(crate::token::TokenError::Missing)
+}
+
 /// Whether `presented` is the service token (constant time).
 fn service_token_matches(expected: Option<&Secret>, presented: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
@@ -133,18 +145,16 @@ where
                 req.extensions_mut().insert(ServiceCall);
                 return Box::pin(inner.call(req));
             }
-            let status = tonic::Status::unauthenticated(
+            let status = Refusal::new(
+                Reason::Unauthenticated,
                 "service token refused: set the same SERVICE_TOKEN on the calling service and this one",
-            );
+            )
+            .to_status();
             return Box::pin(async move { Ok(status.into_http()) });
         }
         let verifier = self.layer.verifier.clone();
         Box::pin(async move {
-            let header = req
-                .headers()
-                .get("authorization")
-                .map(HeaderValue::as_bytes);
-            match verifier.verify_header(header).await {
+            match verifier.verify_headers(req.headers()).await {
                 Ok(caller) => {
                     req.extensions_mut().insert(caller);
                     inner.call(req).await
@@ -155,51 +165,78 @@ where
     }
 }
 
-/// Answers oversize requests with `RESOURCE_EXHAUSTED` (the gRPC convention) instead of
-/// the `OUT_OF_RANGE` tonic 0.14 uses, with a message naming the limit.
+/// Gives the client's own faults in a request their precise status: oversize messages
+/// RESOURCE_EXHAUSTED (tonic 0.14 says `OUT_OF_RANGE`), undecodable or wrongly compressed
+/// bytes INVALID_ARGUMENT (tonic says `INTERNAL`), each with its reason and a message
+/// naming the limit or the problem.
 ///
 /// Unary and server-streaming calls fail before the handler runs, as a trailers-only
 /// response whose status sits in the headers; that is what this rewrites. Client
-/// streams see the error from their inbound stream and map it in the service.
+/// streams see the error from their inbound stream and map it with [`client_fault`].
 #[derive(Clone, Copy)]
-pub struct OversizeLayer;
+pub struct ClientFaultLayer;
 
-impl<S> Layer<S> for OversizeLayer {
-    type Service = Oversize<S>;
+impl<S> Layer<S> for ClientFaultLayer {
+    type Service = ClientFault<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Oversize { inner }
+        ClientFault { inner }
     }
 }
 
-/// The service made by [`OversizeLayer`].
+/// The service made by [`ClientFaultLayer`].
 #[derive(Clone)]
-pub struct Oversize<S> {
+pub struct ClientFault<S> {
     inner: S,
 }
 
-/// Rewrites tonic's "message too large" status into RESOURCE_EXHAUSTED, if that is what it is.
-pub fn oversize_status(status: &tonic::Status) -> Option<tonic::Status> {
-    if status.code() != tonic::Code::OutOfRange
-        || !status.message().contains("message length too large")
-    {
-        return None;
-    }
-    // tonic's text: "... found {len} bytes, the limit is: {limit} bytes".
-    let numbers: Vec<&str> = status
-        .message()
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .collect();
-    let message = match numbers.as_slice() {
-        [found, limit] => format!(
-            "request message is {found} bytes, over the server's limit of {limit} bytes (MAX_MESSAGE_BYTES)"
-        ),
-        _ => "request message is over the server's size limit (MAX_MESSAGE_BYTES)".to_owned(),
+/// The precise status for an error tonic met while reading a request, if it is the
+/// client's fault (oversize, undecodable, badly compressed); `None` for anything else
+/// (a broken connection, a handler's own status).
+pub fn client_fault(status: &tonic::Status) -> Option<tonic::Status> {
+    use tonic::Code;
+    let message = status.message();
+    let refusal = match status.code() {
+        Code::OutOfRange if message.contains("message length too large") => {
+            // tonic's text: "... found {len} bytes, the limit is: {limit} bytes".
+            let numbers: Vec<&str> = message
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .collect();
+            let text = match numbers.as_slice() {
+                [found, limit] => format!(
+                    "request message is {found} bytes, over the server's limit of {limit} bytes (MAX_MESSAGE_BYTES)"
+                ),
+                _ => {
+                    "request message is over the server's size limit (MAX_MESSAGE_BYTES)".to_owned()
+                }
+            };
+            Refusal::new(Reason::RequestTooLarge, text)
+        }
+        Code::ResourceExhausted if message.starts_with("Error decompressing: size limit") => {
+            Refusal::new(
+                Reason::RequestTooLarge,
+                "request message decompresses to more than the server's limit (MAX_MESSAGE_BYTES)",
+            )
+        }
+        Code::Internal
+            if message.starts_with("Error decompressing")
+                || message.starts_with("protocol error: received message with")
+                || message.starts_with("Unexpected EOF decoding stream") =>
+        {
+            Refusal::new(
+                Reason::MalformedRequest,
+                format!("request message is not framed or compressed correctly: {message}"),
+            )
+        }
+        Code::InvalidArgument if message.starts_with(switchboard_proto::codec::UNDECODABLE) => {
+            Refusal::new(Reason::MalformedRequest, format!("request {message}"))
+        }
+        _ => return None,
     };
-    Some(tonic::Status::resource_exhausted(message))
+    Some(refusal.to_status())
 }
 
-impl<S> Service<Request<Body>> for Oversize<S>
+impl<S> Service<Request<Body>> for ClientFault<S>
 where
     S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -218,16 +255,128 @@ where
         Box::pin(async move {
             let mut response = inner.call(req).await?;
             if let Some(status) = tonic::Status::from_header_map(response.headers())
-                && let Some(rewritten) = oversize_status(&status)
+                && let Some(rewritten) = client_fault(&status)
             {
                 let headers = response.headers_mut();
                 headers.remove("grpc-message");
+                headers.remove("grpc-status-details-bin");
                 if rewritten.add_header(headers).is_err() {
-                    tracing::warn!("could not rewrite an oversize status");
+                    tracing::warn!("could not rewrite the status of a faulty request");
                 }
             }
             Ok(response)
         })
+    }
+}
+
+/// Tells a handler that its client **cancelled** the call (RST_STREAM CANCEL: the client
+/// dropped the call or its deadline passed) rather than half-closing its request stream.
+///
+/// tonic reports both as the clean end of the request stream (`Ok(None)`). A presence
+/// device must tell them apart: a half-close is a deliberate goodbye (offline at once), a
+/// cancel is a client gone without one (linger for the reconnect grace). The flag is set
+/// before the stream's end reaches the handler, so checking it there is not a race.
+#[derive(Clone, Debug, Default)]
+pub struct ClientCancel(Arc<std::sync::atomic::AtomicBool>);
+
+impl ClientCancel {
+    /// Whether the request stream ended because the client cancelled the call.
+    pub fn cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Puts a [`ClientCancel`] into the extensions of calls to the given (streaming) methods.
+#[derive(Clone)]
+pub struct CancelWatchLayer {
+    paths: Arc<[&'static str]>,
+}
+
+impl CancelWatchLayer {
+    /// Watches calls to `paths` (full method paths).
+    pub fn new(paths: &[&'static str]) -> Self {
+        Self {
+            paths: paths.into(),
+        }
+    }
+}
+
+impl<S> Layer<S> for CancelWatchLayer {
+    type Service = CancelWatch<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CancelWatch {
+            inner,
+            paths: self.paths.clone(),
+        }
+    }
+}
+
+/// The service made by [`CancelWatchLayer`].
+#[derive(Clone)]
+pub struct CancelWatch<S> {
+    inner: S,
+    paths: Arc<[&'static str]>,
+}
+
+/// A request body that raises its [`ClientCancel`] flag when the client resets the stream.
+struct WatchedBody {
+    inner: Body,
+    flag: ClientCancel,
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = <Body as http_body::Body>::Data;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(status))) = &polled
+            && status.code() == tonic::Code::Cancelled
+        {
+            self.flag
+                .0
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<S> Service<Request<Body>> for CancelWatch<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if !self.paths.contains(&req.uri().path()) {
+            return self.inner.call(req);
+        }
+        let flag = ClientCancel::default();
+        let mut req = req.map(|inner| {
+            Body::new(WatchedBody {
+                inner,
+                flag: flag.clone(),
+            })
+        });
+        req.extensions_mut().insert(flag);
+        self.inner.call(req)
     }
 }
 
@@ -297,10 +446,13 @@ pub async fn serve(
         // Outermost: one span per call continuing the caller's trace (OpenTelemetry RPC
         // conventions) and the call metrics, so they see every call and its final status.
         .layer(crate::rpc::ServerTraceLayer::new(assembly.long_lived))
-        // Then fix the status of oversize requests whoever produced it.
-        .layer(OversizeLayer)
+        // Then give the client's own faults (oversize, undecodable) their precise status,
+        // whoever produced it.
+        .layer(ClientFaultLayer)
         // Then authentication, so handlers only ever see verified callers.
         .layer(assembly.auth)
+        // Innermost: streams learn whether their client cancelled or half-closed.
+        .layer(CancelWatchLayer::new(assembly.long_lived))
         .add_routes(assembly.routes);
     router = router
         .add_service(health_service)
@@ -399,17 +551,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn oversize_status_names_both_sizes() {
+    fn client_faults_get_precise_statuses() {
         let s = tonic::Status::out_of_range(
             "Error, decoded message length too large: found 2000000 bytes, the limit is: 1048576 bytes",
         );
-        let r = oversize_status(&s).expect("rewritten");
+        let r = client_fault(&s).expect("rewritten");
         assert_eq!(r.code(), tonic::Code::ResourceExhausted);
         assert!(
             r.message().contains("2000000") && r.message().contains("1048576"),
             "{}",
             r.message()
         );
-        assert!(oversize_status(&tonic::Status::out_of_range("seq out of range")).is_none());
+        assert_eq!(
+            crate::status::reason_of(&r).as_deref(),
+            Some("REQUEST_TOO_LARGE")
+        );
+        let undecodable = tonic::Status::invalid_argument(format!(
+            "{}ConnectRequest: invalid wire type",
+            switchboard_proto::codec::UNDECODABLE
+        ));
+        let r = client_fault(&undecodable).expect("rewritten");
+        assert_eq!(r.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            crate::status::reason_of(&r).as_deref(),
+            Some("MALFORMED_REQUEST")
+        );
+        let flag = tonic::Status::internal(
+            "protocol error: received message with invalid compression flag: 7 (valid flags are 0 and 1), while sending request",
+        );
+        assert_eq!(
+            client_fault(&flag).map(|s| s.code()),
+            Some(tonic::Code::InvalidArgument)
+        );
+        assert!(client_fault(&tonic::Status::out_of_range("seq out of range")).is_none());
+        assert!(client_fault(&tonic::Status::internal("h2 protocol error: broken pipe")).is_none());
+        assert!(client_fault(&tonic::Status::invalid_argument("title is required")).is_none());
     }
 }

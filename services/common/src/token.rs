@@ -4,7 +4,10 @@
 //! Tokens are JWTs signed with Ed25519 (`alg: EdDSA`), with the signing key named by the
 //! `kid` header. The verifier keeps the public keys fetched from `AuthService.GetJwks`
 //! (through a [`KeySource`]) and fetches again when it meets an unknown `kid`, at most
-//! once per [`REFETCH_INTERVAL`] so forged `kid`s cannot turn into a fetch storm.
+//! once per [`REFETCH_INTERVAL`] so forged `kid`s cannot turn into a fetch storm. While
+//! the last fetch failed, a token with an unknown `kid` is answered UNAVAILABLE
+//! (`KeysUnavailable`, retry), never UNAUTHENTICATED: the token may be valid, and a client
+//! told it is not would log its user out during an auth or Redis outage.
 //! Revoked sessions (logout, refresh re-use) are refused through the shared
 //! [`RevocationList`](crate::revocation::RevocationList).
 
@@ -18,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bus::BoxFuture;
 use crate::revocation::RevocationList;
+use crate::status::{Reason, Refusal};
 
 /// Issuer written into and required from every access token.
 pub const ISSUER: &str = "switchboard";
@@ -148,17 +152,30 @@ pub enum TokenError {
     /// The session was logged out or revoked.
     #[error("session has been revoked; log in again")]
     Revoked,
-    /// Auth could not be asked for its keys.
-    #[error("cannot fetch token keys from the auth service")]
+    /// Auth could not be asked for its keys: the token may well be valid.
+    #[error("cannot fetch token keys from the auth service; retry shortly")]
     KeysUnavailable,
+    /// More than one `authorization` header: which one counts would be a guess.
+    #[error("send exactly one authorization header, got {0}")]
+    ManyHeaders(usize),
+}
+
+impl TokenError {
+    /// The refusal sent for this error.
+    pub fn refusal(&self) -> Refusal {
+        let reason = match self {
+            TokenError::KeysUnavailable => Reason::AuthUnavailable,
+            TokenError::Expired => Reason::TokenExpired,
+            TokenError::Revoked => Reason::SessionRevoked,
+            _ => Reason::Unauthenticated,
+        };
+        Refusal::new(reason, self.to_string())
+    }
 }
 
 impl From<TokenError> for tonic::Status {
     fn from(e: TokenError) -> Self {
-        match e {
-            TokenError::KeysUnavailable => tonic::Status::unavailable(e.to_string()),
-            _ => tonic::Status::unauthenticated(e.to_string()),
-        }
+        e.refusal().to_status()
     }
 }
 
@@ -212,7 +229,8 @@ impl KeySource for GrpcKeySource {
 pub struct Verifier {
     keys: RwLock<HashMap<String, DecodingKey>>,
     source: Arc<dyn KeySource>,
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// When keys were last fetched and whether that fetch succeeded.
+    last_fetch: tokio::sync::Mutex<Option<(Instant, bool)>>,
     revocations: Arc<RevocationList>,
     validation: Validation,
 }
@@ -244,6 +262,18 @@ impl Verifier {
     /// The revocation list this verifier consults.
     pub fn revocations(&self) -> &Arc<RevocationList> {
         &self.revocations
+    }
+
+    /// Verifies the `authorization` metadata of a request: exactly one entry.
+    pub async fn verify_headers(&self, headers: &http::HeaderMap) -> Result<Caller, TokenError> {
+        let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+        let first = values.next();
+        let more = values.count();
+        if more > 0 {
+            return Err(TokenError::ManyHeaders(more + 1));
+        }
+        self.verify_header(first.map(http::HeaderValue::as_bytes))
+            .await
     }
 
     /// Verifies the value of an `authorization` metadata entry.
@@ -304,14 +334,21 @@ impl Verifier {
             .cloned()
     }
 
-    /// Fetches the key set again, unless that happened less than [`REFETCH_INTERVAL`] ago.
+    /// Fetches the key set again, unless that happened less than [`REFETCH_INTERVAL`] ago;
+    /// then the outcome of that fetch stands (a failure stays `KeysUnavailable`).
     async fn refetch(&self) -> Result<(), TokenError> {
         let mut last = self.last_fetch.lock().await;
-        if last.is_some_and(|at| at.elapsed() < REFETCH_INTERVAL) {
-            return Ok(());
+        if let Some((at, ok)) = *last
+            && at.elapsed() < REFETCH_INTERVAL
+        {
+            return if ok {
+                Ok(())
+            } else {
+                Err(TokenError::KeysUnavailable)
+            };
         }
         let fetched = self.source.fetch().await;
-        *last = Some(Instant::now());
+        *last = Some((Instant::now(), fetched.is_ok()));
         let fetched = fetched.map_err(|e| {
             tracing::warn!(error = %e, "fetching token keys failed");
             TokenError::KeysUnavailable
@@ -443,6 +480,66 @@ mod tests {
         assert_eq!(
             v.verify_header(Some(b"Bearer ")).await,
             Err(TokenError::NotBearer)
+        );
+    }
+
+    /// Fails until `ok` is set, then serves `keys`.
+    struct Flaky {
+        ok: std::sync::atomic::AtomicBool,
+        keys: Vec<PublicKey>,
+    }
+    impl KeySource for Flaky {
+        fn fetch(&self) -> BoxFuture<'_, Result<Vec<PublicKey>, String>> {
+            let ok = self.ok.load(std::sync::atomic::Ordering::SeqCst);
+            let keys = self.keys.clone();
+            Box::pin(async move {
+                if ok {
+                    Ok(keys)
+                } else {
+                    Err("auth is down".into())
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_key_fetch_stays_unavailable_until_one_succeeds() {
+        let (good, public) = keypair("k1");
+        let source = Arc::new(Flaky {
+            ok: false.into(),
+            keys: vec![public],
+        });
+        let v = Verifier::new(source.clone(), Arc::new(RevocationList::default()));
+        let t = token(&good, "k1", now_secs() + 60, "s1");
+        // The second call falls within REFETCH_INTERVAL of the failed fetch.
+        for _ in 0..2 {
+            assert_eq!(v.verify(&t).await, Err(TokenError::KeysUnavailable));
+        }
+        source.ok.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(REFETCH_INTERVAL).await;
+        assert!(v.verify(&t).await.is_ok(), "keys arrive once auth is back");
+        assert_eq!(
+            v.verify(&token(&good, "k9", now_secs() + 60, "s1")).await,
+            Err(TokenError::UnknownKey),
+            "after a good fetch an unknown kid is a bad token"
+        );
+    }
+
+    #[tokio::test]
+    async fn two_authorization_headers_are_refused() {
+        let (good, public) = keypair("k1");
+        let v = verifier(vec![public]);
+        let value: http::HeaderValue =
+            format!("Bearer {}", token(&good, "k1", now_secs() + 60, "s1"))
+                .parse()
+                .expect("ascii");
+        let mut headers = http::HeaderMap::new();
+        headers.append(http::header::AUTHORIZATION, value.clone());
+        assert!(v.verify_headers(&headers).await.is_ok());
+        headers.append(http::header::AUTHORIZATION, value);
+        assert_eq!(
+            v.verify_headers(&headers).await,
+            Err(TokenError::ManyHeaders(2))
         );
     }
 

@@ -1,5 +1,7 @@
 //! Conversations: kinds, members, and the rules for creating and changing them.
 
+use std::collections::HashSet;
+
 use switchboard_proto::messaging::v1 as pb;
 
 use crate::error::{Error, Result};
@@ -99,58 +101,65 @@ pub struct NewConversation {
 }
 
 impl NewConversation {
-    /// Checks the request of `creator`.
+    /// Checks the request of `creator`. Sizes are checked before anything else, and the
+    /// rest is linear in the number of ids, so the work is bounded by the limits.
     pub fn parse(creator: &str, kind: i32, title: &str, member_ids: &[String]) -> Result<Self> {
         let kind = match pb::ConversationKind::try_from(kind) {
             Ok(pb::ConversationKind::Direct) => Kind::Direct,
             Ok(pb::ConversationKind::Group) => Kind::Group,
             Ok(pb::ConversationKind::Support) => {
-                return Err(Error::InvalidArgument(
-                    "kind SUPPORT is created by SupportService.OpenConsultation, not here".into(),
+                return Err(Error::invalid(
+                    "kind",
+                    "kind SUPPORT is created by SupportService.OpenConsultation, not here",
                 ));
             }
-            _ => {
-                return Err(Error::InvalidArgument(
-                    "kind must be DIRECT or GROUP".into(),
-                ));
-            }
+            _ => return Err(Error::invalid("kind", "kind must be DIRECT or GROUP")),
         };
-        let mut members = vec![creator.to_owned()];
-        for id in member_ids {
-            if id.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "member_ids must not contain empty ids".into(),
-                ));
-            }
-            if !members.contains(id) {
-                members.push(id.clone());
-            }
+        let most = match kind {
+            Kind::Direct => 1,
+            _ => MAX_GROUP_MEMBERS - 1,
+        };
+        if member_ids.len() > most {
+            return Err(Error::invalid(
+                "member_ids",
+                match kind {
+                    Kind::Direct => format!(
+                        "a DIRECT conversation needs exactly one other member in member_ids, got {} ids",
+                        member_ids.len()
+                    ),
+                    _ => format!(
+                        "member_ids holds {} ids; a group has at most {MAX_GROUP_MEMBERS} members, so at most {most} besides you",
+                        member_ids.len()
+                    ),
+                },
+            ));
         }
+        switchboard_common::id::check_all("member_ids", member_ids)?;
+        let members = unique(creator, member_ids);
         match kind {
             Kind::Direct => {
                 if !title.is_empty() {
-                    return Err(Error::InvalidArgument(
-                        "title must be empty for DIRECT conversations".into(),
+                    return Err(Error::invalid(
+                        "title",
+                        "title must be empty for DIRECT conversations",
                     ));
                 }
                 if members.len() != 2 {
-                    return Err(Error::InvalidArgument(
-                        "a DIRECT conversation needs exactly one other member in member_ids".into(),
+                    return Err(Error::invalid(
+                        "member_ids",
+                        "a DIRECT conversation needs exactly one other member in member_ids",
                     ));
                 }
             }
             _ => {
                 let len = title.trim().chars().count();
                 if len == 0 || len > MAX_TITLE_CHARS {
-                    return Err(Error::InvalidArgument(format!(
-                        "title must be 1 to {MAX_TITLE_CHARS} characters for a GROUP, got {len}"
-                    )));
-                }
-                if members.len() > MAX_GROUP_MEMBERS {
-                    return Err(Error::InvalidArgument(format!(
-                        "a group has at most {MAX_GROUP_MEMBERS} members, got {}",
-                        members.len()
-                    )));
+                    return Err(Error::invalid(
+                        "title",
+                        format!(
+                            "title must be 1 to {MAX_TITLE_CHARS} characters for a GROUP, got {len}"
+                        ),
+                    ));
                 }
             }
         }
@@ -160,6 +169,20 @@ impl NewConversation {
             members,
         })
     }
+}
+
+/// `first` and then `others`, each id once, in the order first given (linear time).
+pub fn unique(first: &str, others: &[String]) -> Vec<String> {
+    let mut seen: HashSet<&str> = HashSet::with_capacity(others.len() + 1);
+    seen.insert(first);
+    let mut out = Vec::with_capacity(others.len() + 1);
+    out.push(first.to_owned());
+    for id in others {
+        if seen.insert(id.as_str()) {
+            out.push(id.clone());
+        }
+    }
+    out
 }
 
 /// The key that makes the same pair always get the same direct conversation.
@@ -175,30 +198,56 @@ pub fn direct_key(a: &str, b: &str) -> String {
 mod tests {
     use super::*;
 
+    fn id() -> String {
+        uuid::Uuid::now_v7().to_string()
+    }
+
     #[test]
     fn direct_needs_exactly_one_other() {
         let d = pb::ConversationKind::Direct as i32;
-        assert!(NewConversation::parse("a", d, "", &["b".into()]).is_ok());
+        let (a, b, c) = (id(), id(), id());
+        assert!(NewConversation::parse(&a, d, "", std::slice::from_ref(&b)).is_ok());
         assert!(
-            NewConversation::parse("a", d, "", &["a".into()]).is_err(),
+            NewConversation::parse(&a, d, "", std::slice::from_ref(&a)).is_err(),
             "self-only"
         );
-        assert!(NewConversation::parse("a", d, "", &["b".into(), "c".into()]).is_err());
-        assert!(NewConversation::parse("a", d, "t", &["b".into()]).is_err());
-        assert_eq!(direct_key("b", "a"), direct_key("a", "b"));
+        assert!(NewConversation::parse(&a, d, "", &[b.clone(), c]).is_err());
+        assert!(NewConversation::parse(&a, d, "t", std::slice::from_ref(&b)).is_err());
+        assert_eq!(direct_key(&b, &a), direct_key(&a, &b));
     }
 
     #[test]
     fn groups_need_a_title_and_dedupe_members() {
         let g = pb::ConversationKind::Group as i32;
-        let c = NewConversation::parse("a", g, " Team ", &["b".into(), "b".into(), "a".into()])
+        let (a, b) = (id(), id());
+        let c = NewConversation::parse(&a, g, " Team ", &[b.clone(), b.clone(), a.clone()])
             .expect("ok");
-        assert_eq!(c.members, ["a", "b"]);
+        assert_eq!(c.members, [a.clone(), b]);
         assert_eq!(c.title, "Team");
-        assert!(NewConversation::parse("a", g, "", &[]).is_err());
-        assert!(NewConversation::parse("a", 0, "x", &[]).is_err());
+        assert!(NewConversation::parse(&a, g, "", &[]).is_err());
+        assert!(NewConversation::parse(&a, 0, "x", &[]).is_err());
         assert!(
-            NewConversation::parse("a", pb::ConversationKind::Support as i32, "x", &[]).is_err()
+            NewConversation::parse(&a, pb::ConversationKind::Support as i32, "x", &[]).is_err()
+        );
+    }
+
+    #[test]
+    fn sizes_are_checked_before_ids_are_looked_at() {
+        let g = pb::ConversationKind::Group as i32;
+        let a = id();
+        // 30k copies of one id would dedupe to two members; the raw count is refused first.
+        let flood = vec![id(); 30_000];
+        let e = NewConversation::parse(&a, g, "t", &flood).expect_err("too many");
+        assert!(
+            matches!(&e, Error::InvalidArgument { field, message } if field == "member_ids" && message.contains("30000")),
+            "{e:?}"
+        );
+        let ok = vec![id(); MAX_GROUP_MEMBERS - 1];
+        assert!(NewConversation::parse(&a, g, "t", &ok).is_ok());
+        let e = NewConversation::parse(&a, g, "t", &["x}:meta".to_owned()]).expect_err("not an id");
+        assert!(
+            matches!(&e, Error::InvalidArgument { field, .. } if field == "member_ids[0]"),
+            "{e:?}"
         );
     }
 }

@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::conversation::{ConversationRecord, Kind, MAX_TITLE_CHARS, Member};
 use crate::domain::{Messaging, now_ms, timestamp};
-use crate::error::{Error, Result};
+use crate::error::{Dependency, Error, Result};
 use crate::message::Draft;
 use crate::store::DeskStore;
 use crate::store::desk::{ConsultationRecord, ConsultationState, Routed, Step};
@@ -74,11 +74,10 @@ impl Presence {
     }
 
     fn unavailable(status: tonic::Status) -> Error {
-        Error::Unavailable(format!(
-            "presence: {:?}: {}",
-            status.code(),
-            status.message()
-        ))
+        Error::Unavailable {
+            dependency: Dependency::Presence,
+            cause: format!("presence: {:?}: {}", status.code(), status.message()),
+        }
     }
 
     /// Agents that are online and AVAILABLE, by id.
@@ -150,23 +149,23 @@ fn is_staff(caller: &Caller) -> bool {
 
 fn note(field: &str, text: &str) -> Result<String> {
     if text.len() > MAX_NOTE_BYTES {
-        return Err(Error::InvalidArgument(format!(
-            "{field} must be at most {MAX_NOTE_BYTES} bytes, got {}",
-            text.len()
-        )));
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{field} must be at most {MAX_NOTE_BYTES} bytes, got {}",
+                text.len()
+            ),
+        ));
     }
     Ok(text.trim().to_owned())
 }
 
 fn required_id(field: &str, id: &str) -> Result<()> {
-    if id.is_empty() {
-        return Err(Error::InvalidArgument(format!("{field} is required")));
-    }
-    Ok(())
+    Ok(switchboard_common::id::check(field, id)?)
 }
 
 fn not_found(id: &str) -> Error {
-    Error::NotFound(format!("consultation '{id}' does not exist"))
+    Error::ConsultationNotFound(id.to_owned())
 }
 
 /// Turns what a store step found into the caller's error; `rule` says which states allow
@@ -283,9 +282,10 @@ impl<S: DeskStore> Desk<S> {
         let topic = topic.trim();
         let len = topic.chars().count();
         if len == 0 || len > MAX_TITLE_CHARS {
-            return Err(Error::InvalidArgument(format!(
-                "topic must be 1 to {MAX_TITLE_CHARS} characters, got {len}"
-            )));
+            return Err(Error::invalid(
+                "topic",
+                format!("topic must be 1 to {MAX_TITLE_CHARS} characters, got {len}"),
+            ));
         }
         let id = uuid::Uuid::now_v7().to_string();
         // Checks the first message before anything is stored.
@@ -296,10 +296,13 @@ impl<S: DeskStore> Desk<S> {
             Default::default(),
         )
         .map_err(|e| match e {
-            Error::InvalidArgument(m) => Error::InvalidArgument(m.replace("body", "first_message")),
-            Error::BodyTooLarge(n) => Error::InvalidArgument(format!(
-                "first_message is {n} bytes; at most 16384 bytes (16 KiB) of UTF-8"
-            )),
+            Error::InvalidArgument { message, .. } => {
+                Error::invalid("first_message", message.replace("body", "first_message"))
+            }
+            Error::BodyTooLarge(n) => Error::invalid(
+                "first_message",
+                format!("first_message is {n} bytes; at most 16384 bytes (16 KiB) of UTF-8"),
+            ),
             other => other,
         })?;
         let now = now_ms();
@@ -364,9 +367,10 @@ impl<S: DeskStore> Desk<S> {
             0 => 50,
             n if n <= MAX_QUEUE_PAGE => n,
             n => {
-                return Err(Error::InvalidArgument(format!(
-                    "limit must be at most {MAX_QUEUE_PAGE}, got {n}"
-                )));
+                return Err(Error::invalid(
+                    "limit",
+                    format!("limit must be at most {MAX_QUEUE_PAGE}, got {n}"),
+                ));
             }
         };
         let records = self.store().queue(limit as usize).await?;
@@ -425,9 +429,10 @@ impl<S: DeskStore> Desk<S> {
             )));
         }
         if to == record.agent_id {
-            return Err(Error::InvalidArgument(format!(
-                "consultation '{id}' is already assigned to '{to}'"
-            )));
+            return Err(Error::invalid(
+                "to_agent_id",
+                format!("consultation '{id}' is already assigned to '{to}'"),
+            ));
         }
         if !self.presence.is_online_agent(to).await? {
             return Err(Error::FailedPrecondition(format!(

@@ -1,15 +1,19 @@
 //! Messaging's rules in plain Rust: who may create, read, send and change what; building
 //! what a caller sees; rate limits. Knows nothing of gRPC.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use switchboard_common::id::quote;
 use switchboard_common::token::Caller;
 use switchboard_proto::messaging::v1 as pb;
 use tracing::Instrument;
 
-use crate::conversation::{ConversationRecord, Kind, Member, NewConversation, direct_key};
+use crate::conversation::{
+    ConversationRecord, Kind, MAX_GROUP_MEMBERS, Member, NewConversation, direct_key, unique,
+};
+use crate::directory::{self, Credential, UserDirectory};
 use crate::error::{Error, Result};
 use crate::message::{Draft, Envelope, encode_event};
 use crate::store::{DeskStore, Outgoing, Range, Sent, conversation_channel, user_channel};
@@ -18,6 +22,24 @@ use crate::store::{DeskStore, Outgoing, Range, Sent, conversation_channel, user_
 pub const MAX_PAGE: usize = 200;
 /// Most conversations a list call scans (ordering by activity needs each one's newest message).
 pub const MAX_LISTED: usize = 1000;
+
+/// The offset a `page_token` of ListConversations stands for: empty for the first page,
+/// else a number this server issued, never beyond [`MAX_LISTED`].
+pub fn page_offset(page_token: &str) -> Result<usize> {
+    if page_token.is_empty() {
+        return Ok(0);
+    }
+    match page_token.parse::<usize>() {
+        Ok(n) if n <= MAX_LISTED && page_token.len() <= 4 => Ok(n),
+        _ => Err(Error::invalid(
+            "page_token",
+            format!(
+                "page_token {} is not one this server issued; pass next_page_token back unchanged",
+                quote(page_token)
+            ),
+        )),
+    }
+}
 
 /// Send-rate limits.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +92,7 @@ impl Buckets {
 /// Messaging's rules over a store.
 pub struct Messaging<S> {
     store: Arc<S>,
+    users: Arc<dyn UserDirectory>,
     sends: Buckets,
     typing: Buckets,
 }
@@ -93,8 +116,8 @@ pub fn timestamp(ms: u64) -> prost_types::Timestamp {
 use switchboard_proto::prost_types;
 
 impl<S: DeskStore> Messaging<S> {
-    /// Rules over `store` with the given send limit.
-    pub fn new(store: Arc<S>, limit: SendLimit) -> Self {
+    /// Rules over `store` with the given send limit; member ids are checked against `users`.
+    pub fn new(store: Arc<S>, limit: SendLimit, users: Arc<dyn UserDirectory>) -> Self {
         // Typing notices: one every two seconds per user and conversation is plenty.
         let typing = Buckets::new(SendLimit {
             per_second: 0.5,
@@ -102,6 +125,7 @@ impl<S: DeskStore> Messaging<S> {
         });
         Self {
             store,
+            users,
             sends: Buckets::new(limit),
             typing,
         }
@@ -118,31 +142,42 @@ impl<S: DeskStore> Messaging<S> {
         caller: &Caller,
         conversation_id: &str,
     ) -> Result<ConversationRecord> {
-        if conversation_id.is_empty() {
-            return Err(Error::InvalidArgument("conversation_id is required".into()));
-        }
+        switchboard_common::id::check("conversation_id", conversation_id)?;
         let record = self
             .store
             .conversation(conversation_id)
             .await?
             .ok_or_else(|| Error::ConversationNotFound(conversation_id.to_owned()))?;
         if !record.is_member(&caller.user_id) {
-            return Err(Error::PermissionDenied(format!(
-                "you are not a member of conversation '{conversation_id}'"
-            )));
+            return Err(Error::NotAMember(conversation_id.to_owned()));
         }
         Ok(record)
     }
 
-    /// Creates a direct or group conversation.
+    /// NOT_FOUND naming the first of `ids` (from request field `field`) that belongs to no
+    /// user; one directory call per [`directory::BATCH`] ids.
+    async fn all_exist(&self, field: &str, ids: &[String], credential: &Credential) -> Result<()> {
+        match directory::first_unknown(self.users.as_ref(), ids, credential).await? {
+            None => Ok(()),
+            Some((i, id)) => Err(Error::UserNotFound {
+                field: format!("{field}[{i}]"),
+                id,
+            }),
+        }
+    }
+
+    /// Creates a direct or group conversation; every member must be a user.
     pub async fn create(
         &self,
         caller: &Caller,
+        credential: &Credential,
         kind: i32,
         title: &str,
         member_ids: &[String],
     ) -> Result<(pb::Conversation, bool)> {
         let new = NewConversation::parse(&caller.user_id, kind, title, member_ids)?;
+        // The creator is the verified caller; the others are asked about in their order.
+        self.all_exist("member_ids", member_ids, credential).await?;
         let now = now_ms();
         let record = ConversationRecord {
             id: uuid::Uuid::now_v7().to_string(),
@@ -207,18 +242,13 @@ impl<S: DeskStore> Messaging<S> {
             0 => 50,
             n if n <= 100 => n as usize,
             n => {
-                return Err(Error::InvalidArgument(format!(
-                    "page_size must be at most 100, got {n}"
-                )));
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("page_size must be at most 100, got {n}"),
+                ));
             }
         };
-        let offset: usize = if page_token.is_empty() {
-            0
-        } else {
-            page_token.parse().map_err(|_| {
-                Error::InvalidArgument("page_token is not one this server issued".into())
-            })?
-        };
+        let offset = page_offset(page_token)?;
         let mut ids = self.store.user_conversations(&caller.user_id).await?;
         ids.truncate(MAX_LISTED);
         let mut views = Vec::with_capacity(ids.len());
@@ -236,6 +266,7 @@ impl<S: DeskStore> Messaging<S> {
                 .unwrap_or_default()
         };
         views.sort_by_key(|c| std::cmp::Reverse(activity(c)));
+        // Both are at most MAX_LISTED (page_offset's bound), so the sum cannot overflow.
         let next = if offset + size < views.len() {
             (offset + size).to_string()
         } else {
@@ -244,30 +275,39 @@ impl<S: DeskStore> Messaging<S> {
         Ok((views.into_iter().skip(offset).take(size).collect(), next))
     }
 
-    /// Owner adds members to a group.
+    /// Owner adds members to a group; every one must be a user.
     pub async fn add_members(
         &self,
         caller: &Caller,
+        credential: &Credential,
         conversation_id: &str,
         users: &[String],
     ) -> Result<pb::Conversation> {
-        let record = self.owned_group(caller, conversation_id).await?;
-        let new: Vec<String> = users
-            .iter()
-            .filter(|u| !u.is_empty() && !record.is_member(u))
-            .cloned()
-            .collect();
-        if users.iter().any(String::is_empty) {
-            return Err(Error::InvalidArgument(
-                "user_ids must not contain empty ids".into(),
+        // Sizes and shapes before anything is looked up.
+        if users.len() > MAX_GROUP_MEMBERS {
+            return Err(Error::invalid(
+                "user_ids",
+                format!(
+                    "user_ids holds {} ids; a group has at most {MAX_GROUP_MEMBERS} members",
+                    users.len()
+                ),
             ));
         }
-        if record.members.len() + new.len() > crate::conversation::MAX_GROUP_MEMBERS {
+        switchboard_common::id::check_all("user_ids", users)?;
+        let record = self.owned_group(caller, conversation_id).await?;
+        let current: HashSet<&str> = record.members.iter().map(|m| m.user_id.as_str()).collect();
+        let new: Vec<String> = unique(&caller.user_id, users)
+            .into_iter()
+            .filter(|u| !current.contains(u.as_str()))
+            .collect();
+        if record.members.len() + new.len() > MAX_GROUP_MEMBERS {
             return Err(Error::FailedPrecondition(format!(
-                "a group has at most {} members",
-                crate::conversation::MAX_GROUP_MEMBERS
+                "a group has at most {MAX_GROUP_MEMBERS} members; it has {} and {} would join",
+                record.members.len(),
+                new.len()
             )));
         }
+        self.all_exist("user_ids", users, credential).await?;
         let after = self
             .store
             .add_members(conversation_id, &new, now_ms())
@@ -294,6 +334,7 @@ impl<S: DeskStore> Messaging<S> {
         conversation_id: &str,
         user: &str,
     ) -> Result<pb::Conversation> {
+        switchboard_common::id::check("user_id", user)?;
         let record = self.owned_group(caller, conversation_id).await?;
         if user == caller.user_id {
             return Err(Error::FailedPrecondition(
@@ -301,9 +342,10 @@ impl<S: DeskStore> Messaging<S> {
             ));
         }
         if !record.is_member(user) {
-            return Err(Error::InvalidArgument(format!(
-                "user '{user}' is not a member"
-            )));
+            return Err(Error::invalid(
+                "user_id",
+                format!("user {} is not a member", quote(user)),
+            ));
         }
         let after = self.depart(&record, user, &caller.user_id, None).await?;
         self.view(&after, &caller.user_id).await
@@ -379,9 +421,9 @@ impl<S: DeskStore> Messaging<S> {
     /// `publish` span whose trace context travels with the message to every instance.
     pub async fn send(&self, caller: &Caller, draft: Draft) -> Result<(pb::Message, bool)> {
         if let Err(wait) = self.sends.take(&caller.user_id) {
-            return Err(Error::ResourceExhausted {
+            return Err(Error::RateLimited {
                 message: "sending too fast; slow down".into(),
-                retry_after: Some(wait.max(Duration::from_millis(1))),
+                retry_after: wait,
             });
         }
         let sent_at_ms = now_ms();
@@ -444,14 +486,8 @@ impl<S: DeskStore> Messaging<S> {
                 true,
             )),
             Sent::NotFound => Err(Error::ConversationNotFound(outgoing.conversation_id)),
-            Sent::NotMember => Err(Error::PermissionDenied(format!(
-                "you are not a member of conversation '{}'",
-                outgoing.conversation_id
-            ))),
-            Sent::ReadOnly => Err(Error::FailedPrecondition(format!(
-                "conversation '{}' is closed and read-only",
-                outgoing.conversation_id
-            ))),
+            Sent::NotMember => Err(Error::NotAMember(outgoing.conversation_id)),
+            Sent::ReadOnly => Err(Error::ConversationClosed(outgoing.conversation_id)),
         }
     }
 
@@ -469,9 +505,10 @@ impl<S: DeskStore> Messaging<S> {
             0 => 50,
             n if n as usize <= MAX_PAGE => n as usize,
             n => {
-                return Err(Error::InvalidArgument(format!(
-                    "limit must be at most {MAX_PAGE}, got {n}"
-                )));
+                return Err(Error::invalid(
+                    "limit",
+                    format!("limit must be at most {MAX_PAGE}, got {n}"),
+                ));
             }
         };
         let range = match (before_seq, after_seq) {
@@ -479,8 +516,9 @@ impl<S: DeskStore> Messaging<S> {
             (None, Some(a)) => Range::After(a),
             (Some(b), None) => Range::Before(b),
             _ => {
-                return Err(Error::InvalidArgument(
-                    "give at most one of before_seq and after_seq".into(),
+                return Err(Error::invalid(
+                    "before_seq",
+                    "give at most one of before_seq and after_seq",
                 ));
             }
         };
@@ -489,10 +527,11 @@ impl<S: DeskStore> Messaging<S> {
             .store
             .history(conversation_id, range, limit + 1)
             .await?;
+        // Any u64 is a valid position (far ahead of the last seq there is nothing yet).
         if let Range::After(a) = range
-            && page.oldest_seq > a + 1
+            && page.oldest_seq > a.saturating_add(1)
         {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::HistoryTrimmed(format!(
                 "messages after seq {a} are no longer retained; the oldest retained is seq {}",
                 page.oldest_seq
             )));
@@ -542,9 +581,9 @@ impl<S: DeskStore> Messaging<S> {
             .typing
             .take(&format!("{}|{conversation_id}", caller.user_id))
         {
-            return Err(Error::ResourceExhausted {
+            return Err(Error::RateLimited {
                 message: "typing notices are limited to one every 2 s per conversation".into(),
-                retry_after: Some(wait),
+                retry_after: wait,
             });
         }
         let typing = pb::TypingEvent {
@@ -654,6 +693,25 @@ impl<S: DeskStore> Messaging<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_tokens_are_bounded_offsets() {
+        assert_eq!(page_offset("").ok(), Some(0));
+        assert_eq!(page_offset("50").ok(), Some(50));
+        assert_eq!(page_offset("1000").ok(), Some(MAX_LISTED));
+        for bad in [
+            "1001",
+            "18446744073709551600",
+            "-1",
+            "x",
+            "99999999999999999999999",
+        ] {
+            assert!(
+                matches!(page_offset(bad), Err(Error::InvalidArgument { ref field, .. }) if field == "page_token"),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn buckets_allow_a_burst_then_ask_to_wait() {

@@ -153,7 +153,7 @@ impl<S: MessagingStore> Hub<S> {
             .bus
             .subscribe(channel)
             .await
-            .map_err(|e| Error::Unavailable(format!("subscribe {channel}: {e}")))?;
+            .map_err(|e| Error::storage(format!("subscribe {channel}: {e}")))?;
         // Another stream may have opened the feed while we subscribed; use one feed.
         let mut feeds = lock(&self.feeds);
         if let Some(feed) = feeds.get(channel).and_then(Weak::upgrade) {

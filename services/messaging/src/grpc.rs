@@ -9,7 +9,9 @@ use switchboard_proto::messaging::v1::support_service_server::SupportService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::desk::Desk;
+use crate::directory::Credential;
 use crate::domain::Messaging;
+use crate::error::Error;
 use crate::message::Draft;
 use crate::store::DeskStore;
 use crate::stream::{Outbound, Streams};
@@ -32,11 +34,12 @@ impl<S> MessagingGrpc<S> {
 
 /// The verified caller the auth layer put into the request.
 fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    req.extensions().get::<Caller>().cloned().ok_or_else(|| {
-        Status::unauthenticated(
-            "missing authorization metadata: send 'authorization: Bearer <access token>'",
-        )
-    })
+    Ok(switchboard_common::server::caller(req)?)
+}
+
+/// The caller's `authorization` value, for calls made on their behalf.
+fn credential<T>(req: &Request<T>) -> Credential {
+    Credential(req.metadata().get("authorization").cloned())
 }
 
 #[tonic::async_trait]
@@ -47,10 +50,11 @@ impl<S: DeskStore> MessagingService for MessagingGrpc<S> {
         req: Request<pb::CreateConversationRequest>,
     ) -> Result<Response<pb::CreateConversationResponse>, Status> {
         let c = caller(&req)?;
+        let on_behalf = credential(&req);
         let r = req.into_inner();
         let (conversation, created) = self
             .messaging
-            .create(&c, r.kind, &r.title, &r.member_ids)
+            .create(&c, &on_behalf, r.kind, &r.title, &r.member_ids)
             .await?;
         Ok(Response::new(pb::CreateConversationResponse {
             conversation: Some(conversation),
@@ -94,10 +98,11 @@ impl<S: DeskStore> MessagingService for MessagingGrpc<S> {
         req: Request<pb::AddMembersRequest>,
     ) -> Result<Response<pb::AddMembersResponse>, Status> {
         let c = caller(&req)?;
+        let on_behalf = credential(&req);
         let r = req.into_inner();
         let conversation = self
             .messaging
-            .add_members(&c, &r.conversation_id, &r.user_ids)
+            .add_members(&c, &on_behalf, &r.conversation_id, &r.user_ids)
             .await?;
         Ok(Response::new(pb::AddMembersResponse {
             conversation: Some(conversation),
@@ -189,9 +194,7 @@ impl<S: DeskStore> MessagingService for MessagingGrpc<S> {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let c = caller(&req)?;
         if self.streams.shutdown.is_cancelled() {
-            return Err(Status::unavailable(
-                "server is shutting down; connect to another instance",
-            ));
+            return Err(Error::ShuttingDown.into());
         }
         tracing::debug!(user_id = %c.user_id, "stream opened");
         Ok(Response::new(crate::stream::open(

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod conversation;
 pub mod desk;
+pub mod directory;
 pub mod domain;
 pub mod error;
 pub mod fanout;
@@ -76,7 +77,8 @@ async fn serve<S: DeskStore>(
 ) -> anyhow::Result<()> {
     let verifier = backend.remote_verifier(&config.auth_url, &shutdown).await?;
 
-    let messaging = Arc::new(Messaging::new(store.clone(), config.send_limit));
+    let users = Arc::new(directory::AuthDirectory::new(&config.auth_url)?);
+    let messaging = Arc::new(Messaging::new(store.clone(), config.send_limit, users));
     if config.service_token.is_none() {
         tracing::warn!(
             "SERVICE_TOKEN is unset: the support desk cannot ask presence for agents, so consultations wait until an agent accepts one"

@@ -23,6 +23,35 @@ pub const MAX_METADATA_BYTES: usize = 1024;
 /// Longest idempotency key.
 pub const MAX_CLIENT_MSG_ID: usize = 64;
 
+/// Whether `c` may appear in a `client_msg_id`: the URL-safe characters (`A-Z a-z 0-9 - _
+/// . ~`), which hold UUIDs, ULIDs and base64url, and nothing with a meaning in a Redis key.
+pub fn is_client_msg_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~')
+}
+
+/// Checks an idempotency key: 1 to [`MAX_CLIENT_MSG_ID`] characters of
+/// [`is_client_msg_id_char`].
+pub fn check_client_msg_id(key: &str) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_CLIENT_MSG_ID {
+        return Err(Error::invalid(
+            "client_msg_id",
+            format!(
+                "client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} characters, got {}",
+                key.len()
+            ),
+        ));
+    }
+    if let Some(bad) = key.chars().find(|c| !is_client_msg_id_char(*c)) {
+        return Err(Error::invalid(
+            "client_msg_id",
+            format!(
+                "client_msg_id may contain only A-Z, a-z, 0-9, '-', '_', '.' and '~', not {bad:?}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Format version written as the first byte of every payload.
 pub const FORMAT_VERSION: u8 = b'1';
 
@@ -113,32 +142,29 @@ impl Draft {
         body: String,
         metadata: HashMap<String, String>,
     ) -> Result<Self> {
-        if conversation_id.is_empty() {
-            return Err(Error::InvalidArgument("conversation_id is required".into()));
-        }
-        let id_len = client_msg_id.chars().count();
-        if id_len == 0 || id_len > MAX_CLIENT_MSG_ID {
-            return Err(Error::InvalidArgument(format!(
-                "client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} characters, got {id_len}"
-            )));
-        }
+        switchboard_common::id::check("conversation_id", &conversation_id)?;
+        check_client_msg_id(&client_msg_id)?;
         if body.is_empty() {
-            return Err(Error::InvalidArgument("body must not be empty".into()));
+            return Err(Error::invalid("body", "body must not be empty"));
         }
         if body.len() > MAX_BODY_BYTES {
             return Err(Error::BodyTooLarge(body.len()));
         }
         if metadata.len() > MAX_METADATA_ENTRIES {
-            return Err(Error::InvalidArgument(format!(
-                "metadata has {} entries; at most {MAX_METADATA_ENTRIES}",
-                metadata.len()
-            )));
+            return Err(Error::invalid(
+                "metadata",
+                format!(
+                    "metadata has {} entries; at most {MAX_METADATA_ENTRIES}",
+                    metadata.len()
+                ),
+            ));
         }
         let meta_bytes: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
         if meta_bytes > MAX_METADATA_BYTES {
-            return Err(Error::InvalidArgument(format!(
-                "metadata is {meta_bytes} bytes; at most {MAX_METADATA_BYTES}"
-            )));
+            return Err(Error::invalid(
+                "metadata",
+                format!("metadata is {meta_bytes} bytes; at most {MAX_METADATA_BYTES}"),
+            ));
         }
         Ok(Self {
             conversation_id,
@@ -174,15 +200,36 @@ mod tests {
 
     #[test]
     fn drafts_are_checked() {
-        let ok = |body: &str| Draft::parse("c".into(), "k".into(), body.into(), HashMap::new());
+        let c = uuid::Uuid::now_v7().to_string();
+        let ok = |body: &str| Draft::parse(c.clone(), "k".into(), body.into(), HashMap::new());
         assert!(ok("hello").is_ok());
-        assert!(matches!(ok(""), Err(Error::InvalidArgument(_))));
+        assert!(matches!(ok(""), Err(Error::InvalidArgument { .. })));
         assert!(matches!(
             ok(&"x".repeat(MAX_BODY_BYTES + 1)),
             Err(Error::BodyTooLarge(_))
         ));
         assert!(ok(&"x".repeat(MAX_BODY_BYTES)).is_ok());
-        let long_key = Draft::parse("c".into(), "k".repeat(65), "b".into(), HashMap::new());
-        assert!(matches!(long_key, Err(Error::InvalidArgument(m)) if m.contains("client_msg_id")));
+        let long_key = Draft::parse(c.clone(), "k".repeat(65), "b".into(), HashMap::new());
+        assert!(
+            matches!(long_key, Err(Error::InvalidArgument { field, .. }) if field == "client_msg_id")
+        );
+        let crafted = Draft::parse(c.clone(), "k}:meta".into(), "b".into(), HashMap::new());
+        assert!(
+            matches!(crafted, Err(Error::InvalidArgument { field, .. }) if field == "client_msg_id")
+        );
+        let bad_conversation =
+            Draft::parse("x}:meta".into(), "k".into(), "b".into(), HashMap::new());
+        assert!(
+            matches!(bad_conversation, Err(Error::InvalidArgument { field, .. }) if field == "conversation_id")
+        );
+        assert!(
+            Draft::parse(
+                c,
+                uuid::Uuid::now_v7().to_string(),
+                "b".into(),
+                HashMap::new()
+            )
+            .is_ok()
+        );
     }
 }

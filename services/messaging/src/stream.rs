@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
-use switchboard_common::token::{Caller, Verifier, now_secs};
+use switchboard_common::token::{Caller, TokenError, Verifier, now_secs};
 use switchboard_proto::messaging::v1 as pb;
 use switchboard_proto::messaging::v1::connect_request::Frame as In;
 use switchboard_proto::messaging::v1::connect_response::Frame as Out;
@@ -172,12 +172,24 @@ fn frame_span(req: &pb::ConnectRequest) -> tracing::Span {
 }
 
 fn frame_error(e: &Error, conversation_id: &str) -> pb::FrameError {
-    let status = e.to_status();
+    let refusal = e.refusal();
     pb::FrameError {
-        code: status.code() as i32,
-        message: status.message().to_owned(),
-        retry_after_ms: e.retry_after_ms(),
-        conversation_id: conversation_id.to_owned(),
+        code: refusal.code() as i32,
+        message: refusal.message.clone(),
+        retry_after_ms: refusal.retry_after_ms(),
+        // Echoed only when it is an id: a crafted one stays out of the answer.
+        conversation_id: if switchboard_common::id::is_id(conversation_id) {
+            conversation_id.to_owned()
+        } else {
+            String::new()
+        },
+        reason: refusal.reason.as_str().to_owned(),
+    }
+}
+
+impl From<Error> for End {
+    fn from(e: Error) -> Self {
+        End::Status(e.to_status())
     }
 }
 
@@ -218,15 +230,15 @@ impl<S: DeskStore> Session<S> {
             }
             let result = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => Err(End::Status(Status::unavailable("server is shutting down; reconnect and resume from your last seq"))),
+                _ = shutdown.cancelled() => Err(Error::ShuttingDown.into()),
                 _ = overflow.cancelled() => Err(self.overflowed()),
                 _ = out.closed() => Err(End::Gone),
-                _ = &mut expiry => Err(End::Status(Status::unauthenticated("access token expired; send RefreshToken before expiry, or reconnect with a fresh token"))),
+                _ = &mut expiry => Err(Error::Token(TokenError::Expired).into()),
                 r = revoked.recv() => match r {
-                    Ok(sid) if sid == self.caller.session_id => Err(End::Status(Status::unauthenticated("session has been revoked (logged out)"))),
+                    Ok(sid) if sid == self.caller.session_id => Err(Error::Token(TokenError::Revoked).into()),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_))
                         if self.ctx.verifier.revocations().is_revoked(&self.caller.session_id, now_secs()) =>
-                        Err(End::Status(Status::unauthenticated("session has been revoked (logged out)"))),
+                        Err(Error::Token(TokenError::Revoked).into()),
                     _ => Ok(()),
                 },
                 // Deliveries before client frames: draining the inbox is what keeps a busy
@@ -244,7 +256,12 @@ impl<S: DeskStore> Session<S> {
                         inbound_open = false;
                         Ok(())
                     }
-                    Err(status) => Err(End::Status(switchboard_common::server::oversize_status(&status).unwrap_or(status))),
+                    // The client's own fault gets its precise status; anything else is the
+                    // transport, which no status can reach.
+                    Err(status) => Err(match switchboard_common::server::client_fault(&status) {
+                        Some(precise) => End::Status(precise),
+                        None => End::Gone,
+                    }),
                 },
             };
             if let Err(end) = result {
@@ -254,10 +271,7 @@ impl<S: DeskStore> Session<S> {
     }
 
     fn overflowed(&self) -> End {
-        End::Status(Status::resource_exhausted(format!(
-            "stream fell behind: more than {} undelivered frames; reconnect and resume from your last seq",
-            self.ctx.queue
-        )))
+        Error::SlowConsumer(self.ctx.queue).into()
     }
 
     async fn emit(&self, frame: Out) -> Result<(), End> {
@@ -265,7 +279,7 @@ impl<S: DeskStore> Session<S> {
         tokio::select! {
             r = self.out.send(response) => r.map_err(|_| End::Gone),
             _ = self.overflow.cancelled() => Err(self.overflowed()),
-            _ = self.ctx.shutdown.cancelled() => Err(End::Status(Status::unavailable("server is shutting down; reconnect"))),
+            _ = self.ctx.shutdown.cancelled() => Err(Error::ShuttingDown.into()),
         }
     }
 
@@ -277,8 +291,9 @@ impl<S: DeskStore> Session<S> {
         let ctx = self.ctx.clone();
         match req.frame {
             None => {
-                let e = Error::InvalidArgument(
-                    "empty frame: set one of subscribe, unsubscribe, send, typing, read, refresh_token, ping".into(),
+                let e = Error::invalid(
+                    "frame",
+                    "empty frame: set one of subscribe, unsubscribe, send, typing, read, refresh_token, ping",
                 );
                 self.refuse(&e, "").await
             }
@@ -356,12 +371,13 @@ impl<S: DeskStore> Session<S> {
                     let e = Error::PermissionDenied("refresh_token belongs to another user".into());
                     self.refuse(&e, "").await
                 }
+                // Keys unavailable is the server's trouble: say so (retry), keep the stream.
+                Err(TokenError::KeysUnavailable) => {
+                    self.refuse(&Error::Token(TokenError::KeysUnavailable), "")
+                        .await
+                }
                 Err(e) => {
-                    let status = Status::from(e);
-                    let e = Error::InvalidArgument(format!(
-                        "refresh_token refused: {}",
-                        status.message()
-                    ));
+                    let e = Error::invalid("refresh_token", format!("refresh_token refused: {e}"));
                     self.refuse(&e, "").await
                 }
             },
@@ -416,7 +432,8 @@ impl<S: DeskStore> Session<S> {
         };
         let lost = !epoch.is_empty() && epoch != record.epoch;
         let ahead = since > first.last_seq;
-        let trimmed = first.oldest_seq > 0 && since + 1 < first.oldest_seq;
+        // Any u64 may come from the wire: saturate rather than wrap.
+        let trimmed = first.oldest_seq > 0 && since.saturating_add(1) < first.oldest_seq;
         if lost || ahead || trimmed {
             let oldest_seq = first.oldest_seq.max(1);
             return self
@@ -462,7 +479,11 @@ impl<S: DeskStore> Session<S> {
             };
         }
         let to = self.delivered(conversation_id);
-        let (from_seq, to_seq) = if to > since { (since + 1, to) } else { (0, 0) };
+        let (from_seq, to_seq) = if to > since {
+            (since.saturating_add(1), to)
+        } else {
+            (0, 0)
+        };
         self.emit(Out::Recovered(pb::Recovered {
             conversation_id: conversation_id.to_owned(),
             from_seq,
@@ -487,7 +508,7 @@ impl<S: DeskStore> Session<S> {
         if message.seq <= delivered {
             return Ok(());
         }
-        if message.seq > delivered + 1 {
+        if message.seq > delivered.saturating_add(1) {
             let missing = match self
                 .ctx
                 .messaging
@@ -496,16 +517,18 @@ impl<S: DeskStore> Session<S> {
                 .await
             {
                 Ok(p) => p.messages,
-                Err(e) => return Err(End::Status(e.to_status())),
+                Err(e) => return Err(e.into()),
             };
             for m in missing.into_iter().take_while(|m| m.seq < message.seq) {
                 Box::pin(self.send_message(m)).await?;
             }
-            if self.delivered(&conversation_id) + 1 < message.seq {
+            if self.delivered(&conversation_id).saturating_add(1) < message.seq {
                 // History no longer has them (trimmed) or is unreachable: say so rather than skip.
-                return Err(End::Status(Status::unavailable(
-                    "could not recover missing messages; reconnect and resume from your last seq",
-                )));
+                return Err(Error::Reconnect(
+                    "could not recover missing messages; reconnect and resume from your last seq"
+                        .into(),
+                )
+                .into());
             }
         }
         let seq = message.seq;

@@ -1,4 +1,8 @@
-//! Presence's errors and their one mapping to gRPC status codes.
+//! Presence's errors and their one mapping to a [`Refusal`] (and so to a gRPC status).
+
+use switchboard_common::id::IdError;
+use switchboard_common::status::{Reason, Refusal};
+use switchboard_common::token::TokenError;
 
 use crate::store::StoreError;
 
@@ -6,27 +10,87 @@ use crate::store::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A field is wrong; the message names it.
+    #[error("{message}")]
+    InvalidArgument {
+        /// The request field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The caller may not do this (a service opening a device session).
     #[error("{0}")]
-    InvalidArgument(String),
-    /// Storage is unreachable.
+    PermissionDenied(String),
+    /// No verified caller, or the session was revoked.
+    #[error("{0}")]
+    Token(#[from] TokenError),
+    /// The caller has too many device streams open on this instance.
+    #[error(
+        "you have {0} device streams open on this instance, the most allowed (PRESENCE_MAX_STREAMS_PER_USER); close one"
+    )]
+    TooManyStreams(usize),
+    /// Storage is unreachable (the cause is logged, never sent).
     #[error("storage unavailable")]
     Unavailable(#[from] StoreError),
+    /// The pub/sub bus could not subscribe (the cause is logged, never sent).
+    #[error("storage unavailable")]
+    Bus(String),
+    /// The instance is draining.
+    #[error("server is shutting down")]
+    ShuttingDown,
 }
 
 /// Result of presence operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
-        match &e {
-            Error::InvalidArgument(m) => tonic::Status::invalid_argument(m.clone()),
+impl From<IdError> for Error {
+    fn from(e: IdError) -> Self {
+        Error::InvalidArgument {
+            field: e.field,
+            message: e.message,
+        }
+    }
+}
+
+impl Error {
+    /// INVALID_ARGUMENT naming `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The one mapping to a refusal; internal causes are logged here.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            Error::InvalidArgument { field, message } => Refusal::invalid(field, message),
+            Error::PermissionDenied(m) => Refusal::new(Reason::PermissionDenied, m),
+            Error::Token(e) => e.refusal(),
+            Error::TooManyStreams(_) => Refusal::new(Reason::TooManyStreams, self.to_string()),
             Error::Unavailable(cause) => {
                 if matches!(cause, StoreError::Redis(_)) {
                     switchboard_common::metrics::redis_error();
                 }
                 tracing::warn!(error = %cause, "storage unavailable");
-                tonic::Status::unavailable("storage is unavailable; retry shortly")
+                Refusal::new(
+                    Reason::StorageUnavailable,
+                    "storage is unavailable; retry shortly",
+                )
             }
+            Error::Bus(cause) => {
+                tracing::warn!(error = %cause, "pub/sub unavailable");
+                Refusal::new(
+                    Reason::StorageUnavailable,
+                    "storage is unavailable; retry shortly",
+                )
+            }
+            Error::ShuttingDown => Refusal::shutting_down(),
         }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        e.refusal().to_status()
     }
 }

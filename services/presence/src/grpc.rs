@@ -8,9 +8,9 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use switchboard_common::bus::{Bus, BusEvent};
 use switchboard_common::revocation::RevocationList;
-use switchboard_common::server::ServiceCall;
+use switchboard_common::server::{ClientCancel, ServiceCall, client_fault};
 use switchboard_common::shutdown::CancellationToken;
-use switchboard_common::token::{Caller, now_secs};
+use switchboard_common::token::{Caller, TokenError, now_secs};
 use switchboard_proto::presence::v1 as pb;
 use switchboard_proto::presence::v1::presence_service_server::PresenceService;
 use tokio::sync::mpsc;
@@ -87,66 +87,61 @@ fn reader<T>(req: &Request<T>) -> std::result::Result<(), Status> {
 
 fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
     if req.extensions().get::<ServiceCall>().is_some() {
-        return Err(Status::permission_denied(
-            "a service cannot open a device session; use a user's access token",
-        ));
-    }
-    req.extensions().get::<Caller>().cloned().ok_or_else(|| {
-        Status::unauthenticated(
-            "missing authorization metadata: send 'authorization: Bearer <access token>'",
+        return Err(Error::PermissionDenied(
+            "a service cannot open a device session; use a user's access token".into(),
         )
-    })
+        .into());
+    }
+    Ok(switchboard_common::server::caller(req)?)
 }
 
-/// 1 to [`MAX_IDS`] distinct, non-empty ids, in the order first given.
-fn user_ids(ids: Vec<String>) -> Result<Vec<String>> {
+/// 1 to [`MAX_IDS`] distinct ids, in the order first given: the count is checked first and
+/// the rest is linear, so the work is bounded by the limit.
+pub fn user_ids(ids: Vec<String>) -> Result<Vec<String>> {
     if ids.is_empty() || ids.len() > MAX_IDS {
-        return Err(Error::InvalidArgument(format!(
-            "user_ids must hold 1 to {MAX_IDS} ids, got {}",
-            ids.len()
-        )));
+        return Err(Error::invalid(
+            "user_ids",
+            format!("user_ids must hold 1 to {MAX_IDS} ids, got {}", ids.len()),
+        ));
     }
-    let mut out: Vec<String> = Vec::with_capacity(ids.len());
-    for id in ids {
-        if id.is_empty() {
-            return Err(Error::InvalidArgument(
-                "user_ids must not contain empty ids".into(),
-            ));
-        }
-        if !out.contains(&id) {
-            out.push(id);
-        }
-    }
-    Ok(out)
+    switchboard_common::id::check_all("user_ids", &ids)?;
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    Ok(ids
+        .into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect())
 }
 
 /// A role's wire value, if it names one.
 fn valid_role(role: i32) -> Result<i32> {
     match switchboard_common::token::Role::from_proto(role) {
         Some(_) => Ok(role),
-        None => Err(Error::InvalidArgument(format!(
-            "role must be CUSTOMER, AGENT or ADMIN, got {role}"
-        ))),
+        None => Err(Error::invalid(
+            "role",
+            format!("role must be CUSTOMER, AGENT or ADMIN, got {role}"),
+        )),
     }
 }
 
 /// Applies a SetState frame to `session`.
-fn apply(session: &mut Session, set: pb::SetState) -> Result<()> {
+pub fn apply(session: &mut Session, set: pb::SetState) -> Result<()> {
     let state = State::from_proto(set.state).ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "state must be AVAILABLE, AWAY or BUSY, got {}",
-            set.state
-        ))
+        Error::invalid(
+            "state",
+            format!("state must be AVAILABLE, AWAY or BUSY, got {}", set.state),
+        )
     })?;
     if set.custom_text.chars().count() > MAX_CUSTOM_TEXT {
-        return Err(Error::InvalidArgument(format!(
-            "custom_text must be at most {MAX_CUSTOM_TEXT} characters"
-        )));
+        return Err(Error::invalid(
+            "custom_text",
+            format!("custom_text must be at most {MAX_CUSTOM_TEXT} characters"),
+        ));
     }
     if set.device_name.chars().count() > MAX_DEVICE {
-        return Err(Error::InvalidArgument(format!(
-            "device_name must be at most {MAX_DEVICE} characters"
-        )));
+        return Err(Error::invalid(
+            "device_name",
+            format!("device_name must be at most {MAX_DEVICE} characters"),
+        ));
     }
     session.state = state.to_proto();
     session.custom_text = set.custom_text;
@@ -168,6 +163,11 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         req: Request<Streaming<pb::ConnectRequest>>,
     ) -> std::result::Result<Response<Self::ConnectStream>, Status> {
         let c = caller(&req)?;
+        let cancel = req
+            .extensions()
+            .get::<ClientCancel>()
+            .cloned()
+            .unwrap_or_default();
         let mut inbound = req.into_inner();
         let (out, rx) = mpsc::channel::<std::result::Result<pb::ConnectResponse, Status>>(8);
         let (store, ttl, grace) = (self.store.clone(), self.ttl, self.grace);
@@ -212,14 +212,14 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
             refresh.tick().await;
             let end = loop {
                 tokio::select! {
-                    _ = shutdown.cancelled() => break End::Broken(Some(Status::unavailable("server is shutting down; reconnect"))),
+                    _ = shutdown.cancelled() => break End::Broken(Some(Error::ShuttingDown.into())),
                     r = revoked.recv() => {
                         let gone = match r {
                             Ok(sid) => sid == c.session_id,
                             Err(_) => revocations.is_revoked(&c.session_id, now_secs()),
                         };
                         if gone {
-                            break End::Refused(Status::unauthenticated("session has been revoked (logged out)"));
+                            break End::Refused(Error::Token(TokenError::Revoked).into());
                         }
                     }
                     _ = out.closed() => break End::Broken(None),
@@ -245,10 +245,18 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                             let _ = out.send(frame(pb::connect_response::Frame::HeartbeatAck(pb::HeartbeatAck {}))).await;
                         }
                         Ok(Some(pb::ConnectRequest { frame: None })) => {
-                            break End::Refused(Status::invalid_argument("empty frame: set set_state or heartbeat"));
+                            break End::Refused(Error::invalid("frame", "empty frame: set set_state or heartbeat").into());
                         }
+                        // tonic ends the request stream the same way for a half-close and
+                        // for a cancel; only the half-close is a goodbye.
+                        Ok(None) if cancel.cancelled() => break End::Broken(None),
                         Ok(None) => break End::Closed,
-                        Err(_) => break End::Broken(None),
+                        // The client's own fault (oversize, undecodable, a gzip bomb) is
+                        // refused with its precise status; anything else is the transport.
+                        Err(status) => match client_fault(&status) {
+                            Some(precise) => break End::Refused(precise),
+                            None => break End::Broken(None),
+                        },
                     },
                 }
             };
@@ -311,10 +319,9 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
             (0, _) => None,
             (role, true) => Some(valid_role(role)?),
             (_, false) => {
-                return Err(Error::InvalidArgument(
-                    "give either user_ids or role, not both".into(),
-                )
-                .into());
+                return Err(
+                    Error::invalid("role", "give either user_ids or role, not both").into(),
+                );
             }
         };
         let channels: Vec<String> = match role {
@@ -331,7 +338,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                 .bus
                 .subscribe(channel)
                 .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+                .map_err(|e| Error::Bus(e.to_string()))?;
             subscriptions.push(
                 futures::stream::unfold(sub, |mut s| async move { s.recv().await.map(|e| (e, s)) })
                     .boxed(),
@@ -361,7 +368,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
             loop {
                 let event = tokio::select! {
                     _ = shutdown.cancelled() => {
-                        let _ = out.send(Err(Status::unavailable("server is shutting down; watch again"))).await;
+                        let _ = out.send(Err(Error::ShuttingDown.into())).await;
                         return;
                     }
                     _ = out.closed() => return,
@@ -422,7 +429,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         let filter = match r.state {
             0 => None,
             s => Some(State::from_proto(s).ok_or_else(|| {
-                Error::InvalidArgument("state must be unset, AVAILABLE, AWAY or BUSY".into())
+                Error::invalid("state", "state must be unset, AVAILABLE, AWAY or BUSY")
             })?),
         };
         let ids = self.store.online(r.role).await.map_err(Error::from)?;

@@ -1,5 +1,6 @@
 //! The protobuf codec of every Switchboard service and client: tonic-prost's, with
-//! 1 KiB initial buffers instead of 8 KiB.
+//! 1 KiB initial buffers instead of 8 KiB, and undecodable bytes answered
+//! INVALID_ARGUMENT (the sender's fault) instead of tonic-prost's INTERNAL.
 //!
 //! Each open stream keeps one encode and one decode buffer for its whole life; with tens
 //! of thousands of mostly idle `Connect` streams per instance the default 16 KiB per stream
@@ -7,8 +8,9 @@
 
 use std::marker::PhantomData;
 
-use tonic::codec::{BufferSettings, Codec};
-use tonic_prost::{ProstDecoder, ProstEncoder};
+use tonic::Status;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic_prost::ProstEncoder;
 
 /// Initial size of a stream's encode and decode buffers.
 pub const BUFFER_BYTES: usize = 1024;
@@ -33,13 +35,38 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
+    type Decoder = CheckedDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstEncoder::new(BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD))
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD))
+        CheckedDecoder(PhantomData)
+    }
+}
+
+/// Start of the message of every status for bytes that do not decode; servers recognise
+/// their own decode failures by it.
+pub const UNDECODABLE: &str = "message does not decode as ";
+
+/// Decodes `U`; bytes that are not a `U` are INVALID_ARGUMENT, naming the type.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckedDecoder<U>(PhantomData<U>);
+
+impl<U: prost::Message + Default> Decoder for CheckedDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        U::decode(buf).map(Some).map_err(|e| {
+            let name = std::any::type_name::<U>();
+            let name = name.rsplit("::").next().unwrap_or(name);
+            Status::invalid_argument(format!("{UNDECODABLE}{name}: {e}"))
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD)
     }
 }

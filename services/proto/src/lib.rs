@@ -37,3 +37,11 @@ pub mod messaging {
         tonic::include_proto!("switchboard.messaging.v1");
     }
 }
+
+/// `switchboard.errors.v1`: the reasons every refusal carries in its `ErrorInfo`.
+pub mod errors {
+    /// Version 1 of the error model.
+    pub mod v1 {
+        tonic::include_proto!("switchboard.errors.v1");
+    }
+}

@@ -206,7 +206,7 @@ impl MessagingStore for RedisStore {
             return Ok((candidate.clone(), true));
         }
         let id: Option<String> = conn.get(direct_key(pair_key)).await?;
-        let id = id.ok_or_else(|| Error::Unavailable("direct conversation key vanished".into()))?;
+        let id = id.ok_or_else(|| Error::storage("direct conversation key vanished"))?;
         match self.conversation(&id).await? {
             Some(existing) => Ok((existing, false)),
             None => {

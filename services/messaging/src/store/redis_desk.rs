@@ -248,8 +248,8 @@ impl DeskStore for RedisStore {
                 _ => return Err(Error::Internal(format!("route script answered {reply:?}"))),
             }
         }
-        Err(Error::Unavailable(
-            "the queue changed too often while routing; routing again later".into(),
+        Err(Error::storage(
+            "the queue changed too often while routing; routing again later",
         ))
     }
 
