@@ -56,6 +56,15 @@ impl InProcess {
         channel(self.addr)
     }
 
+    /// Waits up to `limit` for `run` to return by itself (a refusal to start); what it
+    /// returned, or `None` if it is still running.
+    pub async fn exited(&mut self, limit: Duration) -> Option<anyhow::Result<()>> {
+        let task = self.task.as_mut()?;
+        let joined = tokio::time::timeout(limit, task).await.ok()?;
+        self.task = None;
+        Some(joined.map_err(anyhow::Error::from).and_then(|r| r))
+    }
+
     /// Stops it and waits until it has exited; returns what `run` returned.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();

@@ -5,6 +5,7 @@
 //! - [`instance`] starts service instances on port 0, either in-process (calling the same
 //!   `run` as `main`) or as child processes of the built binaries, for crash tests.
 //! - [`otlp::Receiver`] is a real OTLP trace receiver; [`scrape`] reads `/metrics`.
+//! - [`raw::RawCall`] speaks HTTP/2 directly, for frames no generated client sends.
 //! - [`deploy`] reads back what `deploy/` deploys and checks it against the services.
 //!
 //! Everything a test starts is stopped when its handle drops, also when the test fails.
@@ -18,6 +19,7 @@ pub mod messaging;
 pub mod otlp;
 pub mod presence;
 pub mod proxy;
+pub mod raw;
 pub mod redis;
 pub mod scrape;
 
