@@ -101,6 +101,11 @@ pub struct AuthOptions {
     pub max_message_bytes: usize,
     /// TLS certificate and key PEM.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Registrations per address per window (0: no limit, the harness default, since
+    /// tests register many users from loopback).
+    pub registrations_per_peer: u64,
+    /// Overload limits of the server.
+    pub limits: switchboard_common::config::ServerLimits,
 }
 
 impl Default for AuthOptions {
@@ -113,6 +118,8 @@ impl Default for AuthOptions {
             cheap_hashing: true,
             max_message_bytes: 1024 * 1024,
             tls: None,
+            registrations_per_peer: 0,
+            limits: switchboard_common::config::ServerLimits::default(),
         }
     }
 }
@@ -150,6 +157,9 @@ pub async fn spawn_auth(
             config.argon2.iterations = 1;
         }
         config.server.max_message_bytes = options.max_message_bytes;
+        config.server.limits = options.limits;
+        config.limits.registrations_per_peer =
+            (options.registrations_per_peer > 0).then_some(options.registrations_per_peer);
         config.server.tls = options
             .tls
             .map(|(cert_pem, key_pem)| switchboard_common::config::TlsFiles { cert_pem, key_pem });
@@ -178,6 +188,8 @@ pub struct MessagingOptions {
     pub send_burst: f64,
     /// Messages kept per conversation.
     pub history_retention: usize,
+    /// Connect streams per user (`None`: no limit).
+    pub max_streams_per_user: Option<usize>,
 }
 
 impl Default for MessagingOptions {
@@ -189,6 +201,7 @@ impl Default for MessagingOptions {
             send_rate: 10_000.0,
             send_burst: 10_000.0,
             history_retention: 10_000,
+            max_streams_per_user: Some(100),
         }
     }
 }
@@ -213,6 +226,7 @@ pub async fn spawn_messaging(
         config.history_retention = options.history_retention;
         config.service_token = Some(Secret::new(SERVICE_TOKEN));
         config.agent_capacity = options.agent_capacity;
+        config.max_streams_per_user = options.max_streams_per_user;
         // Without a presence instance, a closed port: never someone else's presence.
         config.presence_url = match options.presence {
             Some(presence) => format!("http://{presence}"),
@@ -241,6 +255,18 @@ pub async fn spawn_presence(
     sweep: Duration,
     grace: Duration,
 ) -> anyhow::Result<InProcess> {
+    spawn_presence_with(redis, auth, ttl, sweep, grace, |_| {}).await
+}
+
+/// [`spawn_presence`], with `tweak` applied to the configuration last.
+pub async fn spawn_presence_with(
+    redis: Option<&RedisServer>,
+    auth: SocketAddr,
+    ttl: Duration,
+    sweep: Duration,
+    grace: Duration,
+    tweak: impl FnOnce(&mut switchboard_presence::Config) + Send + 'static,
+) -> anyhow::Result<InProcess> {
     let engine = engine(redis);
     InProcess::start(move |listener, shutdown| {
         let addr = listener
@@ -252,6 +278,7 @@ pub async fn spawn_presence(
         config.sweep_interval = sweep;
         config.reconnect_grace = grace;
         config.service_token = Some(Secret::new(SERVICE_TOKEN));
+        tweak(&mut config);
         switchboard_presence::run(config, listener, shutdown)
     })
     .await

@@ -823,3 +823,233 @@ async fn refusals_carry_reasons_and_retry_info() {
         .expect_err("taken");
     assert_refused(&e, Code::AlreadyExists, "USERNAME_TAKEN");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_calls_over_the_concurrency_limit_are_shed_never_queued() {
+    use switchboard_common::config::ServerLimits;
+    // One call at a time, and logins that really hash (tens of ms each).
+    let auth = spawn_auth(
+        None,
+        AuthOptions {
+            cheap_hashing: false,
+            limits: ServerLimits {
+                max_concurrent_requests: Some(1),
+                ..ServerLimits::default()
+            },
+            ..AuthOptions::default()
+        },
+    )
+    .await
+    .expect("auth");
+    let mut c = auth_client(&auth);
+    register(&mut c, "shedme", "right password")
+        .await
+        .expect("register");
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let mut c = auth_client(&auth);
+        calls.spawn(async move { login(&mut c, "shedme", "right password").await });
+    }
+    let (mut served, mut shed) = (0, 0);
+    while let Some(done) = tokio::time::timeout(LIMIT, calls.join_next())
+        .await
+        .expect("every call answered")
+    {
+        match done.expect("task") {
+            Ok(_) => served += 1,
+            Err(e) => {
+                assert_refused(&e, Code::ResourceExhausted, "OVERLOADED");
+                assert!(e.get_details_retry_info().is_some(), "{e:?}");
+                shed += 1;
+            }
+        }
+    }
+    assert!(served >= 1 && shed >= 1, "served {served}, shed {shed}");
+    // Health answers whatever the load.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(auth.channel());
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health is never shed");
+}
+
+#[tokio::test]
+async fn unary_calls_end_at_the_server_time_limit() {
+    use switchboard_common::config::ServerLimits;
+    let auth = spawn_auth(
+        None,
+        AuthOptions {
+            cheap_hashing: false,
+            limits: ServerLimits {
+                unary_timeout: Some(Duration::from_millis(2)),
+                ..ServerLimits::default()
+            },
+            ..AuthOptions::default()
+        },
+    )
+    .await
+    .expect("auth");
+    // Hashing a password with production cost takes far longer than 2 ms.
+    let e = register(&mut auth_client(&auth), "slowpoke", "right password")
+        .await
+        .expect_err("ran past the limit");
+    assert_refused(&e, Code::DeadlineExceeded, "TIMEOUT");
+    assert!(e.message().contains("UNARY_TIMEOUT_MS"), "{e:?}");
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_the_preface_is_closed() {
+    use switchboard_common::config::ServerLimits;
+    use tokio::io::AsyncReadExt;
+    let auth = spawn_auth(
+        None,
+        AuthOptions {
+            limits: ServerLimits {
+                handshake_timeout: Some(Duration::from_millis(300)),
+                ..ServerLimits::default()
+            },
+            ..AuthOptions::default()
+        },
+    )
+    .await
+    .expect("auth");
+    // Silent, and one byte short of the preface: both are closed.
+    for sent in [&b""[..], &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r"[..]] {
+        let mut socket = tokio::net::TcpStream::connect(auth.addr)
+            .await
+            .expect("connect");
+        tokio::io::AsyncWriteExt::write_all(&mut socket, sent)
+            .await
+            .expect("write");
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(LIMIT, async {
+            loop {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "an idle connection ({} bytes) was kept open",
+            sent.len()
+        );
+    }
+    // A real client is served.
+    auth_client(&auth)
+        .get_jwks(auth_pb::GetJwksRequest {})
+        .await
+        .expect("served");
+}
+
+#[tokio::test]
+async fn streams_per_user_are_capped_on_each_instance() {
+    let redis = RedisServer::spawn().expect("redis");
+    let auth = spawn_auth(Some(&redis), AuthOptions::default())
+        .await
+        .expect("auth");
+    let options = MessagingOptions {
+        max_streams_per_user: Some(2),
+        ..MessagingOptions::default()
+    };
+    let a = spawn_messaging(Some(&redis), auth.addr, options.clone())
+        .await
+        .expect("messaging a");
+    let b = spawn_messaging(Some(&redis), auth.addr, options)
+        .await
+        .expect("messaging b");
+    let user = customer(&auth, "manytabs").await;
+    let first = Connection::open(a.channel(), &user.token)
+        .await
+        .expect("first");
+    let _second = Connection::open(a.channel(), &user.token)
+        .await
+        .expect("second");
+    let e = match Connection::open(a.channel(), &user.token).await {
+        Ok(_) => panic!("a third stream was opened"),
+        Err(e) => e.downcast::<tonic::Status>().expect("a status"),
+    };
+    assert_refused(&e, Code::ResourceExhausted, "TOO_MANY_STREAMS");
+    // The cap is per instance, and a closed stream frees its place.
+    Connection::open(b.channel(), &user.token)
+        .await
+        .expect("another instance");
+    drop(first);
+    let reopened = switchboard_tests::eventually(LIMIT, || async {
+        Connection::open(a.channel(), &user.token).await.ok()
+    })
+    .await;
+    assert!(
+        reopened.is_some(),
+        "the closed stream's place was never freed"
+    );
+
+    // Presence: device and watch streams together.
+    let p = switchboard_tests::instance::spawn_presence_with(
+        Some(&redis),
+        auth.addr,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+        Duration::ZERO,
+        |c| c.max_streams_per_user = Some(2),
+    )
+    .await
+    .expect("presence");
+    let _device = switchboard_tests::presence::connect(p.channel(), &user.token).await;
+    let _watch = PresenceServiceClient::new(p.channel())
+        .watch(authed(
+            presence_pb::WatchRequest {
+                user_ids: vec![user.id.clone()],
+                role: 0,
+            },
+            &user.token,
+        ))
+        .await
+        .expect("watch");
+    let e = PresenceServiceClient::new(p.channel())
+        .watch(authed(
+            presence_pb::WatchRequest {
+                user_ids: vec![user.id.clone()],
+                role: 0,
+            },
+            &user.token,
+        ))
+        .await
+        .expect_err("a third presence stream");
+    assert_refused(&e, Code::ResourceExhausted, "TOO_MANY_STREAMS");
+}
+
+#[tokio::test]
+async fn registrations_per_address_are_limited_across_instances() {
+    let redis = RedisServer::spawn().expect("redis");
+    let options = AuthOptions {
+        registrations_per_peer: 3,
+        ..AuthOptions::default()
+    };
+    let a = spawn_auth(Some(&redis), options.clone())
+        .await
+        .expect("auth a");
+    let b = spawn_auth(Some(&redis), options).await.expect("auth b");
+    register(&mut auth_client(&a), "signup1", "right password")
+        .await
+        .expect("first");
+    register(&mut auth_client(&b), "signup2", "right password")
+        .await
+        .expect("second, on the other instance");
+    register(&mut auth_client(&a), "signup3", "right password")
+        .await
+        .expect("third");
+    let e = register(&mut auth_client(&b), "signup4", "right password")
+        .await
+        .expect_err("fourth from the same address");
+    assert_refused(&e, Code::ResourceExhausted, "RATE_LIMITED");
+    let delay = e
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("retry info");
+    assert!(delay > Duration::from_secs(60), "{delay:?}");
+}

@@ -32,6 +32,8 @@ pub mod env {
     pub const MAX_FAILURES_PER_PEER: &str = "AUTH_LOGIN_MAX_FAILURES_PER_PEER";
     /// Failure counting window.
     pub const FAILURE_WINDOW_SECS: &str = "AUTH_LOGIN_FAILURE_WINDOW_SECS";
+    /// Registrations allowed per client address per window.
+    pub const REGISTRATIONS_PER_PEER: &str = "AUTH_REGISTRATIONS_PER_PEER";
 }
 
 /// `switchboard-auth`: accounts, sessions and token keys for Switchboard.
@@ -96,9 +98,14 @@ pub struct Args {
     /// Failed logins allowed per client address within the window.
     #[arg(long, env = env::MAX_FAILURES_PER_PEER, default_value_t = 100)]
     pub login_max_failures_per_peer: u64,
-    /// Window for counting failed logins, in seconds.
+    /// Window for counting failed logins (and registrations), in seconds.
     #[arg(long, env = env::FAILURE_WINDOW_SECS, default_value_t = 900)]
     pub login_failure_window_secs: u64,
+    /// Registrations (attempts, successful or not) allowed per client address within the
+    /// window of AUTH_LOGIN_FAILURE_WINDOW_SECS, counted in the store so every instance
+    /// shares them; then RESOURCE_EXHAUSTED (reason RATE_LIMITED). 0: no limit.
+    #[arg(long, env = env::REGISTRATIONS_PER_PEER, default_value_t = 20)]
+    pub registrations_per_peer: u64,
 }
 
 /// Validated auth settings.
@@ -144,6 +151,8 @@ pub struct LoginLimits {
     pub per_peer: u64,
     /// Counting window.
     pub window: Duration,
+    /// Registrations per client address per window (`None`: no limit).
+    pub registrations_per_peer: Option<u64>,
 }
 
 impl Args {
@@ -249,6 +258,8 @@ impl Args {
                 per_user: self.login_max_failures_per_user,
                 per_peer: self.login_max_failures_per_peer,
                 window: Duration::from_secs(self.login_failure_window_secs),
+                registrations_per_peer: (self.registrations_per_peer > 0)
+                    .then_some(self.registrations_per_peer),
             },
         })
     }

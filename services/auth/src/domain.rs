@@ -94,13 +94,29 @@ impl<S: AuthStore> Auth<S> {
         }
     }
 
-    /// Creates a CUSTOMER account.
+    /// Creates a CUSTOMER account; every attempt counts against the address's
+    /// registration limit, before any work.
     pub async fn register(
         &self,
         username: &str,
         password: &str,
         display_name: &str,
+        peer: Option<IpAddr>,
     ) -> Result<UserRecord> {
+        if let (Some(limit), Some(ip)) = (self.limits.registrations_per_peer, peer) {
+            let counts = self
+                .store
+                .hit(&[format!("register:{ip}")], self.limits.window)
+                .await?;
+            if let Some((n, ttl)) = counts.first().copied()
+                && n > limit
+            {
+                return Err(rate_limited(
+                    "too many registrations from this address (AUTH_REGISTRATIONS_PER_PEER)",
+                    ttl,
+                ));
+            }
+        }
         let username = Username::parse(username)?;
         let password = Password::parse(password)?;
         let display_name = DisplayName::parse(display_name, &username)?;

@@ -75,10 +75,11 @@ impl<S: AuthStore> AuthService for AuthGrpc<S> {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let peer = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
         let u = self
             .auth
-            .register(&r.username, &r.password, &r.display_name)
+            .register(&r.username, &r.password, &r.display_name, peer)
             .await?;
         tracing::info!(user_id = %u.id, "registered");
         Ok(Response::new(pb::RegisterResponse {

@@ -37,6 +37,13 @@ pub mod env {
     pub const AUTH_URL: &str = "AUTH_URL";
     /// Shared secret with which services call each other (messaging → presence).
     pub const SERVICE_TOKEN: &str = "SERVICE_TOKEN";
+    /// Unary calls served at once per instance before new ones are shed.
+    pub const MAX_CONCURRENT_REQUESTS: &str = "MAX_CONCURRENT_REQUESTS";
+    /// Longest a unary call may run, in milliseconds.
+    pub const UNARY_TIMEOUT_MS: &str = "UNARY_TIMEOUT_MS";
+    /// Longest a new connection may take to send its first bytes (HTTP/2 preface or TLS
+    /// hello), in milliseconds.
+    pub const HANDSHAKE_TIMEOUT_MS: &str = "HANDSHAKE_TIMEOUT_MS";
 }
 
 /// Parses the command line (and environment) into `T`, printing help or version and
@@ -175,6 +182,21 @@ pub struct ServerArgs {
     /// Log line format (`RUST_LOG` sets the filter, e.g. `info,switchboard_auth=debug`).
     #[arg(long, env = env::LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Unary calls this instance serves at once; one more is shed at once with
+    /// RESOURCE_EXHAUSTED (reason OVERLOADED, RetryInfo) instead of queueing without bound.
+    /// Streams are not counted (see the per-user stream limits). 0: no limit.
+    #[arg(long, env = env::MAX_CONCURRENT_REQUESTS, default_value_t = 1024, value_name = "N")]
+    pub max_concurrent_requests: usize,
+    /// Longest a unary call may run, in milliseconds, before it ends with
+    /// DEADLINE_EXCEEDED (reason TIMEOUT); a client's shorter `grpc-timeout` still applies.
+    /// 0: no limit.
+    #[arg(long, env = env::UNARY_TIMEOUT_MS, default_value_t = 30_000, value_name = "MS")]
+    pub unary_timeout_ms: u64,
+    /// Longest a new connection may take to send its first 24 bytes (the HTTP/2 preface,
+    /// or a TLS hello), in milliseconds, before it is closed: idle sockets cannot pile up.
+    /// 0: no limit.
+    #[arg(long, env = env::HANDSHAKE_TIMEOUT_MS, default_value_t = 10_000, value_name = "MS")]
+    pub handshake_timeout_ms: u64,
 }
 
 /// Validated server settings.
@@ -192,6 +214,35 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Log line format.
     pub log_format: LogFormat,
+    /// The overload limits of the server.
+    pub limits: ServerLimits,
+}
+
+/// Limits a public server needs; `None` is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Unary calls served at once before new ones are shed.
+    pub max_concurrent_requests: Option<usize>,
+    /// Longest a unary call may run.
+    pub unary_timeout: Option<Duration>,
+    /// Longest a connection may take to send its first bytes.
+    pub handshake_timeout: Option<Duration>,
+}
+
+impl Default for ServerLimits {
+    /// The defaults of the settings.
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: Some(1024),
+            unary_timeout: Some(Duration::from_secs(30)),
+            handshake_timeout: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// `Some(d)` unless `ms` is 0.
+fn millis(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 /// The contents of the TLS certificate chain and key files.
@@ -267,6 +318,12 @@ impl ServerArgs {
             max_message_bytes: self.max_message_bytes,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             log_format: self.log_format,
+            limits: ServerLimits {
+                max_concurrent_requests: (self.max_concurrent_requests > 0)
+                    .then_some(self.max_concurrent_requests),
+                unary_timeout: millis(self.unary_timeout_ms),
+                handshake_timeout: millis(self.handshake_timeout_ms),
+            },
         }
     }
 }
@@ -282,6 +339,7 @@ impl ServerConfig {
             max_message_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            limits: ServerLimits::default(),
         }
     }
 }

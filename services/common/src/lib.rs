@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bus;
 pub mod config;
 pub mod id;
+pub mod limits;
 pub mod metrics;
 pub mod revocation;
 pub mod rpc;

@@ -43,6 +43,10 @@ pub const CONSULTATIONS_QUEUED: &str = "switchboard_consultations_queued_total";
 pub const CONSULTATIONS_ASSIGNED: &str = "switchboard_consultations_assigned_total";
 /// Finished spans the OTLP exporter could not deliver (collector down or too slow).
 pub const SPANS_DROPPED: &str = "switchboard_otel_spans_dropped_total";
+/// Unary calls shed at the concurrency limit (`MAX_CONCURRENT_REQUESTS`).
+pub const REQUESTS_SHED: &str = "switchboard_requests_shed_total";
+/// Connections closed for sending no HTTP/2 preface in time (`HANDSHAKE_TIMEOUT_MS`).
+pub const HANDSHAKE_TIMEOUTS: &str = "switchboard_handshake_timeouts_total";
 
 /// Every metric with its help text, as the README lists them.
 pub const ALL: &[(&str, &str)] = &[
@@ -88,6 +92,11 @@ pub const ALL: &[(&str, &str)] = &[
         SPANS_DROPPED,
         "Finished spans the OTLP exporter could not deliver",
     ),
+    (REQUESTS_SHED, "Unary calls shed at the concurrency limit"),
+    (
+        HANDSHAKE_TIMEOUTS,
+        "Connections closed for sending no HTTP/2 preface in time",
+    ),
 ];
 
 /// Buckets of the seconds histograms: 0.5 ms to 10 s.
@@ -115,6 +124,16 @@ impl Drop for Held {
 /// Counts one failed Redis command.
 pub fn redis_error() {
     metrics::counter!(REDIS_ERRORS).increment(1);
+}
+
+/// Counts one shed unary call.
+pub fn shed() {
+    metrics::counter!(REQUESTS_SHED).increment(1);
+}
+
+/// Counts one connection closed before its HTTP/2 preface.
+pub fn handshake_timeout() {
+    metrics::counter!(HANDSHAKE_TIMEOUTS).increment(1);
 }
 
 /// Installs the process-wide Prometheus recorder, or returns `None` if one is installed

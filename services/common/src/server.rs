@@ -449,6 +449,12 @@ pub async fn serve(
         // Then give the client's own faults (oversize, undecodable) their precise status,
         // whoever produced it.
         .layer(ClientFaultLayer)
+        // Then shed unary calls over the concurrency limit and end those that run too long,
+        // before any work (token checks included) is spent on them.
+        .layer(crate::limits::UnaryLimitLayer::new(
+            &config.limits,
+            assembly.long_lived,
+        ))
         // Then authentication, so handlers only ever see verified callers.
         .layer(assembly.auth)
         // Innermost: streams learn whether their client cancelled or half-closed.
@@ -459,7 +465,14 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Connections that never send the HTTP/2 preface are closed after the handshake limit.
+    let handshake = config.limits.handshake_timeout;
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        move |accepted| {
+            accepted.map(|socket| crate::limits::HandshakeDeadline::new(socket, handshake))
+        },
+    );
     let drain = assembly.drain.clone();
     let signal = {
         let shutdown = shutdown.clone();

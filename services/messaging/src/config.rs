@@ -26,6 +26,8 @@ pub mod env {
     pub const AGENT_CAPACITY: &str = "MESSAGING_SUPPORT_AGENT_CAPACITY";
     /// Seconds between safety passes over the support queue.
     pub const QUEUE_RECHECK_SECS: &str = "MESSAGING_SUPPORT_RECHECK_SECS";
+    /// Connect streams one user may have open on one instance.
+    pub const MAX_STREAMS_PER_USER: &str = "MESSAGING_MAX_STREAMS_PER_USER";
 }
 
 /// `switchboard-messaging`: conversations, history and the real-time Connect stream.
@@ -85,6 +87,10 @@ pub struct Args {
     /// what a crashed instance or a lost event left waiting.
     #[arg(long, env = env::QUEUE_RECHECK_SECS, default_value_t = 10)]
     pub support_recheck_secs: u64,
+    /// Connect streams one user may have open on this instance; one more is refused with
+    /// RESOURCE_EXHAUSTED (reason TOO_MANY_STREAMS). 0: no limit.
+    #[arg(long, env = env::MAX_STREAMS_PER_USER, default_value_t = 100)]
+    pub max_streams_per_user: usize,
 }
 
 /// Validated messaging settings.
@@ -110,6 +116,8 @@ pub struct Config {
     pub agent_capacity: u32,
     /// Period of the queue's safety pass.
     pub queue_recheck: Duration,
+    /// Connect streams per user on this instance (`None`: no limit).
+    pub max_streams_per_user: Option<usize>,
 }
 
 impl Args {
@@ -165,6 +173,8 @@ impl Args {
             service_token,
             agent_capacity: self.support_agent_capacity,
             queue_recheck: Duration::from_secs(self.support_recheck_secs),
+            max_streams_per_user: (self.max_streams_per_user > 0)
+                .then_some(self.max_streams_per_user),
         })
     }
 }

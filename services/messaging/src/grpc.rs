@@ -196,10 +196,16 @@ impl<S: DeskStore> MessagingService for MessagingGrpc<S> {
         if self.streams.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown.into());
         }
+        let slot = self
+            .streams
+            .per_user
+            .open(&c.user_id)
+            .map_err(Error::TooManyStreams)?;
         tracing::debug!(user_id = %c.user_id, "stream opened");
         Ok(Response::new(crate::stream::open(
             self.streams.clone(),
             c,
+            slot,
             req.into_inner(),
         )))
     }

@@ -102,6 +102,7 @@ async fn serve<S: DeskStore>(
         verifier: verifier.clone(),
         queue: config.outbound_queue,
         shutdown: drain.clone(),
+        per_user: switchboard_common::limits::PerUser::new(config.max_streams_per_user),
     });
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(tune!(

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
+use switchboard_common::limits::{PerUser, StreamSlot};
 use switchboard_common::rpc::SpanLink;
 use tracing::Instrument;
 
@@ -52,6 +53,8 @@ pub struct Streams<S> {
     pub queue: usize,
     /// Fires at shutdown: streams end with UNAVAILABLE so clients reconnect elsewhere.
     pub shutdown: CancellationToken,
+    /// Open streams per user, capped.
+    pub per_user: Arc<PerUser>,
 }
 
 /// The response stream handed to tonic: frames, then (if the stream ended on an error)
@@ -118,6 +121,7 @@ struct Session<S> {
 pub fn open<S: DeskStore>(
     ctx: Arc<Streams<S>>,
     caller: Caller,
+    slot: StreamSlot,
     inbound: Streaming<pb::ConnectRequest>,
 ) -> Outbound {
     // Frames ready for the transport; small, since the inbox is where deliveries wait.
@@ -125,6 +129,8 @@ pub fn open<S: DeskStore>(
     let (end_tx, end_rx) = oneshot::channel();
     let setup = SpanLink::to_current();
     tokio::spawn(async move {
+        // The user's place among their streams, held for the life of this one.
+        let _slot = slot;
         let (inbox, rx, overflow) = Inbox::new(ctx.queue);
         let mut session = Session {
             ctx,

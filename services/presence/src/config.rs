@@ -17,6 +17,8 @@ pub mod env {
     pub const SWEEP_INTERVAL_MS: &str = "PRESENCE_SWEEP_INTERVAL_MS";
     /// How long a broken device stream stays online, waiting for the device to reconnect.
     pub const RECONNECT_GRACE_MS: &str = "PRESENCE_RECONNECT_GRACE_MS";
+    /// Connect and Watch streams one user may have open on one instance.
+    pub const MAX_STREAMS_PER_USER: &str = "PRESENCE_MAX_STREAMS_PER_USER";
 }
 
 /// `switchboard-presence`: who is online, on how many devices, in which state.
@@ -61,6 +63,11 @@ pub struct Args {
     /// damping off. A stream the client closes goes offline at once.
     #[arg(long, env = env::RECONNECT_GRACE_MS, default_value_t = 5000)]
     pub reconnect_grace_ms: u64,
+    /// Connect and Watch streams one user may have open on this instance; one more is
+    /// refused with RESOURCE_EXHAUSTED (reason TOO_MANY_STREAMS). Services (the desk) are
+    /// not counted. 0: no limit.
+    #[arg(long, env = env::MAX_STREAMS_PER_USER, default_value_t = 100)]
+    pub max_streams_per_user: usize,
 }
 
 /// Validated presence settings.
@@ -80,6 +87,8 @@ pub struct Config {
     pub reconnect_grace: Duration,
     /// Shared secret accepted from other services.
     pub service_token: Option<Secret>,
+    /// Streams per user on this instance (`None`: no limit).
+    pub max_streams_per_user: Option<usize>,
 }
 
 impl Args {
@@ -117,6 +126,8 @@ impl Args {
             sweep_interval: Duration::from_millis(self.sweep_interval_ms),
             reconnect_grace: Duration::from_millis(self.reconnect_grace_ms),
             service_token,
+            max_streams_per_user: (self.max_streams_per_user > 0)
+                .then_some(self.max_streams_per_user),
         })
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use switchboard_common::bus::{Bus, BusEvent};
+use switchboard_common::limits::{PerUser, StreamSlot};
 use switchboard_common::revocation::RevocationList;
 use switchboard_common::server::{ClientCancel, ServiceCall, client_fault};
 use switchboard_common::shutdown::CancellationToken;
@@ -32,6 +33,7 @@ pub struct PresenceGrpc<S> {
     grace: Duration,
     shutdown: CancellationToken,
     revocations: Arc<RevocationList>,
+    per_user: Arc<PerUser>,
 }
 
 /// Why a device stream ended, which decides what happens to its session.
@@ -57,6 +59,7 @@ impl<S> PresenceGrpc<S> {
         grace: Duration,
         shutdown: CancellationToken,
         revocations: Arc<RevocationList>,
+        per_user: Arc<PerUser>,
     ) -> Self {
         Self {
             store,
@@ -65,7 +68,13 @@ impl<S> PresenceGrpc<S> {
             grace,
             shutdown,
             revocations,
+            per_user,
         }
+    }
+
+    /// A place for one more stream of `user_id` on this instance.
+    fn slot(&self, user_id: &str) -> Result<StreamSlot> {
+        self.per_user.open(user_id).map_err(Error::TooManyStreams)
     }
 }
 
@@ -163,6 +172,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         req: Request<Streaming<pb::ConnectRequest>>,
     ) -> std::result::Result<Response<Self::ConnectStream>, Status> {
         let c = caller(&req)?;
+        let slot = self.slot(&c.user_id)?;
         let cancel = req
             .extensions()
             .get::<ClientCancel>()
@@ -193,7 +203,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         let held =
             switchboard_common::metrics::Held::new(switchboard_common::metrics::PRESENCE_SESSIONS);
         tokio::spawn(async move {
-            let _held = held;
+            let (_held, _slot) = (held, slot);
             let frame = |f: pb::connect_response::Frame| Ok(pb::ConnectResponse { frame: Some(f) });
             let connected = pb::Connected {
                 session_id: session.session_id.clone(),
@@ -314,6 +324,11 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         req: Request<pb::WatchRequest>,
     ) -> std::result::Result<Response<Self::WatchStream>, Status> {
         reader(&req)?;
+        // Users' watches count against their stream limit; the desk's (a service) do not.
+        let slot = match req.extensions().get::<Caller>() {
+            Some(c) => Some(self.slot(&c.user_id)?),
+            None => None,
+        };
         let r = req.into_inner();
         let role = match (r.role, r.user_ids.is_empty()) {
             (0, _) => None,
@@ -356,6 +371,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         let (out, rx) = mpsc::channel::<std::result::Result<pb::WatchResponse, Status>>(64);
         let (store, shutdown) = (self.store.clone(), self.shutdown.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let first = pb::WatchResponse {
                 event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {
                     presences: snapshot.into_iter().map(|(_, p)| p).collect(),

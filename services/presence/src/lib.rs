@@ -70,6 +70,7 @@ async fn serve<S: PresenceStore>(
         config.reconnect_grace,
         drain.clone(),
         verifier.revocations().clone(),
+        switchboard_common::limits::PerUser::new(config.max_streams_per_user),
     );
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(tune!(PresenceServiceServer::new(service), config.server));
