@@ -1053,3 +1053,120 @@ async fn registrations_per_address_are_limited_across_instances() {
         .expect("retry info");
     assert!(delay > Duration::from_secs(60), "{delay:?}");
 }
+
+/// One client frame of the property test below, from a small vocabulary that mixes good
+/// and bad values.
+fn frames(group: String, token: String) -> impl proptest::strategy::Strategy<Value = Vec<In>> {
+    use proptest::prelude::*;
+    let id = prop_oneof![
+        Just(group),
+        Just(String::new()),
+        Just(new_id()),
+        "[a-z{}:]{1,40}",
+    ];
+    let frame = prop_oneof![
+        any::<u64>().prop_map(|nonce| In::Ping(pb::Ping { nonce })),
+        (id.clone(), any::<u64>(), any::<bool>(), ".{0,40}").prop_map(
+            |(conversation_id, since_seq, all_conversations, epoch)| {
+                In::Subscribe(pb::Subscribe {
+                    conversation_id,
+                    since_seq,
+                    all_conversations,
+                    positions: Default::default(),
+                    epoch,
+                })
+            }
+        ),
+        id.clone()
+            .prop_map(|conversation_id| In::Unsubscribe(pb::Unsubscribe { conversation_id })),
+        (id.clone(), "[A-Za-z0-9}:~ -]{0,70}", "(?s).{0,40}").prop_map(
+            |(conversation_id, client_msg_id, body)| {
+                In::Send(pb::Send {
+                    conversation_id,
+                    client_msg_id,
+                    body,
+                    metadata: Default::default(),
+                })
+            }
+        ),
+        id.clone()
+            .prop_map(|conversation_id| In::Typing(pb::Typing { conversation_id })),
+        (id, any::<u64>()).prop_map(|(conversation_id, seq)| In::Read(pb::Read {
+            conversation_id,
+            seq
+        })),
+        prop_oneof![Just(token), ".{0,60}"]
+            .prop_map(|access_token| In::RefreshToken(pb::RefreshToken { access_token })),
+    ];
+    proptest::collection::vec(frame, 1..12)
+}
+
+#[test]
+fn connect_frames_in_any_order_never_break_the_stream_or_answer_internal() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (auth, m, user, group) = rt.block_on(async {
+        let auth = spawn_auth(None, AuthOptions::default())
+            .await
+            .expect("auth");
+        let m = spawn_messaging(None, auth.addr, MessagingOptions::default())
+            .await
+            .expect("messaging");
+        let user = customer(&auth, "fuzzer").await;
+        let group = create_group(&mut messaging_client(&m), &user.token, "fuzz", &[])
+            .await
+            .expect("group");
+        (auth, m, user, group)
+    });
+    let config = proptest::test_runner::Config {
+        cases: 32,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let result = runner.run(&frames(group.id.clone(), user.token.clone()), |sequence| {
+        rt.block_on(async {
+            let mut conn = Connection::open(m.channel(), &user.token)
+                .await
+                .expect("connect");
+            for f in sequence {
+                conn.send(f).await.expect("send");
+            }
+            // A last ping: its pong proves the stream lived through every frame.
+            conn.send(In::Ping(pb::Ping { nonce: u64::MAX }))
+                .await
+                .expect("send");
+            loop {
+                match conn.next(LIMIT).await {
+                    Ok(Some(Out::Pong(p))) if p.nonce == u64::MAX => return Ok(()),
+                    Ok(Some(Out::Error(e))) => {
+                        proptest::prop_assert!(
+                            ![Code::Unknown as i32, Code::Internal as i32].contains(&e.code)
+                                && !e.reason.is_empty(),
+                            "frame error {e:?}"
+                        );
+                    }
+                    Ok(Some(Out::SendResult(pb::SendResult {
+                        result: Some(pb::send_result::Result::Error(e)),
+                        ..
+                    }))) => {
+                        proptest::prop_assert!(
+                            ![Code::Unknown as i32, Code::Internal as i32].contains(&e.code),
+                            "send error {e:?}"
+                        );
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => proptest::prop_assert!(false, "stream ended without a status"),
+                    Err(status) => proptest::prop_assert!(false, "stream ended: {status:?}"),
+                }
+            }
+        })
+    });
+    drop((auth, m));
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}

@@ -30,6 +30,10 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
             "SERVICE_TOKEN",
             "MESSAGING_SUPPORT_AGENT_CAPACITY",
             "MESSAGING_SUPPORT_RECHECK_SECS",
+            "MESSAGING_MAX_STREAMS_PER_USER",
+            "MAX_CONCURRENT_REQUESTS",
+            "UNARY_TIMEOUT_MS",
+            "HANDSHAKE_TIMEOUT_MS",
         ],
     );
     assert_bad_config_exits_64(

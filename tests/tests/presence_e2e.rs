@@ -393,6 +393,10 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
             "PRESENCE_RECONNECT_GRACE_MS",
             "SERVICE_TOKEN",
             "SHUTDOWN_GRACE_SECS",
+            "PRESENCE_MAX_STREAMS_PER_USER",
+            "MAX_CONCURRENT_REQUESTS",
+            "UNARY_TIMEOUT_MS",
+            "HANDSHAKE_TIMEOUT_MS",
         ],
     );
     assert_bad_config_exits_64(

@@ -155,4 +155,31 @@ mod tests {
         assert!(DisplayName::parse("a\u{7}b", &u).is_err());
         assert!(DisplayName::parse(&"x".repeat(65), &u).is_err());
     }
+
+    proptest::proptest! {
+        /// Any text as username, password or display name: a value or INVALID_ARGUMENT
+        /// naming the field, never a panic, and the message never holds the password.
+        #[test]
+        fn account_fields_parse_or_name_the_field(raw in ".{0,200}") {
+            match Username::parse(&raw) {
+                Ok(u) => proptest::prop_assert!((3..=32).contains(&u.as_str().chars().count())),
+                Err(Error::InvalidArgument { field, .. }) => proptest::prop_assert_eq!(field, "username"),
+                Err(e) => proptest::prop_assert!(false, "username: {e:?}"),
+            }
+            match Password::parse(&raw) {
+                Ok(_) => {}
+                Err(Error::InvalidArgument { field, message }) => {
+                    proptest::prop_assert_eq!(field, "password");
+                    proptest::prop_assert!(raw.len() < 4 || !message.contains(&raw));
+                }
+                Err(e) => proptest::prop_assert!(false, "password: {e:?}"),
+            }
+            let name = Username::parse("someone").expect("valid");
+            match DisplayName::parse(&raw, &name) {
+                Ok(d) => proptest::prop_assert!(d.as_str().chars().count() <= 64),
+                Err(Error::InvalidArgument { field, .. }) => proptest::prop_assert_eq!(field, "display_name"),
+                Err(e) => proptest::prop_assert!(false, "display name: {e:?}"),
+            }
+        }
+    }
 }

@@ -111,4 +111,27 @@ mod tests {
         assert_eq!(e.field, "member_ids[1]");
         assert!(e.message.len() < 250, "{}", e.message);
     }
+
+    proptest::proptest! {
+        /// Any text: checking never panics, accepts exactly the canonical form, and the
+        /// refusal stays short whatever was sent.
+        #[test]
+        fn any_text_is_checked_and_quoted_short(value in ".{0,300}") {
+            let checked = check("f", &value);
+            proptest::prop_assert_eq!(checked.is_ok(), uuid::Uuid::try_parse(&value)
+                .map(|u| u.hyphenated().to_string() == value)
+                .unwrap_or(false));
+            if let Err(e) = checked {
+                proptest::prop_assert!(e.message.len() < 250 + 4 * QUOTE_CHARS);
+            }
+            proptest::prop_assert!(quote(&value).chars().count() <= QUOTE_CHARS * 4 + 24);
+        }
+
+        /// Any UUID in canonical form is an id.
+        #[test]
+        fn every_canonical_uuid_is_an_id(bytes in proptest::array::uniform16(0u8..)) {
+            let id = uuid::Uuid::from_bytes(bytes).to_string();
+            proptest::prop_assert!(is_id(&id));
+        }
+    }
 }

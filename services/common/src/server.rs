@@ -600,4 +600,19 @@ mod tests {
         assert!(client_fault(&tonic::Status::internal("h2 protocol error: broken pipe")).is_none());
         assert!(client_fault(&tonic::Status::invalid_argument("title is required")).is_none());
     }
+
+    proptest::proptest! {
+        /// Whatever status tonic produced, the rewrite never panics and never turns
+        /// anything into UNKNOWN or INTERNAL.
+        #[test]
+        fn client_fault_never_panics_or_answers_internal(code in 0i32..17, message in ".{0,200}") {
+            let status = tonic::Status::new(tonic::Code::from_i32(code), message);
+            if let Some(rewritten) = client_fault(&status) {
+                proptest::prop_assert!(!matches!(
+                    rewritten.code(),
+                    tonic::Code::Unknown | tonic::Code::Internal
+                ));
+            }
+        }
+    }
 }

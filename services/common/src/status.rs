@@ -262,6 +262,23 @@ mod tests {
     }
 
     #[test]
+    fn every_reason_is_a_value_of_the_proto_enum_and_back() {
+        use switchboard_proto::errors::v1::ErrorReason;
+        for r in Reason::ALL {
+            let name = format!("ERROR_REASON_{}", r.as_str());
+            assert!(
+                ErrorReason::from_str_name(&name).is_some(),
+                "{name} is missing from errors.proto"
+            );
+        }
+        // And the proto has no reason the services never send.
+        let in_proto = (1..100)
+            .filter_map(|n| ErrorReason::try_from(n).ok())
+            .count();
+        assert_eq!(in_proto, Reason::ALL.len());
+    }
+
+    #[test]
     fn reason_names_are_unique_upper_snake_case() {
         let mut seen = std::collections::HashSet::new();
         for r in Reason::ALL {

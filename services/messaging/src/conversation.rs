@@ -250,4 +250,34 @@ mod tests {
             "{e:?}"
         );
     }
+
+    proptest::proptest! {
+        /// Any member list: a conversation or INVALID_ARGUMENT, never a panic; members are
+        /// unique, the creator first, and never more than the limit.
+        #[test]
+        fn member_lists_parse_or_are_refused(
+            kind in -2i32..5,
+            title in ".{0,140}",
+            ids in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("0190d6a2-8c5e-7d3a-9f41-6b2e8a1c0d57".to_owned()),
+                    proptest::strategy::Just("0190d6a2-8c5e-7d3a-9f41-6b2e8a1c0d58".to_owned()),
+                    ".{0,40}",
+                ],
+                0..1200,
+            ),
+        ) {
+            let creator = "0190d6a2-8c5e-7d3a-9f41-6b2e8a1c0d50";
+            match NewConversation::parse(creator, kind, &title, &ids) {
+                Ok(c) => {
+                    proptest::prop_assert_eq!(c.members[0].as_str(), creator);
+                    let unique: HashSet<&String> = c.members.iter().collect();
+                    proptest::prop_assert_eq!(unique.len(), c.members.len());
+                    proptest::prop_assert!(c.members.len() <= MAX_GROUP_MEMBERS);
+                }
+                Err(Error::InvalidArgument { .. }) => {}
+                Err(e) => proptest::prop_assert!(false, "{e:?}"),
+            }
+        }
+    }
 }

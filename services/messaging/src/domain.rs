@@ -729,4 +729,18 @@ mod tests {
         );
         assert!(b.take("other").is_ok(), "buckets are per key");
     }
+
+    proptest::proptest! {
+        /// Any page token: an offset within the listing bound or INVALID_ARGUMENT.
+        #[test]
+        fn any_page_token_is_bounded(token in ".{0,30}", n in proptest::prelude::any::<u64>()) {
+            for t in [token, n.to_string()] {
+                match page_offset(&t) {
+                    Ok(offset) => proptest::prop_assert!(offset <= MAX_LISTED),
+                    Err(Error::InvalidArgument { field, .. }) => proptest::prop_assert_eq!(field, "page_token"),
+                    Err(e) => proptest::prop_assert!(false, "{e:?}"),
+                }
+            }
+        }
+    }
 }

@@ -232,4 +232,38 @@ mod tests {
             .is_ok()
         );
     }
+
+    proptest::proptest! {
+        /// Any send input: a draft or INVALID_ARGUMENT naming a field, never a panic; an
+        /// accepted draft has a key of the documented charset.
+        #[test]
+        fn drafts_parse_or_name_the_field(
+            conversation in proptest::prop_oneof![
+                proptest::strategy::Just(uuid::Uuid::now_v7().to_string()),
+                ".{0,60}",
+            ],
+            key in ".{0,80}",
+            body in "(?s).{0,64}",
+            meta in proptest::collection::hash_map(".{0,40}", ".{0,80}", 0..20),
+        ) {
+            match Draft::parse(conversation, key, body, meta) {
+                Ok(d) => proptest::prop_assert!(d.client_msg_id.chars().all(is_client_msg_id_char)),
+                Err(Error::InvalidArgument { field, .. }) => proptest::prop_assert!(
+                    ["conversation_id", "client_msg_id", "body", "metadata"].contains(&field.as_str()),
+                    "{field}"
+                ),
+                Err(Error::BodyTooLarge(_)) => {}
+                Err(e) => proptest::prop_assert!(false, "{e:?}"),
+            }
+        }
+
+        /// Any bytes from Redis decode to a frame or to nothing, never a panic.
+        #[test]
+        fn any_payload_decodes_or_is_dropped(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = decode(&payload);
+            let mut framed = message_header(7);
+            framed.extend_from_slice(&payload);
+            let _ = decode(&framed);
+        }
+    }
 }

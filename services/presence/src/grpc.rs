@@ -458,3 +458,53 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         Ok(Response::new(pb::ListOnlineResponse { users }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// Any id list: 1 to MAX_IDS distinct ids in the order given, or INVALID_ARGUMENT
+        /// naming the field; never a panic.
+        #[test]
+        fn id_lists_parse_or_name_the_field(
+            ids in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("0190d6a2-8c5e-7d3a-9f41-6b2e8a1c0d57".to_owned()),
+                    ".{0,40}",
+                ],
+                0..600,
+            ),
+        ) {
+            match user_ids(ids.clone()) {
+                Ok(out) => {
+                    proptest::prop_assert!(!out.is_empty() && out.len() <= MAX_IDS);
+                    let unique: std::collections::HashSet<&String> = out.iter().collect();
+                    proptest::prop_assert_eq!(unique.len(), out.len());
+                }
+                Err(Error::InvalidArgument { field, .. }) => {
+                    proptest::prop_assert!(field.starts_with("user_ids"), "{field}")
+                }
+                Err(e) => proptest::prop_assert!(false, "{e:?}"),
+            }
+        }
+
+        /// Any SetState frame: applied or INVALID_ARGUMENT naming the field.
+        #[test]
+        fn set_state_frames_apply_or_name_the_field(
+            state in -3i32..8,
+            text in ".{0,200}",
+            device in ".{0,100}",
+        ) {
+            let mut session = Session::default();
+            let set = pb::SetState { state, custom_text: text, device_name: device };
+            match apply(&mut session, set) {
+                Ok(()) => proptest::prop_assert!(State::from_proto(session.state).is_some()),
+                Err(Error::InvalidArgument { field, .. }) => proptest::prop_assert!(
+                    ["state", "custom_text", "device_name"].contains(&field.as_str())
+                ),
+                Err(e) => proptest::prop_assert!(false, "{e:?}"),
+            }
+        }
+    }
+}
