@@ -1170,3 +1170,67 @@ fn connect_frames_in_any_order_never_break_the_stream_or_answer_internal() {
         panic!("{e}");
     }
 }
+
+#[tokio::test]
+async fn a_presence_outage_seen_by_the_desk_says_presence_unavailable() {
+    use switchboard_proto::messaging::v1::support_service_client::SupportServiceClient;
+    let redis = RedisServer::spawn().expect("redis");
+    let auth = spawn_auth(
+        Some(&redis),
+        AuthOptions {
+            admin: Some(("deskadmin".into(), "admin password".into())),
+            ..AuthOptions::default()
+        },
+    )
+    .await
+    .expect("auth");
+    // No presence instance: the desk's presence is a closed port.
+    let m = spawn_messaging(Some(&redis), auth.addr, MessagingOptions::default())
+        .await
+        .expect("messaging");
+    let directory = auth_client(&auth);
+    let admin =
+        switchboard_tests::auth::first_admin(&directory, "deskadmin", "admin password").await;
+    let agent = person(&directory, "deskagent1", auth_pb::Role::Agent, Some(&admin))
+        .await
+        .expect("agent");
+    let other = person(&directory, "deskagent2", auth_pb::Role::Agent, Some(&admin))
+        .await
+        .expect("agent");
+    let buyer = customer(&auth, "deskbuyer").await;
+    let mut desk = SupportServiceClient::new(m.channel());
+    let opened = desk
+        .open_consultation(authed(
+            pb::OpenConsultationRequest {
+                topic: "refund".into(),
+                first_message: "hello".into(),
+            },
+            &buyer.token,
+        ))
+        .await
+        .expect("opens even while presence is down (it waits in the queue)")
+        .into_inner()
+        .consultation
+        .expect("consultation");
+    desk.accept_consultation(authed(
+        pb::AcceptConsultationRequest {
+            consultation_id: opened.id.clone(),
+        },
+        &agent.token,
+    ))
+    .await
+    .expect("accept");
+    let e = desk
+        .transfer_consultation(authed(
+            pb::TransferConsultationRequest {
+                consultation_id: opened.id.clone(),
+                to_agent_id: other.id.clone(),
+                note: String::new(),
+            },
+            &agent.token,
+        ))
+        .await
+        .expect_err("transfer without presence");
+    assert_refused(&e, Code::Unavailable, "PRESENCE_UNAVAILABLE");
+    assert!(e.message().starts_with("presence unavailable"), "{e:?}");
+}
