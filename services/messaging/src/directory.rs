@@ -46,7 +46,8 @@ pub async fn first_unknown(
 ) -> Result<Option<(usize, String)>> {
     for (n, batch) in ids.chunks(BATCH).enumerate() {
         let missing = directory.missing(batch, credential).await?;
-        if let Some(i) = batch.iter().position(|id| missing.contains(id)) {
+        let missing: std::collections::HashSet<&str> = missing.iter().map(String::as_str).collect();
+        if let Some(i) = batch.iter().position(|id| missing.contains(id.as_str())) {
             return Ok(Some((n * BATCH + i, batch[i].clone())));
         }
     }
