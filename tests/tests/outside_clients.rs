@@ -134,6 +134,37 @@ fn grpcurl_lists_describes_and_calls_auth_through_reflection() {
         .expect("grpcurl");
     assert!(!denied.status.success());
     assert!(String::from_utf8_lossy(&denied.stderr).contains("Unauthenticated"));
+
+    // A refusal's google.rpc details resolve through reflection: -format-error prints them.
+    let refused = Command::new("grpcurl")
+        .args([
+            "-plaintext",
+            "-max-time",
+            "10",
+            "-format-error",
+            "-H",
+            &header,
+            "-d",
+        ])
+        .arg(r#"{"user_ids":["not-an-id"]}"#)
+        .args([&addr, "switchboard.auth.v1.AuthService/GetUsers"])
+        .output()
+        .expect("grpcurl");
+    assert!(!refused.status.success());
+    let details = String::from_utf8_lossy(&refused.stdout).to_string()
+        + &String::from_utf8_lossy(&refused.stderr);
+    for expected in [
+        r#""reason": "INVALID_ARGUMENT""#,
+        r#""domain": "switchboard""#,
+        r#""field": "user_ids[0]""#,
+    ] {
+        assert!(
+            details
+                .replace(['\n', ' '], "")
+                .contains(&expected.replace(' ', "")),
+            "{expected} missing from:\n{details}"
+        );
+    }
 }
 
 #[test]
