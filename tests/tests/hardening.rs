@@ -66,6 +66,21 @@ async fn messaging_stack() -> (RedisServer, InProcess, InProcess) {
     (redis, auth, m)
 }
 
+/// Auth, messaging and presence, one instance each, on one Redis.
+async fn all_services() -> (RedisServer, InProcess, InProcess, InProcess) {
+    let (redis, auth, m) = messaging_stack().await;
+    let p = spawn_presence(
+        Some(&redis),
+        auth.addr,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+        Duration::ZERO,
+    )
+    .await
+    .expect("presence");
+    (redis, auth, m, p)
+}
+
 #[tokio::test]
 async fn member_lists_are_sized_before_any_work_and_must_name_users() {
     let (_redis, auth, m) = messaging_stack().await;
@@ -480,22 +495,7 @@ async fn a_cancelled_presence_call_lingers_for_the_grace_and_a_half_close_does_n
 
 #[tokio::test]
 async fn undecodable_requests_are_invalid_argument_on_every_service() {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
-    let m = spawn_messaging(Some(&redis), auth.addr, MessagingOptions::default())
-        .await
-        .expect("messaging");
-    let p = spawn_presence(
-        Some(&redis),
-        auth.addr,
-        Duration::from_secs(30),
-        Duration::from_secs(1),
-        Duration::ZERO,
-    )
-    .await
-    .expect("presence");
+    let (_redis, auth, m, p) = all_services().await;
     let user = customer(&auth, "rawcaller").await;
     // Field 1, length-delimited, with a length far past the end.
     let garbage = frame(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f], false);
@@ -598,22 +598,7 @@ async fn two_authorization_headers_are_refused() {
 
 #[tokio::test]
 async fn huge_and_crafted_ids_are_refused_with_a_short_message() {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
-    let m = spawn_messaging(Some(&redis), auth.addr, MessagingOptions::default())
-        .await
-        .expect("messaging");
-    let p = spawn_presence(
-        Some(&redis),
-        auth.addr,
-        Duration::from_secs(30),
-        Duration::from_secs(1),
-        Duration::ZERO,
-    )
-    .await
-    .expect("presence");
+    let (_redis, auth, m, p) = all_services().await;
     let user = customer(&auth, "idcrafter").await;
     let huge = "x".repeat(20 * 1024);
     let mut c = messaging_client(&m);

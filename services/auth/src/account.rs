@@ -125,6 +125,7 @@ pub struct UserRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchboard_common::status::Invalid;
 
     #[test]
     fn usernames_are_folded_and_checked() {
@@ -163,12 +164,12 @@ mod tests {
         fn account_fields_parse_or_name_the_field(raw in ".{0,200}") {
             match Username::parse(&raw) {
                 Ok(u) => proptest::prop_assert!((3..=32).contains(&u.as_str().chars().count())),
-                Err(Error::InvalidArgument { field, .. }) => proptest::prop_assert_eq!(field, "username"),
+                Err(Error::InvalidArgument(Invalid { field, .. })) => proptest::prop_assert_eq!(field, "username"),
                 Err(e) => proptest::prop_assert!(false, "username: {e:?}"),
             }
             match Password::parse(&raw) {
                 Ok(_) => {}
-                Err(Error::InvalidArgument { field, message }) => {
+                Err(Error::InvalidArgument(Invalid { field, message })) => {
                     proptest::prop_assert_eq!(field, "password");
                     proptest::prop_assert!(raw.len() < 4 || !message.contains(&raw));
                 }
@@ -177,7 +178,7 @@ mod tests {
             let name = Username::parse("someone").expect("valid");
             match DisplayName::parse(&raw, &name) {
                 Ok(d) => proptest::prop_assert!(d.as_str().chars().count() <= 64),
-                Err(Error::InvalidArgument { field, .. }) => proptest::prop_assert_eq!(field, "display_name"),
+                Err(Error::InvalidArgument(Invalid { field, .. })) => proptest::prop_assert_eq!(field, "display_name"),
                 Err(e) => proptest::prop_assert!(false, "display name: {e:?}"),
             }
         }

@@ -2,21 +2,16 @@
 
 use std::time::Duration;
 
-use switchboard_common::id::{IdError, quote};
-use switchboard_common::status::{Reason, Refusal};
+use switchboard_common::id::quote;
+use switchboard_common::status::{Invalid, Reason, Refusal};
 use switchboard_common::token::TokenError;
 
 /// Everything an auth operation can refuse or fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A request field is wrong; the message names it.
-    #[error("{message}")]
-    InvalidArgument {
-        /// The request field.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
+    /// A request field is wrong; it names the field.
+    #[error(transparent)]
+    InvalidArgument(#[from] Invalid),
     /// The username is taken.
     #[error("username '{0}' is already taken")]
     UsernameTaken(String),
@@ -86,32 +81,20 @@ impl From<StoreError> for Error {
     }
 }
 
-impl From<IdError> for Error {
-    fn from(e: IdError) -> Self {
-        Error::InvalidArgument {
-            field: e.field,
-            message: e.message,
-        }
-    }
-}
-
 /// Result of auth operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// INVALID_ARGUMENT naming `field`.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            field: field.into(),
-            message: message.into(),
-        }
+        Error::InvalidArgument(Invalid::new(field, message))
     }
 
     /// The one mapping to a refusal; internal causes are logged here and never sent.
     pub fn refusal(&self) -> Refusal {
         let message = self.to_string();
         match self {
-            Error::InvalidArgument { field, message } => Refusal::invalid(field, message),
+            Error::InvalidArgument(invalid) => invalid.into(),
             Error::UsernameTaken(_) => Refusal::new(Reason::UsernameTaken, message),
             Error::BadCredentials => Refusal::new(Reason::BadCredentials, message),
             Error::BadRefreshToken => Refusal::new(Reason::RefreshTokenInvalid, message),

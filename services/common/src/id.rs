@@ -7,21 +7,13 @@
 //! store, a Redis key name or a status message: a crafted id (`x}:meta`, 20 KB of text)
 //! can neither address another key nor make the answer itself too large.
 
+use crate::status::Invalid;
+
 /// Length of an id in canonical form.
 pub const ID_LEN: usize = 36;
 
 /// Most characters of untrusted text a status message quotes.
 pub const QUOTE_CHARS: usize = 40;
-
-/// Why an id was refused: the field it came in and what is wrong, ready for a person.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct IdError {
-    /// The request field, e.g. `conversation_id` or `member_ids[3]`.
-    pub field: String,
-    /// What is wrong with it.
-    pub message: String,
-}
 
 /// Whether `value` is a UUID in canonical lower-case hyphenated form.
 pub fn is_id(value: &str) -> bool {
@@ -33,28 +25,25 @@ pub fn is_id(value: &str) -> bool {
 }
 
 /// Checks that `field` holds an id; an empty value is "required".
-pub fn check(field: &str, value: &str) -> Result<(), IdError> {
+pub fn check(field: &str, value: &str) -> Result<(), Invalid> {
     if value.is_empty() {
-        return Err(IdError {
-            field: field.to_owned(),
-            message: format!("{field} is required"),
-        });
+        return Err(Invalid::new(field, format!("{field} is required")));
     }
     if is_id(value) {
         return Ok(());
     }
-    Err(IdError {
-        field: field.to_owned(),
-        message: format!(
+    Err(Invalid::new(
+        field,
+        format!(
             "{field} must be an id as Switchboard issues them (a lower-case UUID such as \
              0190d6a2-8c5e-7d3a-9f41-6b2e8a1c0d57), got {}",
             quote(value)
         ),
-    })
+    ))
 }
 
 /// Checks every id of a repeated field, naming the first bad one by its index.
-pub fn check_all(field: &str, values: &[String]) -> Result<(), IdError> {
+pub fn check_all(field: &str, values: &[String]) -> Result<(), Invalid> {
     for (i, value) in values.iter().enumerate() {
         check(&format!("{field}[{i}]"), value)?;
     }

@@ -118,6 +118,33 @@ reasons! {
     Internal = "INTERNAL" => Internal,
 }
 
+/// A request field that is wrong: which one, and what is wrong with it, for a person.
+/// Every service's INVALID_ARGUMENT carries one (it becomes the `BadRequest` detail).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Invalid {
+    /// The request field, e.g. `title` or `member_ids[3]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl Invalid {
+    /// `field` is wrong as `message` says.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<&Invalid> for Refusal {
+    fn from(i: &Invalid) -> Self {
+        Refusal::invalid(&i.field, &i.message)
+    }
+}
+
 /// Delay suggested for retries after an outage of a dependency.
 pub const OUTAGE_RETRY: Duration = Duration::from_secs(1);
 

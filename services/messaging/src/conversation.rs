@@ -197,6 +197,7 @@ pub fn direct_key(a: &str, b: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchboard_common::status::Invalid;
 
     fn id() -> String {
         uuid::Uuid::now_v7().to_string()
@@ -239,14 +240,14 @@ mod tests {
         let flood = vec![id(); 30_000];
         let e = NewConversation::parse(&a, g, "t", &flood).expect_err("too many");
         assert!(
-            matches!(&e, Error::InvalidArgument { field, message } if field == "member_ids" && message.contains("30000")),
+            matches!(&e, Error::InvalidArgument(Invalid { field, message }) if field == "member_ids" && message.contains("30000")),
             "{e:?}"
         );
         let ok = vec![id(); MAX_GROUP_MEMBERS - 1];
         assert!(NewConversation::parse(&a, g, "t", &ok).is_ok());
         let e = NewConversation::parse(&a, g, "t", &["x}:meta".to_owned()]).expect_err("not an id");
         assert!(
-            matches!(&e, Error::InvalidArgument { field, .. } if field == "member_ids[0]"),
+            matches!(&e, Error::InvalidArgument(Invalid { field, .. }) if field == "member_ids[0]"),
             "{e:?}"
         );
     }
@@ -275,7 +276,7 @@ mod tests {
                     proptest::prop_assert_eq!(unique.len(), c.members.len());
                     proptest::prop_assert!(c.members.len() <= MAX_GROUP_MEMBERS);
                 }
-                Err(Error::InvalidArgument { .. }) => {}
+                Err(Error::InvalidArgument(_)) => {}
                 Err(e) => proptest::prop_assert!(false, "{e:?}"),
             }
         }

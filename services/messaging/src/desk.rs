@@ -17,6 +17,7 @@ use switchboard_common::metrics as m;
 use switchboard_common::rpc::Traced;
 use switchboard_common::server::SERVICE_TOKEN_HEADER;
 use switchboard_common::shutdown::CancellationToken;
+use switchboard_common::status::Invalid;
 use switchboard_common::token::{Caller, Role};
 use switchboard_proto::auth::v1 as auth_pb;
 use switchboard_proto::messaging::v1 as pb;
@@ -296,7 +297,7 @@ impl<S: DeskStore> Desk<S> {
             Default::default(),
         )
         .map_err(|e| match e {
-            Error::InvalidArgument { message, .. } => {
+            Error::InvalidArgument(Invalid { message, .. }) => {
                 Error::invalid("first_message", message.replace("body", "first_message"))
             }
             Error::BodyTooLarge(n) => Error::invalid(

@@ -693,6 +693,7 @@ impl<S: DeskStore> Messaging<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchboard_common::status::Invalid;
 
     #[test]
     fn page_tokens_are_bounded_offsets() {
@@ -707,7 +708,7 @@ mod tests {
             "99999999999999999999999",
         ] {
             assert!(
-                matches!(page_offset(bad), Err(Error::InvalidArgument { ref field, .. }) if field == "page_token"),
+                matches!(page_offset(bad), Err(Error::InvalidArgument(Invalid { ref field, .. })) if field == "page_token"),
                 "{bad}"
             );
         }
@@ -737,7 +738,7 @@ mod tests {
             for t in [token, n.to_string()] {
                 match page_offset(&t) {
                     Ok(offset) => proptest::prop_assert!(offset <= MAX_LISTED),
-                    Err(Error::InvalidArgument { field, .. }) => proptest::prop_assert_eq!(field, "page_token"),
+                    Err(Error::InvalidArgument(Invalid { field, .. })) => proptest::prop_assert_eq!(field, "page_token"),
                     Err(e) => proptest::prop_assert!(false, "{e:?}"),
                 }
             }

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use switchboard_common::id::{IdError, quote};
-use switchboard_common::status::{Reason, Refusal};
+use switchboard_common::id::quote;
+use switchboard_common::status::{Invalid, Reason, Refusal};
 use switchboard_common::token::TokenError;
 
 /// A service messaging depends on, named in "unavailable" answers.
@@ -20,14 +20,9 @@ pub enum Dependency {
 /// Everything a messaging operation can refuse or fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A field is wrong; the message names it.
-    #[error("{message}")]
-    InvalidArgument {
-        /// The request field.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
+    /// A request field is wrong; it names the field.
+    #[error(transparent)]
+    InvalidArgument(#[from] Invalid),
     /// Body over 16 KiB.
     #[error("body is {0} bytes; at most 16384 bytes (16 KiB) of UTF-8")]
     BodyTooLarge(usize),
@@ -110,22 +105,10 @@ impl From<redis::RedisError> for Error {
     }
 }
 
-impl From<IdError> for Error {
-    fn from(e: IdError) -> Self {
-        Error::InvalidArgument {
-            field: e.field,
-            message: e.message,
-        }
-    }
-}
-
 impl Error {
     /// INVALID_ARGUMENT naming `field`.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            field: field.into(),
-            message: message.into(),
-        }
+        Error::InvalidArgument(Invalid::new(field, message))
     }
 
     /// Storage failed (`cause` is logged).
@@ -141,7 +124,7 @@ impl Error {
     pub fn refusal(&self) -> Refusal {
         let message = self.to_string();
         match self {
-            Error::InvalidArgument { field, message } => Refusal::invalid(field, message),
+            Error::InvalidArgument(invalid) => invalid.into(),
             Error::BodyTooLarge(_) => Refusal::invalid("body", message),
             Error::ConversationNotFound(_) => Refusal::new(Reason::ConversationNotFound, message),
             Error::ConsultationNotFound(_) => Refusal::new(Reason::ConsultationNotFound, message),

@@ -178,6 +178,7 @@ impl Draft {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchboard_common::status::Invalid;
 
     #[test]
     fn frames_round_trip() {
@@ -203,7 +204,7 @@ mod tests {
         let c = uuid::Uuid::now_v7().to_string();
         let ok = |body: &str| Draft::parse(c.clone(), "k".into(), body.into(), HashMap::new());
         assert!(ok("hello").is_ok());
-        assert!(matches!(ok(""), Err(Error::InvalidArgument { .. })));
+        assert!(matches!(ok(""), Err(Error::InvalidArgument(_))));
         assert!(matches!(
             ok(&"x".repeat(MAX_BODY_BYTES + 1)),
             Err(Error::BodyTooLarge(_))
@@ -211,16 +212,16 @@ mod tests {
         assert!(ok(&"x".repeat(MAX_BODY_BYTES)).is_ok());
         let long_key = Draft::parse(c.clone(), "k".repeat(65), "b".into(), HashMap::new());
         assert!(
-            matches!(long_key, Err(Error::InvalidArgument { field, .. }) if field == "client_msg_id")
+            matches!(long_key, Err(Error::InvalidArgument(Invalid { field, .. })) if field == "client_msg_id")
         );
         let crafted = Draft::parse(c.clone(), "k}:meta".into(), "b".into(), HashMap::new());
         assert!(
-            matches!(crafted, Err(Error::InvalidArgument { field, .. }) if field == "client_msg_id")
+            matches!(crafted, Err(Error::InvalidArgument(Invalid { field, .. })) if field == "client_msg_id")
         );
         let bad_conversation =
             Draft::parse("x}:meta".into(), "k".into(), "b".into(), HashMap::new());
         assert!(
-            matches!(bad_conversation, Err(Error::InvalidArgument { field, .. }) if field == "conversation_id")
+            matches!(bad_conversation, Err(Error::InvalidArgument(Invalid { field, .. })) if field == "conversation_id")
         );
         assert!(
             Draft::parse(
@@ -248,7 +249,7 @@ mod tests {
         ) {
             match Draft::parse(conversation, key, body, meta) {
                 Ok(d) => proptest::prop_assert!(d.client_msg_id.chars().all(is_client_msg_id_char)),
-                Err(Error::InvalidArgument { field, .. }) => proptest::prop_assert!(
+                Err(Error::InvalidArgument(Invalid { field, .. })) => proptest::prop_assert!(
                     ["conversation_id", "client_msg_id", "body", "metadata"].contains(&field.as_str()),
                     "{field}"
                 ),

@@ -1,7 +1,6 @@
 //! Presence's errors and their one mapping to a [`Refusal`] (and so to a gRPC status).
 
-use switchboard_common::id::IdError;
-use switchboard_common::status::{Reason, Refusal};
+use switchboard_common::status::{Invalid, Reason, Refusal};
 use switchboard_common::token::TokenError;
 
 use crate::store::StoreError;
@@ -9,14 +8,9 @@ use crate::store::StoreError;
 /// Everything a presence operation can refuse or fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A field is wrong; the message names it.
-    #[error("{message}")]
-    InvalidArgument {
-        /// The request field.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
+    /// A request field is wrong; it names the field.
+    #[error(transparent)]
+    InvalidArgument(#[from] Invalid),
     /// The caller may not do this (a service opening a device session).
     #[error("{0}")]
     PermissionDenied(String),
@@ -42,28 +36,16 @@ pub enum Error {
 /// Result of presence operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl From<IdError> for Error {
-    fn from(e: IdError) -> Self {
-        Error::InvalidArgument {
-            field: e.field,
-            message: e.message,
-        }
-    }
-}
-
 impl Error {
     /// INVALID_ARGUMENT naming `field`.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            field: field.into(),
-            message: message.into(),
-        }
+        Error::InvalidArgument(Invalid::new(field, message))
     }
 
     /// The one mapping to a refusal; internal causes are logged here.
     pub fn refusal(&self) -> Refusal {
         match self {
-            Error::InvalidArgument { field, message } => Refusal::invalid(field, message),
+            Error::InvalidArgument(invalid) => invalid.into(),
             Error::PermissionDenied(m) => Refusal::new(Reason::PermissionDenied, m),
             Error::Token(e) => e.refusal(),
             Error::TooManyStreams(_) => Refusal::new(Reason::TooManyStreams, self.to_string()),

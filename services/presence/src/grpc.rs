@@ -462,6 +462,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchboard_common::status::Invalid;
 
     proptest::proptest! {
         /// Any id list: 1 to MAX_IDS distinct ids in the order given, or INVALID_ARGUMENT
@@ -482,7 +483,7 @@ mod tests {
                     let unique: std::collections::HashSet<&String> = out.iter().collect();
                     proptest::prop_assert_eq!(unique.len(), out.len());
                 }
-                Err(Error::InvalidArgument { field, .. }) => {
+                Err(Error::InvalidArgument(Invalid { field, .. })) => {
                     proptest::prop_assert!(field.starts_with("user_ids"), "{field}")
                 }
                 Err(e) => proptest::prop_assert!(false, "{e:?}"),
@@ -500,7 +501,7 @@ mod tests {
             let set = pb::SetState { state, custom_text: text, device_name: device };
             match apply(&mut session, set) {
                 Ok(()) => proptest::prop_assert!(State::from_proto(session.state).is_some()),
-                Err(Error::InvalidArgument { field, .. }) => proptest::prop_assert!(
+                Err(Error::InvalidArgument(Invalid { field, .. })) => proptest::prop_assert!(
                     ["state", "custom_text", "device_name"].contains(&field.as_str())
                 ),
                 Err(e) => proptest::prop_assert!(false, "{e:?}"),
