@@ -489,6 +489,10 @@ async fn queued_until_an_agent_comes_online_then_transfer_close_and_refusals() {
         .await
         .expect_err("read-only");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(
+        switchboard_common::status::reason_of(&e).as_deref(),
+        Some("CONVERSATION_CLOSED")
+    );
     let e = desk
         .support(0)
         .accept_consultation(authed(

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use switchboard_auth::signing::{Keyring, generate_pem};
+use switchboard_common::status::reason_of;
 use switchboard_common::token::{Role, now_secs};
 use switchboard_proto::auth::v1 as auth_pb;
 use switchboard_proto::messaging::v1 as pb;
@@ -393,6 +394,7 @@ async fn a_slow_consumer_is_cut_off_without_slowing_others_and_resumes_without_l
         }
     };
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason_of(&status).as_deref(), Some("SLOW_CONSUMER"));
     assert!(
         slow_seqs.len() < N as usize,
         "the slow consumer was never cut off"
@@ -682,6 +684,7 @@ async fn streams_end_when_the_token_expires_unless_refreshed_and_on_logout() {
     let status = expiring.ended(Duration::from_secs(8)).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("expired"), "{}", status.message());
+    assert_eq!(reason_of(&status).as_deref(), Some("TOKEN_EXPIRED"));
 
     refreshed
         .send(In::Ping(pb::Ping { nonce: 1 }))
@@ -702,6 +705,7 @@ async fn streams_end_when_the_token_expires_unless_refreshed_and_on_logout() {
     let status = refreshed.ended(Duration::from_secs(3)).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("revoked"), "{}", status.message());
+    assert_eq!(reason_of(&status).as_deref(), Some("SESSION_REVOKED"));
 }
 
 #[tokio::test]
