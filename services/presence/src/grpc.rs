@@ -106,7 +106,7 @@ fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
 
 /// 1 to [`MAX_IDS`] distinct ids, in the order first given: the count is checked first and
 /// the rest is linear, so the work is bounded by the limit.
-pub fn user_ids(ids: Vec<String>) -> Result<Vec<String>> {
+fn user_ids(ids: Vec<String>) -> Result<Vec<String>> {
     if ids.is_empty() || ids.len() > MAX_IDS {
         return Err(Error::invalid(
             "user_ids",
@@ -133,7 +133,7 @@ fn valid_role(role: i32) -> Result<i32> {
 }
 
 /// Applies a SetState frame to `session`.
-pub fn apply(session: &mut Session, set: pb::SetState) -> Result<()> {
+fn apply(session: &mut Session, set: pb::SetState) -> Result<()> {
     let state = State::from_proto(set.state).ok_or_else(|| {
         Error::invalid(
             "state",
