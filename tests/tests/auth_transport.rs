@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use switchboard_proto::auth::v1 as pb;
 use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
 use switchboard_tests::auth::{authed, register_and_login};
@@ -50,6 +52,26 @@ async fn tls_server_serves_tls_clients_and_refuses_plaintext() {
         matches!(err.code(), Code::Unavailable | Code::Unknown)
             && err.message().contains("transport error"),
         "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn accepted_connections_have_tcp_nodelay() {
+    // The very function every server's accept loop runs.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut incoming = Box::pin(switchboard_common::server::incoming(listener, None));
+    let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let accepted = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+        .await
+        .expect("accepted in time")
+        .expect("a connection")
+        .expect("accepted");
+    assert!(
+        accepted.get_ref().nodelay().expect("read TCP_NODELAY"),
+        "Nagle's algorithm is on for accepted connections"
     );
 }
 

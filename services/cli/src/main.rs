@@ -214,6 +214,8 @@ fn channel(url: &str) -> anyhow::Result<Channel> {
     Ok(Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("bad URL {url}"))?
         .connect_timeout(Duration::from_secs(3))
+        // Chat lines are small frames: never hold one back for the server's delayed ACK.
+        .tcp_nodelay(true)
         .connect_lazy())
 }
 

@@ -76,9 +76,7 @@ impl Backend {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Arc<Verifier>> {
         let list = self.follow_revocations(shutdown).await;
-        let auth = tonic::transport::Endpoint::from_shared(auth_url.to_owned())?
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .connect_lazy();
+        let auth = crate::rpc::lazy_channel(auth_url, None)?;
         Ok(Arc::new(Verifier::new(
             Arc::new(GrpcKeySource::new(auth)),
             list,

@@ -157,6 +157,11 @@ impl<T> HandshakeDeadline<T> {
             seen: 0,
         }
     }
+
+    /// The connection inside.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for HandshakeDeadline<T> {

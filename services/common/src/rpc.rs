@@ -394,6 +394,22 @@ where
     }
 }
 
+/// A lazily connected channel to another service at `url`, as every service-to-service
+/// client uses: 3 s to connect, `TCP_NODELAY` (small frames leave at once, never held for
+/// the peer's delayed ACK), and `request_timeout` on each call if given.
+pub fn lazy_channel(
+    url: &str,
+    request_timeout: Option<std::time::Duration>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .tcp_nodelay(true);
+    if let Some(limit) = request_timeout {
+        endpoint = endpoint.timeout(limit);
+    }
+    Ok(endpoint.connect_lazy())
+}
+
 /// A channel (or any gRPC transport) whose calls get client spans and carry the trace
 /// context to the server.
 #[derive(Clone)]

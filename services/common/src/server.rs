@@ -380,6 +380,31 @@ where
     }
 }
 
+/// The connections `listener` accepts, as the server serves them: with `TCP_NODELAY`, and
+/// closed if they send no HTTP/2 preface within `handshake` ([`HandshakeDeadline`]).
+///
+/// `TCP_NODELAY` matters because a stream writes small frames back to back: with Nagle's
+/// algorithm the second waits for the peer's delayed ACK (~40 ms). tonic sets it only on
+/// sockets it accepts itself, and we accept our own (for the handshake deadline).
+///
+/// [`HandshakeDeadline`]: crate::limits::HandshakeDeadline
+pub fn incoming(
+    listener: TcpListener,
+    handshake: Option<std::time::Duration>,
+) -> impl futures::Stream<Item = std::io::Result<crate::limits::HandshakeDeadline<tokio::net::TcpStream>>>
+{
+    tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        move |accepted| {
+            let socket = accepted?;
+            if let Err(e) = socket.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted socket");
+            }
+            Ok(crate::limits::HandshakeDeadline::new(socket, handshake))
+        },
+    )
+}
+
 /// What a service hands to [`serve`].
 pub struct Assembly {
     /// The service's own gRPC services, already [`tune!`](crate::tune)d.
@@ -467,14 +492,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
-    // Connections that never send the HTTP/2 preface are closed after the handshake limit.
-    let handshake = config.limits.handshake_timeout;
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        move |accepted| {
-            accepted.map(|socket| crate::limits::HandshakeDeadline::new(socket, handshake))
-        },
-    );
+    let incoming = incoming(listener, config.limits.handshake_timeout);
     let drain = assembly.drain.clone();
     let signal = {
         let shutdown = shutdown.clone();

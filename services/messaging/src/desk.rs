@@ -24,7 +24,7 @@ use switchboard_proto::messaging::v1 as pb;
 use switchboard_proto::presence::v1 as presence_pb;
 use switchboard_proto::presence::v1::presence_service_client::PresenceServiceClient;
 use tokio::sync::Notify;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::Instrument;
 
 use crate::conversation::{ConversationRecord, Kind, MAX_TITLE_CHARS, Member};
@@ -52,11 +52,8 @@ impl Presence {
     /// A lazily connected client of the presence service at `url`; its calls are client
     /// spans of the desk operation that made them.
     pub fn new(url: &str, token: Option<Secret>) -> Result<Self> {
-        let channel = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| Error::Internal(format!("presence url {url}: {e}")))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let channel = switchboard_common::rpc::lazy_channel(url, Some(Duration::from_secs(5)))
+            .map_err(|e| Error::Internal(format!("presence url {url}: {e}")))?;
         Ok(Self {
             client: PresenceServiceClient::new(Traced::new(
                 channel,

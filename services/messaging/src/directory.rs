@@ -10,7 +10,7 @@ use switchboard_common::bus::BoxFuture;
 use switchboard_common::rpc::Traced;
 use switchboard_proto::auth::v1 as auth_pb;
 use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::{Dependency, Error, Result};
 
@@ -63,11 +63,8 @@ pub struct AuthDirectory {
 impl AuthDirectory {
     /// A lazily connected client of the auth service at `url`.
     pub fn new(url: &str) -> Result<Self> {
-        let channel = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| Error::Internal(format!("auth url {url}: {e}")))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let channel = switchboard_common::rpc::lazy_channel(url, Some(Duration::from_secs(5)))
+            .map_err(|e| Error::Internal(format!("auth url {url}: {e}")))?;
         Ok(Self {
             client: AuthServiceClient::new(Traced::new(channel, &[])),
         })

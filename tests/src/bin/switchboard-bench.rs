@@ -6,6 +6,8 @@
 //!   (p50/p99) with the production argon2id parameters, against a private Redis.
 //! - `fanout`: one group, subscribers split over messaging instances (separate
 //!   processes), publishers at a fixed rate or with a window of unacknowledged sends.
+//!   With `--send-ack`, the `send_ack` line instead: Send → SendResult latency on a
+//!   publisher stream that also receives every delivery.
 //! - `connections`: many idle Connect streams on one instance; memory per stream.
 
 use std::sync::Arc;
@@ -69,6 +71,10 @@ enum Workload {
         /// Messaging instances (separate processes).
         #[arg(long, default_value_t = 2)]
         instances: usize,
+        /// Print the `send_ack` line instead: latency from a Send frame to its SendResult
+        /// on a publisher stream that also receives every delivery (`fixed` mode only).
+        #[arg(long)]
+        send_ack: bool,
     },
     /// Presence: state changes per second, and watch fan-out latency with many watchers
     /// across two instances.
@@ -249,6 +255,7 @@ fn main() -> anyhow::Result<()> {
             duration,
             window,
             instances,
+            send_ack,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -261,6 +268,7 @@ fn main() -> anyhow::Result<()> {
                 duration,
                 window,
                 instances,
+                ack_probe: send_ack,
             };
             println!("{}", rt.block_on(switchboard_tests::bench::fanout(params))?);
         }
