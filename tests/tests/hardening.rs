@@ -93,15 +93,15 @@ async fn member_lists_are_sized_before_any_work_and_must_name_users() {
         member_ids,
     };
 
-    // 1000 copies of one real user would dedupe to two members: the raw count is refused
-    // before any de-duplication work.
+    // 10,000 copies of one real user would dedupe to two members: the raw count (over the
+    // default group size of 10,000 with the owner) is refused before any de-duplication.
     let e = c
-        .create_conversation(authed(group(vec![other.id.clone(); 1000]), &owner.token))
+        .create_conversation(authed(group(vec![other.id.clone(); 10_000]), &owner.token))
         .await
-        .expect_err("1000 ids accepted");
+        .expect_err("10000 ids accepted");
     assert_refused(&e, Code::InvalidArgument, "INVALID_ARGUMENT");
     assert_eq!(bad_field(&e).as_deref(), Some("member_ids"));
-    assert!(e.message().contains("1000"), "{}", e.message());
+    assert!(e.message().contains("10000"), "{}", e.message());
     // 20k distinct ids (800 KB): refused by their count, not checked one by one.
     let many: Vec<String> = (0..20_000).map(|_| new_id()).collect();
     let e = c
@@ -155,9 +155,9 @@ async fn member_lists_are_sized_before_any_work_and_must_name_users() {
         user_ids,
     };
     let e = c
-        .add_members(authed(add(vec![other.id.clone(); 1001]), &owner.token))
+        .add_members(authed(add(vec![other.id.clone(); 10_001]), &owner.token))
         .await
-        .expect_err("1001 ids accepted");
+        .expect_err("10001 ids accepted");
     assert_refused(&e, Code::InvalidArgument, "INVALID_ARGUMENT");
     let e = c
         .add_members(authed(add(vec![ghost.clone()]), &owner.token))

@@ -31,6 +31,7 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
             "MESSAGING_SUPPORT_AGENT_CAPACITY",
             "MESSAGING_SUPPORT_RECHECK_SECS",
             "MESSAGING_MAX_STREAMS_PER_USER",
+            "MESSAGING_MAX_GROUP_MEMBERS",
             "MAX_CONCURRENT_REQUESTS",
             "UNARY_TIMEOUT_MS",
             "HANDSHAKE_TIMEOUT_MS",

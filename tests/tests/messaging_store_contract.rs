@@ -495,3 +495,56 @@ async fn redis_engine_meets_the_contract() {
     contract(RedisStore::new(conn, 100), Arc::new(bus), 100).await;
     shutdown.cancel();
 }
+
+/// Groups far past the old 1,000-member cap: 100,000 members stored, read back, and a
+/// send whose membership check does not depend on the group's size.
+async fn large_group_contract(store: impl MessagingStore) {
+    const N: usize = 100_000;
+    let names: Vec<String> = (0..N).map(|i| format!("m{i:06}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    store
+        .create(&group("big", &refs))
+        .await
+        .expect("create a 100k group");
+    let record = store
+        .conversation("big")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(record.members.len(), N);
+    assert!(record.is_member("m099999"));
+    assert_eq!(
+        store
+            .send(&outgoing("big", "m099999", "k1", "hello, everyone"))
+            .await
+            .expect("send"),
+        Sent::Stored(1)
+    );
+    assert_eq!(
+        store
+            .send(&outgoing("big", "outsider", "k2", "let me in"))
+            .await
+            .expect("send"),
+        Sent::NotMember
+    );
+    assert!(
+        store
+            .user_conversations("m050000")
+            .await
+            .expect("index")
+            .contains(&"big".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn memory_engine_holds_large_groups() {
+    large_group_contract(MemoryStore::new(MemoryBus::new(), 100)).await;
+}
+
+#[tokio::test]
+async fn redis_engine_holds_large_groups() {
+    let redis = RedisServer::spawn().expect("redis");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let conn = redis_manager(&client).expect("manager");
+    large_group_contract(RedisStore::new(conn, 100)).await;
+}

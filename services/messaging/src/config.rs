@@ -28,6 +28,8 @@ pub mod env {
     pub const QUEUE_RECHECK_SECS: &str = "MESSAGING_SUPPORT_RECHECK_SECS";
     /// Connect streams one user may have open on one instance.
     pub const MAX_STREAMS_PER_USER: &str = "MESSAGING_MAX_STREAMS_PER_USER";
+    /// Most members of a group, owner included.
+    pub const MAX_GROUP_MEMBERS: &str = "MESSAGING_MAX_GROUP_MEMBERS";
 }
 
 /// `switchboard-messaging`: conversations, history and the real-time Connect stream.
@@ -91,6 +93,10 @@ pub struct Args {
     /// RESOURCE_EXHAUSTED (reason TOO_MANY_STREAMS). 0: no limit.
     #[arg(long, env = env::MAX_STREAMS_PER_USER, default_value_t = 100)]
     pub max_streams_per_user: usize,
+    /// Most members of a group, owner included (2 to 1000000). Sends check membership in
+    /// O(1) whatever the size; creating or listing a group's members is linear in it.
+    #[arg(long, env = env::MAX_GROUP_MEMBERS, default_value_t = crate::conversation::DEFAULT_MAX_GROUP_MEMBERS)]
+    pub max_group_members: usize,
 }
 
 /// Validated messaging settings.
@@ -118,6 +124,8 @@ pub struct Config {
     pub queue_recheck: Duration,
     /// Connect streams per user on this instance (`None`: no limit).
     pub max_streams_per_user: Option<usize>,
+    /// Most members of a group.
+    pub max_group_members: usize,
 }
 
 impl Args {
@@ -144,6 +152,9 @@ impl Args {
         }
         if self.history_retention < 100 {
             problems.add(format!("{}: must be at least 100", env::HISTORY_RETENTION));
+        }
+        if !(2..=1_000_000).contains(&self.max_group_members) {
+            problems.add(format!("{}: must be 2 to 1000000", env::MAX_GROUP_MEMBERS));
         }
         if !(16..=1_000_000).contains(&self.outbound_queue) {
             problems.add(format!("{}: must be 16 to 1000000", env::OUTBOUND_QUEUE));
@@ -175,6 +186,7 @@ impl Args {
             queue_recheck: Duration::from_secs(self.support_recheck_secs),
             max_streams_per_user: (self.max_streams_per_user > 0)
                 .then_some(self.max_streams_per_user),
+            max_group_members: self.max_group_members,
         })
     }
 }

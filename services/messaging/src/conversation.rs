@@ -6,8 +6,9 @@ use switchboard_proto::messaging::v1 as pb;
 
 use crate::error::{Error, Result};
 
-/// Largest group (members, owner included).
-pub const MAX_GROUP_MEMBERS: usize = 1000;
+/// Largest group (members, owner included) unless `MESSAGING_MAX_GROUP_MEMBERS` says
+/// otherwise.
+pub const DEFAULT_MAX_GROUP_MEMBERS: usize = 10_000;
 /// Longest group title in characters.
 pub const MAX_TITLE_CHARS: usize = 128;
 
@@ -101,9 +102,16 @@ pub struct NewConversation {
 }
 
 impl NewConversation {
-    /// Checks the request of `creator`. Sizes are checked before anything else, and the
-    /// rest is linear in the number of ids, so the work is bounded by the limits.
-    pub fn parse(creator: &str, kind: i32, title: &str, member_ids: &[String]) -> Result<Self> {
+    /// Checks the request of `creator` for a group of at most `max_members` (owner
+    /// included). Sizes are checked before anything else, and the rest is linear in the
+    /// number of ids, so the work is bounded by the limits.
+    pub fn parse(
+        creator: &str,
+        kind: i32,
+        title: &str,
+        member_ids: &[String],
+        max_members: usize,
+    ) -> Result<Self> {
         let kind = match pb::ConversationKind::try_from(kind) {
             Ok(pb::ConversationKind::Direct) => Kind::Direct,
             Ok(pb::ConversationKind::Group) => Kind::Group,
@@ -117,7 +125,7 @@ impl NewConversation {
         };
         let most = match kind {
             Kind::Direct => 1,
-            _ => MAX_GROUP_MEMBERS - 1,
+            _ => max_members.saturating_sub(1),
         };
         if member_ids.len() > most {
             return Err(Error::invalid(
@@ -128,7 +136,7 @@ impl NewConversation {
                         member_ids.len()
                     ),
                     _ => format!(
-                        "member_ids holds {} ids; a group has at most {MAX_GROUP_MEMBERS} members, so at most {most} besides you",
+                        "member_ids holds {} ids; a group has at most {max_members} members (MESSAGING_MAX_GROUP_MEMBERS), so at most {most} besides you",
                         member_ids.len()
                     ),
                 },
@@ -199,6 +207,9 @@ mod tests {
     use super::*;
     use switchboard_common::status::Invalid;
 
+    /// The group size the tests use (small, so the property test stays fast).
+    const MAX: usize = 1000;
+
     fn id() -> String {
         uuid::Uuid::now_v7().to_string()
     }
@@ -207,13 +218,13 @@ mod tests {
     fn direct_needs_exactly_one_other() {
         let d = pb::ConversationKind::Direct as i32;
         let (a, b, c) = (id(), id(), id());
-        assert!(NewConversation::parse(&a, d, "", std::slice::from_ref(&b)).is_ok());
+        assert!(NewConversation::parse(&a, d, "", std::slice::from_ref(&b), MAX).is_ok());
         assert!(
-            NewConversation::parse(&a, d, "", std::slice::from_ref(&a)).is_err(),
+            NewConversation::parse(&a, d, "", std::slice::from_ref(&a), MAX).is_err(),
             "self-only"
         );
-        assert!(NewConversation::parse(&a, d, "", &[b.clone(), c]).is_err());
-        assert!(NewConversation::parse(&a, d, "t", std::slice::from_ref(&b)).is_err());
+        assert!(NewConversation::parse(&a, d, "", &[b.clone(), c], MAX).is_err());
+        assert!(NewConversation::parse(&a, d, "t", std::slice::from_ref(&b), MAX).is_err());
         assert_eq!(direct_key(&b, &a), direct_key(&a, &b));
     }
 
@@ -221,14 +232,15 @@ mod tests {
     fn groups_need_a_title_and_dedupe_members() {
         let g = pb::ConversationKind::Group as i32;
         let (a, b) = (id(), id());
-        let c = NewConversation::parse(&a, g, " Team ", &[b.clone(), b.clone(), a.clone()])
+        let c = NewConversation::parse(&a, g, " Team ", &[b.clone(), b.clone(), a.clone()], MAX)
             .expect("ok");
         assert_eq!(c.members, [a.clone(), b]);
         assert_eq!(c.title, "Team");
-        assert!(NewConversation::parse(&a, g, "", &[]).is_err());
-        assert!(NewConversation::parse(&a, 0, "x", &[]).is_err());
+        assert!(NewConversation::parse(&a, g, "", &[], MAX).is_err());
+        assert!(NewConversation::parse(&a, 0, "x", &[], MAX).is_err());
         assert!(
-            NewConversation::parse(&a, pb::ConversationKind::Support as i32, "x", &[]).is_err()
+            NewConversation::parse(&a, pb::ConversationKind::Support as i32, "x", &[], MAX)
+                .is_err()
         );
     }
 
@@ -238,14 +250,15 @@ mod tests {
         let a = id();
         // 30k copies of one id would dedupe to two members; the raw count is refused first.
         let flood = vec![id(); 30_000];
-        let e = NewConversation::parse(&a, g, "t", &flood).expect_err("too many");
+        let e = NewConversation::parse(&a, g, "t", &flood, MAX).expect_err("too many");
         assert!(
             matches!(&e, Error::InvalidArgument(Invalid { field, message }) if field == "member_ids" && message.contains("30000")),
             "{e:?}"
         );
-        let ok = vec![id(); MAX_GROUP_MEMBERS - 1];
-        assert!(NewConversation::parse(&a, g, "t", &ok).is_ok());
-        let e = NewConversation::parse(&a, g, "t", &["x}:meta".to_owned()]).expect_err("not an id");
+        let ok = vec![id(); MAX - 1];
+        assert!(NewConversation::parse(&a, g, "t", &ok, MAX).is_ok());
+        let e = NewConversation::parse(&a, g, "t", &["x}:meta".to_owned()], MAX)
+            .expect_err("not an id");
         assert!(
             matches!(&e, Error::InvalidArgument(Invalid { field, .. }) if field == "member_ids[0]"),
             "{e:?}"
@@ -269,12 +282,12 @@ mod tests {
             ),
         ) {
             let creator = "0190d6a2-8c5e-7d3a-9f41-6b2e8a1c0d50";
-            match NewConversation::parse(creator, kind, &title, &ids) {
+            match NewConversation::parse(creator, kind, &title, &ids, MAX) {
                 Ok(c) => {
                     proptest::prop_assert_eq!(c.members[0].as_str(), creator);
                     let unique: HashSet<&String> = c.members.iter().collect();
                     proptest::prop_assert_eq!(unique.len(), c.members.len());
-                    proptest::prop_assert!(c.members.len() <= MAX_GROUP_MEMBERS);
+                    proptest::prop_assert!(c.members.len() <= MAX);
                 }
                 Err(Error::InvalidArgument(_)) => {}
                 Err(e) => proptest::prop_assert!(false, "{e:?}"),

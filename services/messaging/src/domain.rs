@@ -10,9 +10,7 @@ use switchboard_common::token::Caller;
 use switchboard_proto::messaging::v1 as pb;
 use tracing::Instrument;
 
-use crate::conversation::{
-    ConversationRecord, Kind, MAX_GROUP_MEMBERS, Member, NewConversation, direct_key, unique,
-};
+use crate::conversation::{ConversationRecord, Kind, Member, NewConversation, direct_key, unique};
 use crate::directory::{self, Credential, UserDirectory};
 use crate::error::{Error, Result};
 use crate::message::{Draft, Envelope, encode_event};
@@ -93,6 +91,7 @@ impl Buckets {
 pub struct Messaging<S> {
     store: Arc<S>,
     users: Arc<dyn UserDirectory>,
+    max_group_members: usize,
     sends: Buckets,
     typing: Buckets,
 }
@@ -116,8 +115,14 @@ pub fn timestamp(ms: u64) -> prost_types::Timestamp {
 use switchboard_proto::prost_types;
 
 impl<S: DeskStore> Messaging<S> {
-    /// Rules over `store` with the given send limit; member ids are checked against `users`.
-    pub fn new(store: Arc<S>, limit: SendLimit, users: Arc<dyn UserDirectory>) -> Self {
+    /// Rules over `store` with the given send limit and group size; member ids are checked
+    /// against `users`.
+    pub fn new(
+        store: Arc<S>,
+        limit: SendLimit,
+        max_group_members: usize,
+        users: Arc<dyn UserDirectory>,
+    ) -> Self {
         // Typing notices: one every two seconds per user and conversation is plenty.
         let typing = Buckets::new(SendLimit {
             per_second: 0.5,
@@ -126,6 +131,7 @@ impl<S: DeskStore> Messaging<S> {
         Self {
             store,
             users,
+            max_group_members,
             sends: Buckets::new(limit),
             typing,
         }
@@ -175,7 +181,13 @@ impl<S: DeskStore> Messaging<S> {
         title: &str,
         member_ids: &[String],
     ) -> Result<(pb::Conversation, bool)> {
-        let new = NewConversation::parse(&caller.user_id, kind, title, member_ids)?;
+        let new = NewConversation::parse(
+            &caller.user_id,
+            kind,
+            title,
+            member_ids,
+            self.max_group_members,
+        )?;
         // The creator is the verified caller; the others are asked about in their order.
         self.all_exist("member_ids", member_ids, credential).await?;
         let now = now_ms();
@@ -284,11 +296,12 @@ impl<S: DeskStore> Messaging<S> {
         users: &[String],
     ) -> Result<pb::Conversation> {
         // Sizes and shapes before anything is looked up.
-        if users.len() > MAX_GROUP_MEMBERS {
+        let most = self.max_group_members;
+        if users.len() > most {
             return Err(Error::invalid(
                 "user_ids",
                 format!(
-                    "user_ids holds {} ids; a group has at most {MAX_GROUP_MEMBERS} members",
+                    "user_ids holds {} ids; a group has at most {most} members (MESSAGING_MAX_GROUP_MEMBERS)",
                     users.len()
                 ),
             ));
@@ -300,9 +313,9 @@ impl<S: DeskStore> Messaging<S> {
             .into_iter()
             .filter(|u| !current.contains(u.as_str()))
             .collect();
-        if record.members.len() + new.len() > MAX_GROUP_MEMBERS {
+        if record.members.len() + new.len() > most {
             return Err(Error::FailedPrecondition(format!(
-                "a group has at most {MAX_GROUP_MEMBERS} members; it has {} and {} would join",
+                "a group has at most {most} members (MESSAGING_MAX_GROUP_MEMBERS); it has {} and {} would join",
                 record.members.len(),
                 new.len()
             )));

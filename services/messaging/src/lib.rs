@@ -78,7 +78,12 @@ async fn serve<S: DeskStore>(
     let verifier = backend.remote_verifier(&config.auth_url, &shutdown).await?;
 
     let users = Arc::new(directory::AuthDirectory::new(&config.auth_url)?);
-    let messaging = Arc::new(Messaging::new(store.clone(), config.send_limit, users));
+    let messaging = Arc::new(Messaging::new(
+        store.clone(),
+        config.send_limit,
+        config.max_group_members,
+        users,
+    ));
     if config.service_token.is_none() {
         tracing::warn!(
             "SERVICE_TOKEN is unset: the support desk cannot ask presence for agents, so consultations wait until an agent accepts one"
