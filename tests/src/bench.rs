@@ -505,8 +505,9 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-/// Runs the idle-connections workload and returns its JSON line.
-pub async fn connections(streams: usize) -> anyhow::Result<serde_json::Value> {
+/// Runs the idle-connections workload (`concurrency` streams opening at once) and returns
+/// its JSON line.
+pub async fn connections(streams: usize, concurrency: usize) -> anyhow::Result<serde_json::Value> {
     let redis = RedisServer::spawn()?;
     let auth = spawn_auth(
         Some(&redis),
@@ -556,20 +557,37 @@ pub async fn connections(streams: usize) -> anyhow::Result<serde_json::Value> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(server.pid())?;
     let started = Instant::now();
-    // 100 streams per HTTP/2 connection, as a client library would multiplex them.
+    // 100 streams per HTTP/2 connection, as a client library would multiplex them, and up
+    // to `concurrency` streams being opened at once, as clients arrive (the peer keeps 200
+    // handshakes in flight).
+    let channels: Vec<_> = (0..streams.div_ceil(100))
+        .map(|_| server.channel())
+        .collect();
     let mut open = Vec::with_capacity(streams);
-    let mut channel = server.channel();
+    let mut opening = tokio::task::JoinSet::new();
     for (i, ((_, token), conversation)) in people.iter().zip(&conversations).enumerate() {
-        if i % 100 == 0 {
-            channel = server.channel();
+        let (channel, token, conversation) = (
+            channels[i / 100].clone(),
+            token.clone(),
+            conversation.clone(),
+        );
+        opening.spawn(async move {
+            let mut conn = Connection::open(channel, &token).await?;
+            conn.subscribe(&conversation, 0).await?;
+            conn.recovered(&conversation).await?;
+            Ok::<_, anyhow::Error>(conn)
+        });
+        while opening.len() >= concurrency.max(1) {
+            if let Some(done) = opening.join_next().await {
+                open.push(done??);
+            }
         }
-        let mut conn = Connection::open(channel.clone(), token).await?;
-        conn.subscribe(conversation, 0).await?;
-        conn.recovered(conversation).await?;
-        open.push(conn);
         if i % 500 == 499 {
-            eprint!("\rstreams: {}/{streams}", i + 1);
+            eprint!("\rstreams: {}/{streams}", open.len());
         }
+    }
+    while let Some(done) = opening.join_next().await {
+        open.push(done??);
     }
     eprintln!();
     let connect_s = started.elapsed().as_secs_f64();

@@ -100,6 +100,9 @@ enum Workload {
         /// Streams to open, each subscribed to its own direct conversation.
         #[arg(long, default_value_t = 10_000)]
         streams: usize,
+        /// Streams being opened at once (as clients arrive; the peer keeps 200 in flight).
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
     },
 }
 
@@ -293,13 +296,16 @@ fn main() -> anyhow::Result<()> {
                 println!("{line}");
             }
         }
-        Workload::Connections { streams } => {
+        Workload::Connections {
+            streams,
+            concurrency,
+        } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             println!(
                 "{}",
-                rt.block_on(switchboard_tests::bench::connections(streams))?
+                rt.block_on(switchboard_tests::bench::connections(streams, concurrency))?
             );
         }
         Workload::Auth {
