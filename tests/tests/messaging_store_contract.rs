@@ -11,7 +11,7 @@ use switchboard_messaging::store::desk::{ConsultationRecord, ConsultationState, 
 use switchboard_messaging::store::memory::MemoryStore;
 use switchboard_messaging::store::redis::RedisStore;
 use switchboard_messaging::store::{
-    DeskStore, MessagingStore, Outgoing, Range, Sent, conversation_channel,
+    DeskStore, Membership, MessagingStore, Outgoing, Range, Sent, conversation_channel,
 };
 use switchboard_proto::messaging::v1 as pb;
 use switchboard_tests::redis::RedisServer;
@@ -70,6 +70,21 @@ async fn contract(store: impl MessagingStore, bus: Arc<dyn Bus>, retention: usiz
         Some(group("g1", &["a", "b"]))
     );
     assert_eq!(store.conversation("nope").await.expect("get"), None);
+    let standing = |member: bool| {
+        Some(Membership {
+            member,
+            epoch: "e1".into(),
+        })
+    };
+    assert_eq!(
+        store.membership("g1", "a").await.expect("m"),
+        standing(true)
+    );
+    assert_eq!(
+        store.membership("g1", "c").await.expect("m"),
+        standing(false)
+    );
+    assert_eq!(store.membership("nope", "a").await.expect("m"), None);
     let after = store
         .add_members("g1", &["c".into(), "a".into()], 2000)
         .await
@@ -101,6 +116,14 @@ async fn contract(store: impl MessagingStore, bus: Arc<dyn Bus>, retention: usiz
         .expect("exists");
     assert_eq!(after.owner_id, "b");
     assert!(!after.is_member("c"));
+    assert_eq!(
+        store.membership("g1", "c").await.expect("m"),
+        standing(false)
+    );
+    assert_eq!(
+        store.membership("g1", "b").await.expect("m"),
+        standing(true)
+    );
     assert_eq!(store.user_conversations("a").await.expect("index"), ["g1"]);
     assert!(
         store
@@ -404,6 +427,21 @@ async fn desk_contract(store: impl DeskStore) {
         "{:?}",
         c1.members
     );
+    let member = |user: &'static str| {
+        let store = &store;
+        async move {
+            store
+                .membership("s1", user)
+                .await
+                .expect("membership")
+                .map(|m| m.member)
+        }
+    };
+    assert_eq!(
+        (member("ben").await, member("ann").await),
+        (Some(true), Some(false)),
+        "the constant-time check agrees with the record after a transfer"
+    );
     assert!(
         !store
             .user_conversations("ann")
@@ -513,6 +551,16 @@ async fn large_group_contract(store: impl MessagingStore) {
         .expect("exists");
     assert_eq!(record.members.len(), N);
     assert!(record.is_member("m099999"));
+    assert_eq!(
+        store
+            .membership("big", "m099999")
+            .await
+            .expect("membership"),
+        Some(Membership {
+            member: true,
+            epoch: "e1".into()
+        })
+    );
     assert_eq!(
         store
             .send(&outgoing("big", "m099999", "k1", "hello, everyone"))

@@ -409,8 +409,12 @@ impl<S: DeskStore> Session<S> {
         epoch: &str,
     ) -> Result<(), End> {
         let ctx = self.ctx.clone();
-        let record = match ctx.messaging.authorize(&self.caller, conversation_id).await {
-            Ok(r) => r,
+        let current_epoch = match ctx
+            .messaging
+            .check_member(&self.caller, conversation_id)
+            .await
+        {
+            Ok(e) => e,
             Err(e) => return self.refuse(&e, conversation_id).await,
         };
         // Live first, so nothing published from now on can slip between history and live.
@@ -436,7 +440,7 @@ impl<S: DeskStore> Session<S> {
             Ok(page) => page,
             Err(e) => return self.refuse(&e, conversation_id).await,
         };
-        let lost = !epoch.is_empty() && epoch != record.epoch;
+        let lost = !epoch.is_empty() && epoch != current_epoch;
         let ahead = since > first.last_seq;
         // Any u64 may come from the wire: saturate rather than wrap.
         let trimmed = first.oldest_seq > 0 && since.saturating_add(1) < first.oldest_seq;
@@ -452,7 +456,7 @@ impl<S: DeskStore> Session<S> {
         self.emit(Out::Subscribed(pb::Subscribed {
             conversation_id: conversation_id.to_owned(),
             last_seq: first.last_seq,
-            epoch: record.epoch.clone(),
+            epoch: current_epoch.clone(),
         }))
         .await?;
         self.subs.insert(

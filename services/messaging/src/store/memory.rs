@@ -2,14 +2,14 @@
 //! Publishing goes to the process's [`MemoryBus`], under the same lock as the seq, so
 //! messages are published in seq order exactly as the Redis script does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use switchboard_common::bus::MemoryBus;
 use switchboard_proto::messaging::v1 as pb;
 
-use super::{History, MessagingStore, Outgoing, Range, Sent, conversation_channel};
+use super::{History, Membership, MessagingStore, Outgoing, Range, Sent, conversation_channel};
 use crate::conversation::{ConversationRecord, Member};
 use crate::error::{Error, Result};
 use crate::message::message_header;
@@ -31,6 +31,8 @@ pub(super) struct State {
 
 pub(super) struct Conversation {
     pub(super) record: ConversationRecord,
+    /// The members' ids, for checks in constant time (the record's list is ordered).
+    members: HashSet<String>,
     last_seq: u64,
     log: BTreeMap<u64, Vec<u8>>,
     reads: HashMap<String, u64>,
@@ -72,12 +74,37 @@ pub(super) fn index(state: &mut State, record: &ConversationRecord) {
     }
 }
 
+impl Conversation {
+    /// Whether `user` is a member (constant time).
+    pub(super) fn is_member(&self, user: &str) -> bool {
+        self.members.contains(user)
+    }
+
+    /// Adds `user` (joined at `now_ms`) unless a member already.
+    pub(super) fn join(&mut self, user: &str, now_ms: u64) {
+        if self.members.insert(user.to_owned()) {
+            self.record.members.push(Member {
+                user_id: user.to_owned(),
+                joined_at_ms: now_ms,
+            });
+        }
+    }
+
+    /// Removes `user`.
+    pub(super) fn leave(&mut self, user: &str) {
+        if self.members.remove(user) {
+            self.record.members.retain(|m| m.user_id != user);
+        }
+    }
+}
+
 pub(super) fn insert(state: &mut State, record: &ConversationRecord) {
     index(state, record);
     state.conversations.insert(
         record.id.clone(),
         Conversation {
             record: record.clone(),
+            members: record.members.iter().map(|m| m.user_id.clone()).collect(),
             last_seq: 0,
             log: BTreeMap::new(),
             reads: HashMap::new(),
@@ -136,6 +163,15 @@ impl MessagingStore for MemoryStore {
         Ok(self.with(|s| s.conversations.get(id).map(|c| c.record.clone())))
     }
 
+    async fn membership(&self, id: &str, user: &str) -> Result<Option<Membership>> {
+        Ok(self.with(|s| {
+            s.conversations.get(id).map(|c| Membership {
+                member: c.is_member(user),
+                epoch: c.record.epoch.clone(),
+            })
+        }))
+    }
+
     async fn add_members(
         &self,
         id: &str,
@@ -146,12 +182,7 @@ impl MessagingStore for MemoryStore {
             let record = {
                 let c = s.conversations.get_mut(id)?;
                 for u in users {
-                    if !c.record.is_member(u) {
-                        c.record.members.push(Member {
-                            user_id: u.clone(),
-                            joined_at_ms: now_ms,
-                        });
-                    }
+                    c.join(u, now_ms);
                 }
                 c.record.clone()
             };
@@ -169,7 +200,7 @@ impl MessagingStore for MemoryStore {
         Ok(self.with(|s| {
             let record = {
                 let c = s.conversations.get_mut(id)?;
-                c.record.members.retain(|m| m.user_id != user);
+                c.leave(user);
                 if let Some(owner) = new_owner {
                     c.record.owner_id = owner.to_owned();
                 }
@@ -202,7 +233,7 @@ impl MessagingStore for MemoryStore {
                     sent_at_ms: *sent_at_ms,
                 };
             }
-            if !c.record.is_member(&o.sender_id) {
+            if !c.is_member(&o.sender_id) {
                 return Sent::NotMember;
             }
             if c.record.read_only {

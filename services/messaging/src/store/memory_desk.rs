@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use super::desk::{ConsultationRecord, ConsultationState, DeskStore, Routed, Step};
 use super::memory::{MemoryStore, State, index, insert};
-use crate::conversation::{ConversationRecord, Member};
+use crate::conversation::ConversationRecord;
 use crate::error::Result;
 
 /// Consultations, the queue and the loads.
@@ -20,12 +20,7 @@ pub(super) struct Desk {
 fn hand_to(s: &mut State, id: &str, agent: &str, now_ms: u64) {
     *s.desk.load.entry(agent.to_owned()).or_default() += 1;
     let record = s.conversation_mut(id).map(|c| {
-        if !c.record.is_member(agent) {
-            c.record.members.push(Member {
-                user_id: agent.to_owned(),
-                joined_at_ms: now_ms,
-            });
-        }
+        c.join(agent, now_ms);
         c.record.clone()
     });
     if let Some(record) = record {
@@ -151,7 +146,7 @@ impl DeskStore for MemoryStore {
             r.transfer_note = note.to_owned();
             release(s, from);
             if let Some(c) = s.conversation_mut(id) {
-                c.record.members.retain(|m| m.user_id != from);
+                c.leave(from);
             }
             s.unindex(from, id);
             hand_to(s, id, to, now_ms);

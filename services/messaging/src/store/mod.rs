@@ -74,6 +74,15 @@ pub enum Sent {
     ReadOnly,
 }
 
+/// A user's standing in a conversation, as [`MessagingStore::membership`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// Whether the user is a member.
+    pub member: bool,
+    /// The conversation's epoch (changes if its history was lost).
+    pub epoch: String,
+}
+
 /// A slice of history.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct History {
@@ -137,6 +146,14 @@ pub trait MessagingStore: Send + Sync + 'static {
         range: Range,
         limit: usize,
     ) -> impl Future<Output = Result<History>> + Send;
+    /// Whether `user` is a member of conversation `id`, with the conversation's epoch;
+    /// `None` if there is no such conversation. Constant work whatever the group's size
+    /// (the checks of every stream frame use it, not [`conversation`](Self::conversation)).
+    fn membership(
+        &self,
+        id: &str,
+        user: &str,
+    ) -> impl Future<Output = Result<Option<Membership>>> + Send;
     /// Newest seq of each conversation (0 if none or unknown), in the order asked.
     fn last_seqs(&self, ids: &[String]) -> impl Future<Output = Result<Vec<u64>>> + Send;
     /// Moves `user`'s read position up to `seq` (never down); the position after.

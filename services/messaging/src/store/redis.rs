@@ -17,7 +17,7 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use switchboard_proto::messaging::v1 as pb;
 
-use super::{History, MessagingStore, Outgoing, Range, Sent, conversation_channel};
+use super::{History, Membership, MessagingStore, Outgoing, Range, Sent, conversation_channel};
 use crate::conversation::{ConversationRecord, Kind, Member};
 use crate::error::{Error, Result};
 
@@ -229,6 +229,16 @@ impl MessagingStore for RedisStore {
             .query_async(&mut conn)
             .await?;
         parse_record(id, meta, members)
+    }
+
+    async fn membership(&self, id: &str, user: &str) -> Result<Option<Membership>> {
+        let mut conn = self.conn.clone();
+        let (epoch, member): (Option<String>, bool) = redis::pipe()
+            .hget(key(id, "meta"), "epoch")
+            .hexists(key(id, "members"), user)
+            .query_async(&mut conn)
+            .await?;
+        Ok(epoch.map(|epoch| Membership { member, epoch }))
     }
 
     async fn add_members(
