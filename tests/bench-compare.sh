@@ -6,6 +6,7 @@
 #   QUIET_MAX_PCT=15     before each run, wait until the machine is at most this busy (2 s
 #   QUIET_WAIT_S=300     sample), for at most QUIET_WAIT_S; then run anyway and say so
 #   PEER_DIR=...         where the peer harness is (default ../shared/peers/socketio)
+#   RUN_TIMEOUT_S=600    the longest one run may take
 #
 # Every JSON line goes to stdout (and to target/bench-compare/lines.jsonl); then a table of
 # ratios (Switchboard / Socket.IO, medians of the rounds). Progress goes to stderr. The peer
@@ -54,7 +55,8 @@ run() {
   wait_quiet
   log "$label round $round: $system"
   local line
-  if line="$("$@" 2>"$OUT/$label.$round.$system.err" | tail -n 1)" && [ -n "$line" ]; then
+  # Every run is bounded in time (RUN_TIMEOUT_S, default 600 s).
+  if line="$(timeout --kill-after=10 "${RUN_TIMEOUT_S:-600}" "$@" 2>"$OUT/$label.$round.$system.err" | tail -n 1)" && [ -n "$line" ]; then
     echo "$line"
     python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["_label"]=sys.argv[2]; d["_round"]=int(sys.argv[3]); print(json.dumps(d))' \
       "$line" "$label" "$round" >>"$OUT/lines.jsonl"

@@ -536,7 +536,7 @@ async fn undecodable_requests_are_invalid_argument_on_every_service() {
 }
 
 #[tokio::test]
-async fn a_failed_key_fetch_answers_unavailable_until_auth_is_back() {
+async fn a_failed_key_fetch_keeps_answering_unavailable() {
     let redis = RedisServer::spawn().expect("redis");
     let auth = spawn_auth(Some(&redis), AuthOptions::default())
         .await

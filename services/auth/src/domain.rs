@@ -358,8 +358,7 @@ impl<S: AuthStore> Auth<S> {
             ));
         }
         switchboard_common::id::check_all("user_ids", ids)?;
-        let mut seen = std::collections::HashSet::with_capacity(ids.len());
-        let unique: Vec<String> = ids.iter().filter(|id| seen.insert(*id)).cloned().collect();
+        let unique = switchboard_common::id::distinct(ids.iter().map(String::as_str));
         let found = self.store.users_by_id(&unique).await?;
         let mut users = Vec::new();
         let mut missing = Vec::new();

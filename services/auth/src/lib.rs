@@ -110,6 +110,7 @@ async fn serve<S: AuthStore>(
         service_names: vec![<AuthServiceServer<AuthGrpc<S>> as NamedService>::NAME],
         auth: AuthLayer::new(verifier, PUBLIC_METHODS),
         long_lived: &[],
+        cancel_aware: &[],
         drain: CancellationToken::new(),
     };
     tokio::select! {
@@ -129,7 +130,6 @@ async fn maintain<S: AuthStore>(
     shutdown: CancellationToken,
     fatal: tokio::sync::oneshot::Sender<error::Error>,
 ) {
-    let mut fatal = Some(fatal);
     let mut admin = admin;
     loop {
         let mut healthy = true;
@@ -144,9 +144,7 @@ async fn maintain<S: AuthStore>(
                     admin = None;
                 }
                 Err(e @ error::Error::AdminNameTaken(_)) => {
-                    if let Some(tx) = fatal.take() {
-                        let _ = tx.send(e);
-                    }
+                    let _ = fatal.send(e);
                     return;
                 }
                 Err(e) => {

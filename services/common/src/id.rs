@@ -44,10 +44,20 @@ pub fn check(field: &str, value: &str) -> Result<(), Invalid> {
 
 /// Checks every id of a repeated field, naming the first bad one by its index.
 pub fn check_all(field: &str, values: &[String]) -> Result<(), Invalid> {
-    for (i, value) in values.iter().enumerate() {
-        check(&format!("{field}[{i}]"), value)?;
+    match values.iter().position(|v| !is_id(v)) {
+        None => Ok(()),
+        Some(i) => check(&format!("{field}[{i}]"), &values[i]),
     }
-    Ok(())
+}
+
+/// `ids` without repeats, in the order first given (linear time: a list's work stays
+/// bounded by its length).
+pub fn distinct<'a>(ids: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let ids = ids.into_iter();
+    let mut seen = std::collections::HashSet::with_capacity(ids.size_hint().0);
+    ids.filter(|id| seen.insert(*id))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Untrusted text as a status message may show it: at most [`QUOTE_CHARS`] characters in

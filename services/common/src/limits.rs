@@ -11,6 +11,11 @@
 //!   cannot pile up.
 //! - [`PerUser`]: at most N open streams per user on one instance
 //!   (`MESSAGING_MAX_STREAMS_PER_USER`, `PRESENCE_MAX_STREAMS_PER_USER`).
+//!
+//! Why not tower's `GlobalConcurrencyLimit` + `LoadShed` + `Timeout`: they answer with
+//! errors tonic turns into a bare UNAVAILABLE or CANCELLED, without reason or RetryInfo,
+//! and they cannot exempt health checks; the limit here is one shared semaphore and a
+//! `try_acquire`, and the answer is a [`Refusal`].
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -42,8 +47,8 @@ pub const PREFACE_BYTES: usize = 24;
 /// Sheds unary calls over the concurrency limit and ends those that run too long.
 #[derive(Clone)]
 pub struct UnaryLimitLayer {
-    permits: Option<Arc<Semaphore>>,
-    limit: usize,
+    /// The permits, shared by every connection, and how many there are.
+    permits: Option<(Arc<Semaphore>, usize)>,
     timeout: Option<Duration>,
     long_lived: Arc<[&'static str]>,
 }
@@ -54,8 +59,7 @@ impl UnaryLimitLayer {
         Self {
             permits: limits
                 .max_concurrent_requests
-                .map(|n| Arc::new(Semaphore::new(n))),
-            limit: limits.max_concurrent_requests.unwrap_or(0),
+                .map(|n| (Arc::new(Semaphore::new(n)), n)),
             timeout: limits.unary_timeout,
             long_lived: long_lived.into(),
         }
@@ -101,15 +105,14 @@ where
         }
         let permit = match &self.layer.permits {
             None => None,
-            Some(permits) => match permits.clone().try_acquire_owned() {
+            Some((permits, limit)) => match permits.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
                     crate::metrics::shed();
                     let status = Refusal::new(
                         Reason::Overloaded,
                         format!(
-                            "server is at its limit of {} concurrent calls (MAX_CONCURRENT_REQUESTS); retry shortly",
-                            self.layer.limit
+                            "server is at its limit of {limit} concurrent calls (MAX_CONCURRENT_REQUESTS); retry shortly"
                         ),
                     )
                     .retry_after(SHED_RETRY)

@@ -415,6 +415,9 @@ pub struct Assembly {
     pub auth: AuthLayer,
     /// Full paths of the long-lived streaming methods (their call span ends at set-up).
     pub long_lived: &'static [&'static str],
+    /// Full paths of the client-streaming methods whose handlers read [`ClientCancel`];
+    /// only their request bodies are watched.
+    pub cancel_aware: &'static [&'static str],
     /// Cancelled once health reports `NOT_SERVING` at shutdown: the service's open streams
     /// end with UNAVAILABLE ("reconnect elsewhere") and new ones are refused.
     pub drain: CancellationToken,
@@ -485,7 +488,7 @@ pub async fn serve(
         // Then authentication, so handlers only ever see verified callers.
         .layer(assembly.auth)
         // Innermost: streams learn whether their client cancelled or half-closed.
-        .layer(CancelWatchLayer::new(assembly.long_lived))
+        .layer(CancelWatchLayer::new(assembly.cancel_aware))
         .add_routes(assembly.routes);
     router = router
         .add_service(health_service)

@@ -1,7 +1,5 @@
 //! Conversations: kinds, members, and the rules for creating and changing them.
 
-use std::collections::HashSet;
-
 use switchboard_proto::messaging::v1 as pb;
 
 use crate::error::{Error, Result};
@@ -181,16 +179,9 @@ impl NewConversation {
 
 /// `first` and then `others`, each id once, in the order first given (linear time).
 pub fn unique(first: &str, others: &[String]) -> Vec<String> {
-    let mut seen: HashSet<&str> = HashSet::with_capacity(others.len() + 1);
-    seen.insert(first);
-    let mut out = Vec::with_capacity(others.len() + 1);
-    out.push(first.to_owned());
-    for id in others {
-        if seen.insert(id.as_str()) {
-            out.push(id.clone());
-        }
-    }
-    out
+    switchboard_common::id::distinct(
+        std::iter::once(first).chain(others.iter().map(String::as_str)),
+    )
 }
 
 /// The key that makes the same pair always get the same direct conversation.
@@ -204,6 +195,8 @@ pub fn direct_key(a: &str, b: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
     use switchboard_common::status::Invalid;
 

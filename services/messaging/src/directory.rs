@@ -98,28 +98,28 @@ impl UserDirectory for AuthDirectory {
     }
 }
 
-/// A fixed set of users: the directory of unit tests.
-#[derive(Default)]
-pub struct KnownUsers(pub std::collections::HashSet<String>);
-
-impl UserDirectory for KnownUsers {
-    fn missing<'a>(
-        &'a self,
-        ids: &'a [String],
-        _: &'a Credential,
-    ) -> BoxFuture<'a, Result<Vec<String>>> {
-        let missing = ids
-            .iter()
-            .filter(|id| !self.0.contains(*id))
-            .cloned()
-            .collect();
-        Box::pin(async move { Ok(missing) })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fixed set of users: the directory of unit tests.
+    #[derive(Default)]
+    struct KnownUsers(std::collections::HashSet<String>);
+
+    impl UserDirectory for KnownUsers {
+        fn missing<'a>(
+            &'a self,
+            ids: &'a [String],
+            _: &'a Credential,
+        ) -> BoxFuture<'a, Result<Vec<String>>> {
+            let missing = ids
+                .iter()
+                .filter(|id| !self.0.contains(*id))
+                .cloned()
+                .collect();
+            Box::pin(async move { Ok(missing) })
+        }
+    }
 
     #[tokio::test]
     async fn the_first_unknown_id_is_found_across_batches() {

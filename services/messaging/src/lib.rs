@@ -126,6 +126,8 @@ async fn serve<S: DeskStore>(
         ],
         auth: AuthLayer::new(verifier, &[]),
         long_lived: &["/switchboard.messaging.v1.MessagingService/Connect"],
+        // A cancelled Connect and a half-closed one end the same way here.
+        cancel_aware: &[],
         drain,
     };
     server::serve(&config.server, listener, shutdown, assembly).await

@@ -114,11 +114,9 @@ fn user_ids(ids: Vec<String>) -> Result<Vec<String>> {
         ));
     }
     switchboard_common::id::check_all("user_ids", &ids)?;
-    let mut seen = std::collections::HashSet::with_capacity(ids.len());
-    Ok(ids
-        .into_iter()
-        .filter(|id| seen.insert(id.clone()))
-        .collect())
+    Ok(switchboard_common::id::distinct(
+        ids.iter().map(String::as_str),
+    ))
 }
 
 /// A role's wire value, if it names one.

@@ -82,6 +82,8 @@ async fn serve<S: PresenceStore>(
             "/switchboard.presence.v1.PresenceService/Connect",
             "/switchboard.presence.v1.PresenceService/Watch",
         ],
+        // A cancelled device stream lingers for the grace; a half-closed one does not.
+        cancel_aware: &["/switchboard.presence.v1.PresenceService/Connect"],
         drain,
     };
     server::serve(&config.server, listener, shutdown, assembly).await
