@@ -29,7 +29,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         // Small stream buffers; see src/codec.rs.
         .codec_path("crate::codec::SmallBufferCodec")
+        // Messaging's servers come from the second pass below; leaving these out keeps
+        // a server type whose Connect would encode every delivery per stream from being used.
+        .server_mod_attribute("switchboard.messaging.v1", "#[cfg(any())]")
         .file_descriptor_set_path(out.join("switchboard_descriptor.bin"))
-        .compile_protos(&files, &[root])?;
+        .compile_protos(&files, &[root.clone()])?;
+    // Messaging's servers again, over the types generated above, except that Connect
+    // answers `EncodedConnectResponse`: a frame encoded once per instance and shared by every
+    // stream it goes to (see src/encoded.rs). Same wire format, same descriptors.
+    let servers = out.join("servers");
+    std::fs::create_dir_all(&servers)?;
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .build_client(false)
+        .codec_path("crate::codec::SmallBufferCodec")
+        .extern_path(".switchboard.messaging.v1", "crate::messaging::v1")
+        .extern_path(
+            ".switchboard.messaging.v1.ConnectResponse",
+            "crate::encoded::EncodedConnectResponse",
+        )
+        .out_dir(&servers)
+        .compile_protos(&files[2..3], &[root])?;
     Ok(())
 }

@@ -1,91 +1,340 @@
-//! In-process fan-out: from the instance's one pub/sub connection to every local stream.
+//! In-process fan-out: from the instance's one pub/sub connection to every local stream,
+//! waking as little as possible on the way.
 //!
 //! A [`Feed`] exists per channel while at least one local stream needs it. It holds the
 //! channel's only bus subscription on this instance and a task that decodes each payload
-//! once and hands it to every joined stream's **bounded** queue with `try_send`. A stream
-//! whose queue is full is cut off (its `overflow` token fires; the stream ends with
-//! RESOURCE_EXHAUSTED and the client resumes from its last seq) so nobody else waits.
+//! **once**, encodes the frame streams will send **once** ([`Live`]), and offers it to the
+//! [`Gate`] of every stream that joined. In the common case (the next seq of a
+//! subscription that is up to date) the gate puts a reference-counted copy of the encoded
+//! frame straight into the stream's transport queue: no other task of the stream wakes but
+//! the one writing to the connection. Only what needs a decision goes to the stream's
+//! session task instead, through its inbox: messages that skip ahead, everything that
+//! arrives while a subscription replays history, and conversation events (the session
+//! follows or drops subscriptions on them).
 //!
-//! Pub/sub is at-most-once. The feed of a conversation remembers the last seq it passed
-//! on; when a message skips ahead, or the bus reports a [`BusEvent::Gap`] (reconnect), it
-//! reads the missing messages from history before going on, so streams see every seq in
-//! order. Streams still check contiguity themselves (see `stream.rs`), which covers the
-//! window before a feed has seen its first message.
+//! Both queues are **bounded** and filled with `try_send`: a stream whose queue is full is
+//! cut off (its `overflow` token fires; the stream ends with RESOURCE_EXHAUSTED and the
+//! client resumes from its last seq) so nobody else waits.
+//!
+//! Pub/sub is at-most-once. The feed of a conversation keeps a [`Cursor`]; when a message
+//! skips ahead, or the bus reports a [`BusEvent::Gap`] (reconnect), it reads the missing
+//! messages from history before going on. Each gate keeps its own cursor too, which covers
+//! the window before a feed has seen its first message and a subscription's switch from
+//! history to live.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use switchboard_common::bus::{Bus, BusEvent};
+use switchboard_proto::encoded::EncodedConnectResponse;
 use switchboard_proto::messaging::v1 as pb;
+use switchboard_proto::messaging::v1::connect_response::Frame as Out;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use switchboard_common::metrics as m;
 
 use crate::error::{Error, Result};
+use crate::gapless::{Cursor, Next};
 use crate::message::{Frame, decode};
 use crate::store::{MessagingStore, Range};
 
 /// Page size when a feed fills a gap from history.
 const FILL_PAGE: usize = 200;
 
-/// What a stream receives from a feed.
-#[derive(Debug, Clone)]
-pub enum Delivery {
-    /// A stored message of a conversation (seq set).
-    Message(Arc<pb::Message>),
-    /// A ready frame: receipt, typing or conversation event.
-    Frame(Arc<pb::connect_response::Frame>),
+/// One payload as this instance hands it on: decoded once, its frame encoded once.
+#[derive(Debug)]
+pub struct Live {
+    /// What it is, with what the gates and sessions decide on.
+    pub kind: Kind,
+    /// The frame every stream sends, encoded.
+    pub frame: EncodedConnectResponse,
 }
 
-/// A stream's side of the fan-out: its queue and its cut-off signal.
-#[derive(Clone)]
-pub struct Inbox {
-    id: u64,
-    tx: mpsc::Sender<Delivery>,
+/// The kinds of [`Live`] payload.
+#[derive(Debug)]
+pub enum Kind {
+    /// A stored message.
+    Message {
+        /// Its conversation.
+        conversation_id: String,
+        /// Its seq.
+        seq: u64,
+    },
+    /// A read receipt.
+    Receipt,
+    /// A typing notice from `user_id` (not shown to that user's own streams).
+    Typing {
+        /// Who is typing.
+        user_id: String,
+    },
+    /// A conversation event (creation, membership, desk); the session acts on it.
+    Event(pb::ConversationEvent),
+}
+
+impl Live {
+    /// A stored message (seq set).
+    pub fn message(message: pb::Message) -> Self {
+        let kind = Kind::Message {
+            conversation_id: message.conversation_id.clone(),
+            seq: message.seq,
+        };
+        Self {
+            kind,
+            frame: EncodedConnectResponse::new(Out::Message(message)),
+        }
+    }
+
+    /// An ephemeral frame (receipt, typing, event); `None` for any other frame.
+    pub fn ephemeral(frame: Out) -> Option<Self> {
+        let kind = match &frame {
+            Out::Receipt(_) => Kind::Receipt,
+            Out::Typing(t) => Kind::Typing {
+                user_id: t.user_id.clone(),
+            },
+            Out::ConversationEvent(e) => Kind::Event(e.clone()),
+            _ => return None,
+        };
+        Some(Self {
+            kind,
+            frame: EncodedConnectResponse::new(frame),
+        })
+    }
+}
+
+/// What a session receives from a gate.
+pub struct Routed {
+    /// The gate it came through, so the session can tell a current subscription's
+    /// deliveries from a replaced one's.
+    pub gate: Arc<Gate>,
+    /// The payload.
+    pub live: Arc<Live>,
+    /// Already in the transport queue (a conversation event the session only acts on).
+    pub shown: bool,
+}
+
+/// A stream's side of the fan-out: its transport queue, its session's inbox and its
+/// cut-off signal. Shared by the stream's session and every gate it has.
+pub struct Outlet {
+    user_id: String,
+    out: mpsc::Sender<EncodedConnectResponse>,
+    inbox: mpsc::Sender<Routed>,
     overflow: CancellationToken,
 }
 
-impl Inbox {
-    /// A new inbox of `capacity` deliveries; the receiver goes to the stream.
-    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Delivery>, CancellationToken) {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+/// What [`Outlet::new`] gives the stream's session and transport.
+pub struct OutletEnds {
+    /// Frames for the transport, in order.
+    pub frames: mpsc::Receiver<EncodedConnectResponse>,
+    /// The session's slow path.
+    pub inbox: mpsc::Receiver<Routed>,
+    /// Fires when a queue overflowed.
+    pub overflow: CancellationToken,
+}
+
+impl Outlet {
+    /// The outlet of a stream of `user_id`, each queue holding `capacity` frames.
+    pub fn new(user_id: &str, capacity: usize) -> (Arc<Self>, OutletEnds) {
+        let (out, frames) = mpsc::channel(capacity.max(1));
+        let (inbox_tx, inbox) = mpsc::channel(capacity.max(1));
         let overflow = CancellationToken::new();
+        let outlet = Arc::new(Self {
+            user_id: user_id.to_owned(),
+            out,
+            inbox: inbox_tx,
+            overflow: overflow.clone(),
+        });
         (
-            Self {
-                id: NEXT.fetch_add(1, Ordering::Relaxed),
-                tx,
-                overflow: overflow.clone(),
+            outlet,
+            OutletEnds {
+                frames,
+                inbox,
+                overflow,
             },
-            rx,
-            overflow,
         )
+    }
+
+    /// The transport queue, for the session's own frames.
+    pub fn sender(&self) -> &mpsc::Sender<EncodedConnectResponse> {
+        &self.out
+    }
+
+    /// A gate of this stream for one channel; `live` gates pass frames on from the start
+    /// (a user's channel), others wait for [`Gate::open`] (a subscription replaying).
+    pub fn gate(self: &Arc<Self>, passed: u64, live: bool) -> Arc<Gate> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Arc::new(Gate {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            outlet: self.clone(),
+            state: Mutex::new(GateState {
+                cursor: Cursor::at(passed),
+                mode: if live { Mode::Live } else { Mode::Held },
+            }),
+        })
+    }
+
+    fn cut_off(&self, channel: &str) {
+        if !self.overflow.is_cancelled() {
+            tracing::info!(%channel, "slow consumer cut off");
+            metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS).increment(1);
+        }
+        self.overflow.cancel();
+    }
+}
+
+/// Who passes a gate's frames on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The feed, straight into the transport queue.
+    Live,
+    /// The session: everything goes to its inbox, in order, until it has caught up.
+    Held,
+}
+
+struct GateState {
+    cursor: Cursor,
+    mode: Mode,
+}
+
+/// One stream's place on one channel: the gap-free rule and who applies it.
+///
+/// The feed and the session both pass frames through it, always under its lock and only
+/// in seq order, so whichever does cannot reorder or repeat what the other did.
+pub struct Gate {
+    id: u64,
+    outlet: Arc<Outlet>,
+    state: Mutex<GateState>,
+}
+
+/// The result of [`Gate::pass`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passed {
+    /// Sent.
+    Sent,
+    /// Already sent before; dropped.
+    Duplicate,
+    /// Skips ahead of the last seq sent, which is `after`.
+    Missing {
+        /// The last seq sent.
+        after: u64,
+    },
+}
+
+impl Gate {
+    /// The highest seq sent through this gate.
+    pub fn passed(&self) -> u64 {
+        lock(&self.state).cursor.passed()
+    }
+
+    /// The feed's side: sends `live` on, or routes it to the session. `false` when the
+    /// stream is gone or cut off (leave it out from now on).
+    fn offer(self: &Arc<Self>, channel: &str, live: &Arc<Live>) -> bool {
+        let outlet = &self.outlet;
+        if let Kind::Typing { user_id } = &live.kind
+            && *user_id == outlet.user_id
+        {
+            return true;
+        }
+        let mut state = lock(&self.state);
+        let direct = match (&live.kind, state.mode) {
+            (_, Mode::Held) => false,
+            (Kind::Message { seq, .. }, Mode::Live) => match state.cursor.check(*seq) {
+                Next::Pass => true,
+                Next::Duplicate => return true,
+                Next::Missing { .. } => {
+                    state.mode = Mode::Held;
+                    false
+                }
+            },
+            (_, Mode::Live) => true,
+        };
+        if direct {
+            match outlet.out.try_send(live.frame.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    outlet.cut_off(channel);
+                    return false;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+            match &live.kind {
+                Kind::Message { seq, .. } => {
+                    state.cursor.advance(*seq);
+                    return true;
+                }
+                Kind::Event(_) => {}
+                Kind::Receipt | Kind::Typing { .. } => return true,
+            }
+        }
+        let routed = Routed {
+            gate: self.clone(),
+            live: live.clone(),
+            shown: direct,
+        };
+        match outlet.inbox.try_send(routed) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                outlet.cut_off(channel);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// The session's side: sends message `seq` (`frame`) with `permit` if it is the next
+    /// one. Returns the permit unused unless sent.
+    pub fn pass<'a>(
+        &self,
+        seq: u64,
+        frame: &EncodedConnectResponse,
+        permit: mpsc::Permit<'a, EncodedConnectResponse>,
+    ) -> (Passed, Option<mpsc::Permit<'a, EncodedConnectResponse>>) {
+        let mut state = lock(&self.state);
+        match state.cursor.check(seq) {
+            Next::Pass => {
+                permit.send(frame.clone());
+                state.cursor.advance(seq);
+                (Passed::Sent, None)
+            }
+            Next::Duplicate => (Passed::Duplicate, Some(permit)),
+            Next::Missing { after } => (Passed::Missing { after }, Some(permit)),
+        }
+    }
+
+    /// Hands the gate back to the feed if the session has nothing of it left to pass:
+    /// `pending` says whether the session's inbox still holds anything. Checked under the
+    /// gate's lock, which the feed holds while it routes, so nothing can be in flight.
+    pub fn open(&self, pending: impl Fn() -> bool) -> bool {
+        let mut state = lock(&self.state);
+        if state.mode == Mode::Live {
+            return true;
+        }
+        if pending() {
+            return false;
+        }
+        state.mode = Mode::Live;
+        true
+    }
+
+    /// Whether the session holds this gate (it must [`open`](Self::open) it once caught up).
+    pub fn held(&self) -> bool {
+        lock(&self.state).mode == Mode::Held
     }
 }
 
 struct Feed {
     channel: String,
-    inboxes: Mutex<HashMap<u64, Inbox>>,
+    gates: Mutex<HashMap<u64, Arc<Gate>>>,
     /// The feed's task; dropping the feed (last stream left) stops it and its subscription.
     _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
 impl Feed {
-    fn dispatch(&self, delivery: &Delivery) -> usize {
-        let mut inboxes = lock(&self.inboxes);
-        inboxes.retain(|_, inbox| match inbox.tx.try_send(delivery.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::info!(channel = %self.channel, "slow consumer cut off");
-                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS).increment(1);
-                inbox.overflow.cancel();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
-        inboxes.len()
+    fn dispatch(&self, live: &Arc<Live>) -> usize {
+        let mut gates = lock(&self.gates);
+        gates.retain(|_, gate| gate.offer(&self.channel, live));
+        gates.len()
     }
 }
 
@@ -102,15 +351,16 @@ pub struct Hub<S> {
     feeds: Mutex<HashMap<String, Weak<Feed>>>,
 }
 
-/// A stream's place in a feed; leaving (drop) removes it, and the last one out closes the feed.
+/// A stream's place in a feed; leaving (drop) removes its gate, and the last one out
+/// closes the feed.
 pub struct Joined {
     feed: Arc<Feed>,
-    inbox: u64,
+    gate: u64,
 }
 
 impl Drop for Joined {
     fn drop(&mut self) {
-        lock(&self.feed.inboxes).remove(&self.inbox);
+        lock(&self.feed.gates).remove(&self.gate);
     }
 }
 
@@ -124,23 +374,23 @@ impl<S: MessagingStore> Hub<S> {
         })
     }
 
-    /// Joins `inbox` to `channel`; everything published there after this returns reaches
+    /// Joins `gate` to `channel`; everything published there after this returns reaches
     /// it. `conversation` names the conversation whose seqs the feed keeps contiguous.
     pub async fn join(
         self: &Arc<Self>,
         channel: &str,
         conversation: Option<&str>,
-        inbox: &Inbox,
+        gate: &Arc<Gate>,
     ) -> Result<Joined> {
         let existing = lock(&self.feeds).get(channel).and_then(Weak::upgrade);
         let feed = match existing {
             Some(feed) => feed,
             None => self.open(channel, conversation).await?,
         };
-        lock(&feed.inboxes).insert(inbox.id, inbox.clone());
+        lock(&feed.gates).insert(gate.id, gate.clone());
         Ok(Joined {
             feed,
-            inbox: inbox.id,
+            gate: gate.id,
         })
     }
 
@@ -168,7 +418,7 @@ impl<S: MessagingStore> Hub<S> {
             ));
             Feed {
                 channel: channel.to_owned(),
-                inboxes: Mutex::new(HashMap::new()),
+                gates: Mutex::new(HashMap::new()),
                 _task: tokio_util::task::AbortOnDropHandle::new(task),
             }
         });
@@ -184,7 +434,8 @@ async fn run_feed<S: MessagingStore>(
     store: Arc<S>,
     conversation: Option<String>,
 ) {
-    let mut last: Option<u64> = None;
+    // Unknown until the first message: a feed starts wherever the conversation is.
+    let mut cursor: Option<Cursor> = None;
     while let Some(event) = subscription.recv().await {
         let Some(feed) = feed.upgrade() else { return };
         match event {
@@ -193,49 +444,56 @@ async fn run_feed<S: MessagingStore>(
                     let Some(mut message) = envelope.message else {
                         continue;
                     };
-                    if let Some(l) = last {
-                        if seq <= l {
-                            continue;
+                    match cursor.map(|c| c.check(seq)) {
+                        Some(Next::Duplicate) => continue,
+                        Some(Next::Missing { after }) => {
+                            if let Some(c) = &conversation
+                                && let Some(filled) =
+                                    fill(&feed, &*store, c, after, Some(seq - 1)).await
+                            {
+                                cursor = Some(Cursor::at(filled));
+                            }
                         }
-                        if seq > l + 1
-                            && let Some(c) = &conversation
-                        {
-                            last = fill(&feed, &*store, c, l, Some(seq - 1)).await.or(last);
-                        }
+                        Some(Next::Pass) | None => {}
+                    }
+                    // History may have caught up past it while filling.
+                    if cursor.is_some_and(|c| c.check(seq) == Next::Duplicate) {
+                        continue;
                     }
                     message.seq = seq;
-                    if last.is_none_or(|l| seq > l) {
-                        let span = deliver_span(&envelope.trace, conversation.as_deref(), seq);
-                        let sent_at = message.sent_at;
-                        let streams =
-                            span.in_scope(|| feed.dispatch(&Delivery::Message(Arc::new(message))));
-                        span.record("switchboard.local_subscribers", streams);
-                        delivered(streams, sent_at);
-                        last = Some(seq);
-                    }
+                    let span = deliver_span(&envelope.trace, conversation.as_deref(), seq);
+                    let sent_at = message.sent_at;
+                    let live = Arc::new(Live::message(message));
+                    let streams = span.in_scope(|| feed.dispatch(&live));
+                    span.record("switchboard.local_subscribers", streams);
+                    delivered(streams, sent_at);
+                    cursor.get_or_insert_default().advance(seq);
                 }
                 Some(Frame::Event(envelope)) => {
-                    use pb::connect_response::Frame as F;
                     let frame = if let Some(r) = envelope.receipt {
-                        F::Receipt(r)
+                        Out::Receipt(r)
                     } else if let Some(t) = envelope.typing {
-                        F::Typing(t)
+                        Out::Typing(t)
                     } else if let Some(e) = envelope.event {
-                        F::ConversationEvent(e)
+                        Out::ConversationEvent(e)
                     } else {
                         continue;
                     };
+                    let Some(live) = Live::ephemeral(frame) else {
+                        continue;
+                    };
                     let span = deliver_span(&envelope.trace, conversation.as_deref(), 0);
-                    let streams =
-                        span.in_scope(|| feed.dispatch(&Delivery::Frame(Arc::new(frame))));
+                    let streams = span.in_scope(|| feed.dispatch(&Arc::new(live)));
                     span.record("switchboard.local_subscribers", streams);
                 }
                 None => tracing::warn!(channel = %feed.channel, "ignoring an undecodable payload"),
             },
             BusEvent::Gap => {
-                if let (Some(l), Some(c)) = (last, &conversation) {
-                    tracing::info!(channel = %feed.channel, after = l, "filling a pub/sub gap from history");
-                    last = fill(&feed, &*store, c, l, None).await.or(last);
+                if let (Some(c), Some(name)) = (cursor, &conversation) {
+                    tracing::info!(channel = %feed.channel, after = c.passed(), "filling a pub/sub gap from history");
+                    if let Some(filled) = fill(&feed, &*store, name, c.passed(), None).await {
+                        cursor = Some(Cursor::at(filled));
+                    }
                 }
             }
         }
@@ -302,7 +560,7 @@ async fn fill<S: MessagingStore>(
                 return Some(last);
             }
             last = message.seq;
-            feed.dispatch(&Delivery::Message(Arc::new(message)));
+            feed.dispatch(&Arc::new(Live::message(message)));
         }
         if count < FILL_PAGE {
             return Some(last);

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use switchboard_common::token::Caller;
 use switchboard_proto::messaging::v1 as pb;
-use switchboard_proto::messaging::v1::messaging_service_server::MessagingService;
-use switchboard_proto::messaging::v1::support_service_server::SupportService;
+use switchboard_proto::messaging::v1::servers::messaging_service_server::MessagingService;
+use switchboard_proto::messaging::v1::servers::support_service_server::SupportService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::desk::Desk;

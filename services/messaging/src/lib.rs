@@ -15,6 +15,7 @@ pub mod directory;
 pub mod domain;
 pub mod error;
 pub mod fanout;
+pub mod gapless;
 pub mod grpc;
 pub mod message;
 pub mod store;
@@ -26,8 +27,8 @@ use switchboard_common::backend::{Backend, Link};
 use switchboard_common::server::{self, Assembly, AuthLayer};
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_common::tune;
-use switchboard_proto::messaging::v1::messaging_service_server::MessagingServiceServer;
-use switchboard_proto::messaging::v1::support_service_server::SupportServiceServer;
+use switchboard_proto::messaging::v1::servers::messaging_service_server::MessagingServiceServer;
+use switchboard_proto::messaging::v1::servers::support_service_server::SupportServiceServer;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 

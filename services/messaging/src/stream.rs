@@ -1,15 +1,18 @@
-//! The Connect stream: one task per open stream, driven by events (client frames, feed
-//! deliveries, revocations, token expiry, shutdown); it never polls.
+//! The Connect stream: a session task per open stream for what needs deciding (client
+//! frames, subscriptions, gaps, revocations, token expiry, shutdown), and the fan-out's
+//! gates for the rest: a live message that is the next of its subscription goes from the
+//! feed straight into the transport queue, without waking the session (see `fanout.rs`).
 //!
-//! Exactly-once, in-order delivery per conversation rests on one number per subscription,
-//! `delivered`: the highest seq sent on this stream. A Subscribe joins the live feed
-//! **first** (deliveries queue up), then replays history after `since_seq`, then drains
-//! the queue: anything at or below `delivered` is a duplicate and dropped; anything that
-//! skips ahead is first filled from history. So there is no gap and no duplicate at the
-//! switch from history to live, nor after a pub/sub hiccup.
+//! Exactly-once, in-order delivery per conversation rests on one [`Cursor`] per
+//! subscription, in its gate: the highest seq sent on this stream. A Subscribe joins the
+//! live feed **first** with its gate held (deliveries queue up in the session's inbox),
+//! then replays history after `since_seq`, then drains the inbox and only then opens the
+//! gate to the feed. Anything at or below the cursor is a duplicate and dropped; anything
+//! that skips ahead is first filled from history. So there is no gap and no duplicate at
+//! the switch from history to live, nor after a pub/sub hiccup.
 //!
-//! Back-pressure: deliveries wait in the stream's bounded inbox. If the client reads too
-//! slowly the inbox fills, the feed cuts the stream off, and it ends with
+//! Back-pressure: frames wait in the stream's bounded queues. If the client reads too
+//! slowly a queue fills, the feed cuts the stream off, and it ends with
 //! RESOURCE_EXHAUSTED; the client resumes from its last seq and loses nothing.
 
 use std::collections::HashMap;
@@ -34,9 +37,11 @@ use tracing::Instrument;
 
 use crate::domain::Messaging;
 use crate::error::Error;
-use crate::fanout::{Delivery, Hub, Inbox, Joined};
+use crate::fanout::{Gate, Hub, Joined, Kind, Outlet, OutletEnds, Passed, Routed};
+use crate::gapless::Cursor;
 use crate::message::Draft;
 use crate::store::{DeskStore, Range, conversation_channel, user_channel};
+use switchboard_proto::encoded::EncodedConnectResponse;
 
 /// Page size of history replay.
 const REPLAY_PAGE: usize = 200;
@@ -58,16 +63,16 @@ pub struct Streams<S> {
 }
 
 /// The response stream handed to tonic: frames, then (if the stream ended on an error)
-/// that status, which takes precedence over frames still queued.
+/// that status, which takes precedence over frames still queued. tonic's encoder takes
+/// every frame that is ready before it yields to the transport, so frames that queue up
+/// under load leave in one write, and a lone frame leaves at once.
 pub struct Outbound {
-    // Boxed: tokio allocates channel slots in blocks of 32 up front, so an idle stream
-    // costs 32 pointers here instead of 32 whole frames.
-    frames: mpsc::Receiver<Box<pb::ConnectResponse>>,
+    frames: mpsc::Receiver<EncodedConnectResponse>,
     end: Option<oneshot::Receiver<Status>>,
 }
 
 impl Stream for Outbound {
-    type Item = Result<pb::ConnectResponse, Status>;
+    type Item = Result<EncodedConnectResponse, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(end) = self.end.as_mut() {
@@ -82,7 +87,7 @@ impl Stream for Outbound {
             }
         }
         match self.frames.poll_recv(cx) {
-            Poll::Ready(Some(frame)) => Poll::Ready(Some(Ok(*frame))),
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(None) if self.end.is_some() => Poll::Pending,
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
@@ -99,17 +104,20 @@ enum End {
 }
 
 struct Subscription {
-    delivered: u64,
+    gate: Arc<Gate>,
     _joined: Joined,
 }
 
 struct Session<S> {
     ctx: Arc<Streams<S>>,
     caller: Caller,
-    inbox: Inbox,
+    outlet: Arc<Outlet>,
     overflow: CancellationToken,
-    out: mpsc::Sender<Box<pb::ConnectResponse>>,
     subs: HashMap<String, Subscription>,
+    /// The gate of the user's own channel (conversation events).
+    user_gate: Arc<Gate>,
+    /// Gates this session holds and must open once its inbox is empty.
+    held: Vec<Arc<Gate>>,
     /// Subscribed to all conversations: conversations the caller joins later (a new
     /// direct chat, an assigned consultation) are followed too.
     all: bool,
@@ -124,25 +132,30 @@ pub fn open<S: DeskStore>(
     slot: StreamSlot,
     inbound: Streaming<pb::ConnectRequest>,
 ) -> Outbound {
-    // Frames ready for the transport; small, since the inbox is where deliveries wait.
-    let (out, frames) = mpsc::channel(32);
+    let (outlet, ends) = Outlet::new(&caller.user_id, ctx.queue);
+    let OutletEnds {
+        frames,
+        inbox,
+        overflow,
+    } = ends;
     let (end_tx, end_rx) = oneshot::channel();
     let setup = SpanLink::to_current();
     tokio::spawn(async move {
         // The user's place among their streams, held for the life of this one.
         let _slot = slot;
-        let (inbox, rx, overflow) = Inbox::new(ctx.queue);
+        let user_gate = outlet.gate(0, true);
         let mut session = Session {
             ctx,
             caller,
-            inbox,
+            outlet,
             overflow,
-            out,
             subs: HashMap::new(),
+            user_gate,
+            held: Vec::new(),
             all: false,
             setup,
         };
-        if let End::Status(status) = session.run(inbound, rx).await {
+        if let End::Status(status) = session.run(inbound, inbox).await {
             let _ = end_tx.send(status);
         }
     });
@@ -203,12 +216,13 @@ impl<S: DeskStore> Session<S> {
     async fn run(
         &mut self,
         mut inbound: Streaming<pb::ConnectRequest>,
-        mut rx: mpsc::Receiver<Delivery>,
+        mut rx: mpsc::Receiver<Routed>,
     ) -> End {
+        let user_gate = self.user_gate.clone();
         let _user_feed = match self
             .ctx
             .hub
-            .join(&user_channel(&self.caller.user_id), None, &self.inbox)
+            .join(&user_channel(&self.caller.user_id), None, &user_gate)
             .await
         {
             Ok(j) => j,
@@ -217,7 +231,7 @@ impl<S: DeskStore> Session<S> {
         let mut revoked = self.ctx.verifier.revocations().watch();
         let shutdown = self.ctx.shutdown.clone();
         let overflow = self.overflow.clone();
-        let out = self.out.clone();
+        let outlet = self.outlet.clone();
         // A client may half-close its side and keep listening (grpcurl does); the stream
         // then lives until the client goes away.
         let mut inbound_open = true;
@@ -238,7 +252,7 @@ impl<S: DeskStore> Session<S> {
                 biased;
                 _ = shutdown.cancelled() => Err(Error::ShuttingDown.into()),
                 _ = overflow.cancelled() => Err(self.overflowed()),
-                _ = out.closed() => Err(End::Gone),
+                _ = outlet.sender().closed() => Err(End::Gone),
                 _ = &mut expiry => Err(Error::Token(TokenError::Expired).into()),
                 r = revoked.recv() => match r {
                     Ok(sid) if sid == self.caller.session_id => Err(Error::Token(TokenError::Revoked).into()),
@@ -249,7 +263,7 @@ impl<S: DeskStore> Session<S> {
                 },
                 // Deliveries before client frames: draining the inbox is what keeps a busy
                 // sender from being cut off as a slow consumer.
-                Some(delivery) = rx.recv() => self.deliver(delivery).await,
+                Some(routed) = rx.recv() => self.deliver(routed).await,
                 frame = inbound.message(), if inbound_open => match frame {
                     // Boxed: client frames are rare next to deliveries, and the idle task
                     // then holds a pointer instead of space for the largest frame handler.
@@ -273,6 +287,8 @@ impl<S: DeskStore> Session<S> {
             if let Err(end) = result {
                 return end;
             }
+            // Gates go back to the feed only once nothing of theirs waits in the inbox.
+            self.held.retain(|gate| !gate.open(|| !rx.is_empty()));
         }
     }
 
@@ -280,13 +296,22 @@ impl<S: DeskStore> Session<S> {
         Error::SlowConsumer(self.ctx.queue).into()
     }
 
-    async fn emit(&self, frame: Out) -> Result<(), End> {
-        let response = Box::new(pb::ConnectResponse { frame: Some(frame) });
+    /// Room for one frame in the transport queue.
+    async fn reserve(&self) -> Result<mpsc::Permit<'_, EncodedConnectResponse>, End> {
         tokio::select! {
-            r = self.out.send(response) => r.map_err(|_| End::Gone),
+            r = self.outlet.sender().reserve() => r.map_err(|_| End::Gone),
             _ = self.overflow.cancelled() => Err(self.overflowed()),
             _ = self.ctx.shutdown.cancelled() => Err(Error::ShuttingDown.into()),
         }
+    }
+
+    async fn emit(&self, frame: Out) -> Result<(), End> {
+        self.emit_encoded(EncodedConnectResponse::new(frame)).await
+    }
+
+    async fn emit_encoded(&self, frame: EncodedConnectResponse) -> Result<(), End> {
+        self.reserve().await?.send(frame);
+        Ok(())
     }
 
     async fn refuse(&self, e: &Error, conversation_id: &str) -> Result<(), End> {
@@ -330,7 +355,7 @@ impl<S: DeskStore> Session<S> {
                 }
             }
             Some(In::Unsubscribe(u)) => {
-                self.subs.remove(&u.conversation_id);
+                self.unsubscribe(&u.conversation_id);
                 Ok(())
             }
             Some(In::Send(s)) => {
@@ -417,14 +442,16 @@ impl<S: DeskStore> Session<S> {
             Ok(e) => e,
             Err(e) => return self.refuse(&e, conversation_id).await,
         };
-        // Live first, so nothing published from now on can slip between history and live.
-        self.subs.remove(conversation_id);
+        // Live first, so nothing published from now on can slip between history and live;
+        // the gate stays held (live frames wait in the inbox) until the replay is done.
+        self.unsubscribe(conversation_id);
+        let gate = self.outlet.gate(since, false);
         let joined = match ctx
             .hub
             .join(
                 &conversation_channel(conversation_id),
                 Some(conversation_id),
-                &self.inbox,
+                &gate,
             )
             .await
         {
@@ -462,7 +489,7 @@ impl<S: DeskStore> Session<S> {
         self.subs.insert(
             conversation_id.to_owned(),
             Subscription {
-                delivered: since,
+                gate: gate.clone(),
                 _joined: joined,
             },
         );
@@ -472,12 +499,18 @@ impl<S: DeskStore> Session<S> {
             metrics::counter!(switchboard_common::metrics::MESSAGES_DELIVERED)
                 .increment(page.len() as u64);
             for message in page {
-                self.send_message(message).await?;
+                let seq = message.seq;
+                self.pass(
+                    &gate,
+                    seq,
+                    &EncodedConnectResponse::new(Out::Message(message)),
+                )
+                .await?;
             }
             if !full {
                 break;
             }
-            let after = self.delivered(conversation_id);
+            let after = gate.passed();
             page = match ctx
                 .messaging
                 .store()
@@ -488,7 +521,7 @@ impl<S: DeskStore> Session<S> {
                 Err(e) => return self.refuse(&e, conversation_id).await,
             };
         }
-        let to = self.delivered(conversation_id);
+        let to = gate.passed();
         let (from_seq, to_seq) = if to > since {
             (since.saturating_add(1), to)
         } else {
@@ -499,78 +532,130 @@ impl<S: DeskStore> Session<S> {
             from_seq,
             to_seq,
         }))
-        .await
+        .await?;
+        // Opened by the run loop once the inbox holds nothing of it.
+        self.held.push(gate);
+        Ok(())
     }
 
-    fn delivered(&self, conversation_id: &str) -> u64 {
-        self.subs
-            .get(conversation_id)
-            .map(|s| s.delivered)
-            .unwrap_or(0)
+    fn unsubscribe(&mut self, conversation_id: &str) {
+        if let Some(sub) = self.subs.remove(conversation_id) {
+            self.held.retain(|g| !Arc::ptr_eq(g, &sub.gate));
+        }
     }
 
-    /// Sends `message` if it is the next one of its subscription, filling a hole first.
-    async fn send_message(&mut self, message: pb::Message) -> Result<(), End> {
-        let conversation_id = message.conversation_id.clone();
-        let Some(delivered) = self.subs.get(&conversation_id).map(|s| s.delivered) else {
+    /// Sends message `seq` (`frame`) through `gate` if it is the next one of its
+    /// subscription, filling a hole from history first.
+    async fn pass(
+        &mut self,
+        gate: &Arc<Gate>,
+        seq: u64,
+        frame: &EncodedConnectResponse,
+    ) -> Result<(), End> {
+        let permit = self.reserve().await?;
+        let after = match gate.pass(seq, frame, permit) {
+            (Passed::Sent | Passed::Duplicate, _) => return Ok(()),
+            (Passed::Missing { after }, _) => after,
+        };
+        self.fill(gate, after, seq).await?;
+        let permit = self.reserve().await?;
+        match gate.pass(seq, frame, permit) {
+            (Passed::Sent | Passed::Duplicate, _) => Ok(()),
+            // History no longer has them (trimmed) or is unreachable: say so rather than skip.
+            (Passed::Missing { .. }, _) => Err(Error::Reconnect(
+                "could not recover missing messages; reconnect and resume from your last seq"
+                    .into(),
+            )
+            .into()),
+        }
+    }
+
+    /// Sends the messages after `after` and before `before` from history, as far as it has
+    /// them.
+    async fn fill(&mut self, gate: &Arc<Gate>, after: u64, before: u64) -> Result<(), End> {
+        let Some(conversation_id) = self
+            .subs
+            .iter()
+            .find(|(_, s)| Arc::ptr_eq(&s.gate, gate))
+            .map(|(id, _)| id.clone())
+        else {
             return Ok(());
         };
-        if message.seq <= delivered {
-            return Ok(());
-        }
-        if message.seq > delivered.saturating_add(1) {
-            let missing = match self
+        let mut cursor = Cursor::at(after);
+        while cursor.passed().saturating_add(1) < before {
+            let page = self
                 .ctx
                 .messaging
                 .store()
-                .history(&conversation_id, Range::After(delivered), REPLAY_PAGE)
+                .history(&conversation_id, Range::After(cursor.passed()), REPLAY_PAGE)
                 .await
-            {
-                Ok(p) => p.messages,
-                Err(e) => return Err(e.into()),
-            };
-            for m in missing.into_iter().take_while(|m| m.seq < message.seq) {
-                Box::pin(self.send_message(m)).await?;
+                .map_err(End::from)?
+                .messages;
+            let count = page.len();
+            for m in page.into_iter().take_while(|m| m.seq < before) {
+                let seq = m.seq;
+                let permit = self.reserve().await?;
+                if let (Passed::Missing { .. }, _) =
+                    gate.pass(seq, &EncodedConnectResponse::new(Out::Message(m)), permit)
+                {
+                    // History itself has a hole (trimmed): the caller says so.
+                    return Ok(());
+                }
+                cursor.advance(seq);
             }
-            if self.delivered(&conversation_id).saturating_add(1) < message.seq {
-                // History no longer has them (trimmed) or is unreachable: say so rather than skip.
-                return Err(Error::Reconnect(
-                    "could not recover missing messages; reconnect and resume from your last seq"
-                        .into(),
-                )
-                .into());
+            if count < REPLAY_PAGE || cursor.passed() == after {
+                return Ok(());
             }
-        }
-        let seq = message.seq;
-        self.emit(Out::Message(message)).await?;
-        if let Some(s) = self.subs.get_mut(&conversation_id) {
-            s.delivered = seq;
         }
         Ok(())
     }
 
-    async fn deliver(&mut self, delivery: Delivery) -> Result<(), End> {
-        match delivery {
-            Delivery::Message(message) => self.send_message(Arc::unwrap_or_clone(message)).await,
-            Delivery::Frame(frame) => {
-                let frame = Arc::unwrap_or_clone(frame);
-                let mut follow = None;
-                match &frame {
-                    Out::Typing(t) if t.user_id == self.caller.user_id => return Ok(()),
-                    Out::ConversationEvent(pb::ConversationEvent {
-                        conversation: Some(c),
-                        ..
-                    }) => {
-                        if !c.member_ids.contains(&self.caller.user_id) {
-                            // Left, removed, or a consultation transferred away.
-                            self.subs.remove(&c.id);
-                        } else if self.all && !self.subs.contains_key(&c.id) {
-                            follow = Some(c.id.clone());
-                        }
-                    }
-                    _ => {}
+    /// Whether `gate` is one this session still uses.
+    fn current(&self, gate: &Arc<Gate>, kind: &Kind) -> bool {
+        if Arc::ptr_eq(gate, &self.user_gate) {
+            return true;
+        }
+        match kind {
+            Kind::Message {
+                conversation_id, ..
+            } => self
+                .subs
+                .get(conversation_id)
+                .is_some_and(|s| Arc::ptr_eq(&s.gate, gate)),
+            _ => self.subs.values().any(|s| Arc::ptr_eq(&s.gate, gate)),
+        }
+    }
+
+    async fn deliver(&mut self, routed: Routed) -> Result<(), End> {
+        let Routed { gate, live, shown } = routed;
+        if !self.current(&gate, &live.kind) {
+            return Ok(());
+        }
+        if gate.held() && !self.held.iter().any(|g| Arc::ptr_eq(g, &gate)) {
+            self.held.push(gate.clone());
+        }
+        match &live.kind {
+            Kind::Message { seq, .. } => self.pass(&gate, *seq, &live.frame).await,
+            Kind::Receipt | Kind::Typing { .. } => {
+                if shown {
+                    Ok(())
+                } else {
+                    self.emit_encoded(live.frame.clone()).await
                 }
-                self.emit(frame).await?;
+            }
+            Kind::Event(event) => {
+                let mut follow = None;
+                if let Some(c) = &event.conversation {
+                    if !c.member_ids.contains(&self.caller.user_id) {
+                        // Left, removed, or a consultation transferred away.
+                        self.unsubscribe(&c.id);
+                    } else if self.all && !self.subs.contains_key(&c.id) {
+                        follow = Some(c.id.clone());
+                    }
+                }
+                if !shown {
+                    self.emit_encoded(live.frame.clone()).await?;
+                }
                 match follow {
                     Some(id) => {
                         let since = self.read_position(&id).await;

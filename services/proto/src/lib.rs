@@ -5,6 +5,7 @@
 #![allow(missing_docs, clippy::all)]
 
 pub mod codec;
+pub mod encoded;
 
 pub use prost;
 pub use prost_types;
@@ -35,6 +36,16 @@ pub mod messaging {
     /// Version 1 of the messaging contract.
     pub mod v1 {
         tonic::include_proto!("switchboard.messaging.v1");
+
+        /// The servers of `MessagingService` and `SupportService`. Generated from the same
+        /// `.proto`, but `Connect` answers [`crate::encoded::EncodedConnectResponse`], frames
+        /// encoded once and shared by every stream they go to.
+        pub mod servers {
+            include!(concat!(
+                env!("OUT_DIR"),
+                "/servers/switchboard.messaging.v1.rs"
+            ));
+        }
     }
 }
 
