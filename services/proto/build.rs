@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // a server type whose Connect would encode every delivery per stream from being used.
         .server_mod_attribute("switchboard.messaging.v1", "#[cfg(any())]")
         .file_descriptor_set_path(out.join("switchboard_descriptor.bin"))
-        .compile_protos(&files, &[root.clone()])?;
+        .compile_protos(&files, std::slice::from_ref(&root))?;
     // Messaging's servers again, over the types generated above, except that Connect
     // answers `EncodedConnectResponse`: a frame encoded once per instance and shared by every
     // stream it goes to (see src/encoded.rs). Same wire format, same descriptors.
