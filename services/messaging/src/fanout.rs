@@ -70,7 +70,7 @@ pub enum Kind {
         user_id: String,
     },
     /// A conversation event (creation, membership, desk); the session acts on it.
-    Event(pb::ConversationEvent),
+    Event(Box<pb::ConversationEvent>),
 }
 
 impl Live {
@@ -93,7 +93,7 @@ impl Live {
             Out::Typing(t) => Kind::Typing {
                 user_id: t.user_id.clone(),
             },
-            Out::ConversationEvent(e) => Kind::Event(e.clone()),
+            Out::ConversationEvent(e) => Kind::Event(Box::new(e.clone())),
             _ => return None,
         };
         Some(Self {
