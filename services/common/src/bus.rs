@@ -11,19 +11,26 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use futures::channel::mpsc as queue;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// A boxed future, so the bus can be used as `Arc<dyn Bus>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// How many events a subscriber may have queued before it is told [`BusEvent::Gap`].
-/// Kept small: tokio's broadcast channel allocates every slot up front, one channel per
-/// subscribed channel, and consumers drain it at once (a lag is recovered as a gap).
+///
+/// Each subscriber's queue is a `futures` bounded channel, which allocates per queued
+/// event and nothing up front: a process holds one subscription per live channel (tens of
+/// thousands when every stream has its own user channel), and most are idle, so slots
+/// allocated in advance (as tokio's broadcast and mpsc channels do) would dominate the
+/// memory of an idle stream. Events are few per channel per process (one per message, not
+/// per stream), so the allocation per event costs nothing that matters.
 pub const SUBSCRIBER_QUEUE: usize = 64;
 
 /// How long `subscribe` waits for Redis to confirm.
@@ -60,39 +67,56 @@ pub trait Bus: Send + Sync + 'static {
 
 /// A live subscription; dropping it unsubscribes (the last one per channel also at Redis).
 pub struct Subscription {
-    rx: broadcast::Receiver<BusEvent>,
+    rx: queue::Receiver<BusEvent>,
+    lagged: Arc<AtomicBool>,
     _lease: Lease,
 }
 
 impl Subscription {
     /// The next event; `None` once the bus has shut down.
+    ///
+    /// A gap is reported as soon as it is known, possibly before events queued ahead of
+    /// it: recovering from durable state then covers them too, and they arrive after as
+    /// duplicates, which consumers drop.
     pub async fn recv(&mut self) -> Option<BusEvent> {
-        match self.rx.recv().await {
-            Ok(event) => Some(event),
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                metrics::counter!(crate::metrics::QUEUE_OVERFLOWS).increment(1);
-                Some(BusEvent::Gap)
-            }
-            Err(broadcast::error::RecvError::Closed) => None,
+        if self.lagged.swap(false, Ordering::AcqRel) {
+            metrics::counter!(crate::metrics::QUEUE_OVERFLOWS).increment(1);
+            return Some(BusEvent::Gap);
         }
+        self.rx.next().await
     }
 }
 
 /// Local subscribers by channel, shared by both bus engines.
 #[derive(Default)]
 struct Registry {
-    channels: Mutex<HashMap<String, Entry>>,
+    channels: Mutex<HashMap<String, Vec<Sink>>>,
 }
 
-struct Entry {
-    tx: broadcast::Sender<BusEvent>,
-    leases: usize,
+/// One subscriber's end in the registry.
+struct Sink {
+    id: u64,
+    tx: queue::Sender<BusEvent>,
+    lagged: Arc<AtomicBool>,
 }
 
-/// Decrements a channel's lease count on drop; tells the Redis task when it reaches zero.
+impl Sink {
+    /// Queues `event`, or flags a gap when the queue is full.
+    fn offer(&mut self, event: BusEvent) {
+        if let Err(e) = self.tx.try_send(event)
+            && e.is_full()
+        {
+            self.lagged.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Removes its subscriber from the channel on drop; tells the Redis task when it was the
+/// last one.
 struct Lease {
     registry: Arc<Registry>,
     channel: String,
+    id: u64,
     on_last: Option<mpsc::Sender<Command>>,
 }
 
@@ -101,13 +125,13 @@ impl Drop for Lease {
         let last = {
             let mut channels = lock(&self.registry.channels);
             match channels.get_mut(&self.channel) {
-                Some(entry) if entry.leases > 1 => {
-                    entry.leases -= 1;
-                    false
-                }
-                Some(_) => {
-                    channels.remove(&self.channel);
-                    true
+                Some(sinks) => {
+                    sinks.retain(|s| s.id != self.id);
+                    let last = sinks.is_empty();
+                    if last {
+                        channels.remove(&self.channel);
+                    }
+                    last
                 }
                 None => false,
             }
@@ -127,25 +151,47 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Registry {
-    /// Adds a lease on `channel`; returns the receiver and whether it is the first lease.
-    fn add(&self, channel: &str) -> (broadcast::Receiver<BusEvent>, bool) {
-        let mut channels = lock(&self.channels);
-        match channels.get_mut(channel) {
-            Some(entry) => {
-                entry.leases += 1;
-                (entry.tx.subscribe(), false)
-            }
-            None => {
-                let (tx, rx) = broadcast::channel(SUBSCRIBER_QUEUE);
-                channels.insert(channel.to_owned(), Entry { tx, leases: 1 });
-                (rx, true)
-            }
-        }
+    /// Adds a subscriber to `channel`; returns its subscription and whether it is the
+    /// channel's first.
+    fn add(
+        self: &Arc<Self>,
+        channel: &str,
+        on_last: Option<mpsc::Sender<Command>>,
+    ) -> (Subscription, bool) {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        // One slot is the sender's own (see `futures::channel::mpsc::channel`).
+        let (tx, rx) = queue::channel(SUBSCRIBER_QUEUE - 1);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let sink = Sink {
+            id,
+            tx,
+            lagged: lagged.clone(),
+        };
+        let first = {
+            let mut channels = lock(&self.channels);
+            let sinks = channels.entry(channel.to_owned()).or_default();
+            sinks.push(sink);
+            sinks.len() == 1
+        };
+        let subscription = Subscription {
+            rx,
+            lagged,
+            _lease: Lease {
+                registry: self.clone(),
+                channel: channel.to_owned(),
+                id,
+                on_last,
+            },
+        };
+        (subscription, first)
     }
 
     fn deliver(&self, channel: &str, event: BusEvent) {
-        if let Some(entry) = lock(&self.channels).get(channel) {
-            let _ = entry.tx.send(event);
+        if let Some(sinks) = lock(&self.channels).get_mut(channel) {
+            for sink in sinks {
+                sink.offer(event.clone());
+            }
         }
     }
 
@@ -158,8 +204,10 @@ impl Registry {
     }
 
     fn gap_all(&self) {
-        for entry in lock(&self.channels).values() {
-            let _ = entry.tx.send(BusEvent::Gap);
+        for sinks in lock(&self.channels).values_mut() {
+            for sink in sinks {
+                sink.offer(BusEvent::Gap);
+            }
         }
     }
 }
@@ -196,13 +244,8 @@ impl Bus for MemoryBus {
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Subscription, BusError>> {
-        let (rx, _) = self.registry.add(channel);
-        let lease = Lease {
-            registry: self.registry.clone(),
-            channel: channel.to_owned(),
-            on_last: None,
-        };
-        Box::pin(async move { Ok(Subscription { rx, _lease: lease }) })
+        let (subscription, _) = self.registry.add(channel, None);
+        Box::pin(async move { Ok(subscription) })
     }
 }
 
@@ -259,13 +302,7 @@ impl Bus for RedisBus {
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Subscription, BusError>> {
         Box::pin(async move {
-            let (rx, first) = self.registry.add(channel);
-            let lease = Lease {
-                registry: self.registry.clone(),
-                channel: channel.to_owned(),
-                on_last: Some(self.commands.clone()),
-            };
-            let subscription = Subscription { rx, _lease: lease };
+            let (subscription, first) = self.registry.add(channel, Some(self.commands.clone()));
             if first {
                 let (ack, done) = oneshot::channel();
                 let confirmed = tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
@@ -411,5 +448,28 @@ mod tests {
             bus.publish("c", vec![i as u8]).await.expect("publish");
         }
         assert_eq!(s.recv().await, Some(BusEvent::Gap));
+        // What was queued before the overflow still arrives, then nothing more.
+        for i in 0..SUBSCRIBER_QUEUE {
+            assert_eq!(
+                s.recv().await,
+                Some(BusEvent::Message(Arc::from(&[i as u8][..]))),
+                "event {i}"
+            );
+        }
+        bus.publish("c", b"after".to_vec()).await.expect("publish");
+        assert_eq!(
+            s.recv().await,
+            Some(BusEvent::Message(Arc::from(&b"after"[..])))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gap_reaches_every_subscriber_of_every_channel() {
+        let bus = MemoryBus::new();
+        let mut a = bus.subscribe("a").await.expect("subscribe");
+        let mut b = bus.subscribe("b").await.expect("subscribe");
+        bus.registry.gap_all();
+        assert_eq!(a.recv().await, Some(BusEvent::Gap));
+        assert_eq!(b.recv().await, Some(BusEvent::Gap));
     }
 }

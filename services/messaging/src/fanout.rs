@@ -428,74 +428,106 @@ impl<S: MessagingStore> Hub<S> {
     }
 }
 
+/// A payload, decoded and its frame encoded, with what the feed needs besides.
+struct Incoming {
+    live: Live,
+    /// The seq of a message (0 for ephemeral frames).
+    seq: u64,
+    trace: HashMap<String, String>,
+    sent_at: Option<switchboard_proto::prost_types::Timestamp>,
+}
+
+/// Decodes a payload; `None` for what no stream shows (logged when undecodable).
+fn incoming(channel: &str, payload: &[u8]) -> Option<Incoming> {
+    match decode(payload) {
+        Some(Frame::Message(seq, envelope)) => {
+            let mut message = envelope.message?;
+            message.seq = seq;
+            let sent_at = message.sent_at;
+            Some(Incoming {
+                live: Live::message(message),
+                seq,
+                trace: envelope.trace,
+                sent_at,
+            })
+        }
+        Some(Frame::Event(envelope)) => {
+            let frame = if let Some(r) = envelope.receipt {
+                Out::Receipt(r)
+            } else if let Some(t) = envelope.typing {
+                Out::Typing(t)
+            } else {
+                Out::ConversationEvent(envelope.event?)
+            };
+            Some(Incoming {
+                live: Live::ephemeral(frame)?,
+                seq: 0,
+                trace: envelope.trace,
+                sent_at: None,
+            })
+        }
+        None => {
+            tracing::warn!(%channel, "ignoring an undecodable payload");
+            None
+        }
+    }
+}
+
 async fn run_feed<S: MessagingStore>(
     feed: Weak<Feed>,
     mut subscription: switchboard_common::bus::Subscription,
     store: Arc<S>,
     conversation: Option<String>,
 ) {
+    // One task per channel per instance, mostly idle: payloads are decoded outside this
+    // future and filling from history is boxed, so an idle feed holds little more than
+    // its subscription.
     // Unknown until the first message: a feed starts wherever the conversation is.
     let mut cursor: Option<Cursor> = None;
     while let Some(event) = subscription.recv().await {
         let Some(feed) = feed.upgrade() else { return };
-        match event {
-            BusEvent::Message(payload) => match decode(&payload) {
-                Some(Frame::Message(seq, envelope)) => {
-                    let Some(mut message) = envelope.message else {
-                        continue;
-                    };
-                    match cursor.map(|c| c.check(seq)) {
-                        Some(Next::Duplicate) => continue,
-                        Some(Next::Missing { after }) => {
-                            if let Some(c) = &conversation
-                                && let Some(filled) =
-                                    fill(&feed, &*store, c, after, Some(seq - 1)).await
-                            {
-                                cursor = Some(Cursor::at(filled));
-                            }
-                        }
-                        Some(Next::Pass) | None => {}
+        let payload = match event {
+            BusEvent::Message(payload) => payload,
+            BusEvent::Gap => {
+                if let (Some(c), Some(name)) = (cursor, &conversation) {
+                    tracing::info!(channel = %feed.channel, after = c.passed(), "filling a pub/sub gap from history");
+                    if let Some(filled) =
+                        Box::pin(fill(&feed, &*store, name, c.passed(), None)).await
+                    {
+                        cursor = Some(Cursor::at(filled));
+                    }
+                }
+                continue;
+            }
+        };
+        let Some(incoming) = incoming(&feed.channel, &payload) else {
+            continue;
+        };
+        let seq = incoming.seq;
+        if let Kind::Message { .. } = incoming.live.kind {
+            match cursor.map(|c| c.check(seq)) {
+                Some(Next::Duplicate) => continue,
+                Some(Next::Missing { after }) => {
+                    if let Some(c) = &conversation
+                        && let Some(filled) =
+                            Box::pin(fill(&feed, &*store, c, after, Some(seq - 1))).await
+                    {
+                        cursor = Some(Cursor::at(filled));
                     }
                     // History may have caught up past it while filling.
                     if cursor.is_some_and(|c| c.check(seq) == Next::Duplicate) {
                         continue;
                     }
-                    message.seq = seq;
-                    let span = deliver_span(&envelope.trace, conversation.as_deref(), seq);
-                    let sent_at = message.sent_at;
-                    let live = Arc::new(Live::message(message));
-                    let streams = span.in_scope(|| feed.dispatch(&live));
-                    span.record("switchboard.local_subscribers", streams);
-                    delivered(streams, sent_at);
-                    cursor.get_or_insert_default().advance(seq);
                 }
-                Some(Frame::Event(envelope)) => {
-                    let frame = if let Some(r) = envelope.receipt {
-                        Out::Receipt(r)
-                    } else if let Some(t) = envelope.typing {
-                        Out::Typing(t)
-                    } else if let Some(e) = envelope.event {
-                        Out::ConversationEvent(e)
-                    } else {
-                        continue;
-                    };
-                    let Some(live) = Live::ephemeral(frame) else {
-                        continue;
-                    };
-                    let span = deliver_span(&envelope.trace, conversation.as_deref(), 0);
-                    let streams = span.in_scope(|| feed.dispatch(&Arc::new(live)));
-                    span.record("switchboard.local_subscribers", streams);
-                }
-                None => tracing::warn!(channel = %feed.channel, "ignoring an undecodable payload"),
-            },
-            BusEvent::Gap => {
-                if let (Some(c), Some(name)) = (cursor, &conversation) {
-                    tracing::info!(channel = %feed.channel, after = c.passed(), "filling a pub/sub gap from history");
-                    if let Some(filled) = fill(&feed, &*store, name, c.passed(), None).await {
-                        cursor = Some(Cursor::at(filled));
-                    }
-                }
+                Some(Next::Pass) | None => {}
             }
+            cursor.get_or_insert_default().advance(seq);
+        }
+        let span = deliver_span(&incoming.trace, conversation.as_deref(), seq);
+        let streams = span.in_scope(|| feed.dispatch(&Arc::new(incoming.live)));
+        span.record("switchboard.local_subscribers", streams);
+        if seq > 0 {
+            delivered(streams, incoming.sent_at);
         }
     }
 }

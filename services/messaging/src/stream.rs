@@ -219,11 +219,14 @@ impl<S: DeskStore> Session<S> {
         mut rx: mpsc::Receiver<Routed>,
     ) -> End {
         let user_gate = self.user_gate.clone();
-        let _user_feed = match self
-            .ctx
-            .hub
-            .join(&user_channel(&self.caller.user_id), None, &user_gate)
-            .await
+        // Boxed, here and below: the task lives as long as the stream, and an idle one should
+        // hold the futures it waits on, not room for the largest it ever awaited.
+        let _user_feed = match Box::pin(self.ctx.hub.join(
+            &user_channel(&self.caller.user_id),
+            None,
+            &user_gate,
+        ))
+        .await
         {
             Ok(j) => j,
             Err(e) => return End::Status(e.to_status()),
@@ -263,7 +266,7 @@ impl<S: DeskStore> Session<S> {
                 },
                 // Deliveries before client frames: draining the inbox is what keeps a busy
                 // sender from being cut off as a slow consumer.
-                Some(routed) = rx.recv() => self.deliver(routed).await,
+                Some(routed) = rx.recv() => Box::pin(self.deliver(routed)).await,
                 frame = inbound.message(), if inbound_open => match frame {
                     // Boxed: client frames are rare next to deliveries, and the idle task
                     // then holds a pointer instead of space for the largest frame handler.
