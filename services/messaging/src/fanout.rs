@@ -43,13 +43,17 @@ use crate::store::{MessagingStore, Range};
 /// Page size when a feed fills a gap from history.
 const FILL_PAGE: usize = 200;
 
+/// An encoded frame as queues hold it: one pointer, so a stream's queue costs 8 bytes a
+/// slot (tokio allocates a queue's first 32 slots up front, idle or not).
+pub type Shared = Arc<EncodedConnectResponse>;
+
 /// One payload as this instance hands it on: decoded once, its frame encoded once.
 #[derive(Debug)]
 pub struct Live {
     /// What it is, with what the gates and sessions decide on.
     pub kind: Kind,
     /// The frame every stream sends, encoded.
-    pub frame: EncodedConnectResponse,
+    pub frame: Shared,
 }
 
 /// The kinds of [`Live`] payload.
@@ -82,7 +86,7 @@ impl Live {
         };
         Self {
             kind,
-            frame: EncodedConnectResponse::new(Out::Message(message)),
+            frame: Arc::new(EncodedConnectResponse::new(Out::Message(message))),
         }
     }
 
@@ -98,7 +102,7 @@ impl Live {
         };
         Some(Self {
             kind,
-            frame: EncodedConnectResponse::new(frame),
+            frame: Arc::new(EncodedConnectResponse::new(frame)),
         })
     }
 }
@@ -118,17 +122,18 @@ pub struct Routed {
 /// cut-off signal. Shared by the stream's session and every gate it has.
 pub struct Outlet {
     user_id: String,
-    out: mpsc::Sender<EncodedConnectResponse>,
-    inbox: mpsc::Sender<Routed>,
+    out: mpsc::Sender<Shared>,
+    /// Boxed for the same reason; only the slow path goes through it.
+    inbox: mpsc::Sender<Box<Routed>>,
     overflow: CancellationToken,
 }
 
 /// What [`Outlet::new`] gives the stream's session and transport.
 pub struct OutletEnds {
     /// Frames for the transport, in order.
-    pub frames: mpsc::Receiver<EncodedConnectResponse>,
+    pub frames: mpsc::Receiver<Shared>,
     /// The session's slow path.
-    pub inbox: mpsc::Receiver<Routed>,
+    pub inbox: mpsc::Receiver<Box<Routed>>,
     /// Fires when a queue overflowed.
     pub overflow: CancellationToken,
 }
@@ -156,7 +161,7 @@ impl Outlet {
     }
 
     /// The transport queue, for the session's own frames.
-    pub fn sender(&self) -> &mpsc::Sender<EncodedConnectResponse> {
+    pub fn sender(&self) -> &mpsc::Sender<Shared> {
         &self.out
     }
 
@@ -267,11 +272,11 @@ impl Gate {
                 Kind::Receipt | Kind::Typing { .. } => return true,
             }
         }
-        let routed = Routed {
+        let routed = Box::new(Routed {
             gate: self.clone(),
             live: live.clone(),
             shown: direct,
-        };
+        });
         match outlet.inbox.try_send(routed) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -287,9 +292,9 @@ impl Gate {
     pub fn pass<'a>(
         &self,
         seq: u64,
-        frame: &EncodedConnectResponse,
-        permit: mpsc::Permit<'a, EncodedConnectResponse>,
-    ) -> (Passed, Option<mpsc::Permit<'a, EncodedConnectResponse>>) {
+        frame: &Shared,
+        permit: mpsc::Permit<'a, Shared>,
+    ) -> (Passed, Option<mpsc::Permit<'a, Shared>>) {
         let mut state = lock(&self.state);
         match state.cursor.check(seq) {
             Next::Pass => {

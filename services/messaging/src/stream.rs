@@ -37,7 +37,7 @@ use tracing::Instrument;
 
 use crate::domain::Messaging;
 use crate::error::Error;
-use crate::fanout::{Gate, Hub, Joined, Kind, Outlet, OutletEnds, Passed, Routed};
+use crate::fanout::{Gate, Hub, Joined, Kind, Outlet, OutletEnds, Passed, Routed, Shared};
 use crate::gapless::Cursor;
 use crate::message::Draft;
 use crate::store::{DeskStore, Range, conversation_channel, user_channel};
@@ -67,7 +67,7 @@ pub struct Streams<S> {
 /// every frame that is ready before it yields to the transport, so frames that queue up
 /// under load leave in one write, and a lone frame leaves at once.
 pub struct Outbound {
-    frames: mpsc::Receiver<EncodedConnectResponse>,
+    frames: mpsc::Receiver<Shared>,
     end: Option<oneshot::Receiver<Status>>,
 }
 
@@ -87,7 +87,10 @@ impl Stream for Outbound {
             }
         }
         match self.frames.poll_recv(cx) {
-            Poll::Ready(Some(frame)) => Poll::Ready(Some(Ok(frame))),
+            // A reference-count bump: the bytes are the ones the feed encoded.
+            Poll::Ready(Some(frame)) => {
+                Poll::Ready(Some(Ok(EncodedConnectResponse::clone(&frame))))
+            }
             Poll::Ready(None) if self.end.is_some() => Poll::Pending,
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
@@ -216,7 +219,7 @@ impl<S: DeskStore> Session<S> {
     async fn run(
         &mut self,
         mut inbound: Streaming<pb::ConnectRequest>,
-        mut rx: mpsc::Receiver<Routed>,
+        mut rx: mpsc::Receiver<Box<Routed>>,
     ) -> End {
         let user_gate = self.user_gate.clone();
         // Boxed, here and below: the task lives as long as the stream, and an idle one should
@@ -300,7 +303,7 @@ impl<S: DeskStore> Session<S> {
     }
 
     /// Room for one frame in the transport queue.
-    async fn reserve(&self) -> Result<mpsc::Permit<'_, EncodedConnectResponse>, End> {
+    async fn reserve(&self) -> Result<mpsc::Permit<'_, Shared>, End> {
         tokio::select! {
             r = self.outlet.sender().reserve() => r.map_err(|_| End::Gone),
             _ = self.overflow.cancelled() => Err(self.overflowed()),
@@ -309,10 +312,11 @@ impl<S: DeskStore> Session<S> {
     }
 
     async fn emit(&self, frame: Out) -> Result<(), End> {
-        self.emit_encoded(EncodedConnectResponse::new(frame)).await
+        self.emit_encoded(Arc::new(EncodedConnectResponse::new(frame)))
+            .await
     }
 
-    async fn emit_encoded(&self, frame: EncodedConnectResponse) -> Result<(), End> {
+    async fn emit_encoded(&self, frame: Shared) -> Result<(), End> {
         self.reserve().await?.send(frame);
         Ok(())
     }
@@ -506,7 +510,7 @@ impl<S: DeskStore> Session<S> {
                 self.pass(
                     &gate,
                     seq,
-                    &EncodedConnectResponse::new(Out::Message(message)),
+                    &Arc::new(EncodedConnectResponse::new(Out::Message(message))),
                 )
                 .await?;
             }
@@ -549,12 +553,7 @@ impl<S: DeskStore> Session<S> {
 
     /// Sends message `seq` (`frame`) through `gate` if it is the next one of its
     /// subscription, filling a hole from history first.
-    async fn pass(
-        &mut self,
-        gate: &Arc<Gate>,
-        seq: u64,
-        frame: &EncodedConnectResponse,
-    ) -> Result<(), End> {
+    async fn pass(&mut self, gate: &Arc<Gate>, seq: u64, frame: &Shared) -> Result<(), End> {
         let permit = self.reserve().await?;
         let after = match gate.pass(seq, frame, permit) {
             (Passed::Sent | Passed::Duplicate, _) => return Ok(()),
@@ -598,9 +597,11 @@ impl<S: DeskStore> Session<S> {
             for m in page.into_iter().take_while(|m| m.seq < before) {
                 let seq = m.seq;
                 let permit = self.reserve().await?;
-                if let (Passed::Missing { .. }, _) =
-                    gate.pass(seq, &EncodedConnectResponse::new(Out::Message(m)), permit)
-                {
+                if let (Passed::Missing { .. }, _) = gate.pass(
+                    seq,
+                    &Arc::new(EncodedConnectResponse::new(Out::Message(m))),
+                    permit,
+                ) {
                     // History itself has a hole (trimmed): the caller says so.
                     return Ok(());
                 }
@@ -629,8 +630,8 @@ impl<S: DeskStore> Session<S> {
         }
     }
 
-    async fn deliver(&mut self, routed: Routed) -> Result<(), End> {
-        let Routed { gate, live, shown } = routed;
+    async fn deliver(&mut self, routed: Box<Routed>) -> Result<(), End> {
+        let Routed { gate, live, shown } = *routed;
         if !self.current(&gate, &live.kind) {
             return Ok(());
         }

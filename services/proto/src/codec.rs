@@ -1,10 +1,12 @@
 //! The protobuf codec of every Switchboard service and client: tonic-prost's, with
-//! 1 KiB initial buffers instead of 8 KiB, and undecodable bytes answered
+//! 256-byte initial buffers instead of 8 KiB, and undecodable bytes answered
 //! INVALID_ARGUMENT (the sender's fault) instead of tonic-prost's INTERNAL.
 //!
 //! Each open stream keeps one encode and one decode buffer for its whole life; with tens
 //! of thousands of mostly idle `Connect` streams per instance the default 16 KiB per stream
-//! dominated memory. Buffers still grow on demand for larger messages.
+//! dominated memory. 256 bytes hold a typical frame (a message with a short body is about
+//! 150); buffers grow on demand for larger ones and for frames that queue up and leave
+//! in one write.
 
 use std::marker::PhantomData;
 
@@ -13,7 +15,7 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::ProstEncoder;
 
 /// Initial size of a stream's encode and decode buffers.
-pub const BUFFER_BYTES: usize = 1024;
+pub const BUFFER_BYTES: usize = 256;
 /// Encoded bytes after which a streaming response yields to the transport (tonic's default).
 pub const YIELD_THRESHOLD: usize = 32 * 1024;
 
