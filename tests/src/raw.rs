@@ -139,3 +139,21 @@ impl RawCall {
         .context("no status in time")?
     }
 }
+
+/// The SETTINGS_MAX_CONCURRENT_STREAMS the server at `addr` announces to a new connection.
+pub async fn announced_max_streams(addr: SocketAddr, limit: Duration) -> anyhow::Result<usize> {
+    let tcp = TcpStream::connect(addr).await?;
+    let (_client, mut conn): (h2::client::SendRequest<Bytes>, _) =
+        h2::client::handshake(tcp).await?;
+    let mut ping = conn.ping_pong().context("ping_pong taken")?;
+    // The server's SETTINGS come first; once a ping has come back, they have been applied.
+    tokio::time::timeout(limit, async {
+        tokio::select! {
+            r = &mut conn => r.map_err(anyhow::Error::from).and_then(|()| bail!("connection closed")),
+            r = ping.ping(h2::Ping::opaque()) => r.map_err(anyhow::Error::from),
+        }
+    })
+    .await
+    .context("no ping answer")??;
+    Ok(conn.max_concurrent_send_streams())
+}

@@ -932,6 +932,34 @@ async fn a_connection_that_never_sends_the_preface_is_closed() {
 }
 
 #[tokio::test]
+async fn each_connection_is_told_how_many_streams_it_may_open() {
+    use switchboard_common::config::ServerLimits;
+    let default = spawn_auth(None, AuthOptions::default())
+        .await
+        .expect("auth");
+    let announced = switchboard_tests::raw::announced_max_streams(default.addr, LIMIT)
+        .await
+        .expect("settings");
+    assert_eq!(announced, 1000, "the default MAX_STREAMS_PER_CONNECTION");
+    let tight = spawn_auth(
+        None,
+        AuthOptions {
+            limits: ServerLimits {
+                max_streams_per_connection: 3,
+                ..ServerLimits::default()
+            },
+            ..AuthOptions::default()
+        },
+    )
+    .await
+    .expect("auth");
+    let announced = switchboard_tests::raw::announced_max_streams(tight.addr, LIMIT)
+        .await
+        .expect("settings");
+    assert_eq!(announced, 3);
+}
+
+#[tokio::test]
 async fn streams_per_user_are_capped_on_each_instance() {
     let redis = RedisServer::spawn().expect("redis");
     let auth = spawn_auth(Some(&redis), AuthOptions::default())

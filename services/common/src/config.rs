@@ -39,6 +39,7 @@ pub mod env {
     pub const SERVICE_TOKEN: &str = "SERVICE_TOKEN";
     /// Unary calls served at once per instance before new ones are shed.
     pub const MAX_CONCURRENT_REQUESTS: &str = "MAX_CONCURRENT_REQUESTS";
+    pub const MAX_STREAMS_PER_CONNECTION: &str = "MAX_STREAMS_PER_CONNECTION";
     /// Longest a unary call may run, in milliseconds.
     pub const UNARY_TIMEOUT_MS: &str = "UNARY_TIMEOUT_MS";
     /// Longest a new connection may take to send its first bytes (HTTP/2 preface or TLS
@@ -197,6 +198,11 @@ pub struct ServerArgs {
     /// 0: no limit.
     #[arg(long, env = env::HANDSHAKE_TIMEOUT_MS, default_value_t = 10_000, value_name = "MS")]
     pub handshake_timeout_ms: u64,
+    /// HTTP/2 streams (calls) one connection may have open at once, announced to the client
+    /// in SETTINGS_MAX_CONCURRENT_STREAMS; a client opens more only as earlier ones end.
+    /// Bounds what one connection can hold on an instance. 1 to 1000000.
+    #[arg(long, env = env::MAX_STREAMS_PER_CONNECTION, default_value_t = 1000, value_name = "N")]
+    pub max_streams_per_connection: u32,
 }
 
 /// Validated server settings.
@@ -227,6 +233,8 @@ pub struct ServerLimits {
     pub unary_timeout: Option<Duration>,
     /// Longest a connection may take to send its first bytes.
     pub handshake_timeout: Option<Duration>,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for ServerLimits {
@@ -236,6 +244,7 @@ impl Default for ServerLimits {
             max_concurrent_requests: Some(1024),
             unary_timeout: Some(Duration::from_secs(30)),
             handshake_timeout: Some(Duration::from_secs(10)),
+            max_streams_per_connection: 1000,
         }
     }
 }
@@ -301,6 +310,12 @@ impl ServerArgs {
                 env::MAX_MESSAGE_BYTES
             ));
         }
+        if !(1..=1_000_000).contains(&self.max_streams_per_connection) {
+            problems.add(format!(
+                "{}: must be 1 to 1000000",
+                env::MAX_STREAMS_PER_CONNECTION
+            ));
+        }
         if metrics_addr
             .0
             .is_some_and(|m| m.port() != 0 && m == listen_addr)
@@ -323,6 +338,7 @@ impl ServerArgs {
                     .then_some(self.max_concurrent_requests),
                 unary_timeout: millis(self.unary_timeout_ms),
                 handshake_timeout: millis(self.handshake_timeout_ms),
+                max_streams_per_connection: self.max_streams_per_connection,
             },
         }
     }

@@ -473,6 +473,8 @@ pub async fn serve(
         // Detect dead peers on long-lived streams (mobile clients vanish without a FIN).
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        // tonic's default is no bound at all.
+        .max_concurrent_streams(Some(config.limits.max_streams_per_connection))
         // Outermost: one span per call continuing the caller's trace (OpenTelemetry RPC
         // conventions) and the call metrics, so they see every call and its final status.
         .layer(crate::rpc::ServerTraceLayer::new(assembly.long_lived))
