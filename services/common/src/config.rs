@@ -39,6 +39,7 @@ pub mod env {
     pub const SERVICE_TOKEN: &str = "SERVICE_TOKEN";
     /// Unary calls served at once per instance before new ones are shed.
     pub const MAX_CONCURRENT_REQUESTS: &str = "MAX_CONCURRENT_REQUESTS";
+    /// HTTP/2 streams one connection may have open at once.
     pub const MAX_STREAMS_PER_CONNECTION: &str = "MAX_STREAMS_PER_CONNECTION";
     /// Longest a unary call may run, in milliseconds.
     pub const UNARY_TIMEOUT_MS: &str = "UNARY_TIMEOUT_MS";
