@@ -95,6 +95,10 @@ def median(label, system, get):
 metrics = {
     "p99 µs": lambda r: r["latency_us"]["p99"],
     "server CPU s": lambda r: r["server_cpu_s"],
+    # Server CPU per delivery, and the benchmark client's own CPU (Switchboard's bench
+    # reports it; on 2 cores it competes with the servers).
+    "server CPU µs/delivery": lambda r: 1e6 * r["server_cpu_s"] / r["delivered"] if r.get("delivered") else None,
+    "client CPU s": lambda r: r.get("client_cpu_s"),
     "deliveries/s": lambda r: r["deliveries_per_s"],
     "lost": lambda r: r["lost"],
     "bytes/stream": lambda r: r["bytes_per_stream"],
@@ -113,6 +117,11 @@ for label in labels:
         if s is None and b is None:
             continue
         ratio = f"{b / s:.2f}" if s not in (None, 0) and b is not None else "–"
-        fmt = lambda v: "failed" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:g}")
-        print(f"| {label} | {name} | {fmt(s)} | {fmt(b)} | {ratio} |")
+        def ran(system):
+            return any(r.get("_label") == label and r.get("system") == system and not r.get("failed") for r in rows)
+        def fmt(v, system):
+            if v is None:
+                return "–" if ran(system) else "failed"
+            return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+        print(f"| {label} | {name} | {fmt(s, 'socketio')} | {fmt(b, 'switchboard')} | {ratio} |")
 EOF
