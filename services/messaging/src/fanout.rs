@@ -604,3 +604,145 @@ async fn fill<S: MessagingStore>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(seq: u64) -> Arc<Live> {
+        Arc::new(Live::message(pb::Message {
+            conversation_id: "c".into(),
+            seq,
+            ..Default::default()
+        }))
+    }
+
+    fn typing(user: &str) -> Arc<Live> {
+        Arc::new(
+            Live::ephemeral(Out::Typing(pb::TypingEvent {
+                conversation_id: "c".into(),
+                user_id: user.into(),
+            }))
+            .expect("ephemeral"),
+        )
+    }
+
+    /// The seqs (0 for other frames) in the transport queue, in order.
+    fn sent(ends: &mut OutletEnds) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Ok(frame) = ends.frames.try_recv() {
+            out.push(match frame.decode_response().map(|r| r.frame) {
+                Ok(Some(Out::Message(m))) => m.seq,
+                _ => 0,
+            });
+        }
+        out
+    }
+
+    /// The seqs routed to the session, in order.
+    fn routed(ends: &mut OutletEnds) -> Vec<(u64, bool)> {
+        let mut out = Vec::new();
+        while let Ok(r) = ends.inbox.try_recv() {
+            let seq = match r.live.kind {
+                Kind::Message { seq, .. } => seq,
+                _ => 0,
+            };
+            out.push((seq, r.shown));
+        }
+        out
+    }
+
+    #[test]
+    fn a_live_gate_sends_the_next_seq_itself_and_holds_at_a_gap() {
+        let (outlet, mut ends) = Outlet::new("me", 16);
+        let gate = outlet.gate(3, true);
+        assert!(gate.offer("c", &message(4)));
+        assert!(
+            gate.offer("c", &message(4)),
+            "a repeat is dropped, not an error"
+        );
+        assert!(gate.offer("c", &message(2)));
+        assert_eq!(sent(&mut ends), vec![4]);
+        assert!(routed(&mut ends).is_empty());
+        // 5 is missing: 6 and everything after it go to the session, in order.
+        assert!(gate.offer("c", &message(6)));
+        assert!(gate.held());
+        assert!(gate.offer("c", &message(7)));
+        assert!(gate.offer("c", &typing("other")));
+        assert!(sent(&mut ends).is_empty());
+        assert_eq!(routed(&mut ends), vec![(6, false), (7, false), (0, false)]);
+        // The session passes 5 (from history), then 6 and 7.
+        for seq in [5, 6, 7] {
+            let permit = outlet.sender().try_reserve().expect("room");
+            let (passed, _) = gate.pass(seq, &message(seq).frame, permit);
+            assert_eq!(passed, Passed::Sent, "seq {seq}");
+        }
+        let permit = outlet.sender().try_reserve().expect("room");
+        assert_eq!(
+            gate.pass(9, &message(9).frame, permit).0,
+            Passed::Missing { after: 7 }
+        );
+        assert_eq!(sent(&mut ends), vec![5, 6, 7]);
+        // Opened only once nothing of it waits; then the feed sends again.
+        assert!(!gate.open(|| true));
+        assert!(gate.open(|| false));
+        assert!(gate.offer("c", &message(8)));
+        assert_eq!(sent(&mut ends), vec![8]);
+    }
+
+    #[test]
+    fn a_held_gate_routes_everything_until_opened() {
+        let (outlet, mut ends) = Outlet::new("me", 16);
+        let gate = outlet.gate(0, false);
+        assert!(gate.offer("c", &message(1)));
+        assert!(sent(&mut ends).is_empty());
+        assert_eq!(routed(&mut ends), vec![(1, false)]);
+        let permit = outlet.sender().try_reserve().expect("room");
+        assert_eq!(gate.pass(1, &message(1).frame, permit).0, Passed::Sent);
+        let permit = outlet.sender().try_reserve().expect("room");
+        assert_eq!(gate.pass(1, &message(1).frame, permit).0, Passed::Duplicate);
+        assert!(gate.open(|| false));
+        assert!(gate.offer("c", &message(2)));
+        assert_eq!(sent(&mut ends), vec![1, 2]);
+        assert_eq!(gate.passed(), 2);
+    }
+
+    #[test]
+    fn own_typing_is_not_shown_and_events_reach_the_session_too() {
+        let (outlet, mut ends) = Outlet::new("me", 16);
+        let gate = outlet.gate(0, true);
+        assert!(gate.offer("u", &typing("me")));
+        assert!(gate.offer("u", &typing("other")));
+        let event = Arc::new(
+            Live::ephemeral(Out::ConversationEvent(pb::ConversationEvent::default()))
+                .expect("ephemeral"),
+        );
+        assert!(gate.offer("u", &event));
+        assert_eq!(
+            sent(&mut ends),
+            vec![0, 0],
+            "other's typing, then the event"
+        );
+        assert_eq!(
+            routed(&mut ends),
+            vec![(0, true)],
+            "the event, already shown"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_cuts_the_stream_off() {
+        let (outlet, mut ends) = Outlet::new("me", 2);
+        let gate = outlet.gate(0, true);
+        assert!(gate.offer("c", &message(1)));
+        assert!(gate.offer("c", &message(2)));
+        assert!(!ends.overflow.is_cancelled());
+        assert!(!gate.offer("c", &message(3)), "the feed drops the gate");
+        assert!(ends.overflow.is_cancelled());
+        assert_eq!(gate.passed(), 2, "3 was not counted as sent");
+        assert_eq!(sent(&mut ends), vec![1, 2]);
+        // Gone: the feed drops it too.
+        drop(ends);
+        assert!(!gate.offer("c", &message(3)));
+    }
+}

@@ -3,10 +3,12 @@
 //!
 //! How a message travels: [`domain::Messaging::send`] hands it to the store's one atomic
 //! step ([`store::MessagingStore::send`]: idempotency, membership, next seq, history append,
-//! publish). Each instance holds one pub/sub connection; [`fanout`] turns a published
-//! message into one delivery per local stream, and [`stream`] keeps each stream's
-//! deliveries gapless and duplicate-free, filling from history when pub/sub drops
-//! something. Tokens are verified locally with auth's published keys.
+//! publish). Each instance holds one pub/sub connection; [`fanout`] decodes a published
+//! message once, encodes its frame once, and puts a shared copy into the transport queue of
+//! every local stream that is up to date; [`stream`] handles the rest (subscriptions,
+//! history replay, gaps), so that every stream's deliveries are gapless and duplicate-free
+//! by one rule ([`gapless`]), filling from history when pub/sub drops something. Tokens
+//! are verified locally with auth's published keys.
 
 pub mod config;
 pub mod conversation;
