@@ -99,7 +99,15 @@ fn ids(users: &[User]) -> Vec<String> {
 async fn fifty_clients_over_two_instances_each_receive_all_5000_once_in_order() {
     const CLIENTS: usize = 50;
     const EACH: usize = 100;
-    let cluster = Cluster::start(MessagingOptions::default()).await;
+    // Every client writes its 100 sends at once and the server stores each stream's queued
+    // sends in one round trip, so each stream gets the whole 5,000 in a burst before its
+    // client starts reading: the queue holds them all here. Cutting off a stream whose
+    // queue overflows (and the lossless resume) has its own test below.
+    let cluster = Cluster::start(MessagingOptions {
+        outbound_queue: 8192,
+        ..MessagingOptions::default()
+    })
+    .await;
     let users = cluster.users("fan", CLIENTS).await;
     let group = create_group(
         &mut messaging_client(&cluster.m[0]),
@@ -321,6 +329,120 @@ async fn a_retry_with_the_same_client_msg_id_returns_the_first_result_and_stores
         history.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         [1, 2]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_queued_on_one_stream_are_stored_and_answered_in_the_order_sent() {
+    let cluster = Cluster::start(MessagingOptions::default()).await;
+    let users = cluster.users("pipe", 2).await;
+    let group = create_group(
+        &mut messaging_client(&cluster.m[0]),
+        &users[0].token,
+        "pipe",
+        &[users[1].id.clone()],
+    )
+    .await
+    .expect("group");
+    let mut reader = Connection::open(cluster.m[1].channel(), &users[1].token)
+        .await
+        .expect("reader");
+    reader.subscribe(&group.id, 0).await.expect("subscribe");
+    reader.recovered(&group.id).await.expect("recovered");
+
+    // 300 frames written back to back, as a client with many sends in flight does: new
+    // sends, a retry of an earlier one, a refused one and a ping among them.
+    let mut sender = Connection::open(cluster.m[0].channel(), &users[0].token)
+        .await
+        .expect("sender");
+    let send = |key: &str, body: &str| {
+        In::Send(pb::Send {
+            conversation_id: group.id.clone(),
+            client_msg_id: key.into(),
+            body: body.into(),
+            ..Default::default()
+        })
+    };
+    let mut keys = Vec::new();
+    for i in 0..300 {
+        let key = match i {
+            150 => "m-10".to_owned(),
+            200 => String::new(),
+            _ => format!("m-{i}"),
+        };
+        if i == 100 {
+            sender
+                .send(In::Ping(pb::Ping { nonce: 7 }))
+                .await
+                .expect("ping");
+        }
+        sender
+            .send(send(&key, &format!("body {i}")))
+            .await
+            .expect("send");
+        keys.push(key);
+    }
+    let mut results = Vec::new();
+    let mut pong_after = None;
+    while results.len() < keys.len() {
+        match sender.next(Duration::from_secs(10)).await {
+            Ok(Some(Out::SendResult(r))) => results.push(r),
+            Ok(Some(Out::Pong(p))) => {
+                assert_eq!(p.nonce, 7);
+                pong_after = Some(results.len());
+            }
+            Ok(Some(_)) => {}
+            other => panic!("sender stream: {other:?}"),
+        }
+    }
+    assert_eq!(
+        pong_after,
+        Some(100),
+        "the ping is answered between sends 99 and 100"
+    );
+    assert_eq!(
+        results
+            .iter()
+            .map(|r| r.client_msg_id.clone())
+            .collect::<Vec<_>>(),
+        keys,
+        "one answer per send, in the order sent"
+    );
+    let mut seqs = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        match (&r.result, i) {
+            (Some(pb::send_result::Result::Error(e)), 200) => {
+                assert_eq!(e.code, Code::InvalidArgument as i32, "{e:?}")
+            }
+            (Some(pb::send_result::Result::Message(m)), 150) => {
+                assert_eq!(m.seq, 11, "a retry answers with the first send's seq");
+            }
+            (Some(pb::send_result::Result::Message(m)), _) => {
+                assert_eq!(m.body, format!("body {i}"));
+                seqs.push(m.seq);
+            }
+            other => panic!("send {i}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        seqs,
+        (1..=298).collect::<Vec<u64>>(),
+        "stored in the order sent"
+    );
+    // The other instance delivers them in that order too.
+    let mut bodies = Vec::new();
+    while bodies.len() < 298 {
+        match reader.next(Duration::from_secs(10)).await {
+            Ok(Some(Out::Message(m))) => bodies.push((m.seq, m.body)),
+            Ok(Some(_)) => {}
+            other => panic!("reader stream: {other:?}"),
+        }
+    }
+    let expected: Vec<(u64, String)> = (0..300)
+        .filter(|i| *i != 150 && *i != 200)
+        .enumerate()
+        .map(|(n, i)| (n as u64 + 1, format!("body {i}")))
+        .collect();
+    assert_eq!(bodies, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -596,3 +596,81 @@ async fn redis_engine_holds_large_groups() {
     let conn = redis_manager(&client).expect("manager");
     large_group_contract(RedisStore::new(conn, 100)).await;
 }
+
+/// A batch of sends is stored in the order given, with one result per send, whatever each
+/// one's fate; `flush` (Redis only) makes the server forget its scripts first, as a restart
+/// does.
+async fn batch_contract(store: impl MessagingStore, flush: impl AsyncFnOnce()) {
+    store
+        .create(&group("gb", &["a", "b"]))
+        .await
+        .expect("create");
+    let first = store
+        .send(&outgoing("gb", "a", "k0", "zero"))
+        .await
+        .expect("send");
+    assert_eq!(first, Sent::Stored(1));
+    flush().await;
+    let batch = [
+        outgoing("gb", "a", "k1", "one"),
+        outgoing("gb", "z", "k2", "not a member"),
+        outgoing("gb", "b", "k3", "three"),
+        outgoing("gb", "a", "k0", "retry of zero"),
+        outgoing("nope", "a", "k4", "no such conversation"),
+        outgoing("gb", "a", "k5", "five"),
+    ];
+    let results: Vec<_> = store
+        .send_batch(&batch)
+        .await
+        .into_iter()
+        .map(|r| r.expect("stored or refused, not failed"))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            Sent::Stored(2),
+            Sent::NotMember,
+            Sent::Stored(3),
+            Sent::Duplicate {
+                seq: 1,
+                message_id: "id-k0".into(),
+                sent_at_ms: 5,
+            },
+            Sent::NotFound,
+            Sent::Stored(4),
+        ]
+    );
+    let page = store
+        .history("gb", Range::After(0), 10)
+        .await
+        .expect("history");
+    assert_eq!(
+        page.messages
+            .iter()
+            .map(|m| m.body.as_str())
+            .collect::<Vec<_>>(),
+        ["zero", "one", "three", "five"]
+    );
+    assert!(store.send_batch(&[]).await.is_empty());
+}
+
+#[tokio::test]
+async fn memory_engine_stores_a_batch_in_order() {
+    batch_contract(MemoryStore::new(MemoryBus::new(), 100), async || {}).await;
+}
+
+#[tokio::test]
+async fn redis_engine_stores_a_batch_in_order_even_after_losing_its_scripts() {
+    let redis = RedisServer::spawn().expect("redis");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let conn = redis_manager(&client).expect("manager");
+    let mut admin = conn.clone();
+    batch_contract(RedisStore::new(conn, 100), async move || {
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut admin)
+            .await
+            .expect("script flush");
+    })
+    .await;
+}

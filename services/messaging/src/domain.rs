@@ -449,6 +449,52 @@ impl<S: DeskStore> Messaging<S> {
     /// Stores and publishes a message (or returns the first result of a retry), in a
     /// `publish` span whose trace context travels with the message to every instance.
     pub async fn send(&self, caller: &Caller, draft: Draft) -> Result<(pb::Message, bool)> {
+        self.send_batch(caller, vec![draft])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(Error::Internal("a send had no result".into())))
+    }
+
+    /// [`send`](Self::send) for several drafts of one caller, stored in the order given (in
+    /// one round trip where the store can); one result per draft, in order. Each draft is
+    /// rate-limited and refused on its own.
+    pub async fn send_batch(
+        &self,
+        caller: &Caller,
+        drafts: Vec<Draft>,
+    ) -> Vec<Result<(pb::Message, bool)>> {
+        let prepared: Vec<Result<Prepared>> = drafts
+            .into_iter()
+            .map(|d| self.prepare(caller, d))
+            .collect();
+        let outgoing: Vec<Outgoing> = prepared
+            .iter()
+            .filter_map(|p| p.as_ref().ok().map(|p| p.outgoing.clone()))
+            .collect();
+        let span = prepared
+            .iter()
+            .find_map(|p| p.as_ref().ok().map(|p| p.span.clone()))
+            .unwrap_or_else(tracing::Span::none);
+        let mut stored = if outgoing.is_empty() {
+            Vec::new()
+        } else {
+            self.store.send_batch(&outgoing).instrument(span).await
+        }
+        .into_iter();
+        prepared
+            .into_iter()
+            .map(|p| {
+                let p = p?;
+                let sent = stored
+                    .next()
+                    .unwrap_or_else(|| Err(Error::Internal("the store skipped a send".into())))?;
+                p.finish(sent)
+            })
+            .collect()
+    }
+
+    /// A draft made ready for the store, or refused by the rate limit.
+    fn prepare(&self, caller: &Caller, draft: Draft) -> Result<Prepared> {
         if let Err(wait) = self.sends.take(&caller.user_id) {
             return Err(Error::RateLimited {
                 message: "sending too fast; slow down".into(),
@@ -466,7 +512,7 @@ impl<S: DeskStore> Messaging<S> {
             sent_at: Some(timestamp(sent_at_ms)),
             client_msg_id: draft.client_msg_id.clone(),
         };
-        let publish = tracing::info_span!(
+        let span = tracing::info_span!(
             "publish",
             otel.kind = "producer",
             messaging.system = "redis",
@@ -477,7 +523,7 @@ impl<S: DeskStore> Messaging<S> {
         );
         let stored = prost::Message::encode_to_vec(&message);
         let envelope = prost::Message::encode_to_vec(&Envelope {
-            trace: publish.in_scope(switchboard_common::rpc::trace_map),
+            trace: span.in_scope(switchboard_common::rpc::trace_map),
             message: Some(message.clone()),
             ..Default::default()
         });
@@ -490,34 +536,11 @@ impl<S: DeskStore> Messaging<S> {
             message_id: message.id.clone(),
             sent_at_ms,
         };
-        let sent = self
-            .store
-            .send(&outgoing)
-            .instrument(publish.clone())
-            .await?;
-        match sent {
-            Sent::Stored(seq) => {
-                publish.record("switchboard.seq", seq);
-                metrics::counter!(switchboard_common::metrics::MESSAGES_PUBLISHED).increment(1);
-                Ok((pb::Message { seq, ..message }, false))
-            }
-            Sent::Duplicate {
-                seq,
-                message_id,
-                sent_at_ms,
-            } => Ok((
-                pb::Message {
-                    seq,
-                    id: message_id,
-                    sent_at: Some(timestamp(sent_at_ms)),
-                    ..message
-                },
-                true,
-            )),
-            Sent::NotFound => Err(Error::ConversationNotFound(outgoing.conversation_id)),
-            Sent::NotMember => Err(Error::NotAMember(outgoing.conversation_id)),
-            Sent::ReadOnly => Err(Error::ConversationClosed(outgoing.conversation_id)),
-        }
+        Ok(Prepared {
+            message,
+            outgoing,
+            span,
+        })
     }
 
     /// History by seq, ascending.
@@ -715,6 +738,47 @@ impl<S: DeskStore> Messaging<S> {
             if let Err(e) = self.store.publish(&user_channel(user), payload).await {
                 tracing::warn!(error = %e, "cannot publish a conversation event");
             }
+        }
+    }
+}
+
+/// A message ready for the store's send step, with its `publish` span.
+struct Prepared {
+    message: pb::Message,
+    outgoing: Outgoing,
+    span: tracing::Span,
+}
+
+impl Prepared {
+    /// The caller's answer, from what the store did.
+    fn finish(self, sent: Sent) -> Result<(pb::Message, bool)> {
+        let Prepared {
+            message,
+            outgoing,
+            span: publish,
+        } = self;
+        match sent {
+            Sent::Stored(seq) => {
+                publish.record("switchboard.seq", seq);
+                metrics::counter!(switchboard_common::metrics::MESSAGES_PUBLISHED).increment(1);
+                Ok((pb::Message { seq, ..message }, false))
+            }
+            Sent::Duplicate {
+                seq,
+                message_id,
+                sent_at_ms,
+            } => Ok((
+                pb::Message {
+                    seq,
+                    id: message_id,
+                    sent_at: Some(timestamp(sent_at_ms)),
+                    ..message
+                },
+                true,
+            )),
+            Sent::NotFound => Err(Error::ConversationNotFound(outgoing.conversation_id)),
+            Sent::NotMember => Err(Error::NotAMember(outgoing.conversation_id)),
+            Sent::ReadOnly => Err(Error::ConversationClosed(outgoing.conversation_id)),
         }
     }
 }

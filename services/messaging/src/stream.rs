@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{FutureExt as _, Stream};
 use switchboard_common::token::{Caller, TokenError, Verifier, now_secs};
 use switchboard_proto::messaging::v1 as pb;
 use switchboard_proto::messaging::v1::connect_request::Frame as In;
@@ -45,6 +45,9 @@ use switchboard_proto::encoded::EncodedConnectResponse;
 
 /// Page size of history replay.
 const REPLAY_PAGE: usize = 200;
+
+/// Most Send frames a stream hands to the store in one round trip.
+const SEND_BATCH: usize = 64;
 
 /// What every stream of an instance shares.
 pub struct Streams<S> {
@@ -209,6 +212,15 @@ fn frame_error(e: &Error, conversation_id: &str) -> pb::FrameError {
     }
 }
 
+/// How a stream ends when reading the client's frames failed: the client's own fault gets
+/// its precise status; anything else is the transport, which no status can reach.
+fn inbound_failed(status: &Status) -> End {
+    match switchboard_common::server::client_fault(status) {
+        Some(precise) => End::Status(precise),
+        None => End::Gone,
+    }
+}
+
 impl From<Error> for End {
     fn from(e: Error) -> Self {
         End::Status(e.to_status())
@@ -273,21 +285,12 @@ impl<S: DeskStore> Session<S> {
                 frame = inbound.message(), if inbound_open => match frame {
                     // Boxed: client frames are rare next to deliveries, and the idle task
                     // then holds a pointer instead of space for the largest frame handler.
-                    Ok(Some(req)) => {
-                        let span = frame_span(&req);
-                        self.setup.attach(&span);
-                        Box::pin(self.handle(req)).instrument(span).await
-                    }
+                    Ok(Some(req)) => Box::pin(self.frames(req, &mut inbound, &mut inbound_open)).await,
                     Ok(None) => {
                         inbound_open = false;
                         Ok(())
                     }
-                    // The client's own fault gets its precise status; anything else is the
-                    // transport, which no status can reach.
-                    Err(status) => Err(match switchboard_common::server::client_fault(&status) {
-                        Some(precise) => End::Status(precise),
-                        None => End::Gone,
-                    }),
+                    Err(status) => Err(inbound_failed(&status)),
                 },
             };
             if let Err(end) = result {
@@ -323,6 +326,95 @@ impl<S: DeskStore> Session<S> {
 
     async fn refuse(&self, e: &Error, conversation_id: &str) -> Result<(), End> {
         self.emit(Out::Error(frame_error(e, conversation_id))).await
+    }
+
+    /// Handles `first` and the frames the client has already queued behind it. Consecutive
+    /// Send frames go to the store together (one round trip, in order), so a client that
+    /// keeps several sends in flight is not held to one per round trip.
+    async fn frames(
+        &mut self,
+        first: pb::ConnectRequest,
+        inbound: &mut Streaming<pb::ConnectRequest>,
+        inbound_open: &mut bool,
+    ) -> Result<(), End> {
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            let span = frame_span(&req);
+            self.setup.attach(&span);
+            let Some(In::Send(send)) = req.frame else {
+                return self.handle(req).instrument(span).await;
+            };
+            let mut batch = vec![send];
+            let mut failed = None;
+            while batch.len() < SEND_BATCH {
+                match inbound.message().now_or_never() {
+                    Some(Ok(Some(pb::ConnectRequest {
+                        frame: Some(In::Send(s)),
+                    }))) => batch.push(s),
+                    Some(Ok(Some(other))) => {
+                        next = Some(other);
+                        break;
+                    }
+                    Some(Ok(None)) => {
+                        *inbound_open = false;
+                        break;
+                    }
+                    Some(Err(status)) => {
+                        failed = Some(inbound_failed(&status));
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            self.send_batch(batch).instrument(span).await?;
+            if let Some(end) = failed {
+                return Err(end);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores `sends` in order and answers each with a SendResult, in the same order.
+    async fn send_batch(&mut self, sends: Vec<pb::Send>) -> Result<(), End> {
+        let mut answers = Vec::with_capacity(sends.len());
+        let mut drafts = Vec::with_capacity(sends.len());
+        for s in sends {
+            let conversation_id = s.conversation_id.clone();
+            let client_msg_id = s.client_msg_id.clone();
+            let refused = match Draft::parse(s.conversation_id, s.client_msg_id, s.body, s.metadata)
+            {
+                Ok(draft) => {
+                    drafts.push(draft);
+                    None
+                }
+                Err(e) => Some(e),
+            };
+            answers.push((client_msg_id, conversation_id, refused));
+        }
+        let mut stored = self
+            .ctx
+            .messaging
+            .send_batch(&self.caller, drafts)
+            .await
+            .into_iter();
+        for (client_msg_id, conversation_id, refused) in answers {
+            let result = match refused {
+                Some(e) => Err(e),
+                None => stored
+                    .next()
+                    .unwrap_or_else(|| Err(Error::Internal("a send had no result".into()))),
+            };
+            let result = match result {
+                Ok((message, _)) => pb::send_result::Result::Message(message),
+                Err(e) => pb::send_result::Result::Error(frame_error(&e, &conversation_id)),
+            };
+            self.emit(Out::SendResult(pb::SendResult {
+                client_msg_id,
+                result: Some(result),
+            }))
+            .await?;
+        }
+        Ok(())
     }
 
     async fn handle(&mut self, req: pb::ConnectRequest) -> Result<(), End> {
@@ -365,27 +457,7 @@ impl<S: DeskStore> Session<S> {
                 self.unsubscribe(&u.conversation_id);
                 Ok(())
             }
-            Some(In::Send(s)) => {
-                let client_msg_id = s.client_msg_id.clone();
-                let result = match Draft::parse(
-                    s.conversation_id.clone(),
-                    s.client_msg_id,
-                    s.body,
-                    s.metadata,
-                ) {
-                    Ok(draft) => ctx.messaging.send(&self.caller, draft).await,
-                    Err(e) => Err(e),
-                };
-                let result = match result {
-                    Ok((message, _)) => pb::send_result::Result::Message(message),
-                    Err(e) => pb::send_result::Result::Error(frame_error(&e, &s.conversation_id)),
-                };
-                self.emit(Out::SendResult(pb::SendResult {
-                    client_msg_id,
-                    result: Some(result),
-                }))
-                .await
-            }
+            Some(In::Send(s)) => self.send_batch(vec![s]).await,
             Some(In::Typing(t)) => {
                 match ctx.messaging.typing(&self.caller, &t.conversation_id).await {
                     Ok(()) => Ok(()),

@@ -139,6 +139,18 @@ pub trait MessagingStore: Send + Sync + 'static {
     fn user_conversations(&self, user: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
     /// The atomic send step (see the module docs).
     fn send(&self, outgoing: &Outgoing) -> impl Future<Output = Result<Sent>> + Send;
+    /// [`send`](Self::send) for each of `batch`, stored in that order (so one stream's
+    /// sends keep their order); one result per send, in order. Engines that can do it in
+    /// one round trip do.
+    fn send_batch(&self, batch: &[Outgoing]) -> impl Future<Output = Vec<Result<Sent>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(batch.len());
+            for o in batch {
+                results.push(self.send(o).await);
+            }
+            results
+        }
+    }
     /// History of a conversation.
     fn history(
         &self,

@@ -70,6 +70,55 @@ impl RedisStore {
             mark_read: redis::Script::new(MARK_READ),
         }
     }
+
+    /// The send script's call for `o`.
+    fn send_invocation(&self, o: &Outgoing) -> redis::ScriptInvocation<'_> {
+        let id = &o.conversation_id;
+        let mut invocation = self.send.prepare_invoke();
+        invocation
+            .key(key(id, "meta"))
+            .key(key(id, "members"))
+            .key(key(id, "seq"))
+            .key(key(id, "log"))
+            .key(key(
+                id,
+                &format!("idem:{}:{}", o.sender_id, o.client_msg_id),
+            ))
+            .arg(&o.sender_id)
+            .arg(o.message.as_slice())
+            .arg(self.retention)
+            .arg(format!("{}|{}", o.message_id, o.sent_at_ms))
+            .arg(IDEMPOTENCY_TTL_SECS)
+            .arg(conversation_channel(id))
+            .arg(o.envelope.as_slice());
+        invocation
+    }
+}
+
+/// What the send script answered.
+fn send_reply(reply: Vec<String>) -> Result<Sent> {
+    let bad = || Error::Internal(format!("send script answered {reply:?}"));
+    match reply.first().map(String::as_str) {
+        Some("ok") => Ok(Sent::Stored(
+            reply.get(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?,
+        )),
+        Some("dup") => {
+            let raw = reply.get(1).ok_or_else(bad)?;
+            let mut parts = raw.splitn(3, '|');
+            let seq = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            let message_id = parts.next().ok_or_else(bad)?.to_owned();
+            let sent_at_ms = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            Ok(Sent::Duplicate {
+                seq,
+                message_id,
+                sent_at_ms,
+            })
+        }
+        Some("nf") => Ok(Sent::NotFound),
+        Some("nm") => Ok(Sent::NotMember),
+        Some("ro") => Ok(Sent::ReadOnly),
+        _ => Err(bad()),
+    }
 }
 
 pub(super) fn key(id: &str, part: &str) -> String {
@@ -287,48 +336,65 @@ impl MessagingStore for RedisStore {
 
     async fn send(&self, o: &Outgoing) -> Result<Sent> {
         let mut conn = self.conn.clone();
-        let id = &o.conversation_id;
-        let reply: Vec<String> = self
-            .send
-            .key(key(id, "meta"))
-            .key(key(id, "members"))
-            .key(key(id, "seq"))
-            .key(key(id, "log"))
-            .key(key(
-                id,
-                &format!("idem:{}:{}", o.sender_id, o.client_msg_id),
-            ))
-            .arg(&o.sender_id)
-            .arg(o.message.as_slice())
-            .arg(self.retention)
-            .arg(format!("{}|{}", o.message_id, o.sent_at_ms))
-            .arg(IDEMPOTENCY_TTL_SECS)
-            .arg(conversation_channel(id))
-            .arg(o.envelope.as_slice())
-            .invoke_async(&mut conn)
-            .await?;
-        let bad = || Error::Internal(format!("send script answered {reply:?}"));
-        match reply.first().map(String::as_str) {
-            Some("ok") => Ok(Sent::Stored(
-                reply.get(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?,
-            )),
-            Some("dup") => {
-                let raw = reply.get(1).ok_or_else(bad)?;
-                let mut parts = raw.splitn(3, '|');
-                let seq = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-                let message_id = parts.next().ok_or_else(bad)?.to_owned();
-                let sent_at_ms = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-                Ok(Sent::Duplicate {
-                    seq,
-                    message_id,
-                    sent_at_ms,
-                })
+        let reply: Vec<String> = self.send_invocation(o).invoke_async(&mut conn).await?;
+        send_reply(reply)
+    }
+
+    /// One round trip for the whole batch: a pipeline of the send script, run by Redis in
+    /// order. If Redis has lost the script (a restart), it runs none of them from the
+    /// first refusal on; those are sent again, in order, once the script is loaded.
+    async fn send_batch(&self, batch: &[Outgoing]) -> Vec<Result<Sent>> {
+        let mut conn = self.conn.clone();
+        let invocations: Vec<_> = batch.iter().map(|o| self.send_invocation(o)).collect();
+        let mut results: Vec<Result<Sent>> = Vec::with_capacity(batch.len());
+        let mut loaded = false;
+        while results.len() < batch.len() {
+            let rest = &invocations[results.len()..];
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for invocation in rest {
+                pipe.invoke_script(invocation);
             }
-            Some("nf") => Ok(Sent::NotFound),
-            Some("nm") => Ok(Sent::NotMember),
-            Some("ro") => Ok(Sent::ReadOnly),
-            _ => Err(bad()),
+            let replies: Vec<redis::RedisResult<Vec<String>>> =
+                match pipe.query_async(&mut conn).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let cause = e.to_string();
+                        results.extend(rest.iter().map(|_| Err(Error::storage(cause.clone()))));
+                        break;
+                    }
+                };
+            let no_script = |r: &redis::RedisResult<Vec<String>>| {
+                r.as_ref().is_err_and(|e| {
+                    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+                })
+            };
+            for reply in replies {
+                if no_script(&reply) && !loaded {
+                    break;
+                }
+                results.push(reply.map_err(Error::from).and_then(send_reply));
+            }
+            if results.len() < batch.len() {
+                if loaded {
+                    // Loaded and still refused: say so for the rest rather than loop.
+                    let missing = batch.len() - results.len();
+                    results.extend((0..missing).map(|_| {
+                        Err(Error::storage(
+                            "redis lost the send script again while loading it",
+                        ))
+                    }));
+                    break;
+                }
+                if let Err(e) = self.send.load_async(&mut conn).await {
+                    let (cause, missing) = (e.to_string(), batch.len() - results.len());
+                    results.extend((0..missing).map(|_| Err(Error::storage(cause.clone()))));
+                    break;
+                }
+                loaded = true;
+            }
         }
+        results
     }
 
     async fn history(&self, id: &str, range: Range, limit: usize) -> Result<History> {
