@@ -9,7 +9,7 @@
 //! (`KeysUnavailable`, retry), never UNAUTHENTICATED: the token may be valid, and a client
 //! told it is not would log its user out during an auth or Redis outage.
 //! Revoked sessions (logout, refresh re-use) are refused through the shared
-//! [`RevocationList`](crate::revocation::RevocationList).
+//! [`RevocationList`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

@@ -1,7 +1,7 @@
 //! In-process fan-out: from the instance's one pub/sub connection to every local stream,
 //! waking as little as possible on the way.
 //!
-//! A [`Feed`] exists per channel while at least one local stream needs it. It holds the
+//! A `Feed` exists per channel while at least one local stream needs it. It holds the
 //! channel's only bus subscription on this instance and a task that decodes each payload
 //! **once**, encodes the frame streams will send **once** ([`Live`]), and offers it to the
 //! [`Gate`] of every stream that joined. In the common case (the next seq of a
