@@ -295,13 +295,14 @@ async fn a_retry_with_the_same_client_msg_id_returns_the_first_result_and_stores
         &users[0].token,
         &group.id,
         "k1",
-        "once",
+        "twice?",
     )
     .await
     .expect("retry");
     assert_eq!(
-        (first.seq, &first.id, first.sent_at),
-        (retry.seq, &retry.id, retry.sent_at)
+        (first.seq, &first.id, first.sent_at, &first.body),
+        (retry.seq, &retry.id, retry.sent_at, &retry.body),
+        "a retry, even with another body, answers what the first send stored"
     );
     // The same key from another sender is another message.
     let other = send(
@@ -415,6 +416,7 @@ async fn sends_queued_on_one_stream_are_stored_and_answered_in_the_order_sent() 
             }
             (Some(pb::send_result::Result::Message(m)), 150) => {
                 assert_eq!(m.seq, 11, "a retry answers with the first send's seq");
+                assert_eq!(m.body, "body 10", "and with what the first send stored");
             }
             (Some(pb::send_result::Result::Message(m)), _) => {
                 assert_eq!(m.body, format!("body {i}"));

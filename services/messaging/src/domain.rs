@@ -463,13 +463,14 @@ impl<S: DeskStore> Messaging<S> {
         caller: &Caller,
         drafts: Vec<Draft>,
     ) -> Vec<Result<(pb::Message, bool)>> {
+        let mut outgoing = Vec::with_capacity(drafts.len());
         let prepared: Vec<Result<Prepared>> = drafts
             .into_iter()
-            .map(|d| self.prepare(caller, d))
-            .collect();
-        let outgoing: Vec<Outgoing> = prepared
-            .iter()
-            .filter_map(|p| p.as_ref().ok().map(|p| p.outgoing.clone()))
+            .map(|d| {
+                let (p, o) = self.prepare(caller, d)?;
+                outgoing.push(o);
+                Ok(p)
+            })
             .collect();
         let span = prepared
             .iter()
@@ -481,7 +482,7 @@ impl<S: DeskStore> Messaging<S> {
             self.store.send_batch(&outgoing).instrument(span).await
         }
         .into_iter();
-        prepared
+        let mut results: Vec<Result<(pb::Message, bool)>> = prepared
             .into_iter()
             .map(|p| {
                 let p = p?;
@@ -490,11 +491,31 @@ impl<S: DeskStore> Messaging<S> {
                     .unwrap_or_else(|| Err(Error::Internal("the store skipped a send".into())))?;
                 p.finish(sent)
             })
-            .collect()
+            .collect();
+        // A retry is answered with what was stored the first time, not with the retry's
+        // own body (rare: one read per retried send).
+        for result in &mut results {
+            if let Ok((message, true)) = result
+                && let Some(first) = self.stored(&message.conversation_id, message.seq).await
+            {
+                *message = first;
+            }
+        }
+        results
+    }
+
+    /// Message `seq` of a conversation as stored, if history still has it.
+    async fn stored(&self, conversation_id: &str, seq: u64) -> Option<pb::Message> {
+        let page = self
+            .store
+            .history(conversation_id, Range::After(seq.saturating_sub(1)), 1)
+            .await
+            .ok()?;
+        page.messages.into_iter().next().filter(|m| m.seq == seq)
     }
 
     /// A draft made ready for the store, or refused by the rate limit.
-    fn prepare(&self, caller: &Caller, draft: Draft) -> Result<Prepared> {
+    fn prepare(&self, caller: &Caller, draft: Draft) -> Result<(Prepared, Outgoing)> {
         if let Err(wait) = self.sends.take(&caller.user_id) {
             return Err(Error::RateLimited {
                 message: "sending too fast; slow down".into(),
@@ -536,11 +557,14 @@ impl<S: DeskStore> Messaging<S> {
             message_id: message.id.clone(),
             sent_at_ms,
         };
-        Ok(Prepared {
-            message,
+        Ok((
+            Prepared {
+                message,
+                conversation_id: draft.conversation_id,
+                span,
+            },
             outgoing,
-            span,
-        })
+        ))
     }
 
     /// History by seq, ascending.
@@ -745,7 +769,7 @@ impl<S: DeskStore> Messaging<S> {
 /// A message ready for the store's send step, with its `publish` span.
 struct Prepared {
     message: pb::Message,
-    outgoing: Outgoing,
+    conversation_id: String,
     span: tracing::Span,
 }
 
@@ -754,7 +778,7 @@ impl Prepared {
     fn finish(self, sent: Sent) -> Result<(pb::Message, bool)> {
         let Prepared {
             message,
-            outgoing,
+            conversation_id,
             span: publish,
         } = self;
         match sent {
@@ -776,9 +800,9 @@ impl Prepared {
                 },
                 true,
             )),
-            Sent::NotFound => Err(Error::ConversationNotFound(outgoing.conversation_id)),
-            Sent::NotMember => Err(Error::NotAMember(outgoing.conversation_id)),
-            Sent::ReadOnly => Err(Error::ConversationClosed(outgoing.conversation_id)),
+            Sent::NotFound => Err(Error::ConversationNotFound(conversation_id)),
+            Sent::NotMember => Err(Error::NotAMember(conversation_id)),
+            Sent::ReadOnly => Err(Error::ConversationClosed(conversation_id)),
         }
     }
 }
