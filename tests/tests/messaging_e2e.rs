@@ -448,6 +448,156 @@ async fn sends_queued_on_one_stream_are_stored_and_answered_in_the_order_sent() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_group_events_leave_the_member_list_out_and_streams_still_follow_them() {
+    let cluster = Cluster::start(MessagingOptions::default()).await;
+    // The owner, 101 members (102 in all, over the 100 an event lists) and a newcomer.
+    let users = cluster.users("big", 103).await;
+    let (owner, first, newcomer) = (&users[0], &users[1], &users[102]);
+    let all = || {
+        In::Subscribe(pb::Subscribe {
+            all_conversations: true,
+            ..Default::default()
+        })
+    };
+    let mut member = Connection::open(cluster.m[1].channel(), &first.token)
+        .await
+        .expect("member");
+    member.send(all()).await.expect("subscribe");
+    let mut joiner = Connection::open(cluster.m[0].channel(), &newcomer.token)
+        .await
+        .expect("newcomer");
+    joiner.send(all()).await.expect("subscribe");
+    let group = create_group(
+        &mut messaging_client(&cluster.m[0]),
+        &owner.token,
+        "big",
+        &ids(&users[1..102]),
+    )
+    .await
+    .expect("group");
+    assert_eq!(
+        group.member_ids.len(),
+        102,
+        "replies still list every member"
+    );
+    let event_of = |kind: pb::ConversationEventKind| {
+        move |f: Out| match f {
+            Out::ConversationEvent(e) if e.kind == kind as i32 => Some(e),
+            _ => None,
+        }
+    };
+    let created = member
+        .until(
+            Duration::from_secs(10),
+            event_of(pb::ConversationEventKind::Created),
+        )
+        .await
+        .expect("created");
+    let c = created.conversation.expect("conversation");
+    assert!(
+        c.member_ids.is_empty(),
+        "{} ids in the event",
+        c.member_ids.len()
+    );
+    assert_eq!(c.member_count, 102);
+    member
+        .recovered(&group.id)
+        .await
+        .expect("followed the new group");
+
+    messaging_client(&cluster.m[1])
+        .add_members(authed(
+            pb::AddMembersRequest {
+                conversation_id: group.id.clone(),
+                user_ids: vec![newcomer.id.clone()],
+            },
+            &owner.token,
+        ))
+        .await
+        .expect("add");
+    let joined = joiner
+        .until(
+            Duration::from_secs(10),
+            event_of(pb::ConversationEventKind::MembersJoined),
+        )
+        .await
+        .expect("joined");
+    assert_eq!(joined.user_ids, std::slice::from_ref(&newcomer.id));
+    assert_eq!(joined.conversation.expect("conversation").member_count, 103);
+    joiner.recovered(&group.id).await.expect("followed");
+    send(
+        &mut messaging_client(&cluster.m[0]),
+        &owner.token,
+        &group.id,
+        "k1",
+        "to all",
+    )
+    .await
+    .expect("send");
+    for (who, conn) in [("member", &mut member), ("newcomer", &mut joiner)] {
+        let m = conn
+            .until(Duration::from_secs(10), |f| match f {
+                Out::Message(m) => Some(m),
+                _ => None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{who}: {e}"));
+        assert_eq!(m.body, "to all", "{who}");
+    }
+
+    // Removed: the event names them, and their stream stops following the group.
+    messaging_client(&cluster.m[0])
+        .remove_member(authed(
+            pb::RemoveMemberRequest {
+                conversation_id: group.id.clone(),
+                user_id: first.id.clone(),
+            },
+            &owner.token,
+        ))
+        .await
+        .expect("remove");
+    let left = member
+        .until(
+            Duration::from_secs(10),
+            event_of(pb::ConversationEventKind::MemberLeft),
+        )
+        .await
+        .expect("left");
+    assert_eq!(left.user_ids, std::slice::from_ref(&first.id));
+    send(
+        &mut messaging_client(&cluster.m[0]),
+        &owner.token,
+        &group.id,
+        "k2",
+        "after",
+    )
+    .await
+    .expect("send");
+    let m = joiner
+        .until(Duration::from_secs(10), |f| match f {
+            Out::Message(m) => Some(m),
+            _ => None,
+        })
+        .await
+        .expect("newcomer still follows");
+    assert_eq!(m.body, "after");
+    // The removed member's stream gets nothing more of the group; a ping proves it is
+    // caught up.
+    member
+        .send(In::Ping(pb::Ping { nonce: 9 }))
+        .await
+        .expect("ping");
+    loop {
+        match member.next(Duration::from_secs(10)).await {
+            Ok(Some(Out::Pong(p))) if p.nonce == 9 => break,
+            Ok(Some(Out::Message(m))) => panic!("removed member got {m:?}"),
+            Ok(Some(_)) => {}
+            other => panic!("member stream: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_cut_off_without_slowing_others_and_resumes_without_loss() {
     // More than the transport buffers hold (hyper's client window is 2 MiB per stream,
     // the server's send buffer ~400 KiB): 400 × 16 KiB = 6.5 MB.

@@ -685,6 +685,7 @@ impl<S: DeskStore> Messaging<S> {
             kind: record.kind.to_proto(),
             title: record.title.clone(),
             member_ids: record.members.iter().map(|m| m.user_id.clone()).collect(),
+            member_count: u32::try_from(record.members.len()).unwrap_or(u32::MAX),
             owner_id: record.owner_id.clone(),
             created_at: Some(timestamp(record.created_at_ms)),
             last_message: latest.messages.into_iter().next_back(),
@@ -715,7 +716,10 @@ impl<S: DeskStore> Messaging<S> {
 
     /// Publishes a conversation event to the user channels of `notify`. Each recipient
     /// gets the conversation as they see it (their read position; for consultations, what
-    /// the customer may not see is left out).
+    /// the customer may not see is left out). Groups and direct chats look the same to
+    /// everyone, so their event is built once and published in pipelined batches; past
+    /// [`EVENT_MEMBER_IDS`] members it leaves the member list out, so the work of a
+    /// membership change grows with the group, not with its square.
     pub(crate) async fn announce(
         &self,
         record: &ConversationRecord,
@@ -724,47 +728,54 @@ impl<S: DeskStore> Messaging<S> {
         about: &[String],
         notify: &[String],
     ) {
-        let mut shared: Option<Vec<u8>> = None;
-        for user in notify {
-            let payload = match &shared {
-                Some(p) => p.clone(),
-                None => {
-                    // Groups and direct chats look the same to everyone in an event.
-                    let viewer = if record.kind == Kind::Support {
-                        user.as_str()
-                    } else {
-                        ""
-                    };
-                    let conversation = match self.view(record, viewer).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot build a conversation event");
-                            return;
-                        }
-                    };
-                    let payload = encode_event(Envelope {
-                        event: Some(pb::ConversationEvent {
-                            kind: kind as i32,
-                            conversation: Some(conversation),
-                            actor_id: actor.to_owned(),
-                            user_ids: about.to_vec(),
-                        }),
-                        ..Default::default()
-                    });
-                    if record.kind != Kind::Support {
-                        shared = Some(payload.clone());
-                    }
-                    payload
+        let event = |mut conversation: pb::Conversation| {
+            if conversation.member_ids.len() > EVENT_MEMBER_IDS {
+                conversation.member_ids = Vec::new();
+            }
+            encode_event(Envelope {
+                event: Some(pb::ConversationEvent {
+                    kind: kind as i32,
+                    conversation: Some(conversation),
+                    actor_id: actor.to_owned(),
+                    user_ids: about.to_vec(),
+                }),
+                ..Default::default()
+            })
+        };
+        // Events are best effort (the change itself is stored); a client that missed one
+        // sees the change in ListConversations.
+        if record.kind != Kind::Support {
+            let payload = match self.view(record, "").await {
+                Ok(c) => event(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot build a conversation event");
+                    return;
                 }
             };
-            // Events are best effort (the change itself is stored); a client that missed
-            // one sees the change in ListConversations.
+            let channels: Vec<String> = notify.iter().map(|u| user_channel(u)).collect();
+            if let Err(e) = self.store.publish_many(&channels, payload).await {
+                tracing::warn!(error = %e, "cannot publish a conversation event");
+            }
+            return;
+        }
+        for user in notify {
+            let payload = match self.view(record, user).await {
+                Ok(c) => event(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot build a conversation event");
+                    return;
+                }
+            };
             if let Err(e) = self.store.publish(&user_channel(user), payload).await {
                 tracing::warn!(error = %e, "cannot publish a conversation event");
             }
         }
     }
 }
+
+/// Most member ids a conversation event carries; larger conversations' events leave the
+/// list out (`member_count` still says how many).
+pub const EVENT_MEMBER_IDS: usize = 100;
 
 /// A message ready for the store's send step, with its `publish` span.
 struct Prepared {

@@ -212,6 +212,17 @@ fn frame_error(e: &Error, conversation_id: &str) -> pb::FrameError {
     }
 }
 
+/// Whether `user` is a member of `c` after `event`. A large group's event carries no
+/// member list (see `EVENT_MEMBER_IDS`); it reaches members and those who just left, so
+/// whoever it names as having left is not one and everyone else is.
+fn still_member(event: &pb::ConversationEvent, c: &pb::Conversation, user: &str) -> bool {
+    if !c.member_ids.is_empty() || c.member_count == 0 {
+        return c.member_ids.iter().any(|m| m == user);
+    }
+    let left = event.kind == pb::ConversationEventKind::MemberLeft as i32;
+    !(left && event.user_ids.iter().any(|u| u == user))
+}
+
 /// How a stream ends when reading the client's frames failed: the client's own fault gets
 /// its precise status; anything else is the transport, which no status can reach.
 fn inbound_failed(status: &Status) -> End {
@@ -722,7 +733,7 @@ impl<S: DeskStore> Session<S> {
             Kind::Event(event) => {
                 let mut follow = None;
                 if let Some(c) = &event.conversation {
-                    if !c.member_ids.contains(&self.caller.user_id) {
+                    if !still_member(event, c, &self.caller.user_id) {
                         // Left, removed, or a consultation transferred away.
                         self.unsubscribe(&c.id);
                     } else if self.all && !self.subs.contains_key(&c.id) {

@@ -176,4 +176,17 @@ pub trait MessagingStore: Send + Sync + 'static {
     -> impl Future<Output = Result<HashMap<String, u64>>> + Send;
     /// Publishes an ephemeral payload on `channel` (receipts, typing, events).
     fn publish(&self, channel: &str, payload: Vec<u8>) -> impl Future<Output = Result<()>> + Send;
+    /// Publishes the same payload on each of `channels`; engines that can pipeline do.
+    fn publish_many(
+        &self,
+        channels: &[String],
+        payload: Vec<u8>,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for channel in channels {
+                self.publish(channel, payload.clone()).await?;
+            }
+            Ok(())
+        }
+    }
 }

@@ -121,6 +121,9 @@ fn send_reply(reply: Vec<String>) -> Result<Sent> {
     }
 }
 
+/// Channels one pipeline publishes to.
+const PUBLISH_BATCH: usize = 500;
+
 pub(super) fn key(id: &str, part: &str) -> String {
     format!("sb:msg:{{c:{id}}}:{part}")
 }
@@ -478,6 +481,19 @@ impl MessagingStore for RedisStore {
     async fn read_positions(&self, id: &str) -> Result<HashMap<String, u64>> {
         let mut conn = self.conn.clone();
         Ok(conn.hgetall(key(id, "reads")).await?)
+    }
+
+    /// In pipelines of [`PUBLISH_BATCH`]: one round trip per batch, not per channel.
+    async fn publish_many(&self, channels: &[String], payload: Vec<u8>) -> Result<()> {
+        let mut conn = self.conn.clone();
+        for chunk in channels.chunks(PUBLISH_BATCH) {
+            let mut pipe = redis::pipe();
+            for channel in chunk {
+                pipe.publish(channel, payload.as_slice()).ignore();
+            }
+            let () = pipe.query_async(&mut conn).await?;
+        }
+        Ok(())
     }
 
     async fn publish(&self, channel: &str, payload: Vec<u8>) -> Result<()> {
