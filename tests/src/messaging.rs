@@ -30,6 +30,19 @@ impl Connection {
         Ok(Self { tx, rx })
     }
 
+    /// Opens a stream on `channel` with `token`, subscribed to `conversation` from the
+    /// start, once its history replay is over.
+    pub async fn following(
+        channel: Channel,
+        token: &str,
+        conversation: &str,
+    ) -> anyhow::Result<Self> {
+        let mut conn = Self::open(channel, token).await?;
+        conn.subscribe(conversation, 0).await?;
+        conn.recovered(conversation).await?;
+        Ok(conn)
+    }
+
     /// Sends a client frame.
     pub async fn send(&self, frame: In) -> anyhow::Result<()> {
         self.tx

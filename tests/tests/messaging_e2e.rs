@@ -120,11 +120,9 @@ async fn fifty_clients_over_two_instances_each_receive_all_5000_once_in_order() 
 
     let mut connections = Vec::new();
     for (i, user) in users.iter().enumerate() {
-        let mut conn = Connection::open(cluster.m[i % 2].channel(), &user.token)
+        let conn = Connection::following(cluster.m[i % 2].channel(), &user.token, &group.id)
             .await
             .expect("connect");
-        conn.subscribe(&group.id, 0).await.expect("subscribe");
-        conn.recovered(&group.id).await.expect("recovered");
         connections.push(conn);
     }
     let mut tasks = tokio::task::JoinSet::new();
@@ -189,11 +187,9 @@ async fn resume_on_the_other_instance_gets_exactly_the_missing_messages_then_liv
     .await
     .expect("group");
 
-    let mut first = Connection::open(cluster.m[0].channel(), &bob.token)
+    let mut first = Connection::following(cluster.m[0].channel(), &bob.token, &group.id)
         .await
         .expect("connect");
-    first.subscribe(&group.id, 0).await.expect("subscribe");
-    first.recovered(&group.id).await.expect("recovered");
     for k in 0..5 {
         send(
             &mut m1,
@@ -344,11 +340,9 @@ async fn sends_queued_on_one_stream_are_stored_and_answered_in_the_order_sent() 
     )
     .await
     .expect("group");
-    let mut reader = Connection::open(cluster.m[1].channel(), &users[1].token)
+    let mut reader = Connection::following(cluster.m[1].channel(), &users[1].token, &group.id)
         .await
         .expect("reader");
-    reader.subscribe(&group.id, 0).await.expect("subscribe");
-    reader.recovered(&group.id).await.expect("recovered");
 
     // 300 frames written back to back, as a client with many sends in flight does: new
     // sends, a retry of an earlier one, a refused one and a ping among them.
@@ -616,16 +610,12 @@ async fn a_slow_consumer_is_cut_off_without_slowing_others_and_resumes_without_l
     )
     .await
     .expect("group");
-    let mut slow = Connection::open(cluster.m[0].channel(), &users[1].token)
+    let mut slow = Connection::following(cluster.m[0].channel(), &users[1].token, &group.id)
         .await
         .expect("slow");
-    slow.subscribe(&group.id, 0).await.expect("subscribe");
-    slow.recovered(&group.id).await.expect("recovered");
-    let mut fast = Connection::open(cluster.m[0].channel(), &users[2].token)
+    let mut fast = Connection::following(cluster.m[0].channel(), &users[2].token, &group.id)
         .await
         .expect("fast");
-    fast.subscribe(&group.id, 0).await.expect("subscribe");
-    fast.recovered(&group.id).await.expect("recovered");
 
     let body = "x".repeat(16 * 1024);
     let group_id = group.id.clone();
@@ -1078,11 +1068,9 @@ async fn receipts_and_typing_reach_members_on_the_other_instance() {
     )
     .await
     .expect("group");
-    let mut a_conn = Connection::open(cluster.m[0].channel(), &a.token)
+    let mut a_conn = Connection::following(cluster.m[0].channel(), &a.token, &group.id)
         .await
         .expect("a");
-    a_conn.subscribe(&group.id, 0).await.expect("subscribe");
-    a_conn.recovered(&group.id).await.expect("recovered");
     let b_conn = Connection::open(cluster.m[1].channel(), &b.token)
         .await
         .expect("b");

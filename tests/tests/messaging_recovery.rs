@@ -218,11 +218,9 @@ async fn a_redis_restart_fails_sends_with_unavailable_then_everything_recovers()
     .await
     .expect("group");
 
-    let mut receiver = Connection::open(m1.channel(), &receiver_token)
+    let mut receiver = Connection::following(m1.channel(), &receiver_token, &group.id)
         .await
         .expect("connect");
-    receiver.subscribe(&group.id, 0).await.expect("subscribe");
-    receiver.recovered(&group.id).await.expect("recovered");
 
     let mut sender = messaging_client(&m0);
     let mut acked = Vec::new();

@@ -212,20 +212,6 @@ pub struct Gate {
     state: Mutex<GateState>,
 }
 
-/// The result of [`Gate::pass`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Passed {
-    /// Sent.
-    Sent,
-    /// Already sent before; dropped.
-    Duplicate,
-    /// Skips ahead of the last seq sent, which is `after`.
-    Missing {
-        /// The last seq sent.
-        after: u64,
-    },
-}
-
 impl Gate {
     /// The highest seq sent through this gate.
     pub fn passed(&self) -> u64 {
@@ -287,24 +273,16 @@ impl Gate {
         }
     }
 
-    /// The session's side: sends message `seq` (`frame`) with `permit` if it is the next
-    /// one. Returns the permit unused unless sent.
-    pub fn pass<'a>(
-        &self,
-        seq: u64,
-        frame: &Shared,
-        permit: mpsc::Permit<'a, Shared>,
-    ) -> (Passed, Option<mpsc::Permit<'a, Shared>>) {
+    /// The session's side: sends message `seq` (`frame`) with `permit` if the cursor says
+    /// [`Next::Pass`]; what the cursor said either way.
+    pub fn pass(&self, seq: u64, frame: &Shared, permit: mpsc::Permit<'_, Shared>) -> Next {
         let mut state = lock(&self.state);
-        match state.cursor.check(seq) {
-            Next::Pass => {
-                permit.send(frame.clone());
-                state.cursor.advance(seq);
-                (Passed::Sent, None)
-            }
-            Next::Duplicate => (Passed::Duplicate, Some(permit)),
-            Next::Missing { after } => (Passed::Missing { after }, Some(permit)),
+        let next = state.cursor.check(seq);
+        if next == Next::Pass {
+            permit.send(frame.clone());
+            state.cursor.advance(seq);
         }
+        next
     }
 
     /// Hands the gate back to the feed if the session has nothing of it left to pass:
@@ -674,13 +652,16 @@ mod tests {
         // The session passes 5 (from history), then 6 and 7.
         for seq in [5, 6, 7] {
             let permit = outlet.sender().try_reserve().expect("room");
-            let (passed, _) = gate.pass(seq, &message(seq).frame, permit);
-            assert_eq!(passed, Passed::Sent, "seq {seq}");
+            assert_eq!(
+                gate.pass(seq, &message(seq).frame, permit),
+                Next::Pass,
+                "seq {seq}"
+            );
         }
         let permit = outlet.sender().try_reserve().expect("room");
         assert_eq!(
-            gate.pass(9, &message(9).frame, permit).0,
-            Passed::Missing { after: 7 }
+            gate.pass(9, &message(9).frame, permit),
+            Next::Missing { after: 7 }
         );
         assert_eq!(sent(&mut ends), vec![5, 6, 7]);
         // Opened only once nothing of it waits; then the feed sends again.
@@ -698,9 +679,9 @@ mod tests {
         assert!(sent(&mut ends).is_empty());
         assert_eq!(routed(&mut ends), vec![(1, false)]);
         let permit = outlet.sender().try_reserve().expect("room");
-        assert_eq!(gate.pass(1, &message(1).frame, permit).0, Passed::Sent);
+        assert_eq!(gate.pass(1, &message(1).frame, permit), Next::Pass);
         let permit = outlet.sender().try_reserve().expect("room");
-        assert_eq!(gate.pass(1, &message(1).frame, permit).0, Passed::Duplicate);
+        assert_eq!(gate.pass(1, &message(1).frame, permit), Next::Duplicate);
         assert!(gate.open(|| false));
         assert!(gate.offer("c", &message(2)));
         assert_eq!(sent(&mut ends), vec![1, 2]);

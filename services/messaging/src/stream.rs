@@ -37,8 +37,8 @@ use tracing::Instrument;
 
 use crate::domain::Messaging;
 use crate::error::Error;
-use crate::fanout::{Gate, Hub, Joined, Kind, Outlet, OutletEnds, Passed, Routed, Shared};
-use crate::gapless::Cursor;
+use crate::fanout::{Gate, Hub, Joined, Kind, Outlet, OutletEnds, Routed, Shared};
+use crate::gapless::Next;
 use crate::message::Draft;
 use crate::store::{DeskStore, Range, conversation_channel, user_channel};
 use switchboard_proto::encoded::EncodedConnectResponse;
@@ -590,12 +590,8 @@ impl<S: DeskStore> Session<S> {
                 .increment(page.len() as u64);
             for message in page {
                 let seq = message.seq;
-                self.pass(
-                    &gate,
-                    seq,
-                    &Arc::new(EncodedConnectResponse::new(Out::Message(message))),
-                )
-                .await?;
+                let frame = Arc::new(EncodedConnectResponse::new(Out::Message(message)));
+                self.pass(conversation_id, &gate, seq, &frame).await?;
             }
             if !full {
                 break;
@@ -634,67 +630,67 @@ impl<S: DeskStore> Session<S> {
         }
     }
 
-    /// Sends message `seq` (`frame`) through `gate` if it is the next one of its
-    /// subscription, filling a hole from history first.
-    async fn pass(&mut self, gate: &Arc<Gate>, seq: u64, frame: &Shared) -> Result<(), End> {
+    /// Sends message `seq` (`frame`) of `conversation_id` through `gate` if it is the next
+    /// one of its subscription, filling a hole from history first.
+    async fn pass(
+        &mut self,
+        conversation_id: &str,
+        gate: &Arc<Gate>,
+        seq: u64,
+        frame: &Shared,
+    ) -> Result<(), End> {
         let permit = self.reserve().await?;
-        let after = match gate.pass(seq, frame, permit) {
-            (Passed::Sent | Passed::Duplicate, _) => return Ok(()),
-            (Passed::Missing { after }, _) => after,
-        };
-        self.fill(gate, after, seq).await?;
+        if !matches!(gate.pass(seq, frame, permit), Next::Missing { .. }) {
+            return Ok(());
+        }
+        self.fill(conversation_id, gate, seq).await?;
         let permit = self.reserve().await?;
         match gate.pass(seq, frame, permit) {
-            (Passed::Sent | Passed::Duplicate, _) => Ok(()),
             // History no longer has them (trimmed) or is unreachable: say so rather than skip.
-            (Passed::Missing { .. }, _) => Err(Error::Reconnect(
+            Next::Missing { .. } => Err(Error::Reconnect(
                 "could not recover missing messages; reconnect and resume from your last seq"
                     .into(),
             )
             .into()),
+            Next::Pass | Next::Duplicate => Ok(()),
         }
     }
 
-    /// Sends the messages after `after` and before `before` from history, as far as it has
-    /// them.
-    async fn fill(&mut self, gate: &Arc<Gate>, after: u64, before: u64) -> Result<(), End> {
-        let Some(conversation_id) = self
-            .subs
-            .iter()
-            .find(|(_, s)| Arc::ptr_eq(&s.gate, gate))
-            .map(|(id, _)| id.clone())
-        else {
-            return Ok(());
-        };
-        let mut cursor = Cursor::at(after);
-        while cursor.passed().saturating_add(1) < before {
+    /// Sends the messages from history that `gate` has not passed and that come before
+    /// `before`, as far as history has them.
+    async fn fill(
+        &mut self,
+        conversation_id: &str,
+        gate: &Arc<Gate>,
+        before: u64,
+    ) -> Result<(), End> {
+        loop {
+            let after = gate.passed();
+            if after.saturating_add(1) >= before {
+                return Ok(());
+            }
             let page = self
                 .ctx
                 .messaging
                 .store()
-                .history(&conversation_id, Range::After(cursor.passed()), REPLAY_PAGE)
+                .history(conversation_id, Range::After(after), REPLAY_PAGE)
                 .await
                 .map_err(End::from)?
                 .messages;
-            let count = page.len();
+            let full = page.len() >= REPLAY_PAGE;
             for m in page.into_iter().take_while(|m| m.seq < before) {
                 let seq = m.seq;
+                let frame = Arc::new(EncodedConnectResponse::new(Out::Message(m)));
                 let permit = self.reserve().await?;
-                if let (Passed::Missing { .. }, _) = gate.pass(
-                    seq,
-                    &Arc::new(EncodedConnectResponse::new(Out::Message(m))),
-                    permit,
-                ) {
+                if let Next::Missing { .. } = gate.pass(seq, &frame, permit) {
                     // History itself has a hole (trimmed): the caller says so.
                     return Ok(());
                 }
-                cursor.advance(seq);
             }
-            if count < REPLAY_PAGE || cursor.passed() == after {
+            if !full || gate.passed() == after {
                 return Ok(());
             }
         }
-        Ok(())
     }
 
     /// Whether `gate` is one this session still uses.
@@ -722,7 +718,10 @@ impl<S: DeskStore> Session<S> {
             self.held.push(gate.clone());
         }
         match &live.kind {
-            Kind::Message { seq, .. } => self.pass(&gate, *seq, &live.frame).await,
+            Kind::Message {
+                conversation_id,
+                seq,
+            } => self.pass(conversation_id, &gate, *seq, &live.frame).await,
             Kind::Receipt | Kind::Typing { .. } => {
                 if shown {
                     Ok(())

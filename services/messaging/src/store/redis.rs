@@ -95,6 +95,12 @@ impl RedisStore {
     }
 }
 
+/// `results`, completed to `len` with storage errors saying `cause`.
+fn fail_rest(mut results: Vec<Result<Sent>>, len: usize, cause: &str) -> Vec<Result<Sent>> {
+    results.resize_with(len, || Err(Error::storage(cause)));
+    results
+}
+
 /// What the send script answered.
 fn send_reply(reply: Vec<String>) -> Result<Sent> {
     let bad = || Error::Internal(format!("send script answered {reply:?}"));
@@ -350,54 +356,42 @@ impl MessagingStore for RedisStore {
         let mut conn = self.conn.clone();
         let invocations: Vec<_> = batch.iter().map(|o| self.send_invocation(o)).collect();
         let mut results: Vec<Result<Sent>> = Vec::with_capacity(batch.len());
-        let mut loaded = false;
-        while results.len() < batch.len() {
-            let rest = &invocations[results.len()..];
+        let no_script = |r: &redis::RedisResult<Vec<String>>| {
+            r.as_ref().is_err_and(|e| {
+                e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+            })
+        };
+        // The second round only after loading the script, and only for the sends from the
+        // first refusal on.
+        for round in 0..2 {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            for invocation in rest {
+            for invocation in &invocations[results.len()..] {
                 pipe.invoke_script(invocation);
             }
             let replies: Vec<redis::RedisResult<Vec<String>>> =
                 match pipe.query_async(&mut conn).await {
                     Ok(r) => r,
-                    Err(e) => {
-                        let cause = e.to_string();
-                        results.extend(rest.iter().map(|_| Err(Error::storage(cause.clone()))));
-                        break;
-                    }
+                    Err(e) => return fail_rest(results, batch.len(), &e.to_string()),
                 };
-            let no_script = |r: &redis::RedisResult<Vec<String>>| {
-                r.as_ref().is_err_and(|e| {
-                    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-                })
-            };
             for reply in replies {
-                if no_script(&reply) && !loaded {
+                if round == 0 && no_script(&reply) {
                     break;
                 }
                 results.push(reply.map_err(Error::from).and_then(send_reply));
             }
-            if results.len() < batch.len() {
-                if loaded {
-                    // Loaded and still refused: say so for the rest rather than loop.
-                    let missing = batch.len() - results.len();
-                    results.extend((0..missing).map(|_| {
-                        Err(Error::storage(
-                            "redis lost the send script again while loading it",
-                        ))
-                    }));
-                    break;
-                }
-                if let Err(e) = self.send.load_async(&mut conn).await {
-                    let (cause, missing) = (e.to_string(), batch.len() - results.len());
-                    results.extend((0..missing).map(|_| Err(Error::storage(cause.clone()))));
-                    break;
-                }
-                loaded = true;
+            if results.len() == batch.len() {
+                break;
+            }
+            if let Err(e) = self.send.load_async(&mut conn).await {
+                return fail_rest(results, batch.len(), &e.to_string());
             }
         }
-        results
+        fail_rest(
+            results,
+            batch.len(),
+            "redis answered fewer replies than sends",
+        )
     }
 
     async fn history(&self, id: &str, range: Range, limit: usize) -> Result<History> {
