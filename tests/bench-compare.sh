@@ -66,6 +66,11 @@ run() {
   fi
 }
 
+# The kernel's own cost of one small write per connection, on as many connections per
+# instance as the fixed workloads have (100 and 500): no server can go below it here.
+run floor-C100 1 loopback-floor python3 "$ROOT/tests/loopback-floor.py" --connections 100 --rounds 2000
+run floor-C500 1 loopback-floor python3 "$ROOT/tests/loopback-floor.py" --connections 500 --rounds 400
+
 for round in $(seq 1 "$ROUNDS"); do
   run fixed-S200-R200 "$round" socketio "$PEER/run.sh" --mode fixed
   run fixed-S200-R200 "$round" switchboard "$BENCH" fanout --mode fixed --subscribers 200 --rate 200
@@ -106,7 +111,7 @@ metrics = {
 }
 labels = []
 for r in rows:
-    if r.get("_label") not in labels:
+    if r.get("_label") not in labels and r.get("system") != "loopback-floor":
         labels.append(r["_label"])
 print()
 print("| workload | measure | Socket.IO | Switchboard | Switchboard / Socket.IO |")
@@ -124,4 +129,18 @@ for label in labels:
                 return "–" if ran(system) else "failed"
             return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
         print(f"| {label} | {name} | {fmt(s, 'socketio')} | {fmt(b, 'switchboard')} | {ratio} |")
+# What the kernel alone costs per delivery, next to what the peer spends in all.
+floors = [r for r in rows if r.get("system") == "loopback-floor" and not r.get("failed")]
+if floors:
+    print()
+    for f in floors:
+        print(f"Loopback floor, {f['connections']} connections: the sender's kernel spends "
+              f"{f['sender_sys_us_per_write']} µs per {f['write_bytes']}-byte write "
+              f"(the reader's {f['reader_sys_us_per_write']} µs).")
+    per = lambda r: 1e6 * r["server_cpu_s"] / r["delivered"] if r.get("delivered") else None
+    for label in ("fixed-S200-R200", "fixed-S1000-R100"):
+        s = median(label, "socketio", per)
+        if s is not None:
+            print(f"{label}: Socket.IO spends {s:.2f} µs of server CPU per delivery "
+                  f"(a third is {s / 3:.2f}, a half {s / 2:.2f}).")
 EOF

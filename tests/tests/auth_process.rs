@@ -72,6 +72,9 @@ fn bad_configuration_is_reported_all_at_once_with_exit_code_64() {
         .env("AUTH_ACCESS_TTL_SECS", "5")
         .env("TLS_CERT_FILE", "/nonexistent/cert.pem")
         .env("AUTH_ADMIN_USERNAME", "root")
+        // Values that do not even parse are reported with the rest, by variable name.
+        .env("AUTH_HASH_QUEUE", "many")
+        .env("LOG_FORMAT", "xml")
         .env_remove("TLS_KEY_FILE")
         .env_remove("AUTH_ADMIN_PASSWORD")
         .env_remove("REDIS_URL")
@@ -88,6 +91,8 @@ fn bad_configuration_is_reported_all_at_once_with_exit_code_64() {
         "AUTH_ACCESS_TTL_SECS",
         "TLS_CERT_FILE",
         "AUTH_ADMIN_PASSWORD",
+        "AUTH_HASH_QUEUE=\"many\"",
+        "LOG_FORMAT=\"xml\": expected one of: text, json",
     ] {
         assert!(stderr.contains(named), "{named} not reported in:\n{stderr}");
     }

@@ -37,20 +37,37 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
             "HANDSHAKE_TIMEOUT_MS",
         ],
     );
+    // Values that do not parse and values out of range, each named by its variable, all
+    // in one report.
     assert_bad_config_exits_64(
         "switchboard-messaging",
         &[
             ("MESSAGING_OUTBOUND_QUEUE", "1"),
-            ("AUTH_URL", "not a url"),
+            ("MESSAGING_MAX_GROUP_MEMBERS", "lots"),
+            ("METRICS_ADDR", "everywhere:please"),
+            ("AUTH_URL", "nonsense"),
+            ("PRESENCE_URL", "not a url"),
             ("REDIS_URL", "nope://x"),
         ],
-        &["MESSAGING_OUTBOUND_QUEUE", "AUTH_URL", "REDIS_URL"],
+        &[
+            "MESSAGING_OUTBOUND_QUEUE",
+            "MESSAGING_MAX_GROUP_MEMBERS=\"lots\"",
+            "METRICS_ADDR=\"everywhere:please\"",
+            "or `off`",
+            "AUTH_URL=\"nonsense\"",
+            "PRESENCE_URL",
+            "REDIS_URL",
+        ],
     );
-    assert_bad_config_exits_64(
-        "switchboard-messaging",
-        &[("METRICS_ADDR", "everywhere:please")],
-        &["METRICS_ADDR", "or `off`"],
-    );
+    // A flag given on the command line is named as the flag.
+    let out = std::process::Command::new(
+        switchboard_tests::instance::binary("switchboard-messaging").expect("binary"),
+    )
+    .arg("--metrics-addr=everywhere")
+    .output()
+    .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics-addr"));
 }
 
 #[tokio::test]

@@ -3,12 +3,12 @@
 use std::process::ExitCode;
 
 use switchboard_auth::{Args, run};
-use switchboard_common::config::parse_args;
+use switchboard_common::config::{Parsed, parse_args};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args: Args = parse_args();
-    if args.generate_signing_key {
+    let parsed: Parsed<Args> = parse_args();
+    if parsed.args.generate_signing_key {
         return match switchboard_auth::signing::generate_pem() {
             Ok(pem) => {
                 print!("{pem}");
@@ -20,7 +20,7 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let config = args.validate().unwrap_or_else(|e| e.exit());
+    let config = parsed.validate(Args::validate).unwrap_or_else(|e| e.exit());
     let server = config.server.clone();
     switchboard_common::server::main("switchboard-auth", &server, |listener, shutdown| {
         run(config, listener, shutdown)

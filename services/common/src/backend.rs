@@ -1,5 +1,9 @@
 //! The storage engine a service process runs on, set up once: the pub/sub bus, the
 //! revocation store, and (with Redis) the shared connection the service's own store uses.
+//!
+//! Services hosted together in one process (`switchboard-server`) share one `Backend`, so
+//! that with the embedded engine a logout, a presence change or a message published by one
+//! service reaches the others exactly as it would through Redis.
 
 use std::sync::Arc;
 
@@ -13,6 +17,7 @@ use crate::revocation::{
 use crate::token::{GrpcKeySource, Verifier};
 
 /// What a service's own store is built on.
+#[derive(Clone)]
 pub enum Link {
     /// The embedded engine; publishing goes to this in-process bus.
     Memory(MemoryBus),
@@ -20,7 +25,8 @@ pub enum Link {
     Redis(redis::aio::ConnectionManager),
 }
 
-/// The engine of one process.
+/// The engine of one process; clones share it.
+#[derive(Clone)]
 pub struct Backend {
     /// Pub/sub between instances (or within the process).
     pub bus: Arc<dyn Bus>,

@@ -49,10 +49,12 @@ pub mod env {
 }
 
 /// Parses the command line (and environment) into `T`, printing help or version and
-/// exiting 0 when asked, or printing the error and exiting 64.
-pub fn parse_args<T: Parser>() -> T {
-    match T::try_parse() {
-        Ok(args) => args,
+/// exiting 0 when asked, or printing the error and exiting 64. An environment variable that
+/// does not parse is not fatal here: it is one of the [`Parsed`] problems, reported with
+/// the rest when the settings are validated ([`Parsed::validate`]).
+pub fn parse_args<T: Parser>() -> Parsed<T> {
+    match parse_from(std::env::args_os().collect()) {
+        Ok(parsed) => parsed,
         Err(e) => {
             use clap::error::ErrorKind;
             let code = match e.kind() {
@@ -62,6 +64,121 @@ pub fn parse_args<T: Parser>() -> T {
             let _ = e.print();
             std::process::exit(code);
         }
+    }
+}
+
+/// `T` from these command-line flags (no program name) and the environment, for a process
+/// that hosts a service and sets some of its flags itself; every problem as a
+/// [`ConfigError`].
+pub fn try_parse_env<T: Parser>(flags: &[&str]) -> Result<Parsed<T>, ConfigError> {
+    let mut argv = vec![std::ffi::OsString::from(T::command().get_name().to_owned())];
+    argv.extend(flags.iter().map(std::ffi::OsString::from));
+    parse_from(argv).map_err(|e| ConfigError(vec![reason(&e)]))
+}
+
+/// Settings as parsed, and the environment variables that were set but could not be
+/// parsed (their settings keep their defaults meanwhile).
+#[derive(Debug)]
+pub struct Parsed<T> {
+    /// The settings.
+    pub args: T,
+    problems: Problems,
+}
+
+impl<T> Parsed<T> {
+    /// Runs `validate` on the settings; the parsing problems and validation's come out
+    /// together, so a user sees every bad variable at once.
+    pub fn validate<C>(
+        self,
+        validate: impl FnOnce(T) -> Result<C, ConfigError>,
+    ) -> Result<C, ConfigError> {
+        let mut all = self.problems.0;
+        match validate(self.args) {
+            Ok(config) if all.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigError(all)),
+            Err(e) => {
+                all.extend(e.0);
+                Err(ConfigError(all))
+            }
+        }
+    }
+}
+
+/// Parses `argv` (program name first). Each setting that comes from a set environment
+/// variable is tried on its own first, so that a bad value is reported by the variable's
+/// name (not by the flag the user never typed) and every bad variable is found at once.
+fn parse_from<T: Parser>(argv: Vec<std::ffi::OsString>) -> Result<Parsed<T>, clap::Error> {
+    // Flags given on the command line win over the environment: their variables are not read.
+    let given: Vec<String> = argv
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.to_str()?.strip_prefix("--"))
+        .map(|a| a.split('=').next().unwrap_or(a).to_owned())
+        .collect();
+    let mut command = T::command();
+    let mut problems = Problems::default();
+    let mut unreadable = Vec::new();
+    for arg in command.get_arguments() {
+        let (Some(var), Some(long)) = (arg.get_env(), arg.get_long()) else {
+            continue;
+        };
+        let Some(value) = std::env::var_os(var) else {
+            continue;
+        };
+        if given.iter().any(|g| g == long) {
+            continue;
+        }
+        // A command of this one setting, which reads it from the variable.
+        let alone = clap::Command::new("env")
+            .no_binary_name(true)
+            .arg(arg.clone());
+        if let Err(e) = alone.try_get_matches_from(std::iter::empty::<std::ffi::OsString>()) {
+            let shown = if arg.is_hide_env_values_set() {
+                String::from("(hidden)")
+            } else {
+                format!("{:?}", value.to_string_lossy())
+            };
+            problems.add(format!("{}={shown}: {}", var.to_string_lossy(), reason(&e)));
+            unreadable.push(arg.get_id().clone());
+        }
+    }
+    for id in unreadable {
+        command = command.mut_arg(id, |a| a.env(None));
+    }
+    let matches = command.try_get_matches_from(argv)?;
+    let args = T::from_arg_matches(&matches)?;
+    Ok(Parsed { args, problems })
+}
+
+/// What was wrong with a value, without clap's framing (`error:`, usage, `--help` hint).
+fn reason(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    if let Some(source) = std::error::Error::source(e) {
+        return source.to_string();
+    }
+    if let Some(ContextValue::Strings(valid)) = e.get(ContextKind::ValidValue) {
+        return format!("expected one of: {}", valid.join(", "));
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.trim_start_matches("error: ").to_owned()
+}
+
+/// Checks that the setting `var` is an `http://` or `https://` URL with a host, as every
+/// service-to-service URL must be; a problem naming the variable otherwise.
+pub fn check_url(var: &str, value: &str, problems: &mut Problems) {
+    let problem = match value.parse::<http::Uri>() {
+        Err(e) => Some(format!("{e}")),
+        Ok(uri) => match (uri.scheme_str(), uri.host()) {
+            (Some("http" | "https"), Some(host)) if !host.is_empty() => None,
+            (Some("http" | "https"), _) => Some("no host".into()),
+            _ => Some("must start with http:// or https://".into()),
+        },
+    };
+    if let Some(p) = problem {
+        problems.add(format!(
+            "{var}={value:?}: not a URL ({p}); expected e.g. http://auth:50051"
+        ));
     }
 }
 

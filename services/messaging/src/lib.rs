@@ -45,14 +45,26 @@ use crate::stream::Streams;
 
 /// Serves messaging on `listener` until `shutdown` fires. `main` and the tests call this.
 ///
-/// With the embedded engine, revocations are not shared with the auth process, so logouts
-/// end streams only in Redis deployments.
+/// With the embedded engine in a process of its own, revocations are not shared with the
+/// auth process, so logouts end streams only with Redis or inside `switchboard-server`,
+/// where the services share one engine ([`run_on`]).
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let backend = Backend::start(&config.engine, &shutdown)?;
+    run_on(config, listener, shutdown, backend).await
+}
+
+/// Like [`run`], on a `backend` this process may share with other services (the
+/// one-process `switchboard-server`); `config.engine` is not consulted.
+pub async fn run_on(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    backend: Backend,
+) -> anyhow::Result<()> {
     match &backend.link {
         Link::Memory(bus) => {
             let store = Arc::new(store::memory::MemoryStore::new(

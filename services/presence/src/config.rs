@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use switchboard_common::config::{
-    Engine, Problems, Secret, ServerArgs, ServerConfig, ServiceTokenArgs, StoreArgs,
+    Engine, Problems, Secret, ServerArgs, ServerConfig, ServiceTokenArgs, StoreArgs, check_url,
 };
 
 /// Environment variable names of presence's own settings.
@@ -100,9 +100,7 @@ impl Args {
             .validate(self.listen_addr, self.metrics_addr, &mut problems);
         let engine = self.store.validate(&mut problems);
         let service_token = self.service.validate(&mut problems);
-        if tonic::transport::Endpoint::from_shared(self.auth_url.clone()).is_err() {
-            problems.add(format!("{}: not a URL: {}", env::AUTH_URL, self.auth_url));
-        }
+        check_url(env::AUTH_URL, &self.auth_url, &mut problems);
         if !(1..=3600).contains(&self.ttl_secs) {
             problems.add(format!("{}: must be 1 to 3600 seconds", env::TTL_SECS));
         }

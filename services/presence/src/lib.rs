@@ -35,6 +35,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let backend = Backend::start(&config.engine, &shutdown)?;
+    run_on(config, listener, shutdown, backend).await
+}
+
+/// Like [`run`], on a `backend` this process may share with other services (the
+/// one-process `switchboard-server`); `config.engine` is not consulted.
+pub async fn run_on(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    backend: Backend,
+) -> anyhow::Result<()> {
     match &backend.link {
         Link::Memory(bus) => {
             let store = Arc::new(store::memory::MemoryStore::new(bus.clone()));

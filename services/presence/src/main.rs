@@ -2,13 +2,13 @@
 
 use std::process::ExitCode;
 
-use switchboard_common::config::parse_args;
+use switchboard_common::config::{Parsed, parse_args};
 use switchboard_presence::{Args, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args: Args = parse_args();
-    let config = args.validate().unwrap_or_else(|e| e.exit());
+    let parsed: Parsed<Args> = parse_args();
+    let config = parsed.validate(Args::validate).unwrap_or_else(|e| e.exit());
     let server = config.server.clone();
     switchboard_common::server::main("switchboard-presence", &server, |listener, shutdown| {
         run(config, listener, shutdown)
