@@ -60,14 +60,15 @@ fn read_lines(stdout: impl std::io::Read + Send + 'static) -> mpsc::Receiver<Str
 
 fn expect_line(rx: &mpsc::Receiver<String>, needle: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
     while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
         match rx.recv_timeout(left) {
             Ok(line) if line.contains(needle) => return,
-            Ok(_) => {}
+            Ok(line) => seen.push(line),
             Err(_) => break,
         }
     }
-    panic!("chat never printed {needle:?}");
+    panic!("chat never printed {needle:?}; it printed {seen:#?}");
 }
 
 fn person(auth: &ChildService, messaging: &[&ChildService]) -> Person {
@@ -288,4 +289,259 @@ fn a_customer_opens_a_consultation_and_an_agent_console_answers_and_closes_it() 
     drop(stdin);
     let status = console.wait().expect("console exits at end of input");
     assert!(status.success());
+}
+
+/// A free loopback port (bound and released; the test binds it again right away).
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+/// `switchboard-server` (the embedded default) on these three addresses.
+fn embedded(addrs: &[String; 3]) -> ChildService {
+    ChildService::spawn(
+        "switchboard-server",
+        &[
+            ("AUTH_ADDR", addrs[0].clone()),
+            ("PRESENCE_ADDR", addrs[1].clone()),
+            ("MESSAGING_ADDR", addrs[2].clone()),
+            ("AUTH_ARGON2_MEMORY_KIB", "1024".into()),
+            ("AUTH_ARGON2_ITERATIONS", "1".into()),
+        ],
+    )
+    .expect("switchboard-server")
+}
+
+fn person_of(addrs: &[String; 3]) -> Person {
+    Person {
+        dir: tempfile::tempdir().expect("dir"),
+        auth: format!("http://{}", addrs[0]),
+        presence: format!("http://{}", addrs[1]),
+        messaging: format!("http://{}", addrs[2]),
+    }
+}
+
+/// The id `register` printed: `registered NAME (ID)`.
+fn registered_id(p: &Person, name: &str) -> String {
+    p.run(&["register", name])
+        .split(['(', ')'])
+        .nth(1)
+        .expect("registered prints the id")
+        .to_owned()
+}
+
+fn unread(p: &Person, conversation: &str) -> u64 {
+    let list = p.run(&["conversations"]);
+    let line = list
+        .lines()
+        .find(|l| l.starts_with(conversation))
+        .unwrap_or_else(|| panic!("{conversation} not listed:\n{list}"));
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no unread count in {line:?}"))
+}
+
+/// Waits up to `limit` for `child` to exit; its exit code.
+fn exit_code(child: &mut Child, limit: Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn chat_shows_recent_history_with_times_goes_online_and_reading_drops_unread_counts() {
+    let addrs = [free_addr(), free_addr(), free_addr()];
+    let _server = embedded(&addrs);
+    let (alice, bob) = (person_of(&addrs), person_of(&addrs));
+    registered_id(&alice, "alice");
+    let bob_id = registered_id(&bob, "bob");
+    alice.run(&["login", "alice"]);
+    bob.run(&["login", "bob"]);
+    let conversation = alice.run(&["direct", &bob_id]);
+    for text in ["one", "two", "three"] {
+        alice.run(&["send", &conversation, text]);
+    }
+    assert_eq!(unread(&bob, &conversation), 3);
+
+    // Alice watches; Bob's chat shows only the last two, each with its time.
+    let mut alice_chat = alice
+        .cmd(&["chat", &conversation, "--history", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("alice chat");
+    let alice_err = read_lines(alice_chat.stderr.take().expect("stderr"));
+    expect_line(&alice_err, "chat in");
+    let mut chat = bob
+        .cmd(&["chat", &conversation, "--history", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chat");
+    let rx = lines(&mut chat);
+    let first = rx.recv_timeout(Duration::from_secs(20)).expect("a line");
+    assert!(
+        first.starts_with("[#2 ") && first.ends_with("] alice: two"),
+        "{first}"
+    );
+    let time = first
+        .trim_start_matches("[#2 ")
+        .split(']')
+        .next()
+        .unwrap_or_default();
+    assert!(
+        time.len() == 5 && time.as_bytes()[2] == b':',
+        "not HH:MM: {time:?}"
+    );
+    expect_line(&rx, "alice: three");
+    // Shown means read: the unread count drops, and Alice sees the receipt.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while unread(&bob, &conversation) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unread count never dropped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    expect_line(&alice_err, "(bob read up to #3)");
+
+    // Bob is online while the chat runs (Alice asks presence), and away after /away.
+    let alice_token = {
+        let raw = std::fs::read(alice.dir.path().join("session.json")).expect("session");
+        let v: serde_json::Value = serde_json::from_slice(&raw).expect("json");
+        v["access_token"].as_str().expect("token").to_owned()
+    };
+    let state_of_bob = || {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async {
+            use switchboard_proto::presence::v1 as p;
+            let mut c = p::presence_service_client::PresenceServiceClient::new(
+                switchboard_tests::instance::channel(addrs[1].parse().expect("addr")),
+            );
+            let got = c
+                .get(switchboard_tests::auth::authed(
+                    p::GetRequest {
+                        user_ids: vec![bob_id.clone()],
+                    },
+                    &alice_token,
+                ))
+                .await
+                .expect("presence get")
+                .into_inner();
+            got.presences.first().map(|u| u.state).unwrap_or_default()
+        })
+    };
+    use switchboard_proto::presence::v1::PresenceState;
+    assert_eq!(state_of_bob(), PresenceState::Available as i32);
+    let mut stdin = chat.stdin.take().expect("stdin");
+    writeln!(stdin, "/away").expect("type");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while state_of_bob() != PresenceState::Away as i32 {
+        assert!(std::time::Instant::now() < deadline, "never away");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(stdin);
+    assert_eq!(exit_code(&mut chat, Duration::from_secs(10)), Some(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while state_of_bob() != PresenceState::Offline as i32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still online after the chat ended"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(alice_chat.stdin.take());
+    assert_eq!(exit_code(&mut alice_chat, Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_restarted_embedded_stack_ends_a_running_chat_with_log_in_again_and_exit_code_2() {
+    let addrs = [free_addr(), free_addr(), free_addr()];
+    let mut server = embedded(&addrs);
+    let (alice, bob) = (person_of(&addrs), person_of(&addrs));
+    registered_id(&alice, "alice");
+    let bob_id = registered_id(&bob, "bob");
+    alice.run(&["login", "alice"]);
+    bob.run(&["login", "bob"]);
+    let conversation = alice.run(&["direct", &bob_id]);
+    let mut chat = bob
+        .cmd(&["chat", &conversation])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chat");
+    let err = read_lines(chat.stderr.take().expect("stderr"));
+    expect_line(&err, "chat in");
+
+    // Every account and key is gone with the process; the new one knows nobody.
+    server.kill();
+    let _again = embedded(&addrs);
+    assert_eq!(exit_code(&mut chat, Duration::from_secs(30)), Some(2));
+    expect_line(&err, "log in again");
+    drop(chat.stdin.take());
+}
+
+#[test]
+fn ctrl_d_quits_a_chat_even_while_it_is_reconnecting() {
+    let addrs = [free_addr(), free_addr(), free_addr()];
+    let mut server = embedded(&addrs);
+    let bob = person_of(&addrs);
+    registered_id(&bob, "bob");
+    bob.run(&["login", "bob"]);
+    let group = bob.run(&["group", "solo"]);
+    let mut chat = bob
+        .cmd(&["chat", &group])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chat");
+    let err = read_lines(chat.stderr.take().expect("stderr"));
+    expect_line(&err, "chat in");
+    let mut stdin = chat.stdin.take().expect("stdin");
+    server.kill();
+    // (Whether the stream was up yet or not, it is now trying to connect.)
+    expect_line(&err, "retrying");
+    // A line typed now waits for the connection; Ctrl-D leaves at once and says so.
+    writeln!(stdin, "are you there?").expect("type");
+    drop(stdin);
+    assert_eq!(exit_code(&mut chat, Duration::from_secs(5)), Some(0));
+    expect_line(&err, "not sent");
+}
+
+#[test]
+fn logging_out_elsewhere_ends_a_running_chat_with_exit_code_2() {
+    let addrs = [free_addr(), free_addr(), free_addr()];
+    let _server = embedded(&addrs);
+    let bob = person_of(&addrs);
+    registered_id(&bob, "bob");
+    bob.run(&["login", "bob"]);
+    let group = bob.run(&["group", "solo"]);
+    let mut chat = bob
+        .cmd(&["chat", &group])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chat");
+    let err = read_lines(chat.stderr.take().expect("stderr"));
+    expect_line(&err, "chat in");
+    // In the one-process default, auth's logout reaches messaging's stream.
+    bob.run(&["logout"]);
+    assert_eq!(exit_code(&mut chat, Duration::from_secs(10)), Some(2));
+    expect_line(&err, "log in again");
+    drop(chat.stdin.take());
 }

@@ -9,12 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use switchboard_proto::messaging::v1 as pb;
 use switchboard_proto::presence::v1 as presence_pb;
-use switchboard_proto::presence::v1::presence_service_client::PresenceServiceClient;
 use tokio::sync::mpsc;
 
-use super::{
-    Client, In, Names, Out, authed, channel, describe, next_instance, status_message, stdin_lines,
-};
+use super::online::Online;
+use super::{Client, In, Names, Out, authed, describe, next_instance, status_message, stdin_lines};
 
 const HELP: &str = "commands: /list, /use <id>, /close [resolution], /transfer <agent id> [note], /away, /available, /help";
 
@@ -75,42 +73,6 @@ impl Desk {
     }
 }
 
-/// Keeps the agent's device session open; `state` changes its state.
-async fn presence(
-    client: &Client,
-    token: &str,
-) -> anyhow::Result<(
-    mpsc::Sender<presence_pb::ConnectRequest>,
-    tonic::Streaming<presence_pb::ConnectResponse>,
-)> {
-    let (tx, rx) = mpsc::channel(8);
-    let stream = PresenceServiceClient::new(channel(&client.presence)?)
-        .connect(authed(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            token,
-        )?)
-        .await
-        .map_err(status_message)
-        .with_context(|| format!("presence at {}", client.presence))?
-        .into_inner();
-    set_state(&tx, presence_pb::PresenceState::Available).await;
-    Ok((tx, stream))
-}
-
-async fn set_state(
-    tx: &mpsc::Sender<presence_pb::ConnectRequest>,
-    state: presence_pb::PresenceState,
-) {
-    let frame = presence_pb::connect_request::Frame::SetState(presence_pb::SetState {
-        state: state as i32,
-        custom_text: String::new(),
-        device_name: "switchboard cli".into(),
-    });
-    let _ = tx
-        .send(presence_pb::ConnectRequest { frame: Some(frame) })
-        .await;
-}
-
 /// The agent's assigned consultations now.
 async fn assigned(client: &Client, token: &str, me: &str) -> anyhow::Result<Vec<pb::Conversation>> {
     let list = client
@@ -152,7 +114,12 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
         }
     }
     let mut lines = stdin_lines();
-    let (mut state_tx, mut presence_rx) = presence(client, &session.access_token).await?;
+    let mut online = Online::start(
+        client,
+        &session.access_token,
+        presence_pb::PresenceState::Available,
+    )
+    .await;
     eprintln!("online and AVAILABLE as {}; {HELP}", session.username);
     let mut names = Names::default();
     let mut which = 0usize;
@@ -170,20 +137,11 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
             tokio::select! {
                 line = lines.recv() => {
                     let Some(line) = line else { return Ok(()) };
-                    command(client, &session.access_token, &mut desk, &state_tx, &tx, line.trim()).await;
+                    command(client, &session.access_token, &mut desk, &mut online, &tx, line.trim()).await;
                 }
-                p = presence_rx.message() => {
-                    if !matches!(p, Ok(Some(_))) {
-                        eprintln!("(presence connection lost; reconnecting)");
-                        tokio::time::sleep(backoff).await;
-                        match presence(client, &session.access_token).await {
-                            Ok((tx, rx)) => (state_tx, presence_rx) = (tx, rx),
-                            Err(e) => {
-                                eprintln!("({e:#})");
-                                backoff = (backoff * 2).min(Duration::from_secs(5));
-                            }
-                        }
-                    }
+                _ = online.needs_healing() => {
+                    let token = client.session().await.map(|s| s.access_token)?;
+                    online.heal(&token).await;
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(r)) => match r.frame {
@@ -200,6 +158,17 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
                         Some(Out::Error(e)) => eprintln!("({})", e.message),
                         _ => {}
                     },
+                    Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                        // Only a session that still lives resumes (SessionEnded otherwise).
+                        if let Err(e) = client.refreshed().await {
+                            if e.downcast_ref::<super::SessionEnded>().is_some() {
+                                return Err(e);
+                            }
+                            eprintln!("({e:#}; retrying)");
+                            next_instance(&mut which, &mut backoff).await;
+                        }
+                        break;
+                    }
                     Ok(None) | Err(_) => {
                         eprintln!("(connection lost; resuming)");
                         next_instance(&mut which, &mut backoff).await;
@@ -216,7 +185,7 @@ async fn command(
     client: &Client,
     token: &str,
     desk: &mut Desk,
-    state: &mpsc::Sender<presence_pb::ConnectRequest>,
+    online: &mut Online,
     stream: &mpsc::Sender<pb::ConnectRequest>,
     line: &str,
 ) {
@@ -226,8 +195,8 @@ async fn command(
         match word {
             "" => {}
             "/help" => eprintln!("{HELP}"),
-            "/away" => set_state(state, presence_pb::PresenceState::Away).await,
-            "/available" => set_state(state, presence_pb::PresenceState::Available).await,
+            "/away" => online.set(presence_pb::PresenceState::Away).await,
+            "/available" => online.set(presence_pb::PresenceState::Available).await,
             "/list" => {
                 for c in assigned(client, token, &desk.me).await? {
                     if let Some(k) = &c.consultation {

@@ -4,7 +4,7 @@
 //! resumes after a dropped connection, on the same or another messaging instance.
 
 use std::collections::HashMap;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -21,6 +21,8 @@ use switchboard_proto::messaging::v1::messaging_service_client::MessagingService
 use switchboard_proto::messaging::v1::support_service_client::SupportServiceClient;
 
 mod agent;
+mod chat;
+mod online;
 use tokio::sync::mpsc;
 use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
@@ -140,11 +142,15 @@ enum Command {
         limit: u32,
     },
     /// Chat interactively: incoming messages appear live; each line you type is sent.
-    /// With --agent: the support agent's console instead (see `chat --help`).
+    /// While it runs you are online (`/away`, `/available`); what you see moves your read
+    /// position. With --agent: the support agent's console instead (see `chat --help`).
     Chat {
         /// Conversation id (not with --agent).
         #[arg(required_unless_present = "agent")]
         conversation: Option<String>,
+        /// How many earlier messages to show first (0 for none).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        history: u64,
         /// Agent console: be online and AVAILABLE for the desk while it runs, see new
         /// consultations and their messages as they come. Lines go to the current
         /// consultation; commands: /list, /use <id>, /close [resolution],
@@ -249,8 +255,50 @@ fn password() -> anyhow::Result<String> {
     Ok(line.trim_end_matches(['\r', '\n']).to_owned())
 }
 
+/// The stored session is over: logged out, revoked, or unknown to auth (an embedded
+/// stack that restarted forgets every account). Exit code 2.
+#[derive(Debug)]
+struct SessionEnded(String);
+
+impl std::fmt::Display for SessionEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "session ended ({}): log in again with `switchboard login <username>`",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for SessionEnded {}
+
+/// Exit code when the session has ended.
+const EXIT_SESSION_ENDED: u8 = 2;
+
+/// A refused call made with the session's token; UNAUTHENTICATED means the session ended.
 fn status_message(e: tonic::Status) -> anyhow::Error {
+    if e.code() == tonic::Code::Unauthenticated {
+        return SessionEnded(e.message().to_owned()).into();
+    }
+    plain_status(e)
+}
+
+/// A refused call made without a session (register, login): said as it is.
+fn plain_status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+/// Whether a refused refresh means the session is over (not that auth is unreachable).
+fn ends_session(e: &tonic::Status) -> bool {
+    !matches!(
+        e.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+    )
 }
 
 impl Client {
@@ -304,18 +352,44 @@ impl Client {
 
     /// The session with a fresh access token (refreshed when it expires within a minute).
     async fn session(&self) -> anyhow::Result<Session> {
+        let session = self.stored()?;
+        if session.access_expires_at - now_secs() < 60 {
+            return self.refresh(session).await;
+        }
+        Ok(session)
+    }
+
+    /// The session after a refresh, whatever its token's age: a token was refused, and
+    /// this tells whether the session lives on ([`SessionEnded`] if not).
+    async fn refreshed(&self) -> anyhow::Result<Session> {
+        // Gone meanwhile: `switchboard logout` ran with the same config directory.
+        let session = self
+            .stored()
+            .map_err(|_| SessionEnded("logged out here".into()))?;
+        self.refresh(session).await
+    }
+
+    fn stored(&self) -> anyhow::Result<Session> {
         let raw = std::fs::read(&self.path)
             .map_err(|_| anyhow::anyhow!("not logged in; run `switchboard login <username>`"))?;
-        let mut session: Session =
-            serde_json::from_slice(&raw).context("session file is corrupt; log in again")?;
-        if session.access_expires_at - now_secs() < 60 {
+        serde_json::from_slice(&raw).context("session file is corrupt; log in again")
+    }
+
+    async fn refresh(&self, mut session: Session) -> anyhow::Result<Session> {
+        {
             let tokens = self
                 .auth()?
                 .refresh(auth_pb::RefreshRequest {
                     refresh_token: session.refresh_token.clone(),
                 })
                 .await
-                .map_err(|e| anyhow::anyhow!("session ended ({}); log in again", e.message()))?
+                .map_err(|e| {
+                    if ends_session(&e) {
+                        anyhow::Error::from(SessionEnded(e.message().to_owned()))
+                    } else {
+                        anyhow::anyhow!("cannot reach auth at {}: {}", self.cli_auth, e.message())
+                    }
+                })?
                 .into_inner()
                 .tokens
                 .context("no tokens")?;
@@ -336,6 +410,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<SessionEnded>().is_some() => {
+            eprintln!("switchboard: {e}");
+            ExitCode::from(EXIT_SESSION_ENDED)
+        }
         Err(e) => {
             eprintln!("switchboard: {e:#}");
             ExitCode::FAILURE
@@ -380,7 +458,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     display_name,
                 })
                 .await
-                .map_err(status_message)?
+                .map_err(plain_status)?
                 .into_inner()
                 .user
                 .context("no user")?;
@@ -392,7 +470,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .auth()?
                 .login(auth_pb::LoginRequest { username, password })
                 .await
-                .map_err(status_message)?
+                .map_err(plain_status)?
                 .into_inner();
             let (user, tokens) = (r.user.context("no user")?, r.tokens.context("no tokens")?);
             client.save(&Session {
@@ -528,7 +606,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat {
             conversation: Some(conversation),
             agent: false,
-        } => chat(&client, &conversation).await?,
+            history,
+        } => chat::chat(&client, &conversation, history).await?,
         Command::Chat { .. } => agent::console(&client).await?,
         Command::Support(command) => support(&client, command).await?,
     }
@@ -664,7 +743,15 @@ impl Client {
         tonic::Streaming<pb::ConnectResponse>,
     )> {
         loop {
-            let session = self.session().await?;
+            let session = match self.session().await {
+                Ok(s) => s,
+                Err(e) if e.downcast_ref::<SessionEnded>().is_some() => return Err(e),
+                Err(e) => {
+                    eprintln!("({e:#}; retrying)");
+                    next_instance(which, backoff).await;
+                    continue;
+                }
+            };
             let (tx, rx) = mpsc::channel::<pb::ConnectRequest>(64);
             let stream = self
                 .messaging(*which)?
@@ -675,6 +762,17 @@ impl Client {
                 .await;
             match stream {
                 Ok(r) => return Ok((session, tx, r.into_inner())),
+                Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                    // Refused token: a refresh says whether the session lives on.
+                    match self.refreshed().await {
+                        Ok(_) => {}
+                        Err(e) if e.downcast_ref::<SessionEnded>().is_some() => return Err(e),
+                        Err(e) => {
+                            eprintln!("({e:#}; retrying)");
+                            next_instance(which, backoff).await;
+                        }
+                    }
+                }
                 Err(e) => {
                     eprintln!(
                         "(cannot connect to {}: {}; retrying)",
@@ -688,11 +786,46 @@ impl Client {
     }
 }
 
+/// When a message was sent, in local time: `14:02` today, `2026-11-30 14:02` before.
+fn clock(at: Option<&prost_types::Timestamp>) -> String {
+    use chrono::{Local, TimeZone};
+    let Some(at) = at else {
+        return String::from("--:--");
+    };
+    let Some(t) = Local
+        .timestamp_opt(at.seconds, at.nanos.clamp(0, 999_999_999) as u32)
+        .single()
+    else {
+        return String::from("--:--");
+    };
+    if t.date_naive() == Local::now().date_naive() {
+        t.format("%H:%M").to_string()
+    } else {
+        t.format("%Y-%m-%d %H:%M").to_string()
+    }
+}
+
 /// User ids → usernames, looked up once each.
 #[derive(Default)]
 struct Names(HashMap<String, String>);
 
 impl Names {
+    /// `user_id`'s username (the id itself if auth cannot say).
+    async fn name(&mut self, client: &Client, s: &Session, user_id: &str) -> String {
+        if !self.0.contains_key(user_id) {
+            let m = pb::Message {
+                sender_id: user_id.to_owned(),
+                ..Default::default()
+            };
+            self.line(client, s, &m).await;
+        }
+        self.0
+            .get(user_id)
+            .cloned()
+            .unwrap_or_else(|| user_id.to_owned())
+    }
+
+    /// `[#seq time] sender: body`.
     async fn line(&mut self, client: &Client, s: &Session, m: &pb::Message) -> String {
         if !self.0.contains_key(&m.sender_id) {
             let name = async {
@@ -719,94 +852,11 @@ impl Names {
             self.0.insert(m.sender_id.clone(), name);
         }
         format!(
-            "[#{}] {}: {}",
+            "[#{} {}] {}: {}",
             m.seq,
+            clock(m.sent_at.as_ref()),
             self.0.get(&m.sender_id).map(String::as_str).unwrap_or("?"),
             m.body
         )
-    }
-}
-
-/// Interactive chat: resumes from the last seq seen after any disconnect, trying the
-/// messaging instances in turn; lines not yet acknowledged are sent again with the same
-/// idempotency key, so nothing is lost or doubled.
-async fn chat(client: &Client, conversation: &str) -> anyhow::Result<()> {
-    let mut lines = stdin_lines();
-    let mut names = Names::default();
-    let mut last_seq = 0u64;
-    let mut pending: Vec<(String, String)> = Vec::new();
-    let mut which = 0usize;
-    let mut stdin_open = true;
-    let mut backoff = Duration::from_millis(200);
-    eprintln!("chat in {conversation}; type a line to send it, Ctrl-D to quit");
-    loop {
-        let (session, tx, mut inbound) = client.open_stream(&mut which, &mut backoff).await?;
-        let frame = |f: In| pb::ConnectRequest { frame: Some(f) };
-        let subscribe = pb::Subscribe {
-            conversation_id: conversation.to_owned(),
-            since_seq: last_seq,
-            ..Default::default()
-        };
-        let _ = tx.send(frame(In::Subscribe(subscribe))).await;
-        for (key, body) in &pending {
-            let send = pb::Send {
-                conversation_id: conversation.to_owned(),
-                client_msg_id: key.clone(),
-                body: body.clone(),
-                metadata: HashMap::new(),
-            };
-            let _ = tx.send(frame(In::Send(send))).await;
-        }
-        loop {
-            tokio::select! {
-                line = lines.recv(), if stdin_open => match line {
-                    Some(line) if !line.trim().is_empty() => {
-                        let key = uuid::Uuid::now_v7().to_string();
-                        pending.push((key.clone(), line.clone()));
-                        let send = pb::Send { conversation_id: conversation.to_owned(), client_msg_id: key, body: line, metadata: HashMap::new() };
-                        let _ = tx.send(frame(In::Send(send))).await;
-                    }
-                    Some(_) => {}
-                    None => {
-                        stdin_open = false;
-                        if pending.is_empty() {
-                            return Ok(());
-                        }
-                    }
-                },
-                msg = inbound.message() => match msg {
-                    Ok(Some(r)) => match r.frame {
-                        Some(Out::Message(m)) if m.seq > last_seq => {
-                            last_seq = m.seq;
-                            println!("{}", names.line(client, &session, &m).await);
-                            let _ = std::io::stdout().flush();
-                            backoff = Duration::from_millis(200);
-                        }
-                        Some(Out::SendResult(r)) => {
-                            if let Some(pb::send_result::Result::Error(e)) = &r.result {
-                                eprintln!("(not sent: {})", e.message);
-                            }
-                            pending.retain(|(k, _)| *k != r.client_msg_id);
-                            if !stdin_open && pending.is_empty() {
-                                return Ok(());
-                            }
-                        }
-                        Some(Out::Error(e)) => bail!("{}", e.message),
-                        Some(Out::Resync(r)) => {
-                            eprintln!("(history before #{} is gone; continuing from there)", r.oldest_seq);
-                            last_seq = r.oldest_seq.saturating_sub(1);
-                            break;
-                        }
-                        Some(Out::Typing(t)) => eprintln!("({} is typing)", names.0.get(&t.user_id).map(String::as_str).unwrap_or(&t.user_id)),
-                        _ => {}
-                    },
-                    Ok(None) | Err(_) => {
-                        eprintln!("(connection lost; resuming after #{last_seq})");
-                        next_instance(&mut which, &mut backoff).await;
-                        break;
-                    }
-                },
-            }
-        }
     }
 }

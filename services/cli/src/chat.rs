@@ -1,0 +1,320 @@
+//! `switchboard chat <conversation>`: an interactive line-mode chat.
+//!
+//! While it runs the user is online (a presence session; `/away`, `/available`). It shows
+//! the last `--history` messages and then everything live with its time, others' typing
+//! and read receipts, and moves the user's read position as messages are shown (so unread
+//! counts drop). It resumes from the last seq seen after any disconnect, trying the
+//! messaging instances in turn; lines not yet acknowledged are sent again with the same
+//! idempotency key, so nothing is lost or doubled. Ctrl-D quits at any time, also while
+//! reconnecting. A session that auth no longer knows (logout, or a restarted embedded
+//! stack) ends the chat with "log in again" and exit code 2.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use switchboard_proto::messaging::v1 as pb;
+use switchboard_proto::presence::v1::PresenceState;
+use tokio::time::Instant;
+
+use super::online::Online;
+use super::{Client, In, Names, Out, authed, next_instance, status_message, stdin_lines};
+
+const HELP: &str = "type a line to send it; /away, /available, /help; Ctrl-D to quit";
+
+/// A terminal's canonical mode delivers at most this many bytes of one typed line.
+const TERMINAL_LINE_MAX: usize = 4095;
+
+/// How long Ctrl-D waits for the lines still unconfirmed before quitting anyway.
+const QUIT_WAIT: Duration = Duration::from_secs(5);
+
+/// What one typed line means.
+enum Typed {
+    Nothing,
+    Text(String),
+    Command(&'static str),
+    Unknown,
+}
+
+fn typed(line: String) -> Typed {
+    match line.trim() {
+        "" => Typed::Nothing,
+        "/away" => Typed::Command("away"),
+        "/available" => Typed::Command("available"),
+        "/help" => Typed::Command("help"),
+        // `//text` sends `/text`.
+        w if w.starts_with("//") => Typed::Text(w[1..].to_owned()),
+        w if w.starts_with('/') => Typed::Unknown,
+        _ => Typed::Text(line),
+    }
+}
+
+/// The state of one chat across reconnects.
+struct Chat {
+    conversation: String,
+    me: String,
+    tty: bool,
+    names: Names,
+    online: Online,
+    /// Lines sent but not yet confirmed: idempotency key, body.
+    pending: Vec<(String, String)>,
+    last_seq: u64,
+    read_seq: u64,
+    /// Others' read positions, as last shown.
+    receipts: HashMap<String, u64>,
+}
+
+impl Chat {
+    fn send_frame(&mut self, key: String, body: String) -> pb::ConnectRequest {
+        pb::ConnectRequest {
+            frame: Some(In::Send(pb::Send {
+                conversation_id: self.conversation.clone(),
+                client_msg_id: key,
+                body,
+                metadata: HashMap::new(),
+            })),
+        }
+    }
+
+    /// A typed line: queued for sending (returned as a frame) or a command carried out.
+    async fn line(&mut self, line: String) -> Option<pb::ConnectRequest> {
+        if self.tty && line.len() >= TERMINAL_LINE_MAX {
+            eprintln!(
+                "(the terminal cuts a typed line at {TERMINAL_LINE_MAX} bytes; send longer text with: switchboard send {} \"$(cat FILE)\")",
+                self.conversation
+            );
+        }
+        match typed(line) {
+            Typed::Nothing => None,
+            Typed::Unknown => {
+                eprintln!(
+                    "(unknown command; {HELP}; start a line with // to send one starting with /)"
+                );
+                None
+            }
+            Typed::Command("away") => {
+                self.online.set(PresenceState::Away).await;
+                eprintln!("(away)");
+                None
+            }
+            Typed::Command("available") => {
+                self.online.set(PresenceState::Available).await;
+                eprintln!("(available)");
+                None
+            }
+            Typed::Command(_) => {
+                eprintln!("({HELP})");
+                None
+            }
+            Typed::Text(body) => {
+                if self.tty {
+                    // The terminal echoed the typed line; the confirmed message replaces it.
+                    print!("\x1b[1A\x1b[2K\r");
+                    let _ = std::io::stdout().flush();
+                }
+                let key = uuid::Uuid::now_v7().to_string();
+                self.pending.push((key.clone(), body.clone()));
+                Some(self.send_frame(key, body))
+            }
+        }
+    }
+
+    /// A Read frame if the shown messages moved the read position.
+    fn read_frame(&mut self) -> Option<pb::ConnectRequest> {
+        if self.last_seq <= self.read_seq {
+            return None;
+        }
+        self.read_seq = self.last_seq;
+        Some(pb::ConnectRequest {
+            frame: Some(In::Read(pb::Read {
+                conversation_id: self.conversation.clone(),
+                seq: self.last_seq,
+            })),
+        })
+    }
+}
+
+/// Runs the chat until Ctrl-D (or end of input), or until the session ends.
+pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> anyhow::Result<()> {
+    let session = client.session().await?;
+    let conv = client
+        .messaging(0)?
+        .get_conversation(authed(
+            pb::GetConversationRequest {
+                conversation_id: conversation.to_owned(),
+            },
+            &session.access_token,
+        )?)
+        .await
+        .map_err(status_message)?
+        .into_inner()
+        .conversation
+        .context("no conversation")?;
+    let mut chat = Chat {
+        conversation: conversation.to_owned(),
+        me: session.user_id.clone(),
+        tty: std::io::stdin().is_terminal(),
+        names: Names::default(),
+        online: Online::start(client, &session.access_token, PresenceState::Available).await,
+        pending: Vec::new(),
+        last_seq: conv.last_seq.saturating_sub(history),
+        read_seq: conv.read_seq,
+        receipts: HashMap::new(),
+    };
+    let title = if conv.title.is_empty() {
+        conversation.to_owned()
+    } else {
+        conv.title.clone()
+    };
+    if conv.read_only {
+        eprintln!("({title} is closed: read-only)");
+    }
+    eprintln!("chat in {title}; {HELP}");
+
+    let mut lines = stdin_lines();
+    let mut which = 0usize;
+    let mut backoff = Duration::from_millis(200);
+    let mut wait_first = false;
+    // Set once input has ended: quit when every line is confirmed, or at this instant.
+    let mut quit_by: Option<Instant> = None;
+    loop {
+        // Connect (after a pause, when the last connection dropped), reading the keyboard
+        // meanwhile: typed lines queue up, and Ctrl-D quits at once.
+        let opened = {
+            let open = async {
+                if wait_first {
+                    next_instance(&mut which, &mut backoff).await;
+                }
+                client.open_stream(&mut which, &mut backoff).await
+            };
+            tokio::pin!(open);
+            loop {
+                tokio::select! {
+                    r = &mut open => break r,
+                    line = lines.recv(), if quit_by.is_none() => match line {
+                        Some(line) => { let _ = chat.line(line).await; }
+                        None => {
+                            if !chat.pending.is_empty() {
+                                eprintln!("({} unconfirmed line(s) not sent)", chat.pending.len());
+                            }
+                            return Ok(());
+                        }
+                    },
+                    _ = async { match quit_by { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                        eprintln!("({} unconfirmed line(s) may not have been sent)", chat.pending.len());
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let (session, tx, mut inbound) = opened?;
+        wait_first = true;
+        let subscribe = pb::Subscribe {
+            conversation_id: conversation.to_owned(),
+            since_seq: chat.last_seq,
+            ..Default::default()
+        };
+        let _ = tx
+            .send(pb::ConnectRequest {
+                frame: Some(In::Subscribe(subscribe)),
+            })
+            .await;
+        for (key, body) in chat.pending.clone() {
+            let frame = chat.send_frame(key, body);
+            let _ = tx.send(frame).await;
+        }
+        let mut live = false;
+        loop {
+            tokio::select! {
+                line = lines.recv(), if quit_by.is_none() => match line {
+                    Some(line) => {
+                        if let Some(frame) = chat.line(line).await {
+                            let _ = tx.send(frame).await;
+                        }
+                    }
+                    None => {
+                        if chat.pending.is_empty() {
+                            return Ok(());
+                        }
+                        quit_by = Some(Instant::now() + QUIT_WAIT);
+                    }
+                },
+                _ = async { match quit_by { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    eprintln!("({} unconfirmed line(s) may not have been sent)", chat.pending.len());
+                    return Ok(());
+                }
+                _ = chat.online.needs_healing() => {
+                    let token = client.session().await.map(|s| s.access_token)?;
+                    chat.online.heal(&token).await;
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(r)) => match r.frame {
+                        Some(Out::Message(m)) if m.seq > chat.last_seq => {
+                            chat.last_seq = m.seq;
+                            println!("{}", chat.names.line(client, &session, &m).await);
+                            let _ = std::io::stdout().flush();
+                            backoff = Duration::from_millis(200);
+                            if live && let Some(read) = chat.read_frame() {
+                                let _ = tx.send(read).await;
+                            }
+                        }
+                        Some(Out::Recovered(_)) => {
+                            live = true;
+                            if let Some(read) = chat.read_frame() {
+                                let _ = tx.send(read).await;
+                            }
+                        }
+                        Some(Out::SendResult(r)) => {
+                            if let Some(pb::send_result::Result::Error(e)) = &r.result {
+                                eprintln!("(not sent: {})", e.message);
+                            }
+                            chat.pending.retain(|(k, _)| *k != r.client_msg_id);
+                            if quit_by.is_some() && chat.pending.is_empty() {
+                                return Ok(());
+                            }
+                        }
+                        Some(Out::Receipt(r)) if r.user_id != chat.me => {
+                            let shown = chat.receipts.entry(r.user_id.clone()).or_default();
+                            if r.read_seq > *shown {
+                                *shown = r.read_seq;
+                                let name = chat.names.name(client, &session, &r.user_id).await;
+                                eprintln!("({name} read up to #{})", r.read_seq);
+                            }
+                        }
+                        Some(Out::Typing(t)) if t.user_id != chat.me => {
+                            let name = chat.names.name(client, &session, &t.user_id).await;
+                            eprintln!("({name} is typing…)");
+                        }
+                        Some(Out::Error(e)) => {
+                            // Not being (or no longer being) allowed in the conversation ends
+                            // the chat; anything else is said and the chat goes on.
+                            if matches!(tonic::Code::from_i32(e.code), tonic::Code::NotFound | tonic::Code::PermissionDenied) {
+                                bail!("{}", e.message);
+                            }
+                            eprintln!("(refused: {})", e.message);
+                        }
+                        Some(Out::Resync(r)) => {
+                            eprintln!("(history before #{} is gone; continuing from there)", r.oldest_seq);
+                            chat.last_seq = r.oldest_seq.saturating_sub(1);
+                            wait_first = false;
+                            break;
+                        }
+                        _ => {}
+                    },
+                    Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                        // Expired, revoked or signed by a key nobody knows any more: a
+                        // refresh tells which; only a live session resumes.
+                        client.refreshed().await?;
+                        wait_first = false;
+                        break;
+                    }
+                    Ok(None) | Err(_) => {
+                        eprintln!("(connection lost; resuming after #{})", chat.last_seq);
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
