@@ -130,6 +130,7 @@ async fn happy_path_across_two_instances_with_per_instance_keys() {
                     alice.id.clone(),
                     bob.id.clone(),
                 ],
+                ..Default::default()
             },
             &next.access_token,
         ))
@@ -145,6 +146,39 @@ async fn happy_path_across_two_instances_with_per_instance_keys() {
         ["bob", "alice"]
     );
     assert_eq!(users.missing_ids, [missing]);
+
+    // By username, as a person types it (folded like at login), on the other instance;
+    // names no account could have are missing, not an error; a user asked twice is
+    // listed once.
+    let by_name = b
+        .get_users(authed(
+            pb::GetUsersRequest {
+                user_ids: vec![alice.id.clone()],
+                usernames: vec![
+                    " Bob ".into(),
+                    "carol".into(),
+                    "ALICE".into(),
+                    "not a name!".into(),
+                    "x".repeat(1_000),
+                ],
+            },
+            &next.access_token,
+        ))
+        .await
+        .expect("get users by name")
+        .into_inner();
+    assert_eq!(
+        by_name
+            .users
+            .iter()
+            .map(|u| u.username.as_str())
+            .collect::<Vec<_>>(),
+        ["alice", "bob"]
+    );
+    assert_eq!(
+        by_name.missing_usernames,
+        ["carol".to_owned(), "not a name!".into(), "x".repeat(1_000)]
+    );
 }
 
 #[tokio::test]
@@ -602,12 +636,13 @@ async fn roles_first_admin_and_set_role() {
     let too_many = a
         .get_users(authed(
             pb::GetUsersRequest {
-                user_ids: (0..501).map(|i| i.to_string()).collect(),
+                user_ids: (0..300).map(|i| i.to_string()).collect(),
+                usernames: (0..201).map(|i| format!("user{i}")).collect(),
             },
             &jo_token,
         ))
         .await
-        .expect_err("501 ids");
+        .expect_err("501 ids and names");
     assert_eq!(too_many.code(), Code::InvalidArgument);
     assert!(too_many.message().contains("500"));
 }

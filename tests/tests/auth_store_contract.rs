@@ -41,6 +41,17 @@ async fn contract(store: impl AuthStore) {
         Some(user("u1", "alice"))
     );
     assert_eq!(store.user_by_name("carol").await.expect("by name"), None);
+    assert_eq!(
+        store
+            .users_by_name(&["bob".into(), "carol".into(), "alice".into()])
+            .await
+            .expect("by names"),
+        vec![Some(user("u3", "bob")), None, Some(user("u1", "alice"))]
+    );
+    assert_eq!(
+        store.users_by_name(&[]).await.expect("by no names"),
+        Vec::<Option<UserRecord>>::new()
+    );
     let found = store
         .users_by_id(&["u3".into(), "nope".into(), "u1".into()])
         .await

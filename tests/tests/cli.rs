@@ -238,8 +238,12 @@ fn a_customer_opens_a_consultation_and_an_agent_console_answers_and_closes_it() 
     let nobody = uuid::Uuid::now_v7().to_string();
     let unknown = failure(&admin, &["set-role", &nobody, "agent"]);
     assert!(unknown.contains("NotFound"), "{unknown}");
-    let malformed = failure(&admin, &["set-role", "no-such-user", "agent"]);
-    assert!(malformed.contains("InvalidArgument"), "{malformed}");
+    // Not an id, so a username: one nobody has.
+    let nameless = failure(&admin, &["set-role", "no-such-user", "agent"]);
+    assert!(
+        nameless.contains("no user named no-such-user"),
+        "{nameless}"
+    );
     let done = admin.run(&["set-role", &agent_id, "agent"]);
     assert_eq!(done, format!("{agent_id} cliagent is now agent"));
     agent.run(&["login", "cliagent"]);
@@ -542,6 +546,137 @@ fn logging_out_elsewhere_ends_a_running_chat_with_exit_code_2() {
     // In the one-process default, auth's logout reaches messaging's stream.
     bob.run(&["logout"]);
     assert_eq!(exit_code(&mut chat, Duration::from_secs(10)), Some(2));
-    expect_line(&err, "log in again");
+    // "session ended: log in again", or "not logged in: log in" if the chat looked at its
+    // session file after `logout` removed it.
+    expect_line(&err, "log in");
     drop(chat.stdin.take());
+}
+
+#[test]
+fn a_customer_follows_the_desk_live_queue_place_agent_by_name_transfer_and_close() {
+    let addrs = [free_addr(), free_addr(), free_addr()];
+    let _server = ChildService::spawn(
+        "switchboard-server",
+        &[
+            ("AUTH_ADDR", addrs[0].clone()),
+            ("PRESENCE_ADDR", addrs[1].clone()),
+            ("MESSAGING_ADDR", addrs[2].clone()),
+            ("AUTH_ARGON2_MEMORY_KIB", "1024".into()),
+            ("AUTH_ARGON2_ITERATIONS", "1".into()),
+            ("AUTH_ADMIN_USERNAME", "deskadmin".into()),
+            ("AUTH_ADMIN_PASSWORD", "desk admin password".into()),
+        ],
+    )
+    .expect("switchboard-server");
+    let admin = person_of(&addrs);
+    // The first admin is made just after the server starts listening.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let login = admin
+            .cmd(&["login", "deskadmin"])
+            .env("SWITCHBOARD_PASSWORD", "desk admin password")
+            .output()
+            .expect("run");
+        if login.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&login.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (agent1, agent2, early, carol) = (
+        person_of(&addrs),
+        person_of(&addrs),
+        person_of(&addrs),
+        person_of(&addrs),
+    );
+    for (p, name) in [
+        (&agent1, "agent1"),
+        (&agent2, "agent2"),
+        (&early, "early"),
+        (&carol, "carol"),
+    ] {
+        registered_id(p, name);
+        p.run(&["login", name]);
+    }
+    // Roles by username.
+    assert!(
+        admin
+            .run(&["set-role", "agent1", "agent"])
+            .ends_with("agent1 is now agent")
+    );
+    admin.run(&["set-role", "Agent2", "agent"]);
+    agent1.run(&["login", "agent1"]);
+    agent2.run(&["login", "agent2"]);
+
+    // Nobody is online at the desk: both wait, Carol second.
+    let first = early.run(&["support", "open", "first", "hi"]);
+    let first = first.split_whitespace().next().expect("id").to_owned();
+    let opened = carol.run(&["support", "open", "order 42", "where", "is", "it?"]);
+    assert!(opened.contains("(position 2 in the queue)"), "{opened}");
+    let id = opened.split_whitespace().next().expect("id").to_owned();
+    let mut chat = carol
+        .cmd(&["chat", &id])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chat");
+    let notices = read_lines(chat.stderr.take().expect("stderr"));
+    let _shown = lines(&mut chat);
+    expect_line(&notices, "(position 2 in the queue");
+    early.run(&["support", "close", &first, "never", "mind"]);
+    expect_line(&notices, "(position 1 in the queue)");
+
+    // agent1 comes online and gets it; hands it to agent2 by name; agent2 closes it.
+    let console = |p: &Person| {
+        let mut c = p
+            .cmd(&["chat", "--agent"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("console");
+        let err = read_lines(c.stderr.take().expect("stderr"));
+        expect_line(&err, "online and AVAILABLE");
+        (c, err)
+    };
+    let (mut one, one_err) = console(&agent1);
+    expect_line(&notices, "(agent1 joined)");
+    expect_line(&one_err, "(new consultation)");
+    let (mut two, two_err) = console(&agent2);
+    let mut one_in = one.stdin.take().expect("stdin");
+    writeln!(one_in, "/list").expect("type");
+    expect_line(&one_err, "1. …");
+    writeln!(one_in, "/use 1").expect("type");
+    expect_line(&one_err, "(now in order 42");
+    writeln!(one_in, "/transfer agent2 over to you").expect("type");
+    expect_line(&notices, "(transferred to agent2)");
+    expect_line(&two_err, "(transferred to you)");
+    let mut two_in = two.stdin.take().expect("stdin");
+    writeln!(two_in, "/close shipped today").expect("type");
+    expect_line(&notices, "(closed: shipped today)");
+    assert_eq!(exit_code(&mut chat, Duration::from_secs(10)), Some(0));
+    drop((one_in, two_in));
+    assert_eq!(exit_code(&mut one, Duration::from_secs(10)), Some(0));
+    assert_eq!(exit_code(&mut two, Duration::from_secs(10)), Some(0));
+
+    // The list shows people by name: a direct chat is the other person.
+    let direct = carol.run(&["direct", "agent1"]);
+    let listed = carol.run(&["conversations"]);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(&direct))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(line.ends_with("agent1"), "{line}");
+    let unknown = carol.cmd(&["direct", "nobody-here"]).output().expect("run");
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no user named nobody-here"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
 }

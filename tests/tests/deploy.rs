@@ -440,16 +440,19 @@ fn the_image_holds_every_binary_the_manifests_run_and_is_pinned_and_non_root() {
         "switchboard-auth",
         "switchboard-presence",
         "switchboard-messaging",
+        "switchboard-server",
         "switchboard",
     ]
     .map(str::to_owned)
     .into();
     assert_eq!(bins, expected);
     for bin in &bins {
-        let found = ["auth", "presence", "messaging", "cli"].iter().any(|c| {
-            read(&format!("services/{c}/Cargo.toml"))
-                .is_ok_and(|t| t.contains(&format!("name = \"{bin}\"")))
-        });
+        let found = ["auth", "presence", "messaging", "server", "cli"]
+            .iter()
+            .any(|c| {
+                read(&format!("services/{c}/Cargo.toml"))
+                    .is_ok_and(|t| t.contains(&format!("name = \"{bin}\"")))
+            });
         assert!(found, "{bin} is a binary of the workspace");
     }
     // Every FROM names a tag (or a stage); none is `latest`.

@@ -588,3 +588,77 @@ async fn a_consultation_queued_on_an_instance_that_is_gone_is_routed_by_another(
     let got = assigned(desk.chat(0), &gus, &waiting.id).await;
     assert_eq!(got.agent_id, hal.id);
 }
+
+/// The consultation of the next QUEUE_MOVED event on `stream`.
+async fn queue_moved(stream: &mut Connection) -> pb::Consultation {
+    stream
+        .until(Duration::from_secs(5), |f| match f {
+            Out::ConversationEvent(e)
+                if e.kind == pb::ConversationEventKind::ConsultationQueueMoved as i32 =>
+            {
+                e.conversation.and_then(|c| c.consultation)
+            }
+            _ => None,
+        })
+        .await
+        .expect("a queue-moved event")
+}
+
+#[tokio::test]
+async fn waiting_customers_hear_their_place_in_the_queue_as_it_moves() {
+    let desk = Desk::start().await;
+    let customers = [
+        desk.person("qfirst", auth_pb::Role::Customer).await,
+        desk.person("qsecond", auth_pb::Role::Customer).await,
+        desk.person("qthird", auth_pb::Role::Customer).await,
+    ];
+    // Nobody answers yet: all three wait, in order.
+    let mut ids = Vec::new();
+    for (i, c) in customers.iter().enumerate() {
+        let opened = open(desk.support(i), c, &format!("wait {i}"))
+            .await
+            .expect("open");
+        let k = opened.consultation.expect("consultation");
+        assert_eq!(k.queue_position, i as u32 + 1);
+        ids.push(k.id);
+    }
+    // The third customer listens on the other instance than the one the changes happen on.
+    let mut third =
+        Connection::following(desk.messaging[1].channel(), &customers[2].token, &ids[2])
+            .await
+            .expect("third listens");
+    // The first customer gives up: the others move up.
+    desk.support(0)
+        .close_consultation(authed(
+            pb::CloseConsultationRequest {
+                consultation_id: ids[0].clone(),
+                resolution: "never mind".into(),
+            },
+            &customers[0].token,
+        ))
+        .await
+        .expect("close while queued");
+    let k = queue_moved(&mut third).await;
+    assert_eq!((k.id.as_str(), k.queue_position), (ids[2].as_str(), 2));
+
+    // An agent takes the next one: the third is first in line now.
+    let agent = desk.person("qagent", auth_pb::Role::Agent).await;
+    desk.support(0)
+        .accept_consultation(authed(
+            pb::AcceptConsultationRequest {
+                consultation_id: ids[1].clone(),
+            },
+            &agent.token,
+        ))
+        .await
+        .expect("accept");
+    let k = queue_moved(&mut third).await;
+    assert_eq!(k.queue_position, 1);
+    assert_eq!(k.state, pb::ConsultationState::Queued as i32);
+    assert_eq!(
+        consultation(desk.chat(1), &customers[2], &ids[2])
+            .await
+            .queue_position,
+        1
+    );
+}

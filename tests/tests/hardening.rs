@@ -640,6 +640,7 @@ async fn huge_and_crafted_ids_are_refused_with_a_short_message() {
             .get_users(authed(
                 auth_pb::GetUsersRequest {
                     user_ids: vec![id.into()],
+                    ..Default::default()
                 },
                 &user.token,
             ))

@@ -41,6 +41,17 @@ pub struct Tokens {
     pub session_id: String,
 }
 
+/// What [`Auth::users`] found.
+#[derive(Debug, Default)]
+pub struct Users {
+    /// Each user once.
+    pub users: Vec<UserRecord>,
+    /// Asked-for ids that belong to nobody.
+    pub missing_ids: Vec<String>,
+    /// Asked-for usernames (as given) that belong to nobody.
+    pub missing_usernames: Vec<String>,
+}
+
 /// Auth's rules over a store.
 pub struct Auth<S> {
     store: Arc<S>,
@@ -346,29 +357,51 @@ impl<S: AuthStore> Auth<S> {
             .ok_or_else(|| Error::UserNotFound(caller.user_id.clone()))
     }
 
-    /// Profiles by id, in the order asked, and the ids that matched nobody.
-    pub async fn users(&self, ids: &[String]) -> Result<(Vec<UserRecord>, Vec<String>)> {
-        if ids.len() > MAX_USERS_PER_CALL {
+    /// Profiles by id and by username, each user once (by id first, in the order asked),
+    /// and what matched nobody.
+    pub async fn users(&self, ids: &[String], usernames: &[String]) -> Result<Users> {
+        if ids.len() + usernames.len() > MAX_USERS_PER_CALL {
             return Err(Error::invalid(
                 "user_ids",
                 format!(
-                    "user_ids holds {} ids; at most {MAX_USERS_PER_CALL} per call",
-                    ids.len()
+                    "asked for {} ids and {} usernames; at most {MAX_USERS_PER_CALL} in all per call",
+                    ids.len(),
+                    usernames.len()
                 ),
             ));
         }
         switchboard_common::id::check_all("user_ids", ids)?;
         let unique = switchboard_common::id::distinct(ids.iter().map(String::as_str));
         let found = self.store.users_by_id(&unique).await?;
-        let mut users = Vec::new();
-        let mut missing = Vec::new();
+        let mut out = Users::default();
         for (id, user) in unique.into_iter().zip(found) {
             match user {
-                Some(u) => users.push(u),
-                None => missing.push(id),
+                Some(u) => out.users.push(u),
+                None => out.missing_ids.push(id),
             }
         }
-        Ok((users, missing))
+        // A name no account could have is simply missing (nothing to look up).
+        let folded: Vec<Option<String>> = usernames
+            .iter()
+            .map(|raw| Username::parse(raw).ok().map(|n| n.as_str().to_owned()))
+            .collect();
+        let mut valid: Vec<String> = folded.iter().flatten().cloned().collect();
+        valid.sort();
+        valid.dedup();
+        let found = self.store.users_by_name(&valid).await?;
+        let by_name: std::collections::HashMap<&str, &UserRecord> = valid
+            .iter()
+            .zip(&found)
+            .filter_map(|(n, u)| u.as_ref().map(|u| (n.as_str(), u)))
+            .collect();
+        for (raw, name) in usernames.iter().zip(&folded) {
+            match name.as_deref().and_then(|n| by_name.get(n)) {
+                Some(u) if !out.users.iter().any(|o| o.id == u.id) => out.users.push((*u).clone()),
+                Some(_) => {}
+                None => out.missing_usernames.push(raw.clone()),
+            }
+        }
+        Ok(out)
     }
 
     /// Admins only: sets a user's role.

@@ -172,10 +172,12 @@ impl<S: AuthStore> AuthService for AuthGrpc<S> {
         &self,
         req: Request<pb::GetUsersRequest>,
     ) -> Result<Response<pb::GetUsersResponse>, Status> {
-        let (users, missing_ids) = self.auth.users(&req.into_inner().user_ids).await?;
+        let r = req.into_inner();
+        let found = self.auth.users(&r.user_ids, &r.usernames).await?;
         Ok(Response::new(pb::GetUsersResponse {
-            users: users.iter().map(user).collect(),
-            missing_ids,
+            users: found.users.iter().map(user).collect(),
+            missing_ids: found.missing_ids,
+            missing_usernames: found.missing_usernames,
         }))
     }
 

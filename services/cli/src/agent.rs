@@ -1,7 +1,8 @@
 //! `switchboard chat --agent`: the support agent's console. While it runs the agent is
 //! online (a presence device session, AVAILABLE until `/away`), so the desk routes
 //! consultations here; new consultations and every message of the agent's consultations
-//! appear live, and typed lines go to the current consultation.
+//! appear live, and typed lines go to the current consultation. People are shown and
+//! typed by username; consultations by their number in `/list` or the short id shown.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,9 +13,15 @@ use switchboard_proto::presence::v1 as presence_pb;
 use tokio::sync::mpsc;
 
 use super::online::Online;
-use super::{Client, In, Names, Out, authed, describe, next_instance, status_message, stdin_lines};
+use super::{
+    Client, In, Names, Out, Session, authed, describe, next_instance, people, status_message,
+    stdin_lines,
+};
 
-const HELP: &str = "commands: /list, /use <id>, /close [resolution], /transfer <agent id> [note], /away, /available, /help";
+const HELP: &str = "commands: /list, /use <number or id>, /close [resolution], /transfer <agent> [note], /away, /available, /help";
+
+/// Characters of a consultation id the console shows (its end: ids start with a time).
+const SHORT: usize = 6;
 
 /// What the console knows of the agent's consultations.
 #[derive(Default)]
@@ -23,41 +30,83 @@ struct Desk {
     current: Option<String>,
     topics: HashMap<String, String>,
     positions: HashMap<String, u64>,
+    /// What the last `/list` showed, in its order (for `/use <number>`).
+    listed: Vec<String>,
+    names: Names,
+}
+
+/// The end of `id` the console shows.
+fn short(id: &str) -> &str {
+    let cut = id
+        .char_indices()
+        .rev()
+        .nth(SHORT - 1)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    &id[cut..]
 }
 
 impl Desk {
     fn label(&self, id: &str) -> String {
-        let short: String = id
-            .chars()
-            .rev()
-            .take(6)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
         match self.topics.get(id) {
-            Some(t) => format!("{t} …{short}"),
-            None => format!("…{short}"),
+            Some(t) => format!("{t} …{}", short(id)),
+            None => format!("…{}", short(id)),
         }
     }
 
-    fn event(&mut self, e: &pb::ConversationEvent) {
+    /// The consultation `which` names: a number of the last `/list`, a full id, or the
+    /// short id (or any unique end of an id) shown.
+    fn find(&self, which: &str) -> anyhow::Result<String> {
+        let which = which.trim().trim_start_matches('…');
+        if let Ok(n) = which.parse::<usize>()
+            && n >= 1
+            && n <= self.listed.len()
+        {
+            return Ok(self.listed[n - 1].clone());
+        }
+        let known = self
+            .topics
+            .keys()
+            .chain(self.listed.iter())
+            .filter(|id| !which.is_empty() && id.ends_with(which));
+        let mut matches: Vec<&String> = known.collect();
+        matches.sort();
+        matches.dedup();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => anyhow::bail!("no consultation {which:?}; /list shows yours"),
+            _ => anyhow::bail!("{which:?} matches several consultations; type more of it"),
+        }
+    }
+
+    fn describe(&self, c: &pb::Consultation) -> String {
+        describe(c, &self.names).replacen(&c.id, &format!("…{}", short(&c.id)), 1)
+    }
+
+    async fn event(&mut self, client: &Client, s: &Session, e: &pb::ConversationEvent) {
         let Some(c) = e.conversation.as_ref().and_then(|c| c.consultation.clone()) else {
             return;
         };
         self.topics.insert(c.id.clone(), c.topic.clone());
+        self.names
+            .learn(client, s, std::slice::from_ref(&c.agent_id))
+            .await;
         let mine = c.agent_id == self.me;
         match pb::ConversationEventKind::try_from(e.kind) {
             Ok(pb::ConversationEventKind::ConsultationAssigned) if mine => {
-                eprintln!("(new consultation) {}", describe(&c));
+                eprintln!("(new consultation) {}", self.describe(&c));
                 self.current.get_or_insert(c.id.clone());
             }
             Ok(pb::ConversationEventKind::ConsultationTransferred) if mine => {
-                eprintln!("(transferred to you) {}", describe(&c));
+                eprintln!("(transferred to you) {}", self.describe(&c));
                 self.current.get_or_insert(c.id.clone());
             }
             Ok(pb::ConversationEventKind::ConsultationTransferred) => {
-                eprintln!("({} now handled by {})", self.label(&c.id), c.agent_id);
+                eprintln!(
+                    "({} now handled by {})",
+                    self.label(&c.id),
+                    self.names.get(&c.agent_id)
+                );
                 if self.current.as_deref() == Some(c.id.as_str()) {
                     self.current = None;
                 }
@@ -109,19 +158,14 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
         desk.positions.insert(c.id.clone(), c.last_seq);
         if let Some(k) = &c.consultation {
             desk.topics.insert(c.id.clone(), k.topic.clone());
-            eprintln!("(yours) {}", describe(k));
+            desk.listed.push(c.id.clone());
+            eprintln!("({}, yours) {}", desk.listed.len(), desk.describe(k));
             desk.current.get_or_insert(c.id.clone());
         }
     }
     let mut lines = stdin_lines();
-    let mut online = Online::start(
-        client,
-        &session.access_token,
-        presence_pb::PresenceState::Available,
-    )
-    .await;
-    eprintln!("online and AVAILABLE as {}; {HELP}", session.username);
-    let mut names = Names::default();
+    // Online (so the desk routes here) only once the stream hears this agent's events.
+    let mut online: Option<Online> = None;
     let mut which = 0usize;
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -133,29 +177,42 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
             ..Default::default()
         };
         let _ = tx.send(frame(In::Subscribe(subscribe))).await;
+        // The stream is registered for events once a ping has come back.
+        let _ = tx.send(frame(In::Ping(pb::Ping { nonce: 1 }))).await;
         loop {
             tokio::select! {
                 line = lines.recv() => {
                     let Some(line) = line else { return Ok(()) };
-                    command(client, &session.access_token, &mut desk, &mut online, &tx, line.trim()).await;
+                    command(client, &session, &mut desk, online.as_mut(), &tx, line.trim()).await;
                 }
-                _ = online.needs_healing() => {
+                _ = async {
+                    match online.as_mut() {
+                        Some(o) => o.needs_healing().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     let token = client.session().await.map(|s| s.access_token)?;
-                    online.heal(&token).await;
+                    if let Some(o) = online.as_mut() {
+                        o.heal(&token).await;
+                    }
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(r)) => match r.frame {
                         Some(Out::Message(m)) => {
                             desk.positions.insert(m.conversation_id.clone(), m.seq);
-                            let line = names.line(client, &session, &m).await;
+                            let line = desk.names.line(client, &session, &m).await;
                             println!("[{}] {line}", desk.label(&m.conversation_id));
                             backoff = Duration::from_millis(200);
                         }
-                        Some(Out::ConversationEvent(e)) => desk.event(&e),
+                        Some(Out::ConversationEvent(e)) => desk.event(client, &session, &e).await,
                         Some(Out::SendResult(pb::SendResult { result: Some(pb::send_result::Result::Error(e)), .. })) => {
                             eprintln!("(not sent: {})", e.message);
                         }
                         Some(Out::Error(e)) => eprintln!("({})", e.message),
+                        Some(Out::Pong(_)) if online.is_none() => {
+                            online = Some(Online::start(client, &session.access_token, presence_pb::PresenceState::Available).await);
+                            eprintln!("online and AVAILABLE as {}; {HELP}", session.username);
+                        }
                         _ => {}
                     },
                     Err(status) if status.code() == tonic::Code::Unauthenticated => {
@@ -183,41 +240,59 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
 /// One typed line: a command or a message to the current consultation.
 async fn command(
     client: &Client,
-    token: &str,
+    session: &Session,
     desk: &mut Desk,
-    online: &mut Online,
+    online: Option<&mut Online>,
     stream: &mpsc::Sender<pb::ConnectRequest>,
     line: &str,
 ) {
+    let token = session.access_token.as_str();
     let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
     let rest = rest.trim();
     let result: anyhow::Result<()> = async {
         match word {
             "" => {}
             "/help" => eprintln!("{HELP}"),
-            "/away" => online.set(presence_pb::PresenceState::Away).await,
-            "/available" => online.set(presence_pb::PresenceState::Available).await,
+            "/away" | "/available" => {
+                let state = if word == "/away" {
+                    presence_pb::PresenceState::Away
+                } else {
+                    presence_pb::PresenceState::Available
+                };
+                online
+                    .context("not online yet; try again in a moment")?
+                    .set(state)
+                    .await;
+            }
             "/list" => {
-                for c in assigned(client, token, &desk.me).await? {
+                let mine = assigned(client, token, &desk.me).await?;
+                desk.listed.clear();
+                if mine.is_empty() {
+                    eprintln!("(no consultations assigned to you)");
+                }
+                for c in mine {
                     if let Some(k) = &c.consultation {
+                        desk.topics.insert(c.id.clone(), k.topic.clone());
+                        desk.listed.push(c.id.clone());
                         let mark = if desk.current.as_deref() == Some(c.id.as_str()) {
                             "*"
                         } else {
                             " "
                         };
-                        eprintln!("{mark} {}", describe(k));
+                        eprintln!("{mark} {}. {}", desk.listed.len(), desk.describe(k));
                     }
                 }
             }
-            "/use" if !rest.is_empty() => {
-                desk.current = Some(rest.to_owned());
-                eprintln!("(now in {})", desk.label(rest));
+            "/use" => {
+                let id = desk.find(rest)?;
+                eprintln!("(now in {})", desk.label(&id));
+                desk.current = Some(id);
             }
             "/close" | "/transfer" => {
                 let id = desk
                     .current
                     .clone()
-                    .context("no current consultation; /list and /use <id>")?;
+                    .context("no current consultation; /list and /use <number>")?;
                 let mut support = client.support()?;
                 let c = if word == "/close" {
                     support
@@ -234,11 +309,15 @@ async fn command(
                         .consultation
                 } else {
                     let (to, note) = rest.split_once(' ').unwrap_or((rest, ""));
+                    anyhow::ensure!(!to.is_empty(), "/transfer <agent's username> [note]");
+                    let to_agent_id = people::resolve(client, session, &[to.to_owned()])
+                        .await?
+                        .remove(0);
                     support
                         .transfer_consultation(authed(
                             pb::TransferConsultationRequest {
                                 consultation_id: id,
-                                to_agent_id: to.to_owned(),
+                                to_agent_id,
                                 note: note.trim().to_owned(),
                             },
                             token,
@@ -249,7 +328,10 @@ async fn command(
                         .consultation
                 };
                 if let Some(c) = c {
-                    eprintln!("{}", describe(&c));
+                    desk.names
+                        .learn(client, session, std::slice::from_ref(&c.agent_id))
+                        .await;
+                    eprintln!("{}", desk.describe(&c));
                 }
                 desk.current = None;
             }
@@ -258,7 +340,7 @@ async fn command(
                 let id = desk
                     .current
                     .clone()
-                    .context("no current consultation; /list and /use <id>")?;
+                    .context("no current consultation; /list and /use <number>")?;
                 let send = pb::Send {
                     conversation_id: id,
                     client_msg_id: uuid::Uuid::now_v7().to_string(),
@@ -277,5 +359,41 @@ async fn command(
     .await;
     if let Err(e) = result {
         eprintln!("({e:#})");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consultations_are_found_by_number_full_id_or_the_short_id_shown() {
+        let mut desk = Desk::default();
+        for (id, topic) in [
+            ("01a2-aaaa-111111", "order 42"),
+            ("01a2-bbbb-222222", "refund"),
+        ] {
+            desk.topics.insert(id.into(), topic.into());
+            desk.listed.push(id.into());
+        }
+        assert_eq!(desk.find("2").ok().as_deref(), Some("01a2-bbbb-222222"));
+        assert_eq!(
+            desk.find("111111").ok().as_deref(),
+            Some("01a2-aaaa-111111")
+        );
+        assert_eq!(
+            desk.find("…222222").ok().as_deref(),
+            Some("01a2-bbbb-222222")
+        );
+        assert_eq!(
+            desk.find("01a2-aaaa-111111").ok().as_deref(),
+            Some("01a2-aaaa-111111")
+        );
+        assert!(desk.find("3").is_err(), "no third consultation");
+        assert!(desk.find("").is_err());
+        assert!(desk.find("2222229").is_err());
+        assert_eq!(short("01a2-bbbb-222222"), "222222");
+        assert_eq!(short("ab"), "ab");
+        assert_eq!(desk.label("01a2-aaaa-111111"), "order 42 …111111");
     }
 }

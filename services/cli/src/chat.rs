@@ -63,6 +63,8 @@ struct Chat {
     read_seq: u64,
     /// Others' read positions, as last shown.
     receipts: HashMap<String, u64>,
+    /// The consultation as last shown (state, queue position, agent), if this is one.
+    desk: Option<(i32, u32, String)>,
 }
 
 impl Chat {
@@ -161,6 +163,7 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
         last_seq: conv.last_seq.saturating_sub(history),
         read_seq: conv.read_seq,
         receipts: HashMap::new(),
+        desk: None,
     };
     let title = if conv.title.is_empty() {
         conversation.to_owned()
@@ -171,6 +174,9 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
         eprintln!("({title} is closed: read-only)");
     }
     eprintln!("chat in {title}; {HELP}");
+    if let Some(k) = &conv.consultation {
+        show_desk(&mut chat, client, &session, k).await;
+    }
 
     let mut lines = stdin_lines();
     let mut which = 0usize;
@@ -261,6 +267,10 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
                         }
                         Some(Out::Recovered(_)) => {
                             live = true;
+                            // Whatever the desk did while this stream was not listening.
+                            if chat.desk.is_some() && desk_now(&mut chat, client, &session).await {
+                                return Ok(());
+                            }
                             if let Some(read) = chat.read_frame() {
                                 let _ = tx.send(read).await;
                             }
@@ -280,6 +290,12 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
                                 *shown = r.read_seq;
                                 let name = chat.names.name(client, &session, &r.user_id).await;
                                 eprintln!("({name} read up to #{})", r.read_seq);
+                            }
+                        }
+                        Some(Out::ConversationEvent(e)) => {
+                            let closed = desk_news(&mut chat, client, &session, &e).await;
+                            if closed {
+                                return Ok(());
                             }
                         }
                         Some(Out::Typing(t)) if t.user_id != chat.me => {
@@ -317,4 +333,118 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
             }
         }
     }
+}
+
+/// Shows the consultation's state if it differs from what was last shown.
+async fn show_desk(
+    chat: &mut Chat,
+    client: &Client,
+    session: &super::Session,
+    k: &pb::Consultation,
+) {
+    let now = (k.state, k.queue_position, k.agent_id.clone());
+    if chat.desk.as_ref() == Some(&now) {
+        return;
+    }
+    let first = chat.desk.is_none();
+    chat.desk = Some(now);
+    match pb::ConsultationState::try_from(k.state) {
+        Ok(pb::ConsultationState::Queued) if first => eprintln!(
+            "(position {} in the queue; an agent will join)",
+            k.queue_position
+        ),
+        Ok(pb::ConsultationState::Queued) => {
+            eprintln!("(position {} in the queue)", k.queue_position)
+        }
+        Ok(pb::ConsultationState::Assigned) => {
+            let agent = chat.names.name(client, session, &k.agent_id).await;
+            eprintln!(
+                "{}",
+                if first {
+                    format!("(with {agent})")
+                } else {
+                    format!("({agent} joined)")
+                }
+            );
+        }
+        _ => {}
+    }
+}
+
+/// Reads the consultation again (events sent while the stream was down are not replayed);
+/// `true` if it is closed.
+async fn desk_now(chat: &mut Chat, client: &Client, session: &super::Session) -> bool {
+    let read = async {
+        client
+            .messaging(0)
+            .ok()?
+            .get_conversation(
+                authed(
+                    pb::GetConversationRequest {
+                        conversation_id: chat.conversation.clone(),
+                    },
+                    &session.access_token,
+                )
+                .ok()?,
+            )
+            .await
+            .ok()?
+            .into_inner()
+            .conversation?
+            .consultation
+    };
+    let Some(k) = read.await else {
+        return false;
+    };
+    if k.state == pb::ConsultationState::Closed as i32 {
+        closed(&k);
+        return true;
+    }
+    show_desk(chat, client, session, &k).await;
+    false
+}
+
+fn closed(k: &pb::Consultation) {
+    if k.resolution.is_empty() {
+        eprintln!("(closed)");
+    } else {
+        eprintln!("(closed: {})", k.resolution);
+    }
+}
+
+/// Says what the desk did with this chat's consultation; `true` once it is closed (the
+/// chat ends there).
+async fn desk_news(
+    chat: &mut Chat,
+    client: &Client,
+    session: &super::Session,
+    e: &pb::ConversationEvent,
+) -> bool {
+    let Some(c) = e
+        .conversation
+        .as_ref()
+        .filter(|c| c.id == chat.conversation)
+    else {
+        return false;
+    };
+    let Some(k) = &c.consultation else {
+        return false;
+    };
+    match pb::ConversationEventKind::try_from(e.kind) {
+        Ok(pb::ConversationEventKind::ConsultationTransferred) => {
+            let agent = chat.names.name(client, session, &k.agent_id).await;
+            eprintln!("(transferred to {agent})");
+            chat.desk = Some((k.state, k.queue_position, k.agent_id.clone()));
+        }
+        Ok(pb::ConversationEventKind::ConsultationClosed) => {
+            closed(k);
+            return true;
+        }
+        Ok(
+            pb::ConversationEventKind::ConsultationQueueMoved
+            | pb::ConversationEventKind::ConsultationAssigned,
+        ) => show_desk(chat, client, session, k).await,
+        _ => {}
+    }
+    false
 }

@@ -23,6 +23,8 @@ use switchboard_proto::messaging::v1::support_service_client::SupportServiceClie
 mod agent;
 mod chat;
 mod online;
+mod people;
+use people::Names;
 use tokio::sync::mpsc;
 use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
@@ -105,24 +107,24 @@ enum Command {
     /// Admins: give a user a role (e.g. make an account a support agent). The user's
     /// next login or token refresh carries it.
     SetRole {
-        /// The user's id (`register` and `whoami` print it).
-        user_id: String,
+        /// The user: a username, or an id.
+        user: String,
         /// The new role.
         #[arg(value_enum)]
         role: RoleArg,
     },
     /// List your conversations, most recently active first.
     Conversations,
-    /// Open (or find) the direct conversation with a user id; prints its id.
+    /// Open (or find) the direct conversation with someone; prints its id.
     Direct {
-        /// The other person's user id (`switchboard whoami` shows one's own).
-        user_id: String,
+        /// The other person: a username, or an id.
+        user: String,
     },
     /// Create a group; prints its id.
     Group {
         /// Title.
         title: String,
-        /// Member user ids.
+        /// Members besides you: usernames or ids.
         members: Vec<String>,
     },
     /// Send one message.
@@ -184,8 +186,8 @@ enum SupportCommand {
     Transfer {
         /// Consultation id.
         consultation: String,
-        /// The other agent's user id.
-        to_agent_id: String,
+        /// The other agent: a username, or an id.
+        to_agent: String,
         /// A note for the other agent.
         #[arg(long, default_value = "")]
         note: String,
@@ -257,16 +259,29 @@ fn password() -> anyhow::Result<String> {
 
 /// The stored session is over: logged out, revoked, or unknown to auth (an embedded
 /// stack that restarted forgets every account). Exit code 2.
+/// Also when there is no stored session at all (never logged in, or logged out here).
 #[derive(Debug)]
-struct SessionEnded(String);
+enum SessionEnded {
+    /// No stored session.
+    NotLoggedIn,
+    /// Auth refused it; why.
+    Ended(String),
+}
 
 impl std::fmt::Display for SessionEnded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "session ended ({}): log in again with `switchboard login <username>`",
-            self.0
-        )
+        match self {
+            Self::NotLoggedIn => {
+                write!(
+                    f,
+                    "not logged in: log in with `switchboard login <username>`"
+                )
+            }
+            Self::Ended(why) => write!(
+                f,
+                "session ended: log in again with `switchboard login <username>` ({why})"
+            ),
+        }
     }
 }
 
@@ -278,7 +293,7 @@ const EXIT_SESSION_ENDED: u8 = 2;
 /// A refused call made with the session's token; UNAUTHENTICATED means the session ended.
 fn status_message(e: tonic::Status) -> anyhow::Error {
     if e.code() == tonic::Code::Unauthenticated {
-        return SessionEnded(e.message().to_owned()).into();
+        return SessionEnded::Ended(e.message().to_owned()).into();
     }
     plain_status(e)
 }
@@ -362,16 +377,14 @@ impl Client {
     /// The session after a refresh, whatever its token's age: a token was refused, and
     /// this tells whether the session lives on ([`SessionEnded`] if not).
     async fn refreshed(&self) -> anyhow::Result<Session> {
-        // Gone meanwhile: `switchboard logout` ran with the same config directory.
-        let session = self
-            .stored()
-            .map_err(|_| SessionEnded("logged out here".into()))?;
+        let session = self.stored()?;
         self.refresh(session).await
     }
 
+    /// The stored session; [`SessionEnded::NotLoggedIn`] when there is none (also when
+    /// `switchboard logout` ran meanwhile with the same config directory).
     fn stored(&self) -> anyhow::Result<Session> {
-        let raw = std::fs::read(&self.path)
-            .map_err(|_| anyhow::anyhow!("not logged in; run `switchboard login <username>`"))?;
+        let raw = std::fs::read(&self.path).map_err(|_| SessionEnded::NotLoggedIn)?;
         serde_json::from_slice(&raw).context("session file is corrupt; log in again")
     }
 
@@ -385,7 +398,7 @@ impl Client {
                 .await
                 .map_err(|e| {
                     if ends_session(&e) {
-                        anyhow::Error::from(SessionEnded(e.message().to_owned()))
+                        anyhow::Error::from(SessionEnded::Ended(e.message().to_owned()))
                     } else {
                         anyhow::anyhow!("cannot reach auth at {}: {}", self.cli_auth, e.message())
                     }
@@ -505,8 +518,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let user = me.into_inner().user.context("no user")?;
             println!("{} {} ({})", user.id, user.username, user.display_name);
         }
-        Command::SetRole { user_id, role } => {
+        Command::SetRole { user, role } => {
             let s = client.session().await?;
+            let user_id = people::resolve(&client, &s, &[user]).await?.remove(0);
             let req = auth_pb::SetRoleRequest {
                 user_id,
                 role: auth_pb::Role::from(role) as i32,
@@ -535,14 +549,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(status_message)?
                 .into_inner();
+            let mut names = Names::default();
+            let ids: Vec<String> = list
+                .conversations
+                .iter()
+                .flat_map(|c| c.member_ids.iter().cloned())
+                .collect();
+            names.learn(&client, &s, &ids).await;
             for c in list.conversations {
                 let kind = pb::ConversationKind::try_from(c.kind)
                     .map(|k| k.as_str_name())
                     .unwrap_or("?");
-                let title = if c.title.is_empty() {
-                    c.member_ids.join(", ")
-                } else {
-                    c.title
+                // A direct chat is the other person; a consultation its topic.
+                let title = match (&c.consultation, c.title.is_empty()) {
+                    (Some(k), _) => k.topic.clone(),
+                    (None, false) => c.title.clone(),
+                    (None, true) => {
+                        let others: Vec<&str> = c
+                            .member_ids
+                            .iter()
+                            .filter(|m| **m != s.user_id)
+                            .map(|m| names.get(m))
+                            .collect();
+                        if others.is_empty() {
+                            String::from("(just you)")
+                        } else {
+                            others.join(", ")
+                        }
+                    }
                 };
                 println!(
                     "{}  {:<26} {:>4} unread  {}",
@@ -553,13 +587,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Direct { user_id } => {
+        Command::Direct { user } => {
+            let s = client.session().await?;
+            let members = people::resolve(&client, &s, &[user]).await?;
             let id = client
-                .create_conversation(pb::ConversationKind::Direct, String::new(), vec![user_id])
+                .create_conversation(pb::ConversationKind::Direct, String::new(), members)
                 .await?;
             println!("{id}");
         }
         Command::Group { title, members } => {
+            let s = client.session().await?;
+            let members = people::resolve(&client, &s, &members).await?;
             let id = client
                 .create_conversation(pb::ConversationKind::Group, title, members)
                 .await?;
@@ -614,8 +652,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One line about a consultation.
-fn describe(c: &pb::Consultation) -> String {
+/// One line about a consultation (the agent by name if `names` knows it).
+fn describe(c: &pb::Consultation, names: &Names) -> String {
     let state = pb::ConsultationState::try_from(c.state)
         .map(|s| s.as_str_name().trim_start_matches("CONSULTATION_STATE_"))
         .unwrap_or("?");
@@ -624,7 +662,7 @@ fn describe(c: &pb::Consultation) -> String {
         line.push_str(&format!("  (position {} in the queue)", c.queue_position));
     }
     if !c.agent_id.is_empty() {
-        line.push_str(&format!("  agent {}", c.agent_id));
+        line.push_str(&format!("  agent {}", names.get(&c.agent_id)));
     }
     if !c.transfer_note.is_empty() {
         line.push_str(&format!("  note: {}", c.transfer_note));
@@ -633,11 +671,17 @@ fn describe(c: &pb::Consultation) -> String {
 }
 
 /// Prints the consultation a desk call answered with, or its error.
-fn print_consultation(
+async fn print_consultation(
+    client: &Client,
+    s: &Session,
     reply: Result<Option<pb::Consultation>, tonic::Status>,
 ) -> anyhow::Result<()> {
     let c = reply.map_err(status_message)?.context("no consultation")?;
-    println!("{}", describe(&c));
+    let mut names = Names::default();
+    names
+        .learn(client, s, std::slice::from_ref(&c.agent_id))
+        .await;
+    println!("{}", describe(&c, &names));
     Ok(())
 }
 
@@ -659,7 +703,11 @@ async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()>
                 .map_err(status_message)?
                 .into_inner();
             let c = r.consultation.context("no consultation")?;
-            println!("{}", describe(&c));
+            let mut names = Names::default();
+            names
+                .learn(client, &s, std::slice::from_ref(&c.agent_id))
+                .await;
+            println!("{}", describe(&c, &names));
             eprintln!("chat in it with: switchboard chat {}", c.id);
         }
         SupportCommand::Queue => {
@@ -672,7 +720,7 @@ async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()>
                 eprintln!("the queue is empty");
             }
             for c in q.consultations {
-                println!("{}", describe(&c));
+                println!("{}", describe(&c, &Names::default()));
             }
         }
         SupportCommand::Accept { consultation } => {
@@ -680,20 +728,21 @@ async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()>
                 consultation_id: consultation,
             };
             let r = desk.accept_consultation(authed(req, token)?).await;
-            print_consultation(r.map(|r| r.into_inner().consultation))?;
+            print_consultation(client, &s, r.map(|r| r.into_inner().consultation)).await?;
         }
         SupportCommand::Transfer {
             consultation,
-            to_agent_id,
+            to_agent,
             note,
         } => {
+            let to_agent_id = people::resolve(client, &s, &[to_agent]).await?.remove(0);
             let req = pb::TransferConsultationRequest {
                 consultation_id: consultation,
                 to_agent_id,
                 note,
             };
             let r = desk.transfer_consultation(authed(req, token)?).await;
-            print_consultation(r.map(|r| r.into_inner().consultation))?;
+            print_consultation(client, &s, r.map(|r| r.into_inner().consultation)).await?;
         }
         SupportCommand::Close {
             consultation,
@@ -704,7 +753,7 @@ async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()>
                 resolution: resolution.join(" "),
             };
             let r = desk.close_consultation(authed(req, token)?).await;
-            print_consultation(r.map(|r| r.into_inner().consultation))?;
+            print_consultation(client, &s, r.map(|r| r.into_inner().consultation)).await?;
         }
     }
     Ok(())
@@ -802,61 +851,5 @@ fn clock(at: Option<&prost_types::Timestamp>) -> String {
         t.format("%H:%M").to_string()
     } else {
         t.format("%Y-%m-%d %H:%M").to_string()
-    }
-}
-
-/// User ids → usernames, looked up once each.
-#[derive(Default)]
-struct Names(HashMap<String, String>);
-
-impl Names {
-    /// `user_id`'s username (the id itself if auth cannot say).
-    async fn name(&mut self, client: &Client, s: &Session, user_id: &str) -> String {
-        if !self.0.contains_key(user_id) {
-            let m = pb::Message {
-                sender_id: user_id.to_owned(),
-                ..Default::default()
-            };
-            self.line(client, s, &m).await;
-        }
-        self.0
-            .get(user_id)
-            .cloned()
-            .unwrap_or_else(|| user_id.to_owned())
-    }
-
-    /// `[#seq time] sender: body`.
-    async fn line(&mut self, client: &Client, s: &Session, m: &pb::Message) -> String {
-        if !self.0.contains_key(&m.sender_id) {
-            let name = async {
-                let req = authed(
-                    auth_pb::GetUsersRequest {
-                        user_ids: vec![m.sender_id.clone()],
-                    },
-                    &s.access_token,
-                )
-                .ok()?;
-                client
-                    .auth()
-                    .ok()?
-                    .get_users(req)
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .users
-                    .pop()
-                    .map(|u| u.username)
-            }
-            .await
-            .unwrap_or_else(|| m.sender_id.clone());
-            self.0.insert(m.sender_id.clone(), name);
-        }
-        format!(
-            "[#{} {}] {}: {}",
-            m.seq,
-            clock(m.sent_at.as_ref()),
-            self.0.get(&m.sender_id).map(String::as_str).unwrap_or("?"),
-            m.body
-        )
     }
 }

@@ -11,6 +11,9 @@ use tokio::time::Instant;
 
 use super::{Client, authed, channel};
 
+/// How long presence may take to confirm the state of a new session.
+const CONFIRM: Duration = Duration::from_secs(5);
+
 /// The device session, if it is up.
 struct Device {
     tx: mpsc::Sender<presence_pb::ConnectRequest>,
@@ -87,12 +90,28 @@ impl Online {
         let request = authed(tokio_stream::wrappers::ReceiverStream::new(rx), token)
             .map_err(|e| e.to_string())?;
         let channel = channel(&self.presence).map_err(|e| e.to_string())?;
-        let stream = PresenceServiceClient::new(channel)
+        let mut stream = PresenceServiceClient::new(channel)
             .connect(request)
             .await
             .map_err(|s| s.message().to_owned())?
             .into_inner();
         let _ = tx.send(set_state(self.state)).await;
+        // Online once presence echoes the state (others see it from then on).
+        let echoed = tokio::time::timeout(CONFIRM, async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(presence_pb::ConnectResponse {
+                        frame: Some(presence_pb::connect_response::Frame::Presence(_)),
+                    })) => return Ok(()),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Err("presence ended the session".to_owned()),
+                    Err(s) => return Err(s.message().to_owned()),
+                }
+            }
+        })
+        .await
+        .map_err(|_| format!("presence did not confirm within {CONFIRM:?}"))?;
+        echoed?;
         Ok(Device { tx, rx: stream })
     }
 }

@@ -41,6 +41,9 @@ pub const MAX_QUEUE_PAGE: u32 = 200;
 /// Most assignments one routing pass makes (the next event or pass continues).
 const MAX_PER_PASS: usize = 1000;
 
+/// Customers told their new place when the queue moves: the first this many in line.
+pub const QUEUE_NOTICES: usize = 100;
+
 /// The presence service as the desk uses it, authenticated with the service token.
 #[derive(Clone)]
 pub struct Presence {
@@ -390,13 +393,16 @@ impl<S: DeskStore> Desk<S> {
         let step = self.store().accept(id, &caller.user_id, now_ms()).await?;
         checked(id, step, "only queued consultations can be accepted")?;
         metrics::counter!(m::CONSULTATIONS_ASSIGNED, "how" => "accepted").increment(1);
-        self.changed(
-            id,
-            pb::ConversationEventKind::ConsultationAssigned,
-            caller,
-            &[],
-        )
-        .await
+        let accepted = self
+            .changed(
+                id,
+                pb::ConversationEventKind::ConsultationAssigned,
+                caller,
+                &[],
+            )
+            .await;
+        self.queue_moved().await;
+        accepted
     }
 
     /// The assigned agent (or an admin) hands a consultation to another online agent.
@@ -471,13 +477,39 @@ impl<S: DeskStore> Desk<S> {
         let step = self.store().close(id, &resolution, now_ms()).await?;
         checked(id, step, "it cannot be closed again")?;
         self.wake.notify_one();
-        self.changed(
-            id,
-            pb::ConversationEventKind::ConsultationClosed,
-            caller,
-            &[],
-        )
-        .await
+        let closed = self
+            .changed(
+                id,
+                pb::ConversationEventKind::ConsultationClosed,
+                caller,
+                &[],
+            )
+            .await;
+        if record.state == ConsultationState::Queued {
+            self.queue_moved().await;
+        }
+        closed
+    }
+
+    /// After consultations left the queue: tells the customers of the first
+    /// [`QUEUE_NOTICES`] in line their place now (best effort, like every event).
+    async fn queue_moved(&self) {
+        let waiting = match self.store().queue(QUEUE_NOTICES).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot announce the queue's new order");
+                return;
+            }
+        };
+        for record in &waiting {
+            self.tell(
+                record,
+                pb::ConversationEventKind::ConsultationQueueMoved,
+                "",
+                &[],
+            )
+            .await;
+        }
     }
 
     /// Tells the customer and the agent (and `also`) about a change of `record`.
@@ -550,6 +582,9 @@ impl<S: DeskStore> Desk<S> {
                 }
                 Routed::Empty | Routed::NoAgent => break,
             }
+        }
+        if assigned > 0 {
+            self.queue_moved().await;
         }
         Ok(assigned)
     }

@@ -80,6 +80,7 @@ impl UserDirectory for AuthDirectory {
         Box::pin(async move {
             let mut req = tonic::Request::new(auth_pb::GetUsersRequest {
                 user_ids: ids.to_vec(),
+                usernames: Vec::new(),
             });
             if let Some(value) = &credential.0 {
                 req.metadata_mut().insert("authorization", value.clone());

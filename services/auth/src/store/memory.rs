@@ -67,6 +67,15 @@ impl AuthStore for MemoryStore {
         }))
     }
 
+    async fn users_by_name(&self, usernames: &[String]) -> StoreResult<Vec<Option<UserRecord>>> {
+        Ok(self.with(|s| {
+            usernames
+                .iter()
+                .map(|n| s.by_name.get(n).and_then(|id| s.users.get(id)).cloned())
+                .collect()
+        }))
+    }
+
     async fn users_by_id(&self, ids: &[String]) -> StoreResult<Vec<Option<UserRecord>>> {
         Ok(self.with(|s| ids.iter().map(|id| s.users.get(id).cloned()).collect()))
     }

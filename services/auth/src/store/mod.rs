@@ -54,6 +54,11 @@ pub trait AuthStore: Send + Sync + 'static {
         &self,
         username: &str,
     ) -> impl Future<Output = StoreResult<Option<UserRecord>>> + Send;
+    /// Users by (folded) username, in the order asked (`None` for unknown ones).
+    fn users_by_name(
+        &self,
+        usernames: &[String],
+    ) -> impl Future<Output = StoreResult<Vec<Option<UserRecord>>>> + Send;
     /// Users by id, in the order asked (`None` for unknown ids).
     fn users_by_id(
         &self,

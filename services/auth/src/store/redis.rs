@@ -141,6 +141,22 @@ impl AuthStore for RedisStore {
         }
     }
 
+    async fn users_by_name(&self, usernames: &[String]) -> StoreResult<Vec<Option<UserRecord>>> {
+        if usernames.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Two round trips whatever the count: the ids, then their records.
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = usernames.iter().map(|n| name_key(n)).collect();
+        let ids: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        let known: Vec<String> = ids.iter().flatten().cloned().collect();
+        let mut users = self.users_by_id(&known).await?.into_iter();
+        Ok(ids
+            .iter()
+            .map(|id| id.as_ref().and_then(|_| users.next().flatten()))
+            .collect())
+    }
+
     async fn users_by_id(&self, ids: &[String]) -> StoreResult<Vec<Option<UserRecord>>> {
         if ids.is_empty() {
             return Ok(Vec::new());
