@@ -680,3 +680,66 @@ fn a_customer_follows_the_desk_live_queue_place_agent_by_name_transfer_and_close
         String::from_utf8_lossy(&unknown.stderr)
     );
 }
+
+#[test]
+fn scripts_get_one_json_object_per_command_and_shells_get_completions() {
+    let addrs = [free_addr(), free_addr(), free_addr()];
+    let _server = embedded(&addrs);
+    let dana = person_of(&addrs);
+    registered_id(&person_of(&addrs), "erin");
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let out = dana.run(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed {out:?}: {e}"))
+    };
+    assert_eq!(json(&["register", "dana"])["user"]["username"], "dana");
+    assert_eq!(json(&["login", "dana"])["user"]["role"], "customer");
+    let group = json(&["group", "plans", "erin"])["conversation_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let sent = json(&["send", &group, "lunch", "at", "noon"]);
+    assert_eq!(sent["message"]["seq"], 1);
+    assert_eq!(sent["message"]["sender"]["username"], "dana");
+    assert!(
+        sent["message"]["sent_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    let history = json(&["history", &group]);
+    assert_eq!(history["messages"][0]["body"], "lunch at noon");
+    let list = json(&["conversations"]);
+    let c = &list["conversations"][0];
+    assert_eq!(
+        (c["id"].as_str(), c["kind"].as_str()),
+        (Some(group.as_str()), Some("group"))
+    );
+    let members: Vec<&str> = c["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["username"].as_str())
+        .collect();
+    assert!(
+        members.contains(&"erin") && members.contains(&"dana"),
+        "{members:?}"
+    );
+    assert_eq!(json(&["whoami"])["user"]["username"], "dana");
+    // A refusal is still text on stderr, with a failing exit code.
+    let refused = dana
+        .cmd(&["--output", "json", "send", &group, ""])
+        .output()
+        .expect("run");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(refused.stdout.is_empty());
+    assert_eq!(json(&["logout"])["logged_out"], true);
+
+    for shell in ["bash", "zsh", "fish"] {
+        let script = dana.run(&["completions", shell]);
+        assert!(
+            script.contains("switchboard") && script.contains("conversations"),
+            "{shell}: {script}"
+        );
+    }
+}

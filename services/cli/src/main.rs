@@ -23,6 +23,7 @@ use switchboard_proto::messaging::v1::support_service_client::SupportServiceClie
 mod agent;
 mod chat;
 mod online;
+mod output;
 mod people;
 use people::Names;
 use tokio::sync::mpsc;
@@ -60,6 +61,15 @@ struct Cli {
     /// Where the session is kept (default: the user's config directory + /switchboard).
     #[arg(long, env = "SWITCHBOARD_CONFIG_DIR", global = true)]
     config_dir: Option<PathBuf>,
+    /// How the non-interactive commands print their result: lines, or one JSON object.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_OUTPUT",
+        value_enum,
+        default_value_t,
+        global = true
+    )]
+    output: output::Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -163,6 +173,12 @@ enum Command {
     /// The support desk: open consultations (customers), work the queue (agents).
     #[command(subcommand)]
     Support(SupportCommand),
+    /// Print a shell completion script, e.g. `source <(switchboard completions bash)`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -457,7 +473,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if client.messaging.is_empty() {
         bail!("--messaging-url is empty");
     }
+    let json = cli.output == output::Format::Json;
     match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "switchboard",
+                &mut std::io::stdout(),
+            );
+        }
         Command::Register {
             username,
             display_name,
@@ -475,7 +501,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner()
                 .user
                 .context("no user")?;
-            println!("registered {} ({})", user.username, user.id);
+            if json {
+                output::print(serde_json::json!({ "user": output::user(&user) }));
+            } else {
+                println!("registered {} ({})", user.username, user.id);
+            }
         }
         Command::Login { username } => {
             let password = password()?;
@@ -496,7 +526,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or(0),
                 refresh_token: tokens.refresh_token,
             })?;
-            println!("logged in as {} ({})", user.username, user.id);
+            if json {
+                output::print(serde_json::json!({ "user": output::user(&user) }));
+            } else {
+                println!("logged in as {} ({})", user.username, user.id);
+            }
         }
         Command::Logout => {
             let s = client.session().await?;
@@ -506,7 +540,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(status_message)?;
             std::fs::remove_file(&client.path)?;
-            println!("logged out");
+            if json {
+                output::print(serde_json::json!({ "logged_out": true }));
+            } else {
+                println!("logged out");
+            }
         }
         Command::Whoami => {
             let s = client.session().await?;
@@ -516,7 +554,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(status_message)?;
             let user = me.into_inner().user.context("no user")?;
-            println!("{} {} ({})", user.id, user.username, user.display_name);
+            if json {
+                output::print(serde_json::json!({ "user": output::user(&user) }));
+            } else {
+                println!("{} {} ({})", user.id, user.username, user.display_name);
+            }
         }
         Command::SetRole { user, role } => {
             let s = client.session().await?;
@@ -536,7 +578,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let role = auth_pb::Role::try_from(user.role)
                 .map(|r| r.as_str_name().trim_start_matches("ROLE_").to_lowercase())
                 .unwrap_or_else(|_| user.role.to_string());
-            println!("{} {} is now {role}", user.id, user.username);
+            if json {
+                output::print(serde_json::json!({ "user": output::user(&user) }));
+            } else {
+                println!("{} {} is now {role}", user.id, user.username);
+            }
         }
         Command::Conversations => {
             let s = client.session().await?;
@@ -556,6 +602,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .flat_map(|c| c.member_ids.iter().cloned())
                 .collect();
             names.learn(&client, &s, &ids).await;
+            if json {
+                let all: Vec<_> = list
+                    .conversations
+                    .iter()
+                    .map(|c| output::conversation(c, &names))
+                    .collect();
+                output::print(serde_json::json!({ "conversations": all }));
+                return Ok(());
+            }
             for c in list.conversations {
                 let kind = pb::ConversationKind::try_from(c.kind)
                     .map(|k| k.as_str_name())
@@ -593,7 +648,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = client
                 .create_conversation(pb::ConversationKind::Direct, String::new(), members)
                 .await?;
-            println!("{id}");
+            if json {
+                output::print(serde_json::json!({ "conversation_id": id }));
+            } else {
+                println!("{id}");
+            }
         }
         Command::Group { title, members } => {
             let s = client.session().await?;
@@ -601,7 +660,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = client
                 .create_conversation(pb::ConversationKind::Group, title, members)
                 .await?;
-            println!("{id}");
+            if json {
+                output::print(serde_json::json!({ "conversation_id": id }));
+            } else {
+                println!("{id}");
+            }
         }
         Command::Send { conversation, text } => {
             let s = client.session().await?;
@@ -616,10 +679,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .send_message(authed(req, &s.access_token)?)
                 .await
                 .map_err(status_message)?;
-            println!(
-                "sent #{}",
-                m.into_inner().message.context("no message")?.seq
-            );
+            let m = m.into_inner().message.context("no message")?;
+            if json {
+                let mut names = Names::default();
+                names
+                    .learn(&client, &s, std::slice::from_ref(&m.sender_id))
+                    .await;
+                output::print(serde_json::json!({ "message": output::message(&m, &names) }));
+            } else {
+                println!("sent #{}", m.seq);
+            }
         }
         Command::History {
             conversation,
@@ -637,8 +706,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(status_message)?;
             let mut names = Names::default();
-            for m in page.into_inner().messages {
-                println!("{}", names.line(&client, &s, &m).await);
+            let messages = page.into_inner().messages;
+            if json {
+                let senders: Vec<String> = messages.iter().map(|m| m.sender_id.clone()).collect();
+                names.learn(&client, &s, &senders).await;
+                let all: Vec<_> = messages
+                    .iter()
+                    .map(|m| output::message(m, &names))
+                    .collect();
+                output::print(serde_json::json!({ "messages": all }));
+            } else {
+                for m in messages {
+                    println!("{}", names.line(&client, &s, &m).await);
+                }
             }
         }
         Command::Chat {
@@ -647,7 +727,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             history,
         } => chat::chat(&client, &conversation, history).await?,
         Command::Chat { .. } => agent::console(&client).await?,
-        Command::Support(command) => support(&client, command).await?,
+        Command::Support(command) => support(&client, command, json).await?,
     }
     Ok(())
 }
@@ -674,18 +754,23 @@ fn describe(c: &pb::Consultation, names: &Names) -> String {
 async fn print_consultation(
     client: &Client,
     s: &Session,
+    json: bool,
     reply: Result<Option<pb::Consultation>, tonic::Status>,
 ) -> anyhow::Result<()> {
     let c = reply.map_err(status_message)?.context("no consultation")?;
     let mut names = Names::default();
     names
-        .learn(client, s, std::slice::from_ref(&c.agent_id))
+        .learn(client, s, &[c.agent_id.clone(), c.customer_id.clone()])
         .await;
-    println!("{}", describe(&c, &names));
+    if json {
+        output::print(serde_json::json!({ "consultation": output::consultation(&c, &names) }));
+    } else {
+        println!("{}", describe(&c, &names));
+    }
     Ok(())
 }
 
-async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()> {
+async fn support(client: &Client, command: SupportCommand, json: bool) -> anyhow::Result<()> {
     let s = client.session().await?;
     let token = &s.access_token;
     let mut desk = client.support()?;
@@ -702,13 +787,13 @@ async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()>
                 .await
                 .map_err(status_message)?
                 .into_inner();
-            let c = r.consultation.context("no consultation")?;
-            let mut names = Names::default();
-            names
-                .learn(client, &s, std::slice::from_ref(&c.agent_id))
-                .await;
-            println!("{}", describe(&c, &names));
-            eprintln!("chat in it with: switchboard chat {}", c.id);
+            let id = r
+                .consultation
+                .as_ref()
+                .map(|c| c.id.clone())
+                .unwrap_or_default();
+            print_consultation(client, &s, json, Ok(r.consultation)).await?;
+            eprintln!("chat in it with: switchboard chat {id}");
         }
         SupportCommand::Queue => {
             let q = desk
@@ -716,11 +801,31 @@ async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()>
                 .await
                 .map_err(status_message)?
                 .into_inner();
+            let mut names = Names::default();
+            let customers: Vec<String> = q
+                .consultations
+                .iter()
+                .map(|c| c.customer_id.clone())
+                .collect();
+            names.learn(client, &s, &customers).await;
+            if json {
+                let all: Vec<_> = q
+                    .consultations
+                    .iter()
+                    .map(|c| output::consultation(c, &names))
+                    .collect();
+                output::print(serde_json::json!({ "consultations": all }));
+                return Ok(());
+            }
             if q.consultations.is_empty() {
                 eprintln!("the queue is empty");
             }
             for c in q.consultations {
-                println!("{}", describe(&c, &Names::default()));
+                println!(
+                    "{}  (from {})",
+                    describe(&c, &names),
+                    names.get(&c.customer_id)
+                );
             }
         }
         SupportCommand::Accept { consultation } => {
@@ -728,7 +833,7 @@ async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()>
                 consultation_id: consultation,
             };
             let r = desk.accept_consultation(authed(req, token)?).await;
-            print_consultation(client, &s, r.map(|r| r.into_inner().consultation)).await?;
+            print_consultation(client, &s, json, r.map(|r| r.into_inner().consultation)).await?;
         }
         SupportCommand::Transfer {
             consultation,
@@ -742,7 +847,7 @@ async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()>
                 note,
             };
             let r = desk.transfer_consultation(authed(req, token)?).await;
-            print_consultation(client, &s, r.map(|r| r.into_inner().consultation)).await?;
+            print_consultation(client, &s, json, r.map(|r| r.into_inner().consultation)).await?;
         }
         SupportCommand::Close {
             consultation,
@@ -753,7 +858,7 @@ async fn support(client: &Client, command: SupportCommand) -> anyhow::Result<()>
                 resolution: resolution.join(" "),
             };
             let r = desk.close_consultation(authed(req, token)?).await;
-            print_consultation(client, &s, r.map(|r| r.into_inner().consultation)).await?;
+            print_consultation(client, &s, json, r.map(|r| r.into_inner().consultation)).await?;
         }
     }
     Ok(())

@@ -51,6 +51,12 @@ impl Names {
         }
     }
 
+    /// Records that `id` is `username`.
+    #[cfg(test)]
+    pub(crate) fn insert(&mut self, id: &str, username: &str) {
+        self.0.insert(id.to_owned(), username.to_owned());
+    }
+
     /// The username of `id` if known, else the id.
     pub(crate) fn get<'a>(&'a self, id: &'a str) -> &'a str {
         self.0.get(id).map(String::as_str).unwrap_or(id)
