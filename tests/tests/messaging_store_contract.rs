@@ -289,12 +289,21 @@ async fn contract(store: impl MessagingStore, bus: Arc<dyn Bus>, retention: usiz
         "history not bounded: {kept} kept"
     );
 
-    // Read positions only move forward and never past the end.
-    assert_eq!(store.mark_read("g1", "b", 3).await.expect("read"), 3);
-    assert_eq!(store.mark_read("g1", "b", 2).await.expect("read back"), 3);
+    // Writing means having read up to there: the sender's position is its last message.
     assert_eq!(
         store
-            .mark_read("g1", "b", 1_000_000)
+            .read_positions("g1")
+            .await
+            .expect("positions")
+            .get("b"),
+        Some(&h.last_seq)
+    );
+    // Read positions only move forward and never past the end.
+    assert_eq!(store.mark_read("g1", "c", 3).await.expect("read"), 3);
+    assert_eq!(store.mark_read("g1", "c", 2).await.expect("read back"), 3);
+    assert_eq!(
+        store
+            .mark_read("g1", "c", 1_000_000)
             .await
             .expect("read past"),
         h.last_seq
@@ -304,7 +313,7 @@ async fn contract(store: impl MessagingStore, bus: Arc<dyn Bus>, retention: usiz
             .read_positions("g1")
             .await
             .expect("positions")
-            .get("b"),
+            .get("c"),
         Some(&h.last_seq)
     );
 

@@ -309,3 +309,155 @@ fn make_run_starts_one_process_says_state_is_lost_and_stops_it_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The repository's root, as `run.sh` prints it.
+fn repo_root() -> String {
+    std::fs::canonicalize(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .expect("repository root")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn the_readme_shows_exactly_what_make_run_prints() {
+    let out = Command::new("bash")
+        .arg(format!("{}/deploy/local/run.sh", repo_root()))
+        .arg("--banner")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .expect("run.sh --banner");
+    assert!(out.status.success());
+    let banner = String::from_utf8_lossy(&out.stdout).replace(&repo_root(), "/path/to/switchboard");
+    let readme = std::fs::read_to_string(format!("{}/README.md", repo_root())).expect("README");
+    assert!(
+        readme.contains(banner.trim()),
+        "README.md does not show what `make run` prints; it prints:\n{banner}"
+    );
+}
+
+/// The walk-through `make run` printed: (terminal number, its lines), block by block.
+fn walk_through(banner: &str) -> Vec<(u32, Vec<String>)> {
+    let mut blocks = Vec::new();
+    let mut terminal = None;
+    let mut block: Vec<String> = Vec::new();
+    let started = banner
+        .find("First five minutes")
+        .expect("a walk-through in the banner");
+    for line in banner[started..].lines() {
+        if let Some(cmd) = line.strip_prefix("  ") {
+            block.push(cmd.to_owned());
+            continue;
+        }
+        if let Some(t) = terminal
+            && !block.is_empty()
+        {
+            blocks.push((t, std::mem::take(&mut block)));
+        }
+        if let Some(n) = line
+            .split("Terminal ")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+        {
+            terminal = Some(n);
+        }
+    }
+    blocks
+}
+
+#[test]
+fn the_walk_through_make_run_prints_works_line_by_line() {
+    let ports = [free_port(), free_port(), free_port()];
+    let mut child = run_script()
+        .env("AUTH_ADDR", &ports[0])
+        .env("PRESENCE_ADDR", &ports[1])
+        .env("MESSAGING_ADDR", &ports[2])
+        .env("METRICS_ADDR", ANY_PORT)
+        .env("AUTH_ARGON2_MEMORY_KIB", "1024")
+        .env("AUTH_ARGON2_ITERATIONS", "1")
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut banner = String::new();
+    while !banner.contains("Ctrl-C stops everything.") {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                banner.push_str(&line);
+                banner.push('\n');
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no banner within 60 s; got:\n{banner}");
+            }
+        }
+    }
+    let blocks = walk_through(&banner);
+    assert!(blocks.len() >= 6, "{blocks:?}");
+
+    // Each block runs in a fresh shell with what that terminal set before; the
+    // interactive chats run only the command that finds their conversation.
+    let dirs = tempfile::tempdir().expect("dir");
+    let mut setup: std::collections::HashMap<u32, Vec<String>> = Default::default();
+    let mut outputs = Vec::new();
+    for (terminal, lines) in &blocks {
+        let mut script: Vec<String> = setup.get(terminal).cloned().unwrap_or_default();
+        for line in lines {
+            let line = line.replace("/tmp/sb-", &format!("{}/sb-", dirs.path().display()));
+            let line = match line.strip_prefix("switchboard chat \"$(") {
+                Some(inner) => inner.trim_end_matches(")\"").to_owned(),
+                None => line.replace(" && switchboard chat --agent", ""),
+            };
+            assert!(!line.contains("switchboard chat"), "interactive: {line}");
+            if line.starts_with("export ")
+                || line.split('=').next().is_some_and(|v| {
+                    !v.is_empty() && v.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+                })
+            {
+                setup.entry(*terminal).or_default().push(line.clone());
+            }
+            script.push(line);
+        }
+        let out = Command::new("bash")
+            .args(["-e", "-o", "pipefail", "-c", &script.join("\n")])
+            .current_dir(dirs.path())
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "terminal {terminal}:\n{}\nfailed:\n{}\n{}",
+            script.join("\n"),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let all = outputs.join("\n");
+    for expected in [
+        "registered alice",
+        "logged in as bob",
+        "sent #1",
+        // Alice's own message is not unread for her.
+        "0 unread  bob",
+        "PRESENCE_STATE_",
+        "rpc Connect",
+        "agent1 is now agent",
+        "logged in as carol",
+    ] {
+        assert!(all.contains(expected), "{expected:?} not in:\n{all}");
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = finished(child, Duration::from_secs(20));
+}

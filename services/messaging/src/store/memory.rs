@@ -242,6 +242,8 @@ impl MessagingStore for MemoryStore {
             c.last_seq += 1;
             let seq = c.last_seq;
             c.log.insert(seq, o.message.clone());
+            // Writing means having read up to there.
+            c.reads.insert(o.sender_id.clone(), seq);
             while c.log.len() > retention {
                 c.log.pop_first();
             }

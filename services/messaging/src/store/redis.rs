@@ -24,8 +24,9 @@ use crate::error::{Error, Result};
 /// Seconds an idempotency key is remembered.
 const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 
-/// The one atomic send step. KEYS: meta, members, seq, log, idem.
-/// ARGV: sender, message bytes, retention, "<id>|<sent at>", idem ttl, channel, envelope.
+/// The one atomic send step; the sender has read up to what they wrote. KEYS: meta,
+/// members, seq, log, idem, reads. ARGV: sender, message bytes, retention,
+/// "<id>|<sent at>", idem ttl, channel, envelope.
 const SEND: &str = r#"
 local dup = redis.call('GET', KEYS[5])
 if dup then return {'dup', dup} end
@@ -35,6 +36,7 @@ if redis.call('HGET', KEYS[1], 'read_only') == '1' then return {'ro'} end
 local seq = redis.call('INCR', KEYS[3])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', ARGV[2])
 redis.call('SET', KEYS[5], seq .. '|' .. ARGV[4], 'EX', ARGV[5])
+redis.call('HSET', KEYS[6], ARGV[1], seq)
 redis.call('PUBLISH', ARGV[6], '1M' .. seq .. '\n' .. ARGV[7])
 return {'ok', tostring(seq)}
 "#;
@@ -84,6 +86,7 @@ impl RedisStore {
                 id,
                 &format!("idem:{}:{}", o.sender_id, o.client_msg_id),
             ))
+            .key(key(id, "reads"))
             .arg(&o.sender_id)
             .arg(o.message.as_slice())
             .arg(self.retention)
