@@ -516,6 +516,15 @@ fn ctrl_d_quits_a_chat_even_while_it_is_reconnecting() {
     let err = read_lines(chat.stderr.take().expect("stderr"));
     expect_line(&err, "chat in");
     let mut stdin = chat.stdin.take().expect("stdin");
+    let mut console = bob
+        .cmd(&["chat", "--agent"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("console");
+    let console_err = read_lines(console.stderr.take().expect("stderr"));
+    expect_line(&console_err, "online and AVAILABLE");
     server.kill();
     // (Whether the stream was up yet or not, it is now trying to connect.)
     expect_line(&err, "retrying");
@@ -524,6 +533,10 @@ fn ctrl_d_quits_a_chat_even_while_it_is_reconnecting() {
     drop(stdin);
     assert_eq!(exit_code(&mut chat, Duration::from_secs(5)), Some(0));
     expect_line(&err, "not sent");
+    // The agent console too.
+    expect_line(&console_err, "connection lost");
+    drop(console.stdin.take());
+    assert_eq!(exit_code(&mut console, Duration::from_secs(5)), Some(0));
 }
 
 #[test]

@@ -168,8 +168,29 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
     let mut online: Option<Online> = None;
     let mut which = 0usize;
     let mut backoff = Duration::from_millis(200);
+    let mut wait_first = false;
     loop {
-        let (session, tx, mut inbound) = client.open_stream(&mut which, &mut backoff).await?;
+        // Connect (after a pause when the last connection dropped); Ctrl-D quits meanwhile.
+        let opened = {
+            let open = async {
+                if wait_first {
+                    next_instance(&mut which, &mut backoff).await;
+                }
+                client.open_stream(&mut which, &mut backoff).await
+            };
+            tokio::pin!(open);
+            loop {
+                tokio::select! {
+                    r = &mut open => break r,
+                    line = lines.recv() => match line {
+                        Some(_) => eprintln!("(reconnecting; type that again in a moment)"),
+                        None => return Ok(()),
+                    },
+                }
+            }
+        };
+        let (session, tx, mut inbound) = opened?;
+        wait_first = true;
         let frame = |f: In| pb::ConnectRequest { frame: Some(f) };
         let subscribe = pb::Subscribe {
             all_conversations: true,
@@ -222,13 +243,13 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
                                 return Err(e);
                             }
                             eprintln!("({e:#}; retrying)");
-                            next_instance(&mut which, &mut backoff).await;
+                        } else {
+                            wait_first = false;
                         }
                         break;
                     }
                     Ok(None) | Err(_) => {
                         eprintln!("(connection lost; resuming)");
-                        next_instance(&mut which, &mut backoff).await;
                         break;
                     }
                 },
