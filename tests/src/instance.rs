@@ -355,6 +355,11 @@ impl ChildService {
             // Drains the pipe for the life of the child so it never blocks on a full pipe.
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    // Kept before it is announced, so `output()` has every line reported.
+                    if let Ok(mut o) = output.lock() {
+                        o.push_str(&line);
+                        o.push('\n');
+                    }
                     let field = |name: &str| logged_field(&line, name);
                     if let Some(addr) = field("metrics_addr") {
                         let _ = tx.send((true, addr));
@@ -363,10 +368,6 @@ impl ChildService {
                         && let Some(addr) = field("addr")
                     {
                         let _ = tx.send((false, addr));
-                    }
-                    if let Ok(mut o) = output.lock() {
-                        o.push_str(&line);
-                        o.push('\n');
                     }
                 }
             });

@@ -756,3 +756,58 @@ fn scripts_get_one_json_object_per_command_and_shells_get_completions() {
         );
     }
 }
+
+#[test]
+fn at_a_terminal_chat_reads_keys_says_who_is_typing_takes_long_pastes_and_restores_the_terminal() {
+    let addrs = [free_addr(), free_addr(), free_addr()];
+    let _server = embedded(&addrs);
+    let (alice, bob) = (person_of(&addrs), person_of(&addrs));
+    registered_id(&alice, "alice");
+    registered_id(&bob, "bob");
+    alice.run(&["login", "alice"]);
+    bob.run(&["login", "bob"]);
+    let conversation = alice.run(&["direct", "bob"]);
+    let mut watching = alice
+        .cmd(&["chat", &conversation, "--history", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("alice chat");
+    let notices = read_lines(watching.stderr.take().expect("stderr"));
+    let shown = lines(&mut watching);
+    expect_line(&notices, "chat in");
+
+    // Bob at a keyboard: a pseudo-terminal driven by tests/python/pty_chat.py.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/pty_chat.py");
+    let cli = binary("switchboard").expect("cli");
+    let env = bob.cmd(&[]);
+    let typist = Command::new("python3")
+        .arg(script)
+        .arg(cli)
+        .args(["chat", &conversation, "--history", "0"])
+        .envs(env.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 pty_chat.py");
+    expect_line(&notices, "(bob is typing…)");
+    expect_line(&shown, "bob: hi");
+    expect_line(&shown, &format!("bob: {}", "y".repeat(10_000)));
+    let out = typist.wait_with_output().expect("pty driver");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "pty driver printed {:?} ({e}); stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(report["steps_ok"], true, "{report}");
+    assert_eq!(report["exit"], 0, "{report}");
+    assert_eq!(
+        report["restored"], true,
+        "the terminal was left without line editing"
+    );
+    drop(watching.stdin.take());
+    assert_eq!(exit_code(&mut watching, Duration::from_secs(10)), Some(0));
+}

@@ -3,14 +3,14 @@
 //! While it runs the user is online (a presence session; `/away`, `/available`). It shows
 //! the last `--history` messages and then everything live with its time, others' typing
 //! and read receipts, and moves the user's read position as messages are shown (so unread
-//! counts drop). It resumes from the last seq seen after any disconnect, trying the
+//! counts drop). At a terminal it reads keystrokes ([`keyboard`]) and tells the others
+//! when the user is typing. It resumes from the last seq seen after any disconnect, trying the
 //! messaging instances in turn; lines not yet acknowledged are sent again with the same
 //! idempotency key, so nothing is lost or doubled. Ctrl-D quits at any time, also while
 //! reconnecting. A session that auth no longer knows (logout, or a restarted embedded
 //! stack) ends the chat with "log in again" and exit code 2.
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -18,13 +18,14 @@ use switchboard_proto::messaging::v1 as pb;
 use switchboard_proto::presence::v1::PresenceState;
 use tokio::time::Instant;
 
+use super::keyboard::{self, Key, Keyboard, say};
 use super::online::Online;
-use super::{Client, In, Names, Out, authed, next_instance, status_message, stdin_lines};
+use super::{Client, In, Names, Out, authed, next_instance, status_message};
 
 const HELP: &str = "type a line to send it; /away, /available, /help; Ctrl-D to quit";
 
-/// A terminal's canonical mode delivers at most this many bytes of one typed line.
-const TERMINAL_LINE_MAX: usize = 4095;
+/// Typing notices go out at most this often while someone types.
+const TYPING_EVERY: Duration = Duration::from_secs(3);
 
 /// How long Ctrl-D waits for the lines still unconfirmed before quitting anyway.
 const QUIT_WAIT: Duration = Duration::from_secs(5);
@@ -54,7 +55,6 @@ fn typed(line: String) -> Typed {
 struct Chat {
     conversation: String,
     me: String,
-    tty: bool,
     names: Names,
     online: Online,
     /// Lines sent but not yet confirmed: idempotency key, body.
@@ -81,40 +81,27 @@ impl Chat {
 
     /// A typed line: queued for sending (returned as a frame) or a command carried out.
     async fn line(&mut self, line: String) -> Option<pb::ConnectRequest> {
-        if self.tty && line.len() >= TERMINAL_LINE_MAX {
-            eprintln!(
-                "(the terminal cuts a typed line at {TERMINAL_LINE_MAX} bytes; send longer text with: switchboard send {} \"$(cat FILE)\")",
-                self.conversation
-            );
-        }
         match typed(line) {
             Typed::Nothing => None,
             Typed::Unknown => {
-                eprintln!(
-                    "(unknown command; {HELP}; start a line with // to send one starting with /)"
-                );
+                say!("(unknown command; {HELP}; start a line with // to send one starting with /)");
                 None
             }
             Typed::Command("away") => {
                 self.online.set(PresenceState::Away).await;
-                eprintln!("(away)");
+                say!("(away)");
                 None
             }
             Typed::Command("available") => {
                 self.online.set(PresenceState::Available).await;
-                eprintln!("(available)");
+                say!("(available)");
                 None
             }
             Typed::Command(_) => {
-                eprintln!("({HELP})");
+                say!("({HELP})");
                 None
             }
             Typed::Text(body) => {
-                if self.tty {
-                    // The terminal echoed the typed line; the confirmed message replaces it.
-                    print!("\x1b[1A\x1b[2K\r");
-                    let _ = std::io::stdout().flush();
-                }
                 let key = uuid::Uuid::now_v7().to_string();
                 self.pending.push((key.clone(), body.clone()));
                 Some(self.send_frame(key, body))
@@ -156,7 +143,6 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
     let mut chat = Chat {
         conversation: conversation.to_owned(),
         me: session.user_id.clone(),
-        tty: std::io::stdin().is_terminal(),
         names: Names::default(),
         online: Online::start(client, &session.access_token, PresenceState::Available).await,
         pending: Vec::new(),
@@ -171,14 +157,15 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
         conv.title.clone()
     };
     if conv.read_only {
-        eprintln!("({title} is closed: read-only)");
+        say!("({title} is closed: read-only)");
     }
-    eprintln!("chat in {title}; {HELP}");
+    say!("chat in {title}; {HELP}");
     if let Some(k) = &conv.consultation {
         show_desk(&mut chat, client, &session, k).await;
     }
 
-    let mut lines = stdin_lines();
+    let mut keys = Keyboard::open();
+    let mut typing_sent: Option<Instant> = None;
     let mut which = 0usize;
     let mut backoff = Duration::from_millis(200);
     let mut wait_first = false;
@@ -198,17 +185,18 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
             loop {
                 tokio::select! {
                     r = &mut open => break r,
-                    line = lines.recv(), if quit_by.is_none() => match line {
-                        Some(line) => { let _ = chat.line(line).await; }
-                        None => {
+                    key = keys.next(), if quit_by.is_none() => match key {
+                        Key::Line(line) => { let _ = chat.line(line).await; }
+                        Key::Typing => {}
+                        Key::End => {
                             if !chat.pending.is_empty() {
-                                eprintln!("({} unconfirmed line(s) not sent)", chat.pending.len());
+                                say!("({} unconfirmed line(s) not sent)", chat.pending.len());
                             }
                             return Ok(());
                         }
                     },
                     _ = async { match quit_by { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
-                        eprintln!("({} unconfirmed line(s) may not have been sent)", chat.pending.len());
+                        say!("({} unconfirmed line(s) may not have been sent)", chat.pending.len());
                         return Ok(());
                     }
                 }
@@ -233,13 +221,21 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
         let mut live = false;
         loop {
             tokio::select! {
-                line = lines.recv(), if quit_by.is_none() => match line {
-                    Some(line) => {
+                key = keys.next(), if quit_by.is_none() => match key {
+                    Key::Line(line) => {
                         if let Some(frame) = chat.line(line).await {
                             let _ = tx.send(frame).await;
                         }
+                        typing_sent = None;
                     }
-                    None => {
+                    Key::Typing => {
+                        if typing_sent.is_none_or(|t| t.elapsed() >= TYPING_EVERY) {
+                            typing_sent = Some(Instant::now());
+                            let typing = pb::Typing { conversation_id: conversation.to_owned() };
+                            let _ = tx.send(pb::ConnectRequest { frame: Some(In::Typing(typing)) }).await;
+                        }
+                    }
+                    Key::End => {
                         if chat.pending.is_empty() {
                             return Ok(());
                         }
@@ -247,7 +243,7 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
                     }
                 },
                 _ = async { match quit_by { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
-                    eprintln!("({} unconfirmed line(s) may not have been sent)", chat.pending.len());
+                    say!("({} unconfirmed line(s) may not have been sent)", chat.pending.len());
                     return Ok(());
                 }
                 _ = chat.online.needs_healing() => {
@@ -258,8 +254,7 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
                     Ok(Some(r)) => match r.frame {
                         Some(Out::Message(m)) if m.seq > chat.last_seq => {
                             chat.last_seq = m.seq;
-                            println!("{}", chat.names.line(client, &session, &m).await);
-                            let _ = std::io::stdout().flush();
+                            keyboard::show(&chat.names.line(client, &session, &m).await);
                             backoff = Duration::from_millis(200);
                             if live && let Some(read) = chat.read_frame() {
                                 let _ = tx.send(read).await;
@@ -277,7 +272,7 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
                         }
                         Some(Out::SendResult(r)) => {
                             if let Some(pb::send_result::Result::Error(e)) = &r.result {
-                                eprintln!("(not sent: {})", e.message);
+                                say!("(not sent: {})", e.message);
                             }
                             chat.pending.retain(|(k, _)| *k != r.client_msg_id);
                             if quit_by.is_some() && chat.pending.is_empty() {
@@ -289,7 +284,7 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
                             if r.read_seq > *shown {
                                 *shown = r.read_seq;
                                 let name = chat.names.name(client, &session, &r.user_id).await;
-                                eprintln!("({name} read up to #{})", r.read_seq);
+                                say!("({name} read up to #{})", r.read_seq);
                             }
                         }
                         Some(Out::ConversationEvent(e)) => {
@@ -300,7 +295,7 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
                         }
                         Some(Out::Typing(t)) if t.user_id != chat.me => {
                             let name = chat.names.name(client, &session, &t.user_id).await;
-                            eprintln!("({name} is typing…)");
+                            say!("({name} is typing…)");
                         }
                         Some(Out::Error(e)) => {
                             // Not being (or no longer being) allowed in the conversation ends
@@ -308,10 +303,10 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
                             if matches!(tonic::Code::from_i32(e.code), tonic::Code::NotFound | tonic::Code::PermissionDenied) {
                                 bail!("{}", e.message);
                             }
-                            eprintln!("(refused: {})", e.message);
+                            say!("(refused: {})", e.message);
                         }
                         Some(Out::Resync(r)) => {
-                            eprintln!("(history before #{} is gone; continuing from there)", r.oldest_seq);
+                            say!("(history before #{} is gone; continuing from there)", r.oldest_seq);
                             chat.last_seq = r.oldest_seq.saturating_sub(1);
                             wait_first = false;
                             break;
@@ -326,7 +321,7 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
                         break;
                     }
                     Ok(None) | Err(_) => {
-                        eprintln!("(connection lost; resuming after #{})", chat.last_seq);
+                        say!("(connection lost; resuming after #{})", chat.last_seq);
                         break;
                     }
                 },
@@ -349,16 +344,16 @@ async fn show_desk(
     let first = chat.desk.is_none();
     chat.desk = Some(now);
     match pb::ConsultationState::try_from(k.state) {
-        Ok(pb::ConsultationState::Queued) if first => eprintln!(
+        Ok(pb::ConsultationState::Queued) if first => say!(
             "(position {} in the queue; an agent will join)",
             k.queue_position
         ),
         Ok(pb::ConsultationState::Queued) => {
-            eprintln!("(position {} in the queue)", k.queue_position)
+            say!("(position {} in the queue)", k.queue_position)
         }
         Ok(pb::ConsultationState::Assigned) => {
             let agent = chat.names.name(client, session, &k.agent_id).await;
-            eprintln!(
+            say!(
                 "{}",
                 if first {
                     format!("(with {agent})")
@@ -406,9 +401,9 @@ async fn desk_now(chat: &mut Chat, client: &Client, session: &super::Session) ->
 
 fn closed(k: &pb::Consultation) {
     if k.resolution.is_empty() {
-        eprintln!("(closed)");
+        say!("(closed)");
     } else {
-        eprintln!("(closed: {})", k.resolution);
+        say!("(closed: {})", k.resolution);
     }
 }
 
@@ -433,7 +428,7 @@ async fn desk_news(
     match pb::ConversationEventKind::try_from(e.kind) {
         Ok(pb::ConversationEventKind::ConsultationTransferred) => {
             let agent = chat.names.name(client, session, &k.agent_id).await;
-            eprintln!("(transferred to {agent})");
+            say!("(transferred to {agent})");
             chat.desk = Some((k.state, k.queue_position, k.agent_id.clone()));
         }
         Ok(pb::ConversationEventKind::ConsultationClosed) => {

@@ -22,6 +22,7 @@ use switchboard_proto::messaging::v1::support_service_client::SupportServiceClie
 
 mod agent;
 mod chat;
+mod keyboard;
 mod online;
 mod output;
 mod people;
@@ -165,8 +166,8 @@ enum Command {
         history: u64,
         /// Agent console: be online and AVAILABLE for the desk while it runs, see new
         /// consultations and their messages as they come. Lines go to the current
-        /// consultation; commands: /list, /use <id>, /close [resolution],
-        /// /transfer <agent id> [note], /away, /available.
+        /// consultation; commands: /list, /use NUMBER-OR-ID, /close RESOLUTION,
+        /// /transfer AGENT NOTE, /away, /available, /help.
         #[arg(long, conflicts_with = "conversation")]
         agent: bool,
     },
@@ -901,7 +902,7 @@ impl Client {
                 Ok(s) => s,
                 Err(e) if e.downcast_ref::<SessionEnded>().is_some() => return Err(e),
                 Err(e) => {
-                    eprintln!("({e:#}; retrying)");
+                    keyboard::say!("({e:#}; retrying)");
                     next_instance(which, backoff).await;
                     continue;
                 }
@@ -922,13 +923,13 @@ impl Client {
                         Ok(_) => {}
                         Err(e) if e.downcast_ref::<SessionEnded>().is_some() => return Err(e),
                         Err(e) => {
-                            eprintln!("({e:#}; retrying)");
+                            keyboard::say!("({e:#}; retrying)");
                             next_instance(which, backoff).await;
                         }
                     }
                 }
                 Err(e) => {
-                    eprintln!(
+                    keyboard::say!(
                         "(cannot connect to {}: {}; retrying)",
                         self.messaging[*which % self.messaging.len()],
                         e.message()

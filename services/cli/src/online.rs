@@ -9,6 +9,7 @@ use switchboard_proto::presence::v1::presence_service_client::PresenceServiceCli
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::keyboard::say;
 use super::{Client, authed, channel};
 
 /// How long presence may take to confirm the state of a new session.
@@ -70,14 +71,14 @@ impl Online {
         match self.open(token).await {
             Ok(d) => {
                 if was_up || self.backoff > Duration::from_secs(1) {
-                    eprintln!("(online again)");
+                    say!("(online again)");
                 }
                 self.device = Some(d);
                 self.backoff = Duration::from_secs(1);
             }
             Err(e) => {
                 if was_up || self.backoff == Duration::from_secs(1) {
-                    eprintln!("(presence unreachable: {e}; you appear offline, retrying)");
+                    say!("(presence unreachable: {e}; you appear offline, retrying)");
                 }
                 self.retry_at = Instant::now() + self.backoff;
                 self.backoff = (self.backoff * 2).min(Duration::from_secs(30));

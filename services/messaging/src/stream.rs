@@ -3,7 +3,7 @@
 //! gates for the rest: a live message that is the next of its subscription goes from the
 //! feed straight into the transport queue, without waking the session (see `fanout.rs`).
 //!
-//! Exactly-once, in-order delivery per conversation rests on one [`Cursor`] per
+//! Exactly-once, in-order delivery per conversation rests on one [`Cursor`](crate::gapless::Cursor) per
 //! subscription, in its gate: the highest seq sent on this stream. A Subscribe joins the
 //! live feed **first** with its gate held (deliveries queue up in the session's inbox),
 //! then replays history after `since_seq`, then drains the inbox and only then opens the

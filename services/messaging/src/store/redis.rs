@@ -480,7 +480,7 @@ impl MessagingStore for RedisStore {
         Ok(conn.hgetall(key(id, "reads")).await?)
     }
 
-    /// In pipelines of [`PUBLISH_BATCH`]: one round trip per batch, not per channel.
+    /// In pipelines of `PUBLISH_BATCH` (500): one round trip per batch, not per channel.
     async fn publish_many(&self, channels: &[String], payload: Vec<u8>) -> Result<()> {
         let mut conn = self.conn.clone();
         for chunk in channels.chunks(PUBLISH_BATCH) {
