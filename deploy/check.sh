@@ -8,7 +8,7 @@
 #  3. checks deploy/compose.yaml with `docker compose config` (or docker-compose's, which
 #     validates against the Compose schema without a Docker engine);
 #  4. lints deploy/docker/Dockerfile with hadolint (fails on warnings: `latest`, root, ...);
-#  5. runs the deploy tests (tests/tests/deploy.rs): no root, no `latest`, probes, drain
+#  5. runs the deploy tests (tests/tests/e2e/deploy.rs): no root, no `latest`, probes, drain
 #     grace, metrics annotations, NetworkPolicy paths, and every variable the manifests and
 #     the compose file set is one the services read. `make test` sets DEPLOY_TESTS=0 here
 #     because it runs them with the rest of the suite.
@@ -62,5 +62,5 @@ hadolint --failure-threshold warning deploy/docker/Dockerfile
 echo "deploy/docker/Dockerfile: hadolint clean"
 
 if [ "${DEPLOY_TESTS:-1}" != 0 ]; then
-  cargo test --quiet -p switchboard-tests --test deploy
+  cargo test --quiet -p switchboard-tests --test e2e deploy::
 fi

@@ -1,6 +1,6 @@
 //! What `deploy/` deploys, read back and checked against the services and the house rules:
 //! the kustomize overlays as rendered, the compose file, the Dockerfile and the Secret
-//! template. `tests/tests/deploy.rs` runs the checks; `make deploy-check` runs that test after
+//! template. `tests/tests/e2e/deploy.rs` runs the checks; `make deploy-check` runs that test after
 //! the schema validation.
 //!
 //! - [`policy_problems`]: every pod is hardened (never root, read-only root filesystem, no

@@ -1,6 +1,6 @@
 //! Auth's durable state behind one small trait, with a Redis engine ([`redis`]) and an
 //! in-memory engine ([`memory`]). Both pass the same contract suite
-//! (`tests/tests/auth_store_contract.rs`).
+//! (`tests/tests/e2e/auth_store_contract.rs`).
 //!
 //! Everything that must be atomic (refresh rotation with re-use detection, failure
 //! counting) is one store call, so instances never race each other.

@@ -1,6 +1,6 @@
 //! Messaging's durable state and publishing, behind one trait with a Redis engine
 //! ([`redis`]) and an in-memory engine ([`memory`]); one contract suite runs against both
-//! (`tests/tests/messaging_store_contract.rs`).
+//! (`tests/tests/e2e/messaging_store_contract.rs`).
 //!
 //! The heart is [`MessagingStore::send`]: one atomic step that checks the idempotency key,
 //! membership and state, assigns the next seq, appends to the history and publishes the

@@ -1,6 +1,6 @@
 //! Presence state behind one trait, with a Redis engine ([`redis`]) and an in-memory
 //! engine ([`memory`]); one contract suite runs against both
-//! (`tests/tests/presence_store_contract.rs`).
+//! (`tests/tests/e2e/presence_store_contract.rs`).
 //!
 //! Every change bumps the user's version and is published as a
 //! [`Change`](crate::model::Change) on the user's channel and on the channel of the user's
