@@ -4,7 +4,8 @@
 //! names Kubernetes probes ask for), reflection (`v1` and `v1alpha`, older grpcurl only
 //! speaks the latter), gzip and zstd in both directions ([`tune!`](crate::tune)), a request
 //! size limit answered with `RESOURCE_EXHAUSTED`, optional TLS, token authentication
-//! ([`AuthLayer`]) and graceful shutdown bounded by the configured grace period.
+//! ([`AuthLayer`]) and graceful shutdown bounded by the configured grace period. At
+//! shutdown every health name but `liveness` turns `NOT_SERVING`.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -507,7 +508,9 @@ pub async fn serve(
         async move {
             shutdown.cancelled().await;
             tracing::info!("draining: health NOT_SERVING, ending streams");
-            for name in &names {
+            // Liveness stays SERVING until exit: a draining process is not a dead one, and
+            // restarting it would cut the drain short. Readiness and the rest drain.
+            for name in names.iter().filter(|n| n.as_str() != "liveness") {
                 health
                     .set_service_status(name, tonic_health::ServingStatus::NotServing)
                     .await;

@@ -599,7 +599,8 @@ const CLUSTER_ADDRESSES: &[&str] = &[
 ];
 
 /// The manifests' own settings start every service, and each answers its probes' health
-/// names `SERVING`, then `NOT_SERVING` for readiness as soon as it is told to stop.
+/// names `SERVING`, then `NOT_SERVING` for readiness as soon as it is told to stop, while
+/// liveness stays `SERVING` until the process exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_start_with_the_manifest_settings_and_answer_their_probes() {
     use switchboard_tests::instance::{ChildService, SERVICE_TOKEN, binary};
@@ -694,6 +695,16 @@ async fn services_start_with_the_manifest_settings_and_answer_their_probes() {
             .into_inner();
         let first = watch.message().await.expect("status").expect("a status");
         assert_eq!(first.status, ServingStatus::Serving as i32);
+        // Liveness is not readiness: a draining process is alive until it exits.
+        let mut alive = health
+            .watch(HealthCheckRequest {
+                service: "liveness".to_owned(),
+            })
+            .await
+            .expect("watch liveness")
+            .into_inner();
+        let first = alive.message().await.expect("status").expect("a status");
+        assert_eq!(first.status, ServingStatus::Serving as i32);
         child.signal_term().expect("SIGTERM");
         let mut not_ready = false;
         while let Ok(Ok(Some(m))) =
@@ -705,6 +716,15 @@ async fn services_start_with_the_manifest_settings_and_answer_their_probes() {
             }
         }
         assert!(not_ready, "{service:?} stayed ready after SIGTERM");
+        while let Ok(Ok(Some(m))) =
+            tokio::time::timeout(Duration::from_secs(5), alive.message()).await
+        {
+            assert_eq!(
+                m.status,
+                ServingStatus::Serving as i32,
+                "{service:?} said it was not alive while draining"
+            );
+        }
         let exit = child.wait_exit(Duration::from_secs(10)).expect("exit");
         assert!(
             exit.success(),
