@@ -110,10 +110,13 @@ async fn serve<S: DeskStore>(
         presence,
         config.agent_capacity,
     ));
-    tokio::spawn(
-        desk.clone()
-            .dispatch(config.queue_recheck, shutdown.clone()),
-    );
+    // Routing needs presence, which needs the token: without it there is nothing to run.
+    if config.service_token.is_some() {
+        tokio::spawn(
+            desk.clone()
+                .dispatch(config.queue_recheck, shutdown.clone()),
+        );
+    }
     // Ended by the server once health reports NOT_SERVING at shutdown.
     let drain = CancellationToken::new();
     let streams = Arc::new(Streams {

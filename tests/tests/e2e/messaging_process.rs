@@ -109,4 +109,12 @@ async fn sigterm_ends_open_streams_with_unavailable_and_exits_zero() {
     assert!(ended.message().contains("reconnect"), "{}", ended.message());
     let (exited, output) = waiter.join().expect("waiter");
     assert!(exited.expect("exits"), "non-zero exit; output:\n{output}");
+    // Without SERVICE_TOKEN the desk cannot ask presence: said once at start, and nothing
+    // tries (and warns) in a loop.
+    assert_eq!(
+        output.matches("SERVICE_TOKEN is unset").count(),
+        1,
+        "{output}"
+    );
+    assert!(!output.contains("cannot watch agents"), "{output}");
 }
