@@ -134,7 +134,7 @@ fn two_people_chat_through_two_instances_and_chat_resumes_after_a_crash() {
         .spawn()
         .expect("chat");
     let rx = lines(&mut chat);
-    std::thread::sleep(Duration::from_millis(800));
+    // Sent before or after the chat subscribes, the message is shown (history, then live).
     assert!(
         alice
             .run(&["send", &conversation, "hello", "bob"])

@@ -167,7 +167,9 @@ async fn assignments(stream: &mut Connection, window: Duration) -> Vec<(String, 
     }
 }
 
-async fn subscribe_all(stream: &Connection) {
+/// Subscribes `stream` to all the caller's conversations and returns once the stream is
+/// registered for the caller's events (a ping has come back after the subscribe).
+async fn subscribe_all(stream: &mut Connection) {
     stream
         .send(pb::connect_request::Frame::Subscribe(pb::Subscribe {
             all_conversations: true,
@@ -175,6 +177,17 @@ async fn subscribe_all(stream: &Connection) {
         }))
         .await
         .expect("subscribe all");
+    stream
+        .send(pb::connect_request::Frame::Ping(pb::Ping { nonce: 7 }))
+        .await
+        .expect("ping");
+    stream
+        .until(Duration::from_secs(5), |f| match f {
+            Out::Pong(p) if p.nonce == 7 => Some(()),
+            _ => None,
+        })
+        .await
+        .expect("pong after the subscribe");
 }
 
 #[tokio::test]
@@ -197,13 +210,12 @@ async fn six_customers_two_agents_balanced_once_each_and_presence_steers_routing
     let mut ben_device = connect(desk.presence[1].channel(), &agents[1].token).await;
     let mut streams = Vec::new();
     for (i, a) in agents.iter().enumerate() {
-        let s = Connection::open(desk.messaging[i].channel(), &a.token)
+        let mut s = Connection::open(desk.messaging[i].channel(), &a.token)
             .await
             .expect("agent stream");
-        subscribe_all(&s).await;
+        subscribe_all(&mut s).await;
         streams.push(s);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Six customers open at once, across both messaging instances.
     let opened = futures::future::join_all(
@@ -348,11 +360,10 @@ async fn queued_until_an_agent_comes_online_then_transfer_close_and_refusals() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
     // No agent is online: the consultation waits, first in the queue.
-    let carol_stream = Connection::open(desk.messaging[0].channel(), &carol.token)
+    let mut carol_stream = Connection::open(desk.messaging[0].channel(), &carol.token)
         .await
         .expect("carol stream");
-    subscribe_all(&carol_stream).await;
-    let mut carol_stream = carol_stream;
+    subscribe_all(&mut carol_stream).await;
     let opened = open(desk.support(0), &carol, "broken login")
         .await
         .expect("open");

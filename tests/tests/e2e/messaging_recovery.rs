@@ -32,13 +32,16 @@ async fn user(auth: &switchboard_tests::instance::InProcess, name: &str) -> (Str
 }
 
 /// Reads messages of `conversation` until seq `until`, reconnecting through `channels` (in
-/// order) whenever the stream fails; returns every seq received.
+/// order) whenever the stream fails; returns every seq received. `subscribed` fires once
+/// the first subscription has taken effect (its `Recovered` frame).
 async fn receive_all(
     channels: Vec<Channel>,
     token: String,
     conversation: String,
     until: u64,
+    subscribed: tokio::sync::oneshot::Sender<()>,
 ) -> Vec<u64> {
+    let mut subscribed = Some(subscribed);
     let mut seqs: Vec<u64> = Vec::new();
     let mut which = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
@@ -58,6 +61,11 @@ async fn receive_all(
             }
             match conn.next(Duration::from_secs(20)).await {
                 Ok(Some(Out::Message(m))) => seqs.push(m.seq),
+                Ok(Some(Out::Recovered(_))) => {
+                    if let Some(ready) = subscribed.take() {
+                        let _ = ready.send(());
+                    }
+                }
                 Ok(Some(_)) => {}
                 _ => {
                     which = (which + 1) % channels.len();
@@ -102,14 +110,19 @@ async fn killing_an_instance_mid_burst_loses_no_acknowledged_message_and_duplica
     .await
     .expect("group");
 
+    let (subscribed, ready) = tokio::sync::oneshot::channel();
     let receiving = tokio::spawn(receive_all(
         vec![doomed.channel(), survivor.channel()],
         receiver_token,
         group.id.clone(),
         N as u64,
+        subscribed,
     ));
-    // Let the receiver subscribe on the doomed instance before the burst.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The receiver is subscribed on the doomed instance before the burst.
+    tokio::time::timeout(Duration::from_secs(10), ready)
+        .await
+        .expect("the receiver subscribes within 10 s")
+        .expect("the receiver subscribed");
 
     let mut clients = [
         MessagingServiceClient::new(doomed.channel()),
