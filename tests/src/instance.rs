@@ -305,6 +305,27 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Clears `cmd`'s environment but for what finding programs needs (`PATH`, `HOME`,
+/// `PYENV_*`): a child of a test sees only the settings the test gives it, never the
+/// developer's shell (a stray `REDIS_URL` or `SWITCHBOARD_OUTPUT`).
+pub fn isolate(cmd: &mut Command) -> &mut Command {
+    cmd.env_clear();
+    for (k, v) in std::env::vars_os() {
+        let keep = k == "PATH" || k == "HOME" || k.to_string_lossy().starts_with("PYENV_");
+        if keep {
+            cmd.env(k, v);
+        }
+    }
+    cmd
+}
+
+/// A command running the built binary `name`, with an [`isolate`]d environment.
+pub fn command(name: &str) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(binary(name)?);
+    isolate(&mut cmd);
+    Ok(cmd)
+}
+
 /// The address in a log line's field `name`: text or JSON lines, `addr=1.2.3.4:5` or
 /// `"addr":"1.2.3.4:5"`.
 fn logged_field(line: &str, name: &str) -> Option<SocketAddr> {
@@ -331,13 +352,11 @@ impl ChildService {
     /// logs the address it listens on (an info line of `switchboard_common`, so a
     /// `RUST_LOG` given in `env` must keep it).
     pub fn spawn(binary_name: &str, env: &[(&str, String)]) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(binary(binary_name)?);
+        let mut cmd = command(binary_name)?;
         cmd.env("LISTEN_ADDR", "127.0.0.1:0")
             .env("METRICS_ADDR", "127.0.0.1:0")
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .env_remove("REDIS_URL")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+            .env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -468,7 +487,7 @@ impl Drop for ChildService {
 /// environment variable of a setting, and every telemetry variable after the flags.
 pub fn assert_help_lists(binary_name: &str, vars: &[&str]) {
     let bin = binary(binary_name).unwrap_or_else(|e| panic!("{binary_name}: {e}"));
-    let out = Command::new(&bin)
+    let out = isolate(&mut Command::new(&bin))
         .arg("--help")
         .output()
         .unwrap_or_else(|e| panic!("run {binary_name}: {e}"));
@@ -496,7 +515,7 @@ pub fn assert_help_lists(binary_name: &str, vars: &[&str]) {
 /// names every one of `named` in its report.
 pub fn assert_bad_config_exits_64(binary_name: &str, env: &[(&str, &str)], named: &[&str]) {
     let bin = binary(binary_name).unwrap_or_else(|e| panic!("{binary_name}: {e}"));
-    let out = Command::new(&bin)
+    let out = isolate(&mut Command::new(&bin))
         .envs(env.iter().copied())
         .output()
         .unwrap_or_else(|e| panic!("run {binary_name}: {e}"));

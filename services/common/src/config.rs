@@ -67,6 +67,17 @@ pub fn parse_args<T: Parser>() -> Parsed<T> {
     }
 }
 
+/// `T` with every setting at its default, whatever the environment says: for tests and
+/// tools, which must not depend on the shell they run in.
+pub fn defaults<T: Parser>() -> T {
+    let command = T::command().mut_args(|a| a.env(None));
+    let name = command.get_name().to_owned();
+    command
+        .try_get_matches_from([name])
+        .and_then(|m| T::from_arg_matches(&m))
+        .unwrap_or_else(|e| e.exit())
+}
+
 /// `T` from these command-line flags (no program name) and the environment, for a process
 /// that hosts a service and sets some of its flags itself; every problem as a
 /// [`ConfigError`].

@@ -184,10 +184,10 @@ impl Args {
 }
 
 impl Config {
-    /// Defaults for tests and tools: plaintext on `listen_addr`, given engine and auth.
+    /// Defaults for tests and tools (the environment is not read): plaintext on
+    /// `listen_addr`, given engine and auth.
     pub fn for_tests(listen_addr: SocketAddr, engine: Engine, auth_url: String) -> Self {
-        use clap::Parser;
-        let mut config = Args::parse_from(["switchboard-messaging"])
+        let mut config = switchboard_common::config::defaults::<Args>()
             .validate()
             .unwrap_or_else(|e| e.exit());
         config.server = ServerConfig::plain(listen_addr);

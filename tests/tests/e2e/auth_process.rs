@@ -1,14 +1,13 @@
 //! Auth as a real process: crash of an instance, SIGTERM, bad configuration, `--help`.
 //! Uses the built binary (`cargo build --bins`; `make test` does it).
 
-use std::process::Command;
 use std::time::Duration;
 
 use switchboard_proto::auth::v1 as pb;
 use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
 use switchboard_tests::auth::{authed, register_and_login};
 use switchboard_tests::instance::{
-    AuthOptions, ChildService, assert_help_lists, auth_client, binary, spawn_auth,
+    AuthOptions, ChildService, assert_help_lists, auth_client, spawn_auth,
 };
 use switchboard_tests::redis::RedisServer;
 
@@ -68,7 +67,8 @@ async fn sigterm_drains_and_exits_zero() {
 
 #[test]
 fn bad_configuration_is_reported_all_at_once_with_exit_code_64() {
-    let out = Command::new(binary("switchboard-auth").expect("binary"))
+    let out = switchboard_tests::instance::command("switchboard-auth")
+        .expect("binary")
         .env("AUTH_ACCESS_TTL_SECS", "5")
         .env("TLS_CERT_FILE", "/nonexistent/cert.pem")
         .env("AUTH_ADMIN_USERNAME", "root")
@@ -97,7 +97,8 @@ fn bad_configuration_is_reported_all_at_once_with_exit_code_64() {
         assert!(stderr.contains(named), "{named} not reported in:\n{stderr}");
     }
 
-    let out = Command::new(binary("switchboard-auth").expect("binary"))
+    let out = switchboard_tests::instance::command("switchboard-auth")
+        .expect("binary")
         .arg("--listen-addr=nope")
         .output()
         .expect("run");
@@ -169,7 +170,8 @@ async fn serves_and_exits_cleanly_with_trace_export_to_a_dead_collector() {
 
 #[test]
 fn generate_signing_key_prints_a_usable_key() {
-    let out = Command::new(binary("switchboard-auth").expect("binary"))
+    let out = switchboard_tests::instance::command("switchboard-auth")
+        .expect("binary")
         .arg("--generate-signing-key")
         .output()
         .expect("run");

@@ -19,7 +19,7 @@ struct Person {
 
 impl Person {
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(binary("switchboard").expect("cli binary"));
+        let mut cmd = switchboard_tests::instance::command("switchboard").expect("cli binary");
         cmd.args(args)
             .env("SWITCHBOARD_CONFIG_DIR", self.dir.path())
             .env("SWITCHBOARD_AUTH_URL", &self.auth)
@@ -782,7 +782,7 @@ fn at_a_terminal_chat_reads_keys_says_who_is_typing_takes_long_pastes_and_restor
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/pty_chat.py");
     let cli = binary("switchboard").expect("cli");
     let env = bob.cmd(&[]);
-    let typist = Command::new("python3")
+    let typist = switchboard_tests::instance::isolate(&mut Command::new("python3"))
         .arg(script)
         .arg(cli)
         .args(["chat", &conversation, "--history", "0"])

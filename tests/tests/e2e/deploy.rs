@@ -603,7 +603,7 @@ const CLUSTER_ADDRESSES: &[&str] = &[
 /// liveness stays `SERVING` until the process exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_start_with_the_manifest_settings_and_answer_their_probes() {
-    use switchboard_tests::instance::{ChildService, SERVICE_TOKEN, binary};
+    use switchboard_tests::instance::{ChildService, SERVICE_TOKEN};
     use switchboard_tests::redis::RedisServer;
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
@@ -611,7 +611,8 @@ async fn services_start_with_the_manifest_settings_and_answer_their_probes() {
 
     let (_, docs) = rendered("dev");
     let redis = RedisServer::spawn().expect("redis");
-    let key = std::process::Command::new(binary("switchboard-auth").expect("auth binary"))
+    let key = switchboard_tests::instance::command("switchboard-auth")
+        .expect("auth binary")
         .arg("--generate-signing-key")
         .output()
         .expect("generate a key");

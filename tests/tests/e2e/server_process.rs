@@ -13,7 +13,7 @@ use switchboard_proto::messaging::v1::connect_response::Frame as Out;
 use switchboard_proto::presence::v1::presence_service_client::PresenceServiceClient;
 use switchboard_tests::auth::{authed, register_and_login};
 use switchboard_tests::instance::{
-    ChildService, assert_bad_config_exits_64, assert_help_lists, binary, channel,
+    ChildService, assert_bad_config_exits_64, assert_help_lists, channel,
 };
 use switchboard_tests::messaging::Connection;
 use tonic::Code;
@@ -142,7 +142,8 @@ fn a_service_token_is_made_for_the_desk_when_unset() {
 fn a_busy_port_stops_it_before_anything_is_served_and_names_the_port() {
     let taken = TcpListener::bind(ANY_PORT).expect("bind");
     let busy = taken.local_addr().expect("addr");
-    let child = Command::new(binary("switchboard-server").expect("binary"))
+    let child = switchboard_tests::instance::command("switchboard-server")
+        .expect("binary")
         .env("AUTH_ADDR", ANY_PORT)
         .env("PRESENCE_ADDR", busy.to_string())
         .env("MESSAGING_ADDR", ANY_PORT)
@@ -211,6 +212,7 @@ fn help_and_bad_configuration() {
 fn run_script() -> Command {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let mut cmd = Command::new("bash");
+    switchboard_tests::instance::isolate(&mut cmd);
     cmd.arg(format!("{root}/deploy/local/run.sh"))
         .current_dir(root)
         .env_remove("REDIS_URL")
@@ -431,7 +433,7 @@ fn the_walk_through_make_run_prints_works_line_by_line() {
             }
             script.push(line);
         }
-        let out = Command::new("bash")
+        let out = switchboard_tests::instance::isolate(&mut Command::new("bash"))
             .args(["-e", "-o", "pipefail", "-c", &script.join("\n")])
             .current_dir(dirs.path())
             .output()
