@@ -433,6 +433,19 @@ impl ChildService {
         self.output().lines().find_map(|l| logged_field(l, field))
     }
 
+    /// Everything it printed, once it contains `needle` or `limit` has passed (its pipes
+    /// are read on threads, so the last lines can come just after the process exits).
+    pub fn output_with(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let out = self.output();
+            if out.contains(needle) || Instant::now() > deadline {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Everything it printed so far.
     pub fn output(&self) -> String {
         self.output.lock().map(|o| o.clone()).unwrap_or_default()

@@ -101,7 +101,7 @@ async fn serve<S: AuthStore>(
 
     // A first-admin conflict stops the service: serving on would leave no admin, or worse.
     let (fatal_tx, fatal) = tokio::sync::oneshot::channel();
-    tokio::spawn(maintain(
+    switchboard_common::shutdown::spawn(maintain(
         auth.clone(),
         config.admin.clone(),
         shutdown.clone(),

@@ -273,7 +273,7 @@ impl RedisBus {
         // Commands are subscribe/unsubscribe requests; a full queue makes `subscribe`
         // wait (bounded by its timeout), never grow memory.
         let (commands, rx) = mpsc::channel(1024);
-        tokio::spawn(run_pubsub(client, registry.clone(), rx, shutdown));
+        crate::shutdown::spawn(run_pubsub(client, registry.clone(), rx, shutdown));
         Self {
             registry,
             commands,

@@ -218,7 +218,7 @@ pub async fn follow(
     shutdown: CancellationToken,
 ) {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
+    crate::shutdown::spawn(async move {
         let mut ready = Some(ready_tx);
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {

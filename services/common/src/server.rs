@@ -577,6 +577,7 @@ where
         Err(e) => tracing::warn!(error = %e, "listening on an unknown address"),
     }
     let result = run(listener, crate::shutdown::on_signal()).await;
+    background_tasks(config.shutdown_grace).await;
     telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -584,6 +585,18 @@ where
             eprintln!("{service} failed: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Longest the background tasks get after the server has stopped.
+pub const BACKGROUND_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// At exit: waits for the process's background tasks (at most `grace`, and at most
+/// [`BACKGROUND_GRACE`]) and says how that went.
+pub async fn background_tasks(grace: std::time::Duration) {
+    match crate::shutdown::finish(grace.min(BACKGROUND_GRACE)).await {
+        0 => tracing::info!("background tasks done"),
+        left => tracing::warn!(left, "background tasks still running at exit"),
     }
 }
 

@@ -393,7 +393,7 @@ impl<S: MessagingStore> Hub<S> {
             return Ok(feed);
         }
         let feed = Arc::new_cyclic(|weak: &Weak<Feed>| {
-            let task = tokio::spawn(run_feed(
+            let task = switchboard_common::shutdown::spawn(run_feed(
                 weak.clone(),
                 subscription,
                 self.store.clone(),

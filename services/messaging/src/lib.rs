@@ -112,7 +112,7 @@ async fn serve<S: DeskStore>(
     ));
     // Routing needs presence, which needs the token: without it there is nothing to run.
     if config.service_token.is_some() {
-        tokio::spawn(
+        switchboard_common::shutdown::spawn(
             desk.clone()
                 .dispatch(config.queue_recheck, shutdown.clone()),
         );

@@ -146,7 +146,7 @@ pub fn open<S: DeskStore>(
     } = ends;
     let (end_tx, end_rx) = oneshot::channel();
     let setup = SpanLink::to_current();
-    tokio::spawn(async move {
+    switchboard_common::shutdown::spawn(async move {
         // The user's place among their streams, held for the life of this one.
         let _slot = slot;
         let user_gate = outlet.gate(0, true);

@@ -200,7 +200,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
             .map_err(Error::from)?;
         let held =
             switchboard_common::metrics::Held::new(switchboard_common::metrics::PRESENCE_SESSIONS);
-        tokio::spawn(async move {
+        switchboard_common::shutdown::spawn(async move {
             let (_held, _slot) = (held, slot);
             let frame = |f: pb::connect_response::Frame| Ok(pb::ConnectResponse { frame: Some(f) });
             let connected = pb::Connected {
@@ -368,7 +368,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
             .collect();
         let (out, rx) = mpsc::channel::<std::result::Result<pb::WatchResponse, Status>>(64);
         let (store, shutdown) = (self.store.clone(), self.shutdown.clone());
-        tokio::spawn(async move {
+        switchboard_common::shutdown::spawn(async move {
             let _slot = slot;
             let first = pb::WatchResponse {
                 event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {

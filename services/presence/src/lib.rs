@@ -66,7 +66,7 @@ async fn serve<S: PresenceStore>(
     backend: Backend,
 ) -> anyhow::Result<()> {
     let verifier = backend.remote_verifier(&config.auth_url, &shutdown).await?;
-    tokio::spawn(sweep(
+    switchboard_common::shutdown::spawn(sweep(
         store.clone(),
         config.sweep_interval,
         shutdown.clone(),

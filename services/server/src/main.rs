@@ -143,6 +143,7 @@ async fn main() -> ExitCode {
         }
     }
 
+    let configs_grace = configs.auth.server.shutdown_grace;
     let shutdown = switchboard_common::shutdown::on_signal();
     let backend = match Backend::start(&engine, &shutdown) {
         Ok(b) => b,
@@ -203,6 +204,7 @@ async fn main() -> ExitCode {
         }
         shutdown.cancel();
     }
+    switchboard_common::server::background_tasks(configs_grace).await;
     telemetry.shutdown();
     if failed {
         ExitCode::FAILURE

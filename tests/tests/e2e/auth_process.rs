@@ -63,6 +63,9 @@ async fn sigterm_drains_and_exits_zero() {
         "exit status {status}; output:\n{}",
         child.output()
     );
+    // The key-publishing task and the revocation follower were waited for.
+    let output = child.output_with("background tasks done", Duration::from_secs(5));
+    assert!(output.contains("background tasks done"), "{output}");
 }
 
 #[test]

@@ -99,7 +99,8 @@ async fn sigterm_ends_open_streams_with_unavailable_and_exits_zero() {
 
     let waiter = std::thread::spawn(move || {
         let status = messaging.terminate(Duration::from_secs(15));
-        (status.map(|s| s.success()), messaging.output())
+        let output = messaging.output_with("background tasks done", Duration::from_secs(5));
+        (status.map(|s| s.success()), output)
     });
     let ended = conn
         .next(Duration::from_secs(10))
@@ -117,4 +118,6 @@ async fn sigterm_ends_open_streams_with_unavailable_and_exits_zero() {
         "{output}"
     );
     assert!(!output.contains("cannot watch agents"), "{output}");
+    // Every background task (pub/sub, revocations, the stream's session) ended in time.
+    assert!(output.contains("background tasks done"), "{output}");
 }
