@@ -332,8 +332,25 @@ impl<S: DeskStore> Desk<S> {
             resolution: String::new(),
             transfer_note: String::new(),
         };
+        // Opened with its first message or not at all: the send limit is checked before
+        // anything is stored, and a first message that cannot be stored closes the
+        // consultation again (it never waits in the queue without one).
+        self.messaging.admit(caller)?;
         self.store().open(&conversation, &consultation).await?;
-        self.messaging.send(caller, draft).await?;
+        if let Err(e) = self.messaging.send_admitted(caller, draft).await {
+            let undo = self
+                .store()
+                .close(
+                    &id,
+                    "not opened: its first message could not be stored",
+                    now_ms(),
+                )
+                .await;
+            if let Err(u) = undo {
+                tracing::warn!(error = %u, consultation_id = %id, "cannot close a consultation whose first message failed");
+            }
+            return Err(e);
+        }
         metrics::counter!(m::CONSULTATIONS_QUEUED).increment(1);
         self.messaging
             .announce(

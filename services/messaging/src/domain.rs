@@ -455,6 +455,34 @@ impl<S: DeskStore> Messaging<S> {
             .unwrap_or_else(|| Err(Error::Internal("a send had no result".into())))
     }
 
+    /// Takes one send from the caller's rate limit now, for a send that follows a step
+    /// that must not happen unless the send may ([`send_admitted`](Self::send_admitted)).
+    pub fn admit(&self, caller: &Caller) -> Result<()> {
+        self.sends
+            .take(&caller.user_id)
+            .map_err(|wait| Error::RateLimited {
+                message: "sending too fast; slow down".into(),
+                retry_after: wait,
+            })
+    }
+
+    /// [`send`](Self::send) of a draft already [`admit`](Self::admit)ted.
+    pub async fn send_admitted(
+        &self,
+        caller: &Caller,
+        draft: Draft,
+    ) -> Result<(pb::Message, bool)> {
+        let (prepared, outgoing) = self.prepared(caller, draft);
+        let stored = self
+            .store
+            .send_batch(std::slice::from_ref(&outgoing))
+            .instrument(prepared.span.clone())
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(Error::Internal("the store skipped a send".into())))?;
+        prepared.finish(stored)
+    }
+
     /// [`send`](Self::send) for several drafts of one caller, stored in the order given (in
     /// one round trip where the store can); one result per draft, in order. Each draft is
     /// rate-limited and refused on its own.
@@ -516,12 +544,12 @@ impl<S: DeskStore> Messaging<S> {
 
     /// A draft made ready for the store, or refused by the rate limit.
     fn prepare(&self, caller: &Caller, draft: Draft) -> Result<(Prepared, Outgoing)> {
-        if let Err(wait) = self.sends.take(&caller.user_id) {
-            return Err(Error::RateLimited {
-                message: "sending too fast; slow down".into(),
-                retry_after: wait,
-            });
-        }
+        self.admit(caller)?;
+        Ok(self.prepared(caller, draft))
+    }
+
+    /// A draft made ready for the store (the rate limit already passed).
+    fn prepared(&self, caller: &Caller, draft: Draft) -> (Prepared, Outgoing) {
         let sent_at_ms = now_ms();
         let message = pb::Message {
             id: uuid::Uuid::now_v7().to_string(),
@@ -557,14 +585,14 @@ impl<S: DeskStore> Messaging<S> {
             message_id: message.id.clone(),
             sent_at_ms,
         };
-        Ok((
+        (
             Prepared {
                 message,
                 conversation_id: draft.conversation_id,
                 span,
             },
             outgoing,
-        ))
+        )
     }
 
     /// History by seq, ascending.

@@ -673,3 +673,52 @@ async fn waiting_customers_hear_their_place_in_the_queue_as_it_moves() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_consultation_opens_with_its_first_message_or_not_at_all() {
+    let desk = Desk::start().await;
+    // An instance with a send burst of one: a customer's second open exceeds it.
+    let strict = spawn_messaging(
+        Some(&desk._redis),
+        desk.auth.addr,
+        MessagingOptions {
+            presence: Some(desk.presence[0].addr),
+            send_rate: 0.001,
+            send_burst: 1.0,
+            ..MessagingOptions::default()
+        },
+    )
+    .await
+    .expect("strict messaging");
+    let dora = desk.person("dora", auth_pb::Role::Customer).await;
+    let first = open(SupportServiceClient::new(strict.channel()), &dora, "first")
+        .await
+        .expect("first open");
+    let refused = open(SupportServiceClient::new(strict.channel()), &dora, "second")
+        .await
+        .expect_err("over the send limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // Nothing of the refused one was stored: one consultation, and one in the queue.
+    let listed = MessagingServiceClient::new(strict.channel())
+        .list_conversations(authed(pb::ListConversationsRequest::default(), &dora.token))
+        .await
+        .expect("list")
+        .into_inner()
+        .conversations;
+    assert_eq!(
+        listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        [first.consultation.expect("consultation").id.as_str()]
+    );
+    let queue = desk
+        .support(0)
+        .list_queue(authed(pb::ListQueueRequest { limit: 0 }, &desk.admin.token))
+        .await
+        .expect("queue")
+        .into_inner()
+        .consultations;
+    assert_eq!(
+        queue.iter().filter(|c| c.customer_id == dora.id).count(),
+        1,
+        "{queue:?}"
+    );
+}
