@@ -1,4 +1,5 @@
-//! The gRPC adapter and the two streams: a device session (`Connect`) and `Watch`.
+//! The gRPC adapter and the two streams: a device session (`Connect`, whose lifecycle
+//! rules are [`crate::session`]'s) and `Watch`.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -19,7 +20,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Error, Result};
-use crate::model::{Change, MAX_CUSTOM_TEXT, MAX_DEVICE, Session, State};
+use crate::model::{Change, State};
+use crate::session::{DeviceSession, Ending};
 use crate::store::{PresenceStore, role_channel, user_channel};
 
 /// Most ids per Get or Watch.
@@ -36,15 +38,25 @@ pub struct PresenceGrpc<S> {
     per_user: Arc<PerUser>,
 }
 
-/// Why a device stream ended, which decides what happens to its session.
+/// Why a device stream ended ([`Ending`], which decides the session's fate), and the
+/// status the client gets, if any.
 enum End {
-    /// The client closed its side: offline at once.
+    /// The client closed its side.
     Closed,
-    /// The stream broke (client gone, network, shutdown): the session lingers for the
-    /// reconnect grace, then expires, unless the device is back by then.
+    /// The stream broke (client gone, network, shutdown).
     Broken(Option<Status>),
-    /// Refused or revoked: offline at once, with this status.
+    /// Refused or revoked.
     Refused(Status),
+}
+
+impl End {
+    fn split(self) -> (Ending, Option<Status>) {
+        match self {
+            End::Closed => (Ending::Goodbye, None),
+            End::Broken(status) => (Ending::Lost, status),
+            End::Refused(status) => (Ending::Refused, Some(status)),
+        }
+    }
 }
 
 impl<S> PresenceGrpc<S> {
@@ -130,34 +142,6 @@ fn valid_role(role: i32) -> Result<i32> {
     }
 }
 
-/// Applies a SetState frame to `session`.
-fn apply(session: &mut Session, set: pb::SetState) -> Result<()> {
-    let state = State::from_proto(set.state).ok_or_else(|| {
-        Error::invalid(
-            "state",
-            format!("state must be AVAILABLE, AWAY or BUSY, got {}", set.state),
-        )
-    })?;
-    if set.custom_text.chars().count() > MAX_CUSTOM_TEXT {
-        return Err(Error::invalid(
-            "custom_text",
-            format!("custom_text must be at most {MAX_CUSTOM_TEXT} characters"),
-        ));
-    }
-    if set.device_name.chars().count() > MAX_DEVICE {
-        return Err(Error::invalid(
-            "device_name",
-            format!("device_name must be at most {MAX_DEVICE} characters"),
-        ));
-    }
-    session.state = state.to_proto();
-    session.custom_text = set.custom_text;
-    if !set.device_name.is_empty() {
-        session.device = set.device_name;
-    }
-    Ok(())
-}
-
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -182,31 +166,17 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         let shutdown = self.shutdown.clone();
         let revocations = self.revocations.clone();
         let mut revoked = revocations.watch();
-        let mut session = Session {
-            session_id: uuid::Uuid::now_v7().to_string(),
-            state: State::Available.to_proto(),
-            role: c.role.to_proto(),
-            started_at_ms: now_ms(),
-            ..Default::default()
-        };
-        let presence = store
-            .put_session(
-                &c.user_id,
-                &session,
-                now_ms() + ttl.as_millis() as u64,
-                now_ms(),
-            )
-            .await
-            .map_err(Error::from)?;
+        let (mut session, presence) =
+            DeviceSession::open(store, &c.user_id, c.role.to_proto(), ttl, grace, now_ms()).await?;
         let held =
             switchboard_common::metrics::Held::new(switchboard_common::metrics::PRESENCE_SESSIONS);
         switchboard_common::shutdown::spawn(async move {
             let (_held, _slot) = (held, slot);
             let frame = |f: pb::connect_response::Frame| Ok(pb::ConnectResponse { frame: Some(f) });
             let connected = pb::Connected {
-                session_id: session.session_id.clone(),
-                heartbeat_interval_seconds: (ttl.as_secs() / 3).max(1) as u32,
-                ttl_seconds: ttl.as_secs() as u32,
+                session_id: session.id().to_owned(),
+                heartbeat_interval_seconds: (session.ttl().as_secs() / 3).max(1) as u32,
+                ttl_seconds: session.ttl().as_secs() as u32,
             };
             let _ = out
                 .send(frame(pb::connect_response::Frame::Connected(connected)))
@@ -216,7 +186,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                 .await;
             // While the stream is open this instance keeps the session alive; if it crashes,
             // the session expires after the TTL and any instance's sweep removes it.
-            let mut refresh = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
+            let mut refresh = tokio::time::interval(session.refresh_every());
             refresh.tick().await;
             let end = loop {
                 tokio::select! {
@@ -232,24 +202,20 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                     }
                     _ = out.closed() => break End::Broken(None),
                     _ = refresh.tick() => {
-                        let key = [(c.user_id.clone(), session.session_id.clone())];
-                        if let Err(e) = store.touch(&key, now_ms() + ttl.as_millis() as u64).await {
+                        if let Err(e) = session.refresh(now_ms()).await {
                             tracing::warn!(error = %e, "cannot refresh a presence session");
                         }
                     }
                     msg = inbound.message() => match msg {
                         Ok(Some(pb::ConnectRequest { frame: Some(pb::connect_request::Frame::SetState(set)) })) => {
-                            if let Err(e) = apply(&mut session, set) {
-                                break End::Refused(e.into());
-                            }
-                            match store.put_session(&c.user_id, &session, now_ms() + ttl.as_millis() as u64, now_ms()).await {
+                            match session.set(set, now_ms()).await {
                                 Ok(p) => { let _ = out.send(frame(pb::connect_response::Frame::Presence(p))).await; }
-                                Err(e) => break End::Broken(Some(Error::from(e).into())),
+                                Err(e @ Error::InvalidArgument(_)) => break End::Refused(e.into()),
+                                Err(e) => break End::Broken(Some(e.into())),
                             }
                         }
                         Ok(Some(pb::ConnectRequest { frame: Some(pb::connect_request::Frame::Heartbeat(_)) })) => {
-                            let key = [(c.user_id.clone(), session.session_id.clone())];
-                            let _ = store.touch(&key, now_ms() + ttl.as_millis() as u64).await;
+                            let _ = session.refresh(now_ms()).await;
                             let _ = out.send(frame(pb::connect_response::Frame::HeartbeatAck(pb::HeartbeatAck {}))).await;
                         }
                         Ok(Some(pb::ConnectRequest { frame: None })) => {
@@ -268,30 +234,9 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                     },
                 }
             };
-            let key = [(c.user_id.clone(), session.session_id.clone())];
-            let (outcome, status) = match end {
-                // Flap damping: the session stays until the grace ends (the sweep removes
-                // it then); a device back by then never looked offline to watchers.
-                End::Broken(status) if !grace.is_zero() => (
-                    store.touch(&key, now_ms() + grace.as_millis() as u64).await,
-                    status,
-                ),
-                other => {
-                    let status = match other {
-                        End::Closed => None,
-                        End::Broken(s) => s,
-                        End::Refused(s) => Some(s),
-                    };
-                    (
-                        store
-                            .drop_session(&c.user_id, &session.session_id, now_ms())
-                            .await
-                            .map(|_| ()),
-                        status,
-                    )
-                }
-            };
-            if let Err(e) = outcome {
+            // The session's fate (dropped, or lingering for the grace) is session.rs's rule.
+            let (ending, status) = end.split();
+            if let Err(e) = session.end(ending, now_ms()).await {
                 tracing::warn!(error = %e, "cannot end a presence session; it will expire");
             }
             if let Some(status) = status {
@@ -488,22 +433,5 @@ mod tests {
             }
         }
 
-        /// Any SetState frame: applied or INVALID_ARGUMENT naming the field.
-        #[test]
-        fn set_state_frames_apply_or_name_the_field(
-            state in -3i32..8,
-            text in ".{0,200}",
-            device in ".{0,100}",
-        ) {
-            let mut session = Session::default();
-            let set = pb::SetState { state, custom_text: text, device_name: device };
-            match apply(&mut session, set) {
-                Ok(()) => proptest::prop_assert!(State::from_proto(session.state).is_some()),
-                Err(Error::InvalidArgument(Invalid { field, .. })) => proptest::prop_assert!(
-                    ["state", "custom_text", "device_name"].contains(&field.as_str())
-                ),
-                Err(e) => proptest::prop_assert!(false, "{e:?}"),
-            }
-        }
     }
 }

@@ -5,12 +5,15 @@
 //! session's expiry fresh, so sessions of a crashed instance expire after the TTL and are
 //! removed by a sweep that every instance runs ([`store::PresenceStore::sweep`], safe when
 //! several run at once). Each change is published on the user's channel with a version,
-//! so `Watch` on any instance sees changes made anywhere, in order.
+//! so `Watch` on any instance sees changes made anywhere, in order. A device session's
+//! rules (online, damped for the reconnect grace when its stream breaks, offline) are in
+//! [`session`], plain Rust over the store, tested without processes.
 
 pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod model;
+pub mod session;
 pub mod store;
 
 use std::sync::Arc;
