@@ -142,6 +142,35 @@ impl<S: DeskStore> Messaging<S> {
         &self.store
     }
 
+    /// Ids of the conversations `caller` is a member of (what a stream subscribed to all
+    /// of them follows).
+    pub async fn conversation_ids(&self, caller: &Caller) -> Result<Vec<String>> {
+        self.store.user_conversations(&caller.user_id).await
+    }
+
+    /// `caller`'s read position in a conversation (0 if none or unreadable).
+    pub async fn read_position(&self, caller: &Caller, conversation_id: &str) -> u64 {
+        self.store
+            .read_positions(conversation_id)
+            .await
+            .ok()
+            .and_then(|r| r.get(&caller.user_id).copied())
+            .unwrap_or(0)
+    }
+
+    /// Up to `limit` stored messages after `after`, for a stream replaying history to a
+    /// member it has already admitted (see [`authorize`](Self::authorize)).
+    pub async fn replay(
+        &self,
+        conversation_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<crate::store::History> {
+        self.store
+            .history(conversation_id, Range::After(after), limit)
+            .await
+    }
+
     /// The conversation if it exists and `caller` is a member.
     pub async fn authorize(
         &self,

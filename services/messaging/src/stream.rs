@@ -40,7 +40,7 @@ use crate::error::Error;
 use crate::fanout::{Gate, Hub, Joined, Kind, Outlet, OutletEnds, Routed, Shared};
 use crate::gapless::Next;
 use crate::message::Draft;
-use crate::store::{DeskStore, Range, conversation_channel, user_channel};
+use crate::store::{DeskStore, conversation_channel, user_channel};
 use switchboard_proto::encoded::EncodedConnectResponse;
 
 /// Page size of history replay.
@@ -441,12 +441,7 @@ impl<S: DeskStore> Session<S> {
             Some(In::Ping(p)) => self.emit(Out::Pong(pb::Pong { nonce: p.nonce })).await,
             Some(In::Subscribe(s)) => {
                 if s.all_conversations {
-                    let ids = match ctx
-                        .messaging
-                        .store()
-                        .user_conversations(&self.caller.user_id)
-                        .await
-                    {
+                    let ids = match ctx.messaging.conversation_ids(&self.caller).await {
                         Ok(ids) => ids,
                         Err(e) => return self.refuse(&e, "").await,
                     };
@@ -509,12 +504,8 @@ impl<S: DeskStore> Session<S> {
     async fn read_position(&self, conversation_id: &str) -> u64 {
         self.ctx
             .messaging
-            .store()
-            .read_positions(conversation_id)
+            .read_position(&self.caller, conversation_id)
             .await
-            .ok()
-            .and_then(|r| r.get(&self.caller.user_id).copied())
-            .unwrap_or(0)
     }
 
     async fn subscribe(
@@ -550,8 +541,7 @@ impl<S: DeskStore> Session<S> {
         };
         let first = match ctx
             .messaging
-            .store()
-            .history(conversation_id, Range::After(since), REPLAY_PAGE)
+            .replay(conversation_id, since, REPLAY_PAGE)
             .await
         {
             Ok(page) => page,
@@ -599,8 +589,7 @@ impl<S: DeskStore> Session<S> {
             let after = gate.passed();
             page = match ctx
                 .messaging
-                .store()
-                .history(conversation_id, Range::After(after), REPLAY_PAGE)
+                .replay(conversation_id, after, REPLAY_PAGE)
                 .await
             {
                 Ok(p) => p.messages,
@@ -672,8 +661,7 @@ impl<S: DeskStore> Session<S> {
             let page = self
                 .ctx
                 .messaging
-                .store()
-                .history(conversation_id, Range::After(after), REPLAY_PAGE)
+                .replay(conversation_id, after, REPLAY_PAGE)
                 .await
                 .map_err(End::from)?
                 .messages;
