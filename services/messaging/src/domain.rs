@@ -18,25 +18,28 @@ use crate::store::{DeskStore, Outgoing, Range, Sent, conversation_channel, user_
 
 /// Largest page of history.
 pub const MAX_PAGE: usize = 200;
-/// Most conversations a list call scans (ordering by activity needs each one's newest message).
-pub const MAX_LISTED: usize = 1000;
-
-/// The offset a `page_token` of ListConversations stands for: empty for the first page,
-/// else a number this server issued, never beyond [`MAX_LISTED`].
-pub fn page_offset(page_token: &str) -> Result<usize> {
+/// Where a page of ListConversations starts: after the conversation with this
+/// (activity, id) in the listing's order; `None` for the first page. A token is
+/// `"<activity ms>:<conversation id>"`, as the previous page's `next_page_token` said.
+pub fn page_cursor(page_token: &str) -> Result<Option<(u64, String)>> {
     if page_token.is_empty() {
-        return Ok(0);
+        return Ok(None);
     }
-    match page_token.parse::<usize>() {
-        Ok(n) if n <= MAX_LISTED && page_token.len() <= 4 => Ok(n),
-        _ => Err(Error::invalid(
+    let refused = || {
+        Error::invalid(
             "page_token",
             format!(
                 "page_token {} is not one this server issued; pass next_page_token back unchanged",
                 quote(page_token)
             ),
-        )),
+        )
+    };
+    let (at, id) = page_token.split_once(':').ok_or_else(refused)?;
+    let at: u64 = at.parse().map_err(|_| refused())?;
+    if switchboard_common::id::check("page_token", id).is_err() {
+        return Err(refused());
     }
+    Ok(Some((at, id.to_owned())))
 }
 
 /// Send-rate limits.
@@ -305,31 +308,30 @@ impl<S: DeskStore> Messaging<S> {
                 ));
             }
         };
-        let offset = page_offset(page_token)?;
-        let mut ids = self.store.user_conversations(&caller.user_id).await?;
-        ids.truncate(MAX_LISTED);
-        let mut views = Vec::with_capacity(ids.len());
-        for id in &ids {
+        let after = page_cursor(page_token)?;
+        // Two round trips for the order whatever the count (the ids, then each one's
+        // activity); the views only for the page.
+        let ids = self.store.user_conversations(&caller.user_id).await?;
+        let activity = self.store.activity(&ids).await?;
+        let mut order: Vec<(u64, String)> = activity.into_iter().zip(ids).collect();
+        // Most recently active first; ties by id, so the order is total and a cursor exact.
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        let start = match &after {
+            None => 0,
+            Some(cursor) => order.partition_point(|entry| entry >= cursor),
+        };
+        let page: Vec<&(u64, String)> = order[start..].iter().take(size).collect();
+        let next = match page.last() {
+            Some((at, id)) if start + page.len() < order.len() => format!("{at}:{id}"),
+            _ => String::new(),
+        };
+        let mut views = Vec::with_capacity(page.len());
+        for (_, id) in page {
             if let Some(record) = self.store.conversation(id).await? {
                 views.push(self.view(&record, &caller.user_id).await?);
             }
         }
-        let activity = |c: &pb::Conversation| {
-            c.last_message
-                .as_ref()
-                .and_then(|m| m.sent_at)
-                .or(c.created_at)
-                .map(|t| (t.seconds, t.nanos))
-                .unwrap_or_default()
-        };
-        views.sort_by_key(|c| std::cmp::Reverse(activity(c)));
-        // Both are at most MAX_LISTED (page_offset's bound), so the sum cannot overflow.
-        let next = if offset + size < views.len() {
-            (offset + size).to_string()
-        } else {
-            String::new()
-        };
-        Ok((views.into_iter().skip(offset).take(size).collect(), next))
+        Ok((views, next))
     }
 
     /// Owner adds members to a group; every one must be a user.
@@ -881,22 +883,119 @@ mod tests {
     use switchboard_common::status::Invalid;
 
     #[test]
-    fn page_tokens_are_bounded_offsets() {
-        assert_eq!(page_offset("").ok(), Some(0));
-        assert_eq!(page_offset("50").ok(), Some(50));
-        assert_eq!(page_offset("1000").ok(), Some(MAX_LISTED));
+    fn page_tokens_are_cursors_this_server_issued() {
+        let id = "0190d6a2-8c5e-7d3a-9f41-6b2e8a1c0d57";
+        assert_eq!(page_cursor("").ok(), Some(None));
+        assert_eq!(
+            page_cursor(&format!("1700000000000:{id}")).ok(),
+            Some(Some((1_700_000_000_000, id.to_owned())))
+        );
         for bad in [
-            "1001",
-            "18446744073709551600",
-            "-1",
-            "x",
-            "99999999999999999999999",
+            "1001".to_owned(),
+            "x:y".to_owned(),
+            format!("-1:{id}"),
+            format!("99999999999999999999999:{id}"),
+            "5:".to_owned(),
+            format!("5:{id}\n"),
         ] {
             assert!(
-                matches!(page_offset(bad), Err(Error::InvalidArgument(Invalid { ref field, .. })) if field == "page_token"),
-                "{bad}"
+                matches!(page_cursor(&bad), Err(Error::InvalidArgument(Invalid { ref field, .. })) if field == "page_token"),
+                "{bad:?}"
             );
         }
+    }
+
+    /// Every user exists: the directory of these tests.
+    struct Everyone;
+
+    impl UserDirectory for Everyone {
+        fn missing<'a>(
+            &'a self,
+            _: &'a [String],
+            _: &'a Credential,
+        ) -> futures::future::BoxFuture<'a, Result<Vec<String>>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn conversations_are_listed_by_last_activity_in_pages_with_nothing_lost_or_twice() {
+        use crate::store::MessagingStore;
+        use crate::store::memory::MemoryStore;
+        let store = Arc::new(MemoryStore::new(
+            switchboard_common::bus::MemoryBus::new(),
+            100,
+        ));
+        let m = Messaging::new(
+            store.clone(),
+            SendLimit {
+                per_second: 1000.0,
+                burst: 1000.0,
+            },
+            100,
+            Arc::new(Everyone),
+        );
+        let me = Caller {
+            user_id: "0190d6a2-0000-7000-8000-000000000001".into(),
+            role: switchboard_common::token::Role::Customer,
+            session_id: "s".into(),
+            expires_at: u64::MAX,
+        };
+        // Seven groups created at 1..7 s; two of them get a message (now, much later).
+        let mut ids = Vec::new();
+        for k in 1..=7u64 {
+            let id = format!("0190d6a2-0000-7000-8000-00000000010{k}");
+            store
+                .create(&ConversationRecord {
+                    id: id.clone(),
+                    kind: Kind::Group,
+                    title: format!("g{k}"),
+                    owner_id: me.user_id.clone(),
+                    created_at_ms: k * 1000,
+                    epoch: "e".into(),
+                    read_only: false,
+                    members: vec![Member {
+                        user_id: me.user_id.clone(),
+                        joined_at_ms: k * 1000,
+                    }],
+                })
+                .await
+                .expect("create");
+            ids.push(id);
+        }
+        for (n, k) in [(1, 2usize), (2, 5)] {
+            let draft = Draft::parse(
+                ids[k - 1].clone(),
+                format!("m{n}"),
+                "hi".into(),
+                Default::default(),
+            )
+            .expect("draft");
+            m.send(&me, draft).await.expect("send");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Newest activity first: g5 (sent last), g2, then by creation g7, g6, g4, g3, g1.
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        let mut pages = 0;
+        loop {
+            let (page, next) = m.list(&me, 3, &token).await.expect("page");
+            assert!(page.len() <= 3);
+            seen.extend(page.into_iter().map(|c| c.title));
+            pages += 1;
+            if next.is_empty() {
+                break;
+            }
+            assert!(pages < 10, "paging does not end");
+            token = next;
+        }
+        assert_eq!(seen, ["g5", "g2", "g7", "g6", "g4", "g3", "g1"]);
+        assert_eq!(pages, 3);
+        // A page size beyond the bound is refused, naming the field.
+        assert!(matches!(
+            m.list(&me, 101, "").await,
+            Err(Error::InvalidArgument(Invalid { ref field, .. })) if field == "page_size"
+        ));
     }
 
     #[test]
@@ -917,12 +1016,12 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Any page token: an offset within the listing bound or INVALID_ARGUMENT.
+        /// Any page token: a cursor or INVALID_ARGUMENT naming it; never a panic.
         #[test]
-        fn any_page_token_is_bounded(token in ".{0,30}", n in proptest::prelude::any::<u64>()) {
-            for t in [token, n.to_string()] {
-                match page_offset(&t) {
-                    Ok(offset) => proptest::prop_assert!(offset <= MAX_LISTED),
+        fn any_page_token_is_a_cursor_or_refused(token in ".{0,60}", n in proptest::prelude::any::<u64>()) {
+            for t in [token, n.to_string(), format!("{n}:x")] {
+                match page_cursor(&t) {
+                    Ok(_) => {}
                     Err(Error::InvalidArgument(Invalid { field, .. })) => proptest::prop_assert_eq!(field, "page_token"),
                     Err(e) => proptest::prop_assert!(false, "{e:?}"),
                 }

@@ -289,6 +289,31 @@ async fn contract(store: impl MessagingStore, bus: Arc<dyn Bus>, retention: usiz
         "history not bounded: {kept} kept"
     );
 
+    // Activity: the creation time, then each send's time; 0 for what does not exist.
+    store
+        .create(&group("act", &["a", "b"]))
+        .await
+        .expect("create act");
+    assert_eq!(
+        store
+            .activity(&["act".into(), "nope".into()])
+            .await
+            .expect("activity"),
+        [1000, 0]
+    );
+    store
+        .send(&outgoing("act", "a", "act1", "x"))
+        .await
+        .expect("send act");
+    assert_eq!(
+        store
+            .activity(&["nope".into(), "act".into(), "g1".into()])
+            .await
+            .expect("activity"),
+        [0, 5, 5]
+    );
+    assert!(store.activity(&[]).await.expect("none").is_empty());
+
     // Writing means having read up to there: the sender's position is its last message.
     assert_eq!(
         store

@@ -34,6 +34,8 @@ pub(super) struct Conversation {
     /// The members' ids, for checks in constant time (the record's list is ordered).
     members: HashSet<String>,
     last_seq: u64,
+    /// Unix ms of the newest message, or of the creation.
+    activity_ms: u64,
     log: BTreeMap<u64, Vec<u8>>,
     reads: HashMap<String, u64>,
     /// (sender, client_msg_id) → (seq, id, sent_at_ms, expires).
@@ -106,6 +108,7 @@ pub(super) fn insert(state: &mut State, record: &ConversationRecord) {
             record: record.clone(),
             members: record.members.iter().map(|m| m.user_id.clone()).collect(),
             last_seq: 0,
+            activity_ms: record.created_at_ms,
             log: BTreeMap::new(),
             reads: HashMap::new(),
             idempotency: HashMap::new(),
@@ -244,6 +247,7 @@ impl MessagingStore for MemoryStore {
             c.log.insert(seq, o.message.clone());
             // Writing means having read up to there.
             c.reads.insert(o.sender_id.clone(), seq);
+            c.activity_ms = o.sent_at_ms;
             while c.log.len() > retention {
                 c.log.pop_first();
             }
@@ -319,6 +323,14 @@ impl MessagingStore for MemoryStore {
         Ok(self.with(|s| {
             ids.iter()
                 .map(|id| s.conversations.get(id).map(|c| c.last_seq).unwrap_or(0))
+                .collect()
+        }))
+    }
+
+    async fn activity(&self, ids: &[String]) -> Result<Vec<u64>> {
+        Ok(self.with(|s| {
+            ids.iter()
+                .map(|id| s.conversations.get(id).map(|c| c.activity_ms).unwrap_or(0))
                 .collect()
         }))
     }

@@ -168,6 +168,10 @@ pub trait MessagingStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Membership>>> + Send;
     /// Newest seq of each conversation (0 if none or unknown), in the order asked.
     fn last_seqs(&self, ids: &[String]) -> impl Future<Output = Result<Vec<u64>>> + Send;
+    /// When each conversation was last active (its newest message was sent, or it was
+    /// created), Unix ms; 0 if unknown. In the order asked, in one round trip. Kept by
+    /// `create` and `send` at O(1) each.
+    fn activity(&self, ids: &[String]) -> impl Future<Output = Result<Vec<u64>>> + Send;
     /// Moves `user`'s read position up to `seq` (never down); the position after.
     fn mark_read(&self, id: &str, user: &str, seq: u64)
     -> impl Future<Output = Result<u64>> + Send;

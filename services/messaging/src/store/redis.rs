@@ -24,9 +24,10 @@ use crate::error::{Error, Result};
 /// Seconds an idempotency key is remembered.
 const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 
-/// The one atomic send step; the sender has read up to what they wrote. KEYS: meta,
-/// members, seq, log, idem, reads. ARGV: sender, message bytes, retention,
-/// "<id>|<sent at>", idem ttl, channel, envelope.
+/// The one atomic send step; the sender has read up to what they wrote, and the
+/// conversation was last active now. KEYS: meta, members, seq, log, idem, reads, activity.
+/// ARGV: sender, message bytes, retention, "<id>|<sent at>", idem ttl, channel, envelope,
+/// sent at (ms).
 const SEND: &str = r#"
 local dup = redis.call('GET', KEYS[5])
 if dup then return {'dup', dup} end
@@ -37,6 +38,7 @@ local seq = redis.call('INCR', KEYS[3])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', ARGV[2])
 redis.call('SET', KEYS[5], seq .. '|' .. ARGV[4], 'EX', ARGV[5])
 redis.call('HSET', KEYS[6], ARGV[1], seq)
+redis.call('SET', KEYS[7], ARGV[8])
 redis.call('PUBLISH', ARGV[6], '1M' .. seq .. '\n' .. ARGV[7])
 return {'ok', tostring(seq)}
 "#;
@@ -87,13 +89,15 @@ impl RedisStore {
                 &format!("idem:{}:{}", o.sender_id, o.client_msg_id),
             ))
             .key(key(id, "reads"))
+            .key(key(id, "activity"))
             .arg(&o.sender_id)
             .arg(o.message.as_slice())
             .arg(self.retention)
             .arg(format!("{}|{}", o.message_id, o.sent_at_ms))
             .arg(IDEMPOTENCY_TTL_SECS)
             .arg(conversation_channel(id))
-            .arg(o.envelope.as_slice());
+            .arg(o.envelope.as_slice())
+            .arg(o.sent_at_ms);
         invocation
     }
 }
@@ -204,6 +208,12 @@ pub(super) fn write_conversation(pipe: &mut redis::Pipeline, c: &ConversationRec
         .map(|m| (m.user_id.clone(), m.joined_at_ms))
         .collect();
     pipe.hset_multiple(key(&c.id, "members"), &members).ignore();
+    // Never moves an existing conversation's activity back (a record rewritten later).
+    pipe.cmd("SET")
+        .arg(key(&c.id, "activity"))
+        .arg(c.created_at_ms)
+        .arg("NX")
+        .ignore();
     for m in &c.members {
         pipe.zadd(user_index(&m.user_id), &c.id, m.joined_at_ms)
             .ignore();
@@ -461,6 +471,16 @@ impl MessagingStore for RedisStore {
         }
         let seqs: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
         Ok(seqs.into_iter().map(|s| s.unwrap_or(0)).collect())
+    }
+
+    async fn activity(&self, ids: &[String]) -> Result<Vec<u64>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = ids.iter().map(|id| key(id, "activity")).collect();
+        let at: Vec<Option<u64>> = redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        Ok(at.into_iter().map(|a| a.unwrap_or(0)).collect())
     }
 
     async fn mark_read(&self, id: &str, user: &str, seq: u64) -> Result<u64> {
