@@ -1,6 +1,7 @@
 //! The online customer-service desk: customers open consultations, routing hands each to
 //! the available agent with the fewest open consultations, agents accept, transfer and
-//! close them. Plain Rust over [`DeskStore`] and the presence service.
+//! close them. Plain Rust over [`DeskStore`] and an [`AgentDirectory`] (the presence
+//! service in production).
 //!
 //! Routing is driven by events, never by a tight poll: a new consultation routes at once;
 //! every instance watches its agents' presence (`Watch` by role over gRPC) and routes when
@@ -12,24 +13,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_common::config::Secret;
+use futures::StreamExt;
 use switchboard_common::metrics as m;
-use switchboard_common::rpc::Traced;
-use switchboard_common::server::SERVICE_TOKEN_HEADER;
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_common::status::Invalid;
 use switchboard_common::token::{Caller, Role};
-use switchboard_proto::auth::v1 as auth_pb;
 use switchboard_proto::messaging::v1 as pb;
-use switchboard_proto::presence::v1 as presence_pb;
-use switchboard_proto::presence::v1::presence_service_client::PresenceServiceClient;
 use tokio::sync::Notify;
-use tonic::transport::Channel;
 use tracing::Instrument;
 
+use crate::agents::AgentDirectory;
 use crate::conversation::{ConversationRecord, Kind, MAX_TITLE_CHARS, Member};
 use crate::domain::{Messaging, now_ms, timestamp};
-use crate::error::{Dependency, Error, Result};
+use crate::error::{Error, Result};
 use crate::message::Draft;
 use crate::store::DeskStore;
 use crate::store::desk::{ConsultationRecord, ConsultationState, Routed, Step};
@@ -44,101 +40,10 @@ const MAX_PER_PASS: usize = 1000;
 /// Customers told their new place when the queue moves: the first this many in line.
 pub const QUEUE_NOTICES: usize = 100;
 
-/// The presence service as the desk uses it, authenticated with the service token.
-#[derive(Clone)]
-pub struct Presence {
-    client: PresenceServiceClient<Traced<Channel>>,
-    token: Option<Secret>,
-}
-
-impl Presence {
-    /// A lazily connected client of the presence service at `url`; its calls are client
-    /// spans of the desk operation that made them.
-    pub fn new(url: &str, token: Option<Secret>) -> Result<Self> {
-        let channel = switchboard_common::rpc::lazy_channel(url, Some(Duration::from_secs(5)))
-            .map_err(|e| Error::Internal(format!("presence url {url}: {e}")))?;
-        Ok(Self {
-            client: PresenceServiceClient::new(Traced::new(
-                channel,
-                &["/switchboard.presence.v1.PresenceService/Watch"],
-            )),
-            token,
-        })
-    }
-
-    fn request<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        if let Some(value) = self.token.as_ref().and_then(|t| t.expose().parse().ok()) {
-            req.metadata_mut().insert(SERVICE_TOKEN_HEADER, value);
-        }
-        req
-    }
-
-    fn unavailable(status: tonic::Status) -> Error {
-        Error::Unavailable {
-            dependency: Dependency::Presence,
-            cause: format!("presence: {:?}: {}", status.code(), status.message()),
-        }
-    }
-
-    /// Agents that are online and AVAILABLE, by id.
-    pub async fn available_agents(&self) -> Result<Vec<String>> {
-        let reply = self
-            .client
-            .clone()
-            .list_online(self.request(presence_pb::ListOnlineRequest {
-                role: auth_pb::Role::Agent as i32,
-                state: presence_pb::PresenceState::Available as i32,
-            }))
-            .await
-            .map_err(Self::unavailable)?;
-        Ok(reply
-            .into_inner()
-            .users
-            .into_iter()
-            .map(|u| u.user_id)
-            .collect())
-    }
-
-    /// Whether `user` is an agent with a live session.
-    pub async fn is_online_agent(&self, user: &str) -> Result<bool> {
-        let reply = self
-            .client
-            .clone()
-            .get(self.request(presence_pb::GetRequest {
-                user_ids: vec![user.to_owned()],
-            }))
-            .await
-            .map_err(Self::unavailable)?;
-        Ok(reply.into_inner().presences.iter().any(|p| {
-            p.user_id == user
-                && p.role == auth_pb::Role::Agent as i32
-                && p.state != presence_pb::PresenceState::Offline as i32
-        }))
-    }
-
-    /// Every change of every agent, starting with a snapshot of the online ones.
-    async fn watch_agents(&self) -> Result<tonic::Streaming<presence_pb::WatchResponse>> {
-        // Watch is a stream: no overall deadline.
-        let mut req = self.request(presence_pb::WatchRequest {
-            user_ids: Vec::new(),
-            role: auth_pb::Role::Agent as i32,
-        });
-        req.set_timeout(Duration::from_secs(24 * 3600));
-        Ok(self
-            .client
-            .clone()
-            .watch(req)
-            .await
-            .map_err(Self::unavailable)?
-            .into_inner())
-    }
-}
-
 /// The desk's rules and routing.
 pub struct Desk<S> {
     messaging: Arc<Messaging<S>>,
-    presence: Presence,
+    agents: Arc<dyn AgentDirectory>,
     capacity: u32,
     wake: Notify,
     routing: tokio::sync::Mutex<()>,
@@ -231,10 +136,14 @@ pub fn consultation_view(
 impl<S: DeskStore> Desk<S> {
     /// The desk over `messaging`, routing with `presence`, at most `capacity` consultations
     /// per agent (0: no limit).
-    pub fn new(messaging: Arc<Messaging<S>>, presence: Presence, capacity: u32) -> Self {
+    pub fn new(
+        messaging: Arc<Messaging<S>>,
+        agents: Arc<dyn AgentDirectory>,
+        capacity: u32,
+    ) -> Self {
         Self {
             messaging,
-            presence,
+            agents,
             capacity,
             wake: Notify::new(),
             routing: tokio::sync::Mutex::new(()),
@@ -455,7 +364,7 @@ impl<S: DeskStore> Desk<S> {
                 format!("consultation '{id}' is already assigned to '{to}'"),
             ));
         }
-        if !self.presence.is_online_agent(to).await? {
+        if !self.agents.is_online(to).await? {
             return Err(Error::FailedPrecondition(format!(
                 "'{to}' is not an online agent; transfer to an agent who is online"
             )));
@@ -572,7 +481,7 @@ impl<S: DeskStore> Desk<S> {
                     if self.store().queue(1).await?.is_empty() {
                         break;
                     }
-                    candidates.insert(self.presence.available_agents().await?)
+                    candidates.insert(self.agents.available().await?)
                 }
             };
             if agents.is_empty() {
@@ -626,7 +535,7 @@ impl<S: DeskStore> Desk<S> {
         loop {
             let watch = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                w = self.presence.watch_agents() => w,
+                w = self.agents.watch() => w,
             };
             match watch {
                 Ok(mut watch) => loop {
@@ -634,21 +543,12 @@ impl<S: DeskStore> Desk<S> {
                         _ = shutdown.cancelled() => return,
                         _ = self.wake.notified() => self.route_logged("room freed").await,
                         _ = pass.tick() => self.route_logged("safety pass").await,
-                        m = watch.message() => match m {
-                            Ok(Some(presence_pb::WatchResponse { event: Some(e) })) => {
+                        m = watch.next() => match m {
+                            Some(()) => {
                                 retry = Duration::from_millis(200);
-                                let available = match e {
-                                    presence_pb::watch_response::Event::Snapshot(_) => true,
-                                    presence_pb::watch_response::Event::Change(p) => {
-                                        p.state == presence_pb::PresenceState::Available as i32
-                                    }
-                                };
-                                if available {
-                                    self.route_logged("agent available").await;
-                                }
+                                self.route_logged("agent available").await;
                             }
-                            Ok(Some(_)) => {}
-                            Ok(None) | Err(_) => {
+                            None => {
                                 tracing::warn!("the watch of agents' presence ended; watching again");
                                 break;
                             }
@@ -664,5 +564,234 @@ impl<S: DeskStore> Desk<S> {
             }
             retry = (retry * 2).min(Duration::from_secs(10));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::Mutex;
+
+    use futures::future::BoxFuture;
+    use futures::stream::BoxStream;
+
+    use super::*;
+    use crate::domain::SendLimit;
+    use crate::store::memory::MemoryStore;
+
+    /// Agents as a test sets them; `watch` wakes on every change.
+    struct FixedAgents {
+        available: Mutex<Vec<String>>,
+        online: Mutex<HashSet<String>>,
+        wakes: tokio::sync::broadcast::Sender<()>,
+    }
+
+    impl FixedAgents {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                available: Mutex::new(Vec::new()),
+                online: Mutex::new(HashSet::new()),
+                wakes: tokio::sync::broadcast::channel(16).0,
+            })
+        }
+
+        /// `available` are online and AVAILABLE; `busy` only online.
+        fn set(&self, available: &[&str], busy: &[&str]) {
+            let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            *self.available.lock().expect("lock") = own(available);
+            *self.online.lock().expect("lock") =
+                own(available).into_iter().chain(own(busy)).collect();
+            let _ = self.wakes.send(());
+        }
+    }
+
+    impl AgentDirectory for FixedAgents {
+        fn available(&self) -> BoxFuture<'_, Result<Vec<String>>> {
+            let now = self.available.lock().expect("lock").clone();
+            Box::pin(async move { Ok(now) })
+        }
+
+        fn is_online<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<bool>> {
+            let on = self.online.lock().expect("lock").contains(user);
+            Box::pin(async move { Ok(on) })
+        }
+
+        fn watch(&self) -> BoxFuture<'_, Result<BoxStream<'static, ()>>> {
+            let changes = tokio_stream::wrappers::BroadcastStream::new(self.wakes.subscribe())
+                .filter_map(|r| futures::future::ready(r.ok()));
+            Box::pin(async move { Ok(futures::stream::once(async {}).chain(changes).boxed()) })
+        }
+    }
+
+    const A1: &str = "0190d6a2-0000-7000-8000-0000000000a1";
+    const A2: &str = "0190d6a2-0000-7000-8000-0000000000a2";
+    const A3: &str = "0190d6a2-0000-7000-8000-0000000000a3";
+
+    fn person(id: &str, role: Role) -> Caller {
+        Caller {
+            user_id: id.into(),
+            role,
+            session_id: format!("s-{id}"),
+            expires_at: u64::MAX,
+        }
+    }
+
+    fn desk(capacity: u32, burst: f64) -> (Arc<Desk<MemoryStore>>, Arc<FixedAgents>) {
+        let store = Arc::new(MemoryStore::new(
+            switchboard_common::bus::MemoryBus::new(),
+            100,
+        ));
+        let messaging = Arc::new(Messaging::new(
+            store,
+            SendLimit {
+                per_second: 0.001,
+                burst,
+            },
+            100,
+            Arc::new(crate::directory::testing::Everyone),
+        ));
+        let agents = FixedAgents::new();
+        (
+            Arc::new(Desk::new(messaging, agents.clone(), capacity)),
+            agents,
+        )
+    }
+
+    async fn agent_of(desk: &Desk<MemoryStore>, id: &str) -> String {
+        desk.record(id).await.expect("record").agent_id
+    }
+
+    #[tokio::test]
+    async fn routing_balances_available_agents_within_their_capacity() {
+        let (desk, agents) = desk(2, 10.0);
+        agents.set(&[A1, A2], &[A3]);
+        let mut ids = Vec::new();
+        for k in 0..5 {
+            let customer = person(&format!("c{k}"), Role::Customer);
+            let (c, _) = desk
+                .open(&customer, "help", "hi".into())
+                .await
+                .expect("open");
+            ids.push(c.id);
+        }
+        let mut load: HashMap<String, usize> = HashMap::new();
+        for id in &ids[..4] {
+            *load.entry(agent_of(&desk, id).await).or_default() += 1;
+        }
+        // a3 is online but not AVAILABLE: nothing for it; a1 and a2 two each.
+        assert_eq!(load.get(A1), Some(&2));
+        assert_eq!(load.get(A2), Some(&2));
+        assert_eq!(agent_of(&desk, &ids[4]).await, "", "over capacity: waits");
+        let waiting = desk
+            .queue(&person(A1, Role::Agent), 0)
+            .await
+            .expect("queue");
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].queue_position, 1);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_consultation_goes_to_the_first_agent_who_becomes_available() {
+        let (desk, agents) = desk(5, 10.0);
+        let (c, _) = desk
+            .open(&person("c1", Role::Customer), "late", "anyone?".into())
+            .await
+            .expect("open");
+        assert_eq!(agent_of(&desk, &c.id).await, "");
+        let shutdown = CancellationToken::new();
+        let dispatching = tokio::spawn(
+            desk.clone()
+                .dispatch(Duration::from_secs(3600), shutdown.clone()),
+        );
+        agents.set(&[A1], &[]);
+        let assigned = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if agent_of(&desk, &c.id).await == A1 {
+                    return;
+                }
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(assigned.is_ok(), "not routed when the agent came");
+        shutdown.cancel();
+        dispatching.await.expect("dispatch ends at shutdown");
+    }
+
+    #[tokio::test]
+    async fn the_rules_refuse_what_a_role_or_a_state_does_not_allow() {
+        let (desk, agents) = desk(5, 10.0);
+        agents.set(&[A1], &[A2]);
+        let (customer, a1, a2, a3) = (
+            person("c1", Role::Customer),
+            person(A1, Role::Agent),
+            person(A2, Role::Agent),
+            person(A3, Role::Agent),
+        );
+        assert!(matches!(
+            desk.open(&a1, "t", "x".into()).await,
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            desk.open(&customer, "", "x".into()).await,
+            Err(Error::InvalidArgument(_))
+        ));
+        let (c, _) = desk.open(&customer, "t", "x".into()).await.expect("open");
+        assert_eq!(agent_of(&desk, &c.id).await, A1);
+        assert!(matches!(
+            desk.accept(&customer, &c.id).await,
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(
+            matches!(
+                desk.accept(&a2, &c.id).await,
+                Err(Error::FailedPrecondition(_))
+            ),
+            "only queued ones can be accepted"
+        );
+        let r = desk.transfer(&a2, &c.id, A1, "").await;
+        assert!(matches!(r, Err(Error::PermissionDenied(_))), "{r:?}");
+        assert!(
+            matches!(
+                desk.transfer(&a1, &c.id, A3, "").await,
+                Err(Error::FailedPrecondition(_))
+            ),
+            "a3 is not online"
+        );
+        let moved = desk
+            .transfer(&a1, &c.id, A2, "yours")
+            .await
+            .expect("transfer");
+        assert_eq!(moved.agent_id, A2);
+        assert!(matches!(
+            desk.close(&a3, &c.id, "no").await,
+            Err(Error::PermissionDenied(_))
+        ));
+        let closed = desk.close(&customer, &c.id, "thanks").await.expect("close");
+        assert_eq!(closed.resolution, "thanks");
+        assert!(matches!(
+            desk.close(&a2, &c.id, "again").await,
+            Err(Error::FailedPrecondition(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn over_the_send_limit_nothing_is_opened() {
+        let (desk, agents) = desk(5, 1.0);
+        agents.set(&[], &[]);
+        let customer = person("c1", Role::Customer);
+        desk.open(&customer, "one", "x".into())
+            .await
+            .expect("first");
+        assert!(matches!(
+            desk.open(&customer, "two", "y".into()).await,
+            Err(Error::RateLimited { .. })
+        ));
+        let waiting = desk
+            .queue(&person(A1, Role::Agent), 0)
+            .await
+            .expect("queue");
+        assert_eq!(waiting.len(), 1, "the refused one was stored");
     }
 }

@@ -905,19 +905,6 @@ mod tests {
         }
     }
 
-    /// Every user exists: the directory of these tests.
-    struct Everyone;
-
-    impl UserDirectory for Everyone {
-        fn missing<'a>(
-            &'a self,
-            _: &'a [String],
-            _: &'a Credential,
-        ) -> futures::future::BoxFuture<'a, Result<Vec<String>>> {
-            Box::pin(async { Ok(Vec::new()) })
-        }
-    }
-
     #[tokio::test]
     async fn conversations_are_listed_by_last_activity_in_pages_with_nothing_lost_or_twice() {
         use crate::store::MessagingStore;
@@ -933,7 +920,7 @@ mod tests {
                 burst: 1000.0,
             },
             100,
-            Arc::new(Everyone),
+            Arc::new(crate::directory::testing::Everyone),
         );
         let me = Caller {
             user_id: "0190d6a2-0000-7000-8000-000000000001".into(),

@@ -10,6 +10,7 @@
 //! by one rule ([`gapless`]), filling from history when pub/sub drops something. Tokens
 //! are verified locally with auth's published keys.
 
+pub mod agents;
 pub mod config;
 pub mod conversation;
 pub mod desk;
@@ -36,7 +37,8 @@ use tonic::server::NamedService;
 
 pub use config::{Args, Config};
 
-use crate::desk::{Desk, Presence};
+use crate::agents::PresenceAgents;
+use crate::desk::Desk;
 use crate::domain::Messaging;
 use crate::fanout::Hub;
 use crate::grpc::{MessagingGrpc, SupportGrpc};
@@ -104,7 +106,10 @@ async fn serve<S: DeskStore>(
             "SERVICE_TOKEN is unset: the support desk cannot ask presence for agents, so consultations wait until an agent accepts one"
         );
     }
-    let presence = Presence::new(&config.presence_url, config.service_token.clone())?;
+    let presence = Arc::new(PresenceAgents::new(
+        &config.presence_url,
+        config.service_token.clone(),
+    )?);
     let desk = Arc::new(Desk::new(
         messaging.clone(),
         presence,
