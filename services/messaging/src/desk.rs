@@ -23,12 +23,14 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::agents::AgentDirectory;
+use crate::clock::now_ms;
 use crate::conversation::{ConversationRecord, Kind, MAX_TITLE_CHARS, Member};
-use crate::domain::{Messaging, now_ms, timestamp};
+use crate::domain::Messaging;
 use crate::error::{Error, Result};
 use crate::message::Draft;
 use crate::store::DeskStore;
 use crate::store::desk::{ConsultationRecord, ConsultationState, Routed, Step};
+use crate::support::{consultation_of, consultation_view};
 
 /// Longest resolution or transfer note, in bytes.
 pub const MAX_NOTE_BYTES: usize = 1024;
@@ -87,49 +89,6 @@ fn checked(id: &str, step: Step, rule: &str) -> Result<()> {
         Step::Moved(agent) => Err(Error::FailedPrecondition(format!(
             "consultation '{id}' is now held by agent '{agent}'"
         ))),
-    }
-}
-
-/// A stored consultation as `viewer` sees it, with its queue position while queued.
-pub async fn consultation_of<S: DeskStore>(
-    store: &S,
-    r: &ConsultationRecord,
-    viewer: &str,
-) -> Result<pb::Consultation> {
-    let position = match r.state {
-        ConsultationState::Queued => store.queue_position(&r.id).await?,
-        _ => None,
-    };
-    Ok(consultation_view(r, position, viewer))
-}
-
-/// A consultation as `viewer` sees it (the transfer note is for agents only).
-pub fn consultation_view(
-    r: &ConsultationRecord,
-    queue_position: Option<u32>,
-    viewer: &str,
-) -> pb::Consultation {
-    let at = |ms: u64| (ms > 0).then(|| timestamp(ms));
-    pb::Consultation {
-        id: r.id.clone(),
-        customer_id: r.customer_id.clone(),
-        agent_id: r.agent_id.clone(),
-        topic: r.topic.clone(),
-        state: match r.state {
-            ConsultationState::Queued => pb::ConsultationState::Queued,
-            ConsultationState::Assigned => pb::ConsultationState::Assigned,
-            ConsultationState::Closed => pb::ConsultationState::Closed,
-        } as i32,
-        queue_position: queue_position.unwrap_or(0),
-        opened_at: at(r.opened_at_ms),
-        assigned_at: at(r.assigned_at_ms),
-        closed_at: at(r.closed_at_ms),
-        resolution: r.resolution.clone(),
-        transfer_note: if viewer == r.customer_id {
-            String::new()
-        } else {
-            r.transfer_note.clone()
-        },
     }
 }
 

@@ -99,23 +99,7 @@ pub struct Messaging<S> {
     typing: Buckets,
 }
 
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// A protobuf timestamp from Unix milliseconds.
-pub fn timestamp(ms: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-use switchboard_proto::prost_types;
+pub use crate::clock::{now_ms, timestamp};
 
 impl<S: DeskStore> Messaging<S> {
     /// Rules over `store` with the given send limit and group size; member ids are checked
@@ -767,7 +751,7 @@ impl<S: DeskStore> Messaging<S> {
         }
         match self.store.consultation(&record.id).await? {
             Some(c) => Ok(Some(
-                crate::desk::consultation_of(self.store.as_ref(), &c, user).await?,
+                crate::support::consultation_of(self.store.as_ref(), &c, user).await?,
             )),
             None => Ok(None),
         }

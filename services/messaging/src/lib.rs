@@ -11,6 +11,7 @@
 //! are verified locally with auth's published keys.
 
 pub mod agents;
+pub mod clock;
 pub mod config;
 pub mod conversation;
 pub mod desk;
@@ -23,6 +24,7 @@ pub mod grpc;
 pub mod message;
 pub mod store;
 pub mod stream;
+pub mod support;
 
 use std::sync::Arc;
 
