@@ -9,6 +9,16 @@
 //! history replay, gaps), so that every stream's deliveries are gapless and duplicate-free
 //! by one rule ([`gapless`]), filling from history when pub/sub drops something. Tokens
 //! are verified locally with auth's published keys.
+//!
+//! Where each rule lives:
+//! - [`domain`]: conversations, membership, sends (rate limit, idempotency, retries),
+//!   history pages, ListConversations' order and cursor, read positions, events;
+//! - [`gapless`]: a stream's per-conversation cursor (next, duplicate, missing);
+//! - [`desk`]: the support desk's rules and routing, over an [`agents::AgentDirectory`];
+//!   [`support`]: how a consultation looks (messaging's one hook for the desk);
+//! - [`store`]: the storage trait and its engines (`memory`, `redis`; the desk's parts in
+//!   `store::desk`), one contract suite for both;
+//! - [`grpc`]: the thin tonic adapter; [`error`]: the one mapping to statuses.
 
 pub mod agents;
 pub mod clock;
