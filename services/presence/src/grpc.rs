@@ -1,13 +1,12 @@
 //! The gRPC adapter and the two streams: a device session (`Connect`, whose lifecycle
-//! rules are [`crate::session`]'s) and `Watch`.
+//! rules are [`crate::session`]'s) and `Watch` ([`crate::watch`]'s).
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
-use switchboard_common::bus::{Bus, BusEvent};
+use futures::Stream;
+use switchboard_common::bus::Bus;
 use switchboard_common::limits::{PerUser, StreamSlot};
 use switchboard_common::revocation::RevocationList;
 use switchboard_common::server::{ClientCancel, ServiceCall, client_fault};
@@ -20,9 +19,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Error, Result};
-use crate::model::{Change, State};
+use crate::model::State;
 use crate::session::{DeviceSession, Ending};
-use crate::store::{PresenceStore, role_channel, user_channel};
+use crate::store::PresenceStore;
+use crate::watch::{Target, Watcher};
 
 /// Most ids per Get or Watch.
 pub const MAX_IDS: usize = 500;
@@ -282,89 +282,37 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                 );
             }
         };
-        let channels: Vec<String> = match role {
-            Some(role) => vec![role_channel(role)],
-            None => user_ids(r.user_ids.clone())?
-                .iter()
-                .map(|id| user_channel(id))
-                .collect(),
+        let target = match role {
+            Some(role) => Target::Role(role),
+            None => Target::Users(user_ids(r.user_ids)?),
         };
-        // Subscribe first, then take the snapshot: no change can fall between the two.
-        let mut subscriptions = Vec::with_capacity(channels.len());
-        for channel in &channels {
-            let sub = self
-                .bus
-                .subscribe(channel)
-                .await
-                .map_err(|e| Error::Bus(e.to_string()))?;
-            subscriptions.push(
-                futures::stream::unfold(sub, |mut s| async move { s.recv().await.map(|e| (e, s)) })
-                    .boxed(),
-            );
-        }
-        let ids = match role {
-            Some(role) => self.store.online(role).await.map_err(Error::from)?,
-            None => user_ids(r.user_ids)?,
-        };
-        let snapshot = self.store.get(&ids, now_ms()).await.map_err(Error::from)?;
-        let mut versions: HashMap<String, u64> = snapshot
-            .iter()
-            .map(|(v, p)| (p.user_id.clone(), *v))
-            .collect();
+        let (mut watcher, snapshot) =
+            Watcher::open(self.store.clone(), self.bus.as_ref(), target, now_ms()).await?;
         let (out, rx) = mpsc::channel::<std::result::Result<pb::WatchResponse, Status>>(64);
-        let (store, shutdown) = (self.store.clone(), self.shutdown.clone());
+        let shutdown = self.shutdown.clone();
         switchboard_common::shutdown::spawn(async move {
             let _slot = slot;
             let first = pb::WatchResponse {
                 event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {
-                    presences: snapshot.into_iter().map(|(_, p)| p).collect(),
+                    presences: snapshot,
                 })),
             };
             if out.send(Ok(first)).await.is_err() {
                 return;
             }
-            let mut changes = futures::stream::select_all(subscriptions);
             loop {
-                let event = tokio::select! {
+                let changes = tokio::select! {
                     _ = shutdown.cancelled() => {
                         let _ = out.send(Err(Error::ShuttingDown.into())).await;
                         return;
                     }
                     _ = out.closed() => return,
-                    e = changes.next() => e,
-                };
-                let updates: Vec<(u64, pb::UserPresence)> = match event {
-                    Some(BusEvent::Message(payload)) => match prost::Message::decode(&*payload) {
-                        Ok(Change {
-                            version,
-                            presence: Some(p),
-                        }) => vec![(version, p)],
-                        _ => continue,
+                    c = watcher.next(now_ms()) => match c {
+                        Some(c) => c,
+                        None => return,
                     },
-                    // Changes may have been missed: compare against a fresh read.
-                    Some(BusEvent::Gap) => {
-                        let mut ids: Vec<String> = versions.keys().cloned().collect();
-                        if let Some(role) = role {
-                            match store.online(role).await {
-                                Ok(online) => ids.extend(
-                                    online.into_iter().filter(|id| !versions.contains_key(id)),
-                                ),
-                                Err(_) => continue,
-                            }
-                        }
-                        match store.get(&ids, now_ms()).await {
-                            Ok(rows) => rows,
-                            Err(_) => continue,
-                        }
-                    }
-                    None => return,
                 };
-                for (version, presence) in updates {
-                    let known = versions.entry(presence.user_id.clone()).or_insert(0);
-                    if version <= *known {
-                        continue;
-                    }
-                    *known = version;
+                for presence in changes {
                     let change = pb::WatchResponse {
                         event: Some(pb::watch_response::Event::Change(presence)),
                     };

@@ -7,7 +7,8 @@
 //! several run at once). Each change is published on the user's channel with a version,
 //! so `Watch` on any instance sees changes made anywhere, in order. A device session's
 //! rules (online, damped for the reconnect grace when its stream breaks, offline) are in
-//! [`session`], plain Rust over the store, tested without processes.
+//! [`session`], and a watch's (subscribe before the snapshot, each version once, re-read
+//! after a gap) in [`watch`]: plain Rust over the store, tested without processes.
 
 pub mod config;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod grpc;
 pub mod model;
 pub mod session;
 pub mod store;
+pub mod watch;
 
 use std::sync::Arc;
 
