@@ -600,15 +600,18 @@ mod tests {
             switchboard_common::bus::MemoryBus::new(),
             100,
         ));
-        let messaging = Arc::new(Messaging::new(
-            store,
-            SendLimit {
-                per_second: 0.001,
-                burst,
-            },
-            100,
-            Arc::new(crate::directory::testing::Everyone),
-        ));
+        let messaging = Arc::new(
+            Messaging::new(
+                store.clone(),
+                SendLimit {
+                    per_second: 0.001,
+                    burst,
+                },
+                100,
+                Arc::new(crate::directory::testing::Everyone),
+            )
+            .with_support(Arc::new(crate::support::Views(store))),
+        );
         let agents = FixedAgents::new();
         (
             Arc::new(Desk::new(messaging, agents.clone(), capacity)),

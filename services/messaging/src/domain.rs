@@ -14,7 +14,7 @@ use crate::conversation::{ConversationRecord, Kind, Member, NewConversation, dir
 use crate::directory::{self, Credential, UserDirectory};
 use crate::error::{Error, Result};
 use crate::message::{Draft, Envelope, encode_event};
-use crate::store::{DeskStore, Outgoing, Range, Sent, conversation_channel, user_channel};
+use crate::store::{MessagingStore, Outgoing, Range, Sent, conversation_channel, user_channel};
 
 /// Largest page of history.
 pub const MAX_PAGE: usize = 200;
@@ -97,11 +97,24 @@ pub struct Messaging<S> {
     max_group_members: usize,
     sends: Buckets,
     typing: Buckets,
+    support: Option<Arc<dyn SupportViews>>,
+}
+
+/// Messaging's one hook for the support desk: what a SUPPORT conversation's view carries
+/// (its consultation, as the viewer may see it). Messaging knows nothing else of the desk;
+/// without the hook a SUPPORT conversation's view has no consultation.
+pub trait SupportViews: Send + Sync + 'static {
+    /// The consultation of SUPPORT conversation `record`, as `user` sees it, if any.
+    fn consultation<'a>(
+        &'a self,
+        record: &'a ConversationRecord,
+        user: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<pb::Consultation>>>;
 }
 
 pub use crate::clock::{now_ms, timestamp};
 
-impl<S: DeskStore> Messaging<S> {
+impl<S: MessagingStore> Messaging<S> {
     /// Rules over `store` with the given send limit and group size; member ids are checked
     /// against `users`.
     pub fn new(
@@ -121,7 +134,14 @@ impl<S: DeskStore> Messaging<S> {
             max_group_members,
             sends: Buckets::new(limit),
             typing,
+            support: None,
         }
+    }
+
+    /// With the desk's [`SupportViews`] hook.
+    pub fn with_support(mut self, views: Arc<dyn SupportViews>) -> Self {
+        self.support = Some(views);
+        self
     }
 
     /// The store.
@@ -746,14 +766,9 @@ impl<S: DeskStore> Messaging<S> {
         record: &ConversationRecord,
         user: &str,
     ) -> Result<Option<pb::Consultation>> {
-        if record.kind != Kind::Support {
-            return Ok(None);
-        }
-        match self.store.consultation(&record.id).await? {
-            Some(c) => Ok(Some(
-                crate::support::consultation_of(self.store.as_ref(), &c, user).await?,
-            )),
-            None => Ok(None),
+        match (&self.support, record.kind) {
+            (Some(views), Kind::Support) => views.consultation(record, user).await,
+            _ => Ok(None),
         }
     }
 

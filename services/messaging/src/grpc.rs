@@ -13,7 +13,7 @@ use crate::directory::Credential;
 use crate::domain::Messaging;
 use crate::error::Error;
 use crate::message::Draft;
-use crate::store::DeskStore;
+use crate::store::{DeskStore, MessagingStore};
 use crate::stream::{Outbound, Streams};
 
 /// `switchboard.messaging.v1.MessagingService`.
@@ -43,7 +43,7 @@ fn credential<T>(req: &Request<T>) -> Credential {
 }
 
 #[tonic::async_trait]
-impl<S: DeskStore> MessagingService for MessagingGrpc<S> {
+impl<S: MessagingStore> MessagingService for MessagingGrpc<S> {
     #[tracing::instrument(skip_all)]
     async fn create_conversation(
         &self,

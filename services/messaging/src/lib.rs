@@ -15,7 +15,9 @@
 //!   history pages, ListConversations' order and cursor, read positions, events;
 //! - [`gapless`]: a stream's per-conversation cursor (next, duplicate, missing);
 //! - [`desk`]: the support desk's rules and routing, over an [`agents::AgentDirectory`];
-//!   [`support`]: how a consultation looks (messaging's one hook for the desk);
+//!   [`support`]: how a consultation looks, and the desk's side of messaging's one hook
+//!   for it ([`domain::SupportViews`]); messaging's core is bound by
+//!   [`store::MessagingStore`] alone;
 //! - [`store`]: the storage trait and its engines (`memory`, `redis`; the desk's parts in
 //!   `store::desk`), one contract suite for both;
 //! - [`grpc`]: the thin tonic adapter; [`error`]: the one mapping to statuses.
@@ -107,12 +109,17 @@ async fn serve<S: DeskStore>(
     let verifier = backend.remote_verifier(&config.auth_url, &shutdown).await?;
 
     let users = Arc::new(directory::AuthDirectory::new(&config.auth_url)?);
-    let messaging = Arc::new(Messaging::new(
-        store.clone(),
-        config.send_limit,
-        config.max_group_members,
-        users,
-    ));
+    // The desk's one hook into messaging: SUPPORT conversations' views carry their
+    // consultation.
+    let messaging = Arc::new(
+        Messaging::new(
+            store.clone(),
+            config.send_limit,
+            config.max_group_members,
+            users,
+        )
+        .with_support(Arc::new(support::Views(store.clone()))),
+    );
     if config.service_token.is_none() {
         tracing::warn!(
             "SERVICE_TOKEN is unset: the support desk cannot ask presence for agents, so consultations wait until an agent accepts one"

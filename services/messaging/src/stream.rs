@@ -40,7 +40,7 @@ use crate::error::Error;
 use crate::fanout::{Gate, Hub, Joined, Kind, Outlet, OutletEnds, Routed, Shared};
 use crate::gapless::Next;
 use crate::message::Draft;
-use crate::store::{DeskStore, conversation_channel, user_channel};
+use crate::store::{MessagingStore, conversation_channel, user_channel};
 use switchboard_proto::encoded::EncodedConnectResponse;
 
 /// Page size of history replay.
@@ -132,7 +132,7 @@ struct Session<S> {
 }
 
 /// Opens a stream for `caller` reading client frames from `inbound`.
-pub fn open<S: DeskStore>(
+pub fn open<S: MessagingStore>(
     ctx: Arc<Streams<S>>,
     caller: Caller,
     slot: StreamSlot,
@@ -238,7 +238,7 @@ impl From<Error> for End {
     }
 }
 
-impl<S: DeskStore> Session<S> {
+impl<S: MessagingStore> Session<S> {
     async fn run(
         &mut self,
         mut inbound: Streaming<pb::ConnectRequest>,

@@ -1,11 +1,14 @@
-//! How a consultation looks to the people in it: the views of the desk's records that both
-//! messaging (a SUPPORT conversation's view carries its consultation: messaging's one hook
-//! for the desk) and the desk's rules ([`crate::desk`]) hand out. Depends on neither, so
-//! the two do not depend on each other through it.
+//! How a consultation looks to the people in it: the views of the desk's records that the
+//! desk's rules ([`crate::desk`]) hand out, and [`Views`], the desk's side of messaging's
+//! one hook ([`SupportViews`]): a SUPPORT conversation's view carries its consultation.
+
+use std::sync::Arc;
 
 use switchboard_proto::messaging::v1 as pb;
 
 use crate::clock::timestamp;
+use crate::conversation::ConversationRecord;
+use crate::domain::SupportViews;
 use crate::error::Result;
 use crate::store::DeskStore;
 use crate::store::desk::{ConsultationRecord, ConsultationState};
@@ -50,5 +53,24 @@ pub fn consultation_view(
         } else {
             r.transfer_note.clone()
         },
+    }
+}
+
+/// The desk's [`SupportViews`] over its store: what [`Messaging`](crate::domain::Messaging)
+/// is given so that a SUPPORT conversation's view carries its consultation.
+pub struct Views<S>(pub Arc<S>);
+
+impl<S: DeskStore> SupportViews for Views<S> {
+    fn consultation<'a>(
+        &'a self,
+        record: &'a ConversationRecord,
+        user: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<pb::Consultation>>> {
+        Box::pin(async move {
+            match self.0.consultation(&record.id).await? {
+                Some(c) => Ok(Some(consultation_of(self.0.as_ref(), &c, user).await?)),
+                None => Ok(None),
+            }
+        })
     }
 }
