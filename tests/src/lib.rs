@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod raw;
 pub mod redis;
 pub mod scrape;
+pub mod stack;
 
 use std::time::Duration;
 

@@ -10,88 +10,31 @@ use switchboard_proto::messaging::v1::connect_response::Frame as Out;
 use switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient;
 use switchboard_proto::messaging::v1::support_service_client::SupportServiceClient;
 use switchboard_proto::presence::v1 as presence_pb;
-use switchboard_tests::auth::{Person, authed, first_admin, person};
-use switchboard_tests::instance::{
-    AuthOptions, InProcess, MessagingOptions, auth_client, spawn_auth, spawn_messaging,
-    spawn_presence,
-};
+use switchboard_tests::auth::{Person, authed};
+use switchboard_tests::instance::{AuthOptions, MessagingOptions, spawn_messaging};
 use switchboard_tests::messaging::Connection;
 use switchboard_tests::presence::connect;
-use switchboard_tests::redis::RedisServer;
+use switchboard_tests::stack::{Stack, StackOptions};
 use tonic::Code;
 use tonic::transport::Channel;
 
 /// Auth with an admin, two presence and two messaging instances on one Redis.
-struct Desk {
-    _redis: RedisServer,
-    auth: InProcess,
-    presence: [InProcess; 2],
-    messaging: Vec<InProcess>,
-    admin: Person,
+async fn desk() -> Stack {
+    Stack::start(StackOptions {
+        auth: AuthOptions {
+            admin: Some(("deskadmin".into(), "admin password".into())),
+            ..AuthOptions::default()
+        },
+        presence: 2,
+        messaging: 2,
+        ..StackOptions::default()
+    })
+    .await
 }
 
-impl Desk {
-    async fn start() -> Self {
-        let redis = RedisServer::spawn().expect("redis");
-        let auth = spawn_auth(
-            Some(&redis),
-            AuthOptions {
-                admin: Some(("deskadmin".into(), "admin password".into())),
-                ..AuthOptions::default()
-            },
-        )
-        .await
-        .expect("auth");
-        let mut presence = Vec::new();
-        for _ in 0..2 {
-            presence.push(
-                spawn_presence(
-                    Some(&redis),
-                    auth.addr,
-                    Duration::from_secs(30),
-                    Duration::from_millis(500),
-                    Duration::ZERO,
-                )
-                .await
-                .expect("presence"),
-            );
-        }
-        let mut messaging = Vec::new();
-        for p in &presence {
-            let options = MessagingOptions {
-                presence: Some(p.addr),
-                ..MessagingOptions::default()
-            };
-            messaging.push(
-                spawn_messaging(Some(&redis), auth.addr, options)
-                    .await
-                    .expect("messaging"),
-            );
-        }
-        let admin = first_admin(&auth_client(&auth), "deskadmin", "admin password").await;
-        let [p0, p1] = <[InProcess; 2]>::try_from(presence).unwrap_or_else(|_| unreachable!());
-        Self {
-            _redis: redis,
-            auth,
-            presence: [p0, p1],
-            messaging,
-            admin,
-        }
-    }
-
-    async fn person(&self, name: &str, role: auth_pb::Role) -> Person {
-        person(&auth_client(&self.auth), name, role, Some(&self.admin))
-            .await
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
-    }
-
-    fn support(&self, i: usize) -> SupportServiceClient<Channel> {
-        SupportServiceClient::new(self.messaging[i % self.messaging.len()].channel())
-    }
-
-    fn chat(&self, i: usize) -> MessagingServiceClient<Channel> {
-        MessagingServiceClient::new(self.messaging[i % self.messaging.len()].channel())
-    }
+/// The desk's admin.
+fn admin(desk: &Stack) -> &Person {
+    desk.admin.as_ref().expect("the stack has an admin")
 }
 
 async fn open(
@@ -192,7 +135,7 @@ async fn subscribe_all(stream: &mut Connection) {
 
 #[tokio::test]
 async fn six_customers_two_agents_balanced_once_each_and_presence_steers_routing() {
-    let desk = Desk::start().await;
+    let desk = desk().await;
     let agents = [
         desk.person("agent_ann", auth_pb::Role::Agent).await,
         desk.person("agent_ben", auth_pb::Role::Agent).await,
@@ -316,7 +259,7 @@ async fn six_customers_two_agents_balanced_once_each_and_presence_steers_routing
 
 #[tokio::test]
 async fn queued_until_an_agent_comes_online_then_transfer_close_and_refusals() {
-    let desk = Desk::start().await;
+    let desk = desk().await;
     let carol = desk.person("carol", auth_pb::Role::Customer).await;
     let dave = desk.person("dave", auth_pb::Role::Customer).await;
     let eve = desk.person("agent_eve", auth_pb::Role::Agent).await;
@@ -584,7 +527,7 @@ async fn queued_until_an_agent_comes_online_then_transfer_close_and_refusals() {
 
 #[tokio::test]
 async fn a_consultation_queued_on_an_instance_that_is_gone_is_routed_by_another() {
-    let mut desk = Desk::start().await;
+    let mut desk = desk().await;
     let gus = desk.person("gus", auth_pb::Role::Customer).await;
     let hal = desk.person("agent_hal", auth_pb::Role::Agent).await;
     let waiting = open(desk.support(0), &gus, "lost parcel")
@@ -617,7 +560,7 @@ async fn queue_moved(stream: &mut Connection) -> pb::Consultation {
 
 #[tokio::test]
 async fn waiting_customers_hear_their_place_in_the_queue_as_it_moves() {
-    let desk = Desk::start().await;
+    let desk = desk().await;
     let customers = [
         desk.person("qfirst", auth_pb::Role::Customer).await,
         desk.person("qsecond", auth_pb::Role::Customer).await,
@@ -676,10 +619,10 @@ async fn waiting_customers_hear_their_place_in_the_queue_as_it_moves() {
 
 #[tokio::test]
 async fn a_consultation_opens_with_its_first_message_or_not_at_all() {
-    let desk = Desk::start().await;
+    let desk = desk().await;
     // An instance with a send burst of one: a customer's second open exceeds it.
     let strict = spawn_messaging(
-        Some(&desk._redis),
+        Some(&desk.redis),
         desk.auth.addr,
         MessagingOptions {
             presence: Some(desk.presence[0].addr),
@@ -711,7 +654,10 @@ async fn a_consultation_opens_with_its_first_message_or_not_at_all() {
     );
     let queue = desk
         .support(0)
-        .list_queue(authed(pb::ListQueueRequest { limit: 0 }, &desk.admin.token))
+        .list_queue(authed(
+            pb::ListQueueRequest { limit: 0 },
+            &admin(&desk).token,
+        ))
         .await
         .expect("queue")
         .into_inner()

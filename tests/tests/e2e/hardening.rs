@@ -1188,31 +1188,20 @@ fn connect_frames_in_any_order_never_break_the_stream_or_answer_internal() {
 #[tokio::test]
 async fn a_presence_outage_seen_by_the_desk_says_presence_unavailable() {
     use switchboard_proto::messaging::v1::support_service_client::SupportServiceClient;
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(
-        Some(&redis),
-        AuthOptions {
+    // No presence instance: the desk's presence is a closed port.
+    let stack = switchboard_tests::stack::Stack::start(switchboard_tests::stack::StackOptions {
+        auth: AuthOptions {
             admin: Some(("deskadmin".into(), "admin password".into())),
             ..AuthOptions::default()
         },
-    )
-    .await
-    .expect("auth");
-    // No presence instance: the desk's presence is a closed port.
-    let m = spawn_messaging(Some(&redis), auth.addr, MessagingOptions::default())
-        .await
-        .expect("messaging");
-    let directory = auth_client(&auth);
-    let admin =
-        switchboard_tests::auth::first_admin(&directory, "deskadmin", "admin password").await;
-    let agent = person(&directory, "deskagent1", auth_pb::Role::Agent, Some(&admin))
-        .await
-        .expect("agent");
-    let other = person(&directory, "deskagent2", auth_pb::Role::Agent, Some(&admin))
-        .await
-        .expect("agent");
-    let buyer = customer(&auth, "deskbuyer").await;
-    let mut desk = SupportServiceClient::new(m.channel());
+        messaging: 1,
+        ..Default::default()
+    })
+    .await;
+    let agent = stack.person("deskagent1", auth_pb::Role::Agent).await;
+    let other = stack.person("deskagent2", auth_pb::Role::Agent).await;
+    let buyer = stack.person("deskbuyer", auth_pb::Role::Customer).await;
+    let mut desk: SupportServiceClient<_> = stack.support(0);
     let opened = desk
         .open_consultation(authed(
             pb::OpenConsultationRequest {

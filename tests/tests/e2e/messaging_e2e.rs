@@ -12,11 +12,11 @@ use switchboard_proto::messaging::v1::connect_request::Frame as In;
 use switchboard_proto::messaging::v1::connect_response::Frame as Out;
 use switchboard_tests::auth::{authed, register_and_login};
 use switchboard_tests::instance::{
-    AuthOptions, InProcess, MessagingOptions, auth_client, messaging_client, spawn_auth,
-    spawn_messaging,
+    AuthOptions, InProcess, MessagingOptions, auth_client, messaging_client,
 };
 use switchboard_tests::messaging::{Connection, create_group, send};
 use switchboard_tests::redis::RedisServer;
+use switchboard_tests::stack::{Stack, StackOptions};
 use tonic::Code;
 
 struct Cluster {
@@ -35,27 +35,24 @@ struct User {
 
 impl Cluster {
     async fn start(options: MessagingOptions) -> Self {
-        let redis = RedisServer::spawn().expect("redis");
         let key_pem = generate_pem().expect("key");
-        let auth = spawn_auth(
-            Some(&redis),
-            AuthOptions {
+        let Stack {
+            redis,
+            auth,
+            messaging,
+            ..
+        } = Stack::start(StackOptions {
+            auth: AuthOptions {
                 signing_key_pem: Some(key_pem.clone()),
                 ..AuthOptions::default()
             },
-        )
-        .await
-        .expect("auth");
-        let mut m = Vec::new();
-        for _ in 0..2 {
-            m.push(
-                spawn_messaging(Some(&redis), auth.addr, options.clone())
-                    .await
-                    .expect("messaging"),
-            );
-        }
+            messaging: 2,
+            messaging_options: options,
+            ..StackOptions::default()
+        })
+        .await;
         Self {
-            m,
+            m: messaging,
             auth,
             _redis: redis,
             key_pem,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use switchboard_proto::auth::v1 as auth_pb;
 use switchboard_proto::presence::v1 as pb;
 use switchboard_proto::presence::v1::presence_service_client::PresenceServiceClient;
-use switchboard_tests::auth::{authed, first_admin, person, register_and_login};
+use switchboard_tests::auth::{authed, register_and_login};
 use switchboard_tests::instance::{
     AuthOptions, ChildService, InProcess, assert_bad_config_exits_64, assert_help_lists,
     auth_client, spawn_auth, spawn_presence,
@@ -554,34 +554,21 @@ async fn a_device_that_reconnects_within_the_grace_never_looks_offline() {
 
 #[tokio::test]
 async fn a_role_watch_sees_agents_come_online_change_and_leave() {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(
-        Some(&redis),
-        AuthOptions {
+    let stack = switchboard_tests::stack::Stack::start(switchboard_tests::stack::StackOptions {
+        auth: AuthOptions {
             admin: Some(("padmin".into(), "admin password".into())),
             ..AuthOptions::default()
         },
-    )
-    .await
-    .expect("auth");
-    let ttl = Duration::from_secs(30);
-    let a = spawn_presence(Some(&redis), auth.addr, ttl, MS500, Duration::ZERO)
-        .await
-        .expect("presence a");
-    let b = spawn_presence(Some(&redis), auth.addr, ttl, MS500, Duration::ZERO)
-        .await
-        .expect("presence b");
-    let ac = auth_client(&auth);
-    let admin = first_admin(&ac, "padmin", "admin password").await;
-    let early = person(&ac, "early_agent", auth_pb::Role::Agent, Some(&admin))
-        .await
-        .expect("agent");
-    let late = person(&ac, "late_agent", auth_pb::Role::Agent, Some(&admin))
-        .await
-        .expect("agent");
-    let customer = person(&ac, "role_customer", auth_pb::Role::Customer, None)
-        .await
-        .expect("customer");
+        presence: 2,
+        presence_timing: (Duration::from_secs(30), MS500, Duration::ZERO),
+        messaging: 0,
+        ..Default::default()
+    })
+    .await;
+    let (a, b) = (&stack.presence[0], &stack.presence[1]);
+    let early = stack.person("early_agent", auth_pb::Role::Agent).await;
+    let late = stack.person("late_agent", auth_pb::Role::Agent).await;
+    let customer = stack.person("role_customer", auth_pb::Role::Customer).await;
     let _early_device = connect(b.channel(), &early.token).await;
 
     let mut w = PresenceServiceClient::new(a.channel())
