@@ -234,7 +234,13 @@ impl<S: DeskStore> Desk<S> {
         if let Err(e) = self.route().await {
             tracing::warn!(error = %e, "routing a new consultation failed; it waits in the queue");
         }
-        let conversation = self.messaging.get(caller, &id).await?;
+        // The caller opened it: no membership check to repeat, just its view.
+        let record = self
+            .store()
+            .conversation(&id)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("consultation {id} has no conversation")))?;
+        let conversation = self.messaging.view(&record, &caller.user_id).await?;
         let consultation = conversation
             .consultation
             .clone()

@@ -158,10 +158,8 @@ impl<S: MessagingStore> Messaging<S> {
     /// `caller`'s read position in a conversation (0 if none or unreadable).
     pub async fn read_position(&self, caller: &Caller, conversation_id: &str) -> u64 {
         self.store
-            .read_positions(conversation_id)
+            .read_position(conversation_id, &caller.user_id)
             .await
-            .ok()
-            .and_then(|r| r.get(&caller.user_id).copied())
             .unwrap_or(0)
     }
 
@@ -740,9 +738,12 @@ impl<S: MessagingStore> Messaging<S> {
 
     /// What `user` sees of `record`: members, newest message, read position, unread count.
     pub async fn view(&self, record: &ConversationRecord, user: &str) -> Result<pb::Conversation> {
-        let latest = self.store.history(&record.id, Range::Latest, 1).await?;
-        let reads = self.store.read_positions(&record.id).await?;
-        let read_seq = reads.get(user).copied().unwrap_or(0);
+        // Independent reads, in flight together: one round trip, not three.
+        let (latest, read_seq, consultation) = futures::try_join!(
+            self.store.history(&record.id, Range::Latest, 1),
+            self.store.read_position(&record.id, user),
+            self.consultation_of(record, user),
+        )?;
         Ok(pb::Conversation {
             id: record.id.clone(),
             kind: record.kind.to_proto(),
@@ -755,7 +756,7 @@ impl<S: MessagingStore> Messaging<S> {
             last_seq: latest.last_seq,
             read_seq,
             unread_count: latest.last_seq.saturating_sub(read_seq),
-            consultation: self.consultation_of(record, user).await?,
+            consultation,
             read_only: record.read_only,
         })
     }

@@ -26,6 +26,20 @@ pub async fn consultation_of<S: DeskStore>(
     Ok(consultation_view(r, position, viewer))
 }
 
+/// The consultation of conversation `id` as `viewer` sees it, if it has one: its record
+/// and its queue position are read together (one round trip).
+pub async fn consultation_by_id<S: DeskStore>(
+    store: &S,
+    id: &str,
+    viewer: &str,
+) -> Result<Option<pb::Consultation>> {
+    let (record, position) = futures::try_join!(store.consultation(id), store.queue_position(id))?;
+    Ok(record.map(|r| {
+        let position = position.filter(|_| r.state == ConsultationState::Queued);
+        consultation_view(&r, position, viewer)
+    }))
+}
+
 /// A consultation as `viewer` sees it (the transfer note is for agents only).
 pub fn consultation_view(
     r: &ConsultationRecord,
@@ -66,11 +80,6 @@ impl<S: DeskStore> SupportViews for Views<S> {
         record: &'a ConversationRecord,
         user: &'a str,
     ) -> futures::future::BoxFuture<'a, Result<Option<pb::Consultation>>> {
-        Box::pin(async move {
-            match self.0.consultation(&record.id).await? {
-                Some(c) => Ok(Some(consultation_of(self.0.as_ref(), &c, user).await?)),
-                None => Ok(None),
-            }
-        })
+        Box::pin(consultation_by_id(self.0.as_ref(), &record.id, user))
     }
 }

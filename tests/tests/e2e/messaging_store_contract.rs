@@ -341,6 +341,12 @@ async fn contract(store: impl MessagingStore, bus: Arc<dyn Bus>, retention: usiz
             .get("c"),
         Some(&h.last_seq)
     );
+    assert_eq!(
+        store.read_position("g1", "c").await.expect("one"),
+        h.last_seq
+    );
+    assert_eq!(store.read_position("g1", "nobody").await.expect("none"), 0);
+    assert_eq!(store.read_position("nope", "c").await.expect("no such"), 0);
 
     // Ephemeral publishes reach subscribers.
     store

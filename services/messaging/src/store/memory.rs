@@ -327,6 +327,15 @@ impl MessagingStore for MemoryStore {
         }))
     }
 
+    async fn read_position(&self, id: &str, user: &str) -> Result<u64> {
+        Ok(self.with(|s| {
+            s.conversations
+                .get(id)
+                .and_then(|c| c.reads.get(user).copied())
+                .unwrap_or(0)
+        }))
+    }
+
     async fn activity(&self, ids: &[String]) -> Result<Vec<u64>> {
         Ok(self.with(|s| {
             ids.iter()

@@ -178,6 +178,8 @@ pub trait MessagingStore: Send + Sync + 'static {
     /// Every member's read position.
     fn read_positions(&self, id: &str)
     -> impl Future<Output = Result<HashMap<String, u64>>> + Send;
+    /// One member's read position (0 if none): O(1) whatever the group's size.
+    fn read_position(&self, id: &str, user: &str) -> impl Future<Output = Result<u64>> + Send;
     /// Publishes an ephemeral payload on `channel` (receipts, typing, events).
     fn publish(&self, channel: &str, payload: Vec<u8>) -> impl Future<Output = Result<()>> + Send;
     /// Publishes the same payload on each of `channels`; engines that can pipeline do.

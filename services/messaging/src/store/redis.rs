@@ -473,6 +473,12 @@ impl MessagingStore for RedisStore {
         Ok(seqs.into_iter().map(|s| s.unwrap_or(0)).collect())
     }
 
+    async fn read_position(&self, id: &str, user: &str) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let at: Option<u64> = conn.hget(key(id, "reads"), user).await?;
+        Ok(at.unwrap_or(0))
+    }
+
     async fn activity(&self, ids: &[String]) -> Result<Vec<u64>> {
         if ids.is_empty() {
             return Ok(Vec::new());
