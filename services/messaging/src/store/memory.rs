@@ -2,13 +2,14 @@
 //! Publishing goes to the process's [`MemoryBus`], under the same lock as the seq, so
 //! messages are published in seq order exactly as the Redis script does.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use switchboard_common::bus::MemoryBus;
 use switchboard_proto::messaging::v1 as pb;
 
+use super::desk::ConsultationRecord;
 use super::{History, Membership, MessagingStore, Outgoing, Range, Sent, conversation_channel};
 use crate::conversation::{ConversationRecord, Member};
 use crate::error::{Error, Result};
@@ -25,8 +26,17 @@ pub(super) struct State {
     conversations: HashMap<String, Conversation>,
     direct: HashMap<String, String>,
     by_user: HashMap<String, Vec<String>>,
-    /// The support desk (see `memory_desk`).
-    pub(super) desk: super::memory_desk::Desk,
+    /// The support desk's part, which `memory_desk` works on (this file does not).
+    pub(super) desk: DeskState,
+}
+
+/// Consultations, the queue and the loads.
+#[derive(Default)]
+pub(super) struct DeskState {
+    pub(super) consultations: HashMap<String, ConsultationRecord>,
+    /// (opened at, id) of queued consultations.
+    pub(super) queue: BTreeSet<(u64, String)>,
+    pub(super) load: HashMap<String, u32>,
 }
 
 pub(super) struct Conversation {

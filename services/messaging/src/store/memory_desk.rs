@@ -1,20 +1,9 @@
 //! The desk in memory: the same steps as the Redis scripts, each under the store's lock.
 
-use std::collections::{BTreeSet, HashMap};
-
 use super::desk::{ConsultationRecord, ConsultationState, DeskStore, Routed, Step};
 use super::memory::{MemoryStore, State, index, insert};
 use crate::conversation::ConversationRecord;
 use crate::error::Result;
-
-/// Consultations, the queue and the loads.
-#[derive(Default)]
-pub(super) struct Desk {
-    consultations: HashMap<String, ConsultationRecord>,
-    /// (opened at, id) of queued consultations.
-    queue: BTreeSet<(u64, String)>,
-    load: HashMap<String, u32>,
-}
 
 /// Makes `agent` the holder of consultation `id` and a member of its conversation.
 fn hand_to(s: &mut State, id: &str, agent: &str, now_ms: u64) {
