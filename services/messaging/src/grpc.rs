@@ -8,13 +8,13 @@ use switchboard_proto::messaging::v1::servers::messaging_service_server::Messagi
 use switchboard_proto::messaging::v1::servers::support_service_server::SupportService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::desk::Desk;
 use crate::directory::Credential;
 use crate::domain::Messaging;
 use crate::error::Error;
 use crate::message::Draft;
 use crate::store::{DeskStore, MessagingStore};
 use crate::stream::{Outbound, Streams};
+use crate::support::Desk;
 
 /// `switchboard.messaging.v1.MessagingService`.
 pub struct MessagingGrpc<S> {

@@ -14,19 +14,16 @@
 //! - [`domain`]: conversations, membership, sends (rate limit, idempotency, retries),
 //!   history pages, ListConversations' order and cursor, read positions, events;
 //! - [`gapless`]: a stream's per-conversation cursor (next, duplicate, missing);
-//! - [`desk`]: the support desk's rules and routing, over an [`agents::AgentDirectory`];
-//!   [`support`]: how a consultation looks, and the desk's side of messaging's one hook
-//!   for it ([`domain::SupportViews`]); messaging's core is bound by
-//!   [`store::MessagingStore`] alone;
+//! - [`support`]: the support desk in its own room (model, rules, routing, views, the
+//!   agent directory); messaging's core knows it only through one hook
+//!   ([`domain::SupportViews`]) and is bound by [`store::MessagingStore`] alone;
 //! - [`store`]: the storage trait and its engines (`memory`, `redis`; the desk's parts in
 //!   `store::desk`), one contract suite for both;
 //! - [`grpc`]: the thin tonic adapter; [`error`]: the one mapping to statuses.
 
-pub mod agents;
 pub mod clock;
 pub mod config;
 pub mod conversation;
-pub mod desk;
 pub mod directory;
 pub mod domain;
 pub mod error;
@@ -51,13 +48,13 @@ use tonic::server::NamedService;
 
 pub use config::{Args, Config};
 
-use crate::agents::PresenceAgents;
-use crate::desk::Desk;
 use crate::domain::Messaging;
 use crate::fanout::Hub;
 use crate::grpc::{MessagingGrpc, SupportGrpc};
 use crate::store::DeskStore;
 use crate::stream::Streams;
+use crate::support::Desk;
+use crate::support::agents::PresenceAgents;
 
 /// Serves messaging on `listener` until `shutdown` fires. `main` and the tests call this.
 ///
@@ -118,7 +115,7 @@ async fn serve<S: DeskStore>(
             config.max_group_members,
             users,
         )
-        .with_support(Arc::new(support::Views(store.clone()))),
+        .with_support(Arc::new(support::views::Views(store.clone()))),
     );
     if config.service_token.is_none() {
         tracing::warn!(

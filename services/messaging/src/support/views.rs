@@ -1,5 +1,5 @@
 //! How a consultation looks to the people in it: the views of the desk's records that the
-//! desk's rules ([`crate::desk`]) hand out, and [`Views`], the desk's side of messaging's
+//! desk's rules ([`super::desk`]) hand out, and [`Views`], the desk's side of messaging's
 //! one hook ([`SupportViews`]): a SUPPORT conversation's view carries its consultation.
 
 use std::sync::Arc;

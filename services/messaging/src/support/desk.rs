@@ -1,54 +1,41 @@
-//! The online customer-service desk: customers open consultations, routing hands each to
-//! the available agent with the fewest open consultations, agents accept, transfer and
-//! close them. Plain Rust over [`DeskStore`] and an [`AgentDirectory`] (the presence
-//! service in production).
-//!
-//! Routing is driven by events, never by a tight poll: a new consultation routes at once;
-//! every instance watches its agents' presence (`Watch` by role over gRPC) and routes when
-//! one becomes available; closes and transfers free room and route again. A slow safety
-//! pass ([`Config::queue_recheck`](crate::Config)) catches what a crashed instance or a lost
-//! event left waiting. Each assignment is one atomic store step, so instances may route at
-//! the same time without assigning anything twice.
+//! The desk's rules: customers open consultations (with their first message, or not at
+//! all), agents and admins accept queued ones, the assigned agent (or an admin) transfers
+//! to another online agent, the customer, the agent or an admin closes. Plain Rust over
+//! [`DeskStore`] and an [`AgentDirectory`] (the presence service in production); routing
+//! is [`super::routing`]'s, views [`super::views`]'s.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::StreamExt;
 use switchboard_common::metrics as m;
-use switchboard_common::shutdown::CancellationToken;
 use switchboard_common::status::Invalid;
 use switchboard_common::token::{Caller, Role};
 use switchboard_proto::messaging::v1 as pb;
 use tokio::sync::Notify;
-use tracing::Instrument;
 
-use crate::agents::AgentDirectory;
+use super::agents::AgentDirectory;
+use super::views::{consultation_of, consultation_view};
 use crate::clock::now_ms;
 use crate::conversation::{ConversationRecord, Kind, MAX_TITLE_CHARS, Member};
 use crate::domain::Messaging;
 use crate::error::{Error, Result};
 use crate::message::Draft;
 use crate::store::DeskStore;
-use crate::store::desk::{ConsultationRecord, ConsultationState, Routed, Step};
-use crate::support::{consultation_of, consultation_view};
+use crate::store::desk::{ConsultationRecord, ConsultationState, Step};
 
 /// Longest resolution or transfer note, in bytes.
 pub const MAX_NOTE_BYTES: usize = 1024;
 /// Largest ListQueue page.
 pub const MAX_QUEUE_PAGE: u32 = 200;
-/// Most assignments one routing pass makes (the next event or pass continues).
-const MAX_PER_PASS: usize = 1000;
-
-/// Customers told their new place when the queue moves: the first this many in line.
-pub const QUEUE_NOTICES: usize = 100;
 
 /// The desk's rules and routing.
 pub struct Desk<S> {
-    messaging: Arc<Messaging<S>>,
-    agents: Arc<dyn AgentDirectory>,
-    capacity: u32,
-    wake: Notify,
-    routing: tokio::sync::Mutex<()>,
+    pub(super) messaging: Arc<Messaging<S>>,
+    pub(super) agents: Arc<dyn AgentDirectory>,
+    pub(super) capacity: u32,
+    /// Woken when room frees up (a close, a transfer): routing runs again.
+    pub(super) wake: Notify,
+    /// One routing pass at a time in this process.
+    pub(super) routing: tokio::sync::Mutex<()>,
 }
 
 fn is_staff(caller: &Caller) -> bool {
@@ -109,11 +96,11 @@ impl<S: DeskStore> Desk<S> {
         }
     }
 
-    fn store(&self) -> &Arc<S> {
+    pub(super) fn store(&self) -> &Arc<S> {
         self.messaging.store()
     }
 
-    async fn record(&self, id: &str) -> Result<ConsultationRecord> {
+    pub(super) async fn record(&self, id: &str) -> Result<ConsultationRecord> {
         required_id("consultation_id", id)?;
         self.store()
             .consultation(id)
@@ -382,29 +369,8 @@ impl<S: DeskStore> Desk<S> {
         closed
     }
 
-    /// After consultations left the queue: tells the customers of the first
-    /// [`QUEUE_NOTICES`] in line their place now (best effort, like every event).
-    async fn queue_moved(&self) {
-        let waiting = match self.store().queue(QUEUE_NOTICES).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot announce the queue's new order");
-                return;
-            }
-        };
-        for record in &waiting {
-            self.tell(
-                record,
-                pb::ConversationEventKind::ConsultationQueueMoved,
-                "",
-                &[],
-            )
-            .await;
-        }
-    }
-
     /// Tells the customer and the agent (and `also`) about a change of `record`.
-    async fn tell(
+    pub(super) async fn tell(
         &self,
         record: &ConsultationRecord,
         kind: pb::ConversationEventKind,
@@ -433,103 +399,6 @@ impl<S: DeskStore> Desk<S> {
             .announce(&conversation, kind, actor, &about, &notify)
             .await;
     }
-
-    /// Assigns queued consultations, oldest first, while an available agent has room.
-    pub async fn route(&self) -> Result<usize> {
-        let _one_pass_at_a_time = self.routing.lock().await;
-        let mut candidates: Option<Vec<String>> = None;
-        let mut assigned = 0;
-        while assigned < MAX_PER_PASS {
-            let agents = match &candidates {
-                Some(a) => a,
-                None => {
-                    if self.store().queue(1).await?.is_empty() {
-                        break;
-                    }
-                    candidates.insert(self.agents.available().await?)
-                }
-            };
-            if agents.is_empty() {
-                break;
-            }
-            match self
-                .store()
-                .route_next(agents, self.capacity, now_ms())
-                .await?
-            {
-                Routed::Assigned { id, agent_id } => {
-                    assigned += 1;
-                    metrics::counter!(m::CONSULTATIONS_ASSIGNED, "how" => "routed").increment(1);
-                    tracing::info!(consultation_id = %id, agent_id = %agent_id, "consultation assigned");
-                    if let Ok(record) = self.record(&id).await {
-                        self.tell(
-                            &record,
-                            pb::ConversationEventKind::ConsultationAssigned,
-                            "",
-                            &[],
-                        )
-                        .await;
-                    }
-                }
-                Routed::Empty | Routed::NoAgent => break,
-            }
-        }
-        if assigned > 0 {
-            self.queue_moved().await;
-        }
-        Ok(assigned)
-    }
-
-    /// A routing pass of its own trace (nobody's call caused it).
-    async fn route_logged(&self, why: &str) {
-        let span =
-            tracing::info_span!(parent: None, "route consultations", switchboard.trigger = why);
-        match self.route().instrument(span).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(assigned = n, trigger = why, "routing pass"),
-            Err(e) => tracing::warn!(error = %e, trigger = why, "routing pass failed"),
-        }
-    }
-
-    /// Routes on every trigger until shutdown: agents' presence changes (watched over
-    /// gRPC, re-watched after failures), local wake-ups, and the safety pass.
-    pub async fn dispatch(self: Arc<Self>, recheck: Duration, shutdown: CancellationToken) {
-        let mut retry = Duration::from_millis(200);
-        let mut pass = tokio::time::interval(recheck);
-        pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let watch = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                w = self.agents.watch() => w,
-            };
-            match watch {
-                Ok(mut watch) => loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = self.wake.notified() => self.route_logged("room freed").await,
-                        _ = pass.tick() => self.route_logged("safety pass").await,
-                        m = watch.next() => match m {
-                            Some(()) => {
-                                retry = Duration::from_millis(200);
-                                self.route_logged("agent available").await;
-                            }
-                            None => {
-                                tracing::warn!("the watch of agents' presence ended; watching again");
-                                break;
-                            }
-                        },
-                    }
-                },
-                Err(e) => tracing::warn!(error = %e, "cannot watch agents' presence; retrying"),
-            }
-            // Back off before watching again, so a failing presence is not hammered.
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(retry) => {}
-            }
-            retry = (retry * 2).min(Duration::from_secs(10));
-        }
-    }
 }
 
 #[cfg(test)]
@@ -537,8 +406,12 @@ mod tests {
     use std::collections::{HashMap, HashSet};
     use std::sync::Mutex;
 
+    use std::time::Duration;
+
+    use futures::StreamExt;
     use futures::future::BoxFuture;
     use futures::stream::BoxStream;
+    use switchboard_common::shutdown::CancellationToken;
 
     use super::*;
     use crate::domain::SendLimit;
@@ -616,7 +489,7 @@ mod tests {
                 100,
                 Arc::new(crate::directory::testing::Everyone),
             )
-            .with_support(Arc::new(crate::support::Views(store))),
+            .with_support(Arc::new(crate::support::views::Views(store))),
         );
         let agents = FixedAgents::new();
         (
