@@ -1015,4 +1015,182 @@ mod tests {
             }
         }
     }
+
+    fn caller(n: u32) -> Caller {
+        Caller {
+            user_id: format!("0190d6a2-0000-7000-8000-{n:012}"),
+            role: switchboard_common::token::Role::Customer,
+            session_id: format!("s{n}"),
+            expires_at: u64::MAX,
+        }
+    }
+
+    fn rules(burst: f64) -> Messaging<crate::store::memory::MemoryStore> {
+        Messaging::new(
+            Arc::new(crate::store::memory::MemoryStore::new(
+                switchboard_common::bus::MemoryBus::new(),
+                100,
+            )),
+            SendLimit {
+                per_second: 0.001,
+                burst,
+            },
+            3,
+            Arc::new(crate::directory::testing::Everyone),
+        )
+    }
+
+    fn draft(conversation: &str, key: &str, body: &str) -> Draft {
+        Draft::parse(
+            conversation.into(),
+            key.into(),
+            body.into(),
+            Default::default(),
+        )
+        .expect("draft")
+    }
+
+    #[tokio::test]
+    async fn sends_number_gaplessly_a_retry_is_answered_with_the_first_and_outsiders_are_refused() {
+        let m = rules(100.0);
+        let (a, b, outsider) = (caller(1), caller(2), caller(3));
+        let (group, created) = m
+            .create(
+                &a,
+                &Credential::default(),
+                pb::ConversationKind::Group as i32,
+                "g",
+                std::slice::from_ref(&b.user_id),
+            )
+            .await
+            .expect("create");
+        assert!(created);
+        let (first, retried) = m
+            .send(&a, draft(&group.id, "k1", "one"))
+            .await
+            .expect("send");
+        assert_eq!((first.seq, retried), (1, false));
+        let (second, _) = m
+            .send(&b, draft(&group.id, "k1", "two"))
+            .await
+            .expect("send");
+        assert_eq!(second.seq, 2, "keys are per sender");
+        // The same key again: the first message, body and all, and no new seq.
+        let (again, retried) = m
+            .send(&a, draft(&group.id, "k1", "different body"))
+            .await
+            .expect("retry");
+        assert!(retried);
+        assert_eq!((again.seq, again.body.as_str()), (1, "one"));
+        assert!(matches!(
+            m.send(&outsider, draft(&group.id, "k9", "let me in")).await,
+            Err(Error::NotAMember(_))
+        ));
+        assert!(matches!(
+            m.history(&outsider, &group.id, None, None, 10).await,
+            Err(Error::NotAMember(_))
+        ));
+        let (page, _, _) = m
+            .history(&b, &group.id, None, None, 10)
+            .await
+            .expect("history");
+        assert_eq!(
+            page.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [1, 2],
+            "gapless, in order, the retry stored nothing"
+        );
+        // Groups are bounded (3 here, owner included).
+        let too_many: Vec<String> = (10..13).map(|n| caller(n).user_id).collect();
+        assert!(matches!(
+            m.create(
+                &a,
+                &Credential::default(),
+                pb::ConversationKind::Group as i32,
+                "big",
+                &too_many
+            )
+            .await,
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn reading_moves_forward_only_and_unread_counts_follow() {
+        let m = rules(100.0);
+        let (a, b) = (caller(1), caller(2));
+        let (direct, _) = m
+            .create(
+                &a,
+                &Credential::default(),
+                pb::ConversationKind::Direct as i32,
+                "",
+                std::slice::from_ref(&b.user_id),
+            )
+            .await
+            .expect("direct");
+        for k in 0..3 {
+            m.send(&a, draft(&direct.id, &format!("k{k}"), "hi"))
+                .await
+                .expect("send");
+        }
+        assert_eq!(m.get(&b, &direct.id).await.expect("get").unread_count, 3);
+        assert_eq!(
+            m.get(&a, &direct.id).await.expect("get").unread_count,
+            0,
+            "one's own messages are read"
+        );
+        assert_eq!(m.mark_read(&b, &direct.id, 2).await.expect("read"), 2);
+        assert_eq!(m.mark_read(&b, &direct.id, 1).await.expect("back"), 2);
+        assert_eq!(
+            m.mark_read(&b, &direct.id, u64::MAX).await.expect("past"),
+            3
+        );
+        assert_eq!(m.get(&b, &direct.id).await.expect("get").unread_count, 0);
+        // The same pair has one direct conversation.
+        let (again, created) = m
+            .create(
+                &b,
+                &Credential::default(),
+                pb::ConversationKind::Direct as i32,
+                "",
+                std::slice::from_ref(&a.user_id),
+            )
+            .await
+            .expect("direct again");
+        assert_eq!((again.id.as_str(), created), (direct.id.as_str(), false));
+    }
+
+    #[tokio::test]
+    async fn the_send_limit_refuses_with_a_wait_and_typing_is_rate_limited() {
+        let m = rules(2.0);
+        let (a, b) = (caller(1), caller(2));
+        let (direct, _) = m
+            .create(
+                &a,
+                &Credential::default(),
+                pb::ConversationKind::Direct as i32,
+                "",
+                std::slice::from_ref(&b.user_id),
+            )
+            .await
+            .expect("direct");
+        for k in 0..2 {
+            m.send(&a, draft(&direct.id, &format!("k{k}"), "x"))
+                .await
+                .expect("within the burst");
+        }
+        match m.send(&a, draft(&direct.id, "k2", "x")).await {
+            Err(Error::RateLimited { retry_after, .. }) => assert!(retry_after > Duration::ZERO),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            m.send(&b, draft(&direct.id, "k0", "x")).await.is_ok(),
+            "per user"
+        );
+        m.typing(&a, &direct.id).await.expect("typing");
+        assert!(matches!(
+            m.typing(&a, &direct.id).await,
+            Err(Error::RateLimited { .. })
+        ));
+    }
 }
