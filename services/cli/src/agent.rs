@@ -12,10 +12,10 @@ use switchboard_proto::messaging::v1 as pb;
 use switchboard_proto::presence::v1 as presence_pb;
 use tokio::sync::mpsc;
 
+use super::keyboard::{self, Key, Keyboard, say};
 use super::online::Online;
 use super::{
     Client, In, Names, Out, Session, authed, describe, next_instance, people, status_message,
-    stdin_lines,
 };
 
 const HELP: &str = "commands: /list, /use <number or id>, /close [resolution], /transfer <agent> [note], /away, /available, /help";
@@ -94,15 +94,15 @@ impl Desk {
         let mine = c.agent_id == self.me;
         match pb::ConversationEventKind::try_from(e.kind) {
             Ok(pb::ConversationEventKind::ConsultationAssigned) if mine => {
-                eprintln!("(new consultation) {}", self.describe(&c));
+                say!("(new consultation) {}", self.describe(&c));
                 self.current.get_or_insert(c.id.clone());
             }
             Ok(pb::ConversationEventKind::ConsultationTransferred) if mine => {
-                eprintln!("(transferred to you) {}", self.describe(&c));
+                say!("(transferred to you) {}", self.describe(&c));
                 self.current.get_or_insert(c.id.clone());
             }
             Ok(pb::ConversationEventKind::ConsultationTransferred) => {
-                eprintln!(
+                say!(
                     "({} now handled by {})",
                     self.label(&c.id),
                     self.names.get(&c.agent_id)
@@ -112,7 +112,7 @@ impl Desk {
                 }
             }
             Ok(pb::ConversationEventKind::ConsultationClosed) => {
-                eprintln!("(closed) {}: {}", self.label(&c.id), c.resolution);
+                say!("(closed) {}: {}", self.label(&c.id), c.resolution);
                 if self.current.as_deref() == Some(c.id.as_str()) {
                     self.current = None;
                 }
@@ -159,11 +159,12 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
         if let Some(k) = &c.consultation {
             desk.topics.insert(c.id.clone(), k.topic.clone());
             desk.listed.push(c.id.clone());
-            eprintln!("({}, yours) {}", desk.listed.len(), desk.describe(k));
+            say!("({}, yours) {}", desk.listed.len(), desk.describe(k));
             desk.current.get_or_insert(c.id.clone());
         }
     }
-    let mut lines = stdin_lines();
+    let mut keys = Keyboard::open();
+    let mut typing_sent: Option<tokio::time::Instant> = None;
     // Online (so the desk routes here) only once the stream hears this agent's events.
     let mut online: Option<Online> = None;
     let mut which = 0usize;
@@ -182,9 +183,10 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
             loop {
                 tokio::select! {
                     r = &mut open => break r,
-                    line = lines.recv() => match line {
-                        Some(_) => eprintln!("(reconnecting; type that again in a moment)"),
-                        None => return Ok(()),
+                    key = keys.next() => match key {
+                        Key::Line(_) => say!("(reconnecting; type that again in a moment)"),
+                        Key::Typing => {}
+                        Key::End => return Ok(()),
                     },
                 }
             }
@@ -202,10 +204,23 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
         let _ = tx.send(frame(In::Ping(pb::Ping { nonce: 1 }))).await;
         loop {
             tokio::select! {
-                line = lines.recv() => {
-                    let Some(line) = line else { return Ok(()) };
-                    command(client, &session, &mut desk, online.as_mut(), &tx, line.trim()).await;
-                }
+                key = keys.next() => match key {
+                    Key::Line(line) => {
+                        command(client, &session, &mut desk, online.as_mut(), &tx, line.trim()).await;
+                        typing_sent = None;
+                    }
+                    // The customer of the current consultation sees the agent typing.
+                    Key::Typing => {
+                        if let Some(id) = desk.current.clone()
+                            && typing_sent.is_none_or(|t| t.elapsed() >= Duration::from_secs(3))
+                        {
+                            typing_sent = Some(tokio::time::Instant::now());
+                            let typing = pb::Typing { conversation_id: id };
+                            let _ = tx.send(pb::ConnectRequest { frame: Some(In::Typing(typing)) }).await;
+                        }
+                    }
+                    Key::End => return Ok(()),
+                },
                 _ = async {
                     match online.as_mut() {
                         Some(o) => o.needs_healing().await,
@@ -222,17 +237,17 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
                         Some(Out::Message(m)) => {
                             desk.positions.insert(m.conversation_id.clone(), m.seq);
                             let line = desk.names.line(client, &session, &m).await;
-                            println!("[{}] {line}", desk.label(&m.conversation_id));
+                            keyboard::show(&format!("[{}] {line}", desk.label(&m.conversation_id)));
                             backoff = Duration::from_millis(200);
                         }
                         Some(Out::ConversationEvent(e)) => desk.event(client, &session, &e).await,
                         Some(Out::SendResult(pb::SendResult { result: Some(pb::send_result::Result::Error(e)), .. })) => {
-                            eprintln!("(not sent: {})", e.message);
+                            say!("(not sent: {})", e.message);
                         }
-                        Some(Out::Error(e)) => eprintln!("({})", e.message),
+                        Some(Out::Error(e)) => say!("({})", e.message),
                         Some(Out::Pong(_)) if online.is_none() => {
                             online = Some(Online::start(client, &session.access_token, presence_pb::PresenceState::Available).await);
-                            eprintln!("online and AVAILABLE as {}; {HELP}", session.username);
+                            say!("online and AVAILABLE as {}; {HELP}", session.username);
                         }
                         _ => {}
                     },
@@ -242,14 +257,14 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
                             if e.downcast_ref::<super::SessionEnded>().is_some() {
                                 return Err(e);
                             }
-                            eprintln!("({e:#}; retrying)");
+                            say!("({e:#}; retrying)");
                         } else {
                             wait_first = false;
                         }
                         break;
                     }
                     Ok(None) | Err(_) => {
-                        eprintln!("(connection lost; resuming)");
+                        say!("(connection lost; resuming)");
                         break;
                     }
                 },
@@ -273,7 +288,7 @@ async fn command(
     let result: anyhow::Result<()> = async {
         match word {
             "" => {}
-            "/help" => eprintln!("{HELP}"),
+            "/help" => say!("{HELP}"),
             "/away" | "/available" => {
                 let state = if word == "/away" {
                     presence_pb::PresenceState::Away
@@ -289,7 +304,7 @@ async fn command(
                 let mine = assigned(client, token, &desk.me).await?;
                 desk.listed.clear();
                 if mine.is_empty() {
-                    eprintln!("(no consultations assigned to you)");
+                    say!("(no consultations assigned to you)");
                 }
                 for c in mine {
                     if let Some(k) = &c.consultation {
@@ -300,13 +315,13 @@ async fn command(
                         } else {
                             " "
                         };
-                        eprintln!("{mark} {}. {}", desk.listed.len(), desk.describe(k));
+                        say!("{mark} {}. {}", desk.listed.len(), desk.describe(k));
                     }
                 }
             }
             "/use" => {
                 let id = desk.find(rest)?;
-                eprintln!("(now in {})", desk.label(&id));
+                say!("(now in {})", desk.label(&id));
                 desk.current = Some(id);
             }
             "/close" | "/transfer" => {
@@ -352,11 +367,11 @@ async fn command(
                     desk.names
                         .learn(client, session, std::slice::from_ref(&c.agent_id))
                         .await;
-                    eprintln!("{}", desk.describe(&c));
+                    say!("{}", desk.describe(&c));
                 }
                 desk.current = None;
             }
-            w if w.starts_with('/') => eprintln!("unknown command; {HELP}"),
+            w if w.starts_with('/') => say!("unknown command; {HELP}"),
             _ => {
                 let id = desk
                     .current
@@ -379,7 +394,7 @@ async fn command(
     }
     .await;
     if let Err(e) = result {
-        eprintln!("({e:#})");
+        say!("({e:#})");
     }
 }
 

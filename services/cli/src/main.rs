@@ -865,19 +865,6 @@ async fn support(client: &Client, command: SupportCommand, json: bool) -> anyhow
     Ok(())
 }
 
-/// Lines typed on stdin, read on a thread.
-fn stdin_lines() -> mpsc::Receiver<String> {
-    let (line_tx, lines) = mpsc::channel::<String>(64);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-            if line_tx.blocking_send(line).is_err() {
-                return;
-            }
-        }
-    });
-    lines
-}
-
 /// Waits `backoff` (doubling it, up to 5 s) and moves on to the next messaging instance.
 async fn next_instance(which: &mut usize, backoff: &mut Duration) {
     *which += 1;
