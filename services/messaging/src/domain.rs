@@ -16,6 +16,10 @@ use crate::error::{Error, Result};
 use crate::message::{Draft, Envelope, encode_event};
 use crate::store::{MessagingStore, Outgoing, Range, Sent, conversation_channel, user_channel};
 
+/// Per-recipient event views built at once (SUPPORT conversations' events differ by
+/// viewer).
+const ANNOUNCE_CONCURRENCY: usize = 16;
+
 /// Largest page of history.
 pub const MAX_PAGE: usize = 200;
 /// Where a page of ListConversations starts: after the conversation with this
@@ -817,18 +821,26 @@ impl<S: MessagingStore> Messaging<S> {
             }
             return;
         }
-        for user in notify {
-            let payload = match self.view(record, user).await {
-                Ok(c) => event(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot build a conversation event");
-                    return;
+        // Each recipient's view is their own; they are built (and published) side by
+        // side, a few at a time, not one round trip after another.
+        use futures::StreamExt;
+        futures::stream::iter(notify)
+            .for_each_concurrent(ANNOUNCE_CONCURRENCY, |user| {
+                let event = &event;
+                async move {
+                    let payload = match self.view(record, user).await {
+                        Ok(c) => event(c),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot build a conversation event");
+                            return;
+                        }
+                    };
+                    if let Err(e) = self.store.publish(&user_channel(user), payload).await {
+                        tracing::warn!(error = %e, "cannot publish a conversation event");
+                    }
                 }
-            };
-            if let Err(e) = self.store.publish(&user_channel(user), payload).await {
-                tracing::warn!(error = %e, "cannot publish a conversation event");
-            }
-        }
+            })
+            .await;
     }
 }
 

@@ -39,15 +39,17 @@ impl<S: DeskStore> Desk<S> {
                 return;
             }
         };
-        for record in &waiting {
-            self.tell(
-                record,
-                pb::ConversationEventKind::ConsultationQueueMoved,
-                "",
-                &[],
-            )
+        // Side by side, a few at a time: up to QUEUE_NOTICES customers, not one after another.
+        futures::stream::iter(&waiting)
+            .for_each_concurrent(16, |record| {
+                self.tell(
+                    record,
+                    pb::ConversationEventKind::ConsultationQueueMoved,
+                    "",
+                    &[],
+                )
+            })
             .await;
-        }
     }
 
     /// Assigns queued consultations, oldest first, while an available agent has room.
