@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::message::{Draft, Envelope, encode_event};
 use crate::store::{MessagingStore, Outgoing, Range, Sent, conversation_channel, user_channel};
 
-/// Per-recipient event views built at once (SUPPORT conversations' events differ by
-/// viewer).
+/// Views built at once: a page of ListConversations, or an event's per-recipient views
+/// (SUPPORT conversations' events differ by viewer).
 const ANNOUNCE_CONCURRENCY: usize = 16;
 
 /// Largest page of history.
@@ -331,12 +331,19 @@ impl<S: MessagingStore> Messaging<S> {
             Some((at, id)) if start + page.len() < order.len() => format!("{at}:{id}"),
             _ => String::new(),
         };
-        let mut views = Vec::with_capacity(page.len());
-        for (_, id) in page {
-            if let Some(record) = self.store.conversation(id).await? {
-                views.push(self.view(&record, &caller.user_id).await?);
-            }
-        }
+        // The page's views side by side (16 at a time), in the page's order.
+        use futures::StreamExt;
+        let ids: Vec<String> = page.into_iter().map(|(_, id)| id.clone()).collect();
+        let user = caller.user_id.as_str();
+        let views: Vec<Result<Option<pb::Conversation>>> = futures::stream::iter(ids)
+            .map(|id| self.view_by_id(id, user))
+            .buffered(ANNOUNCE_CONCURRENCY)
+            .collect()
+            .await;
+        let views = views
+            .into_iter()
+            .filter_map(Result::transpose)
+            .collect::<Result<_>>()?;
         Ok((views, next))
     }
 
@@ -738,6 +745,14 @@ impl<S: MessagingStore> Messaging<S> {
         self.store
             .publish(&conversation_channel(conversation_id), payload)
             .await
+    }
+
+    /// [`view`](Self::view) of conversation `id`, if it exists.
+    async fn view_by_id(&self, id: String, user: &str) -> Result<Option<pb::Conversation>> {
+        match self.store.conversation(&id).await? {
+            Some(record) => Ok(Some(self.view(&record, user).await?)),
+            None => Ok(None),
+        }
     }
 
     /// What `user` sees of `record`: members, newest message, read position, unread count.
