@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod bus;
+pub mod clock;
 pub mod config;
 pub mod id;
 pub mod limits;

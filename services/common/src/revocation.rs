@@ -73,7 +73,7 @@ impl RevocationStore for RedisRevocations {
                 .cmd("ZREMRANGEBYSCORE")
                 .arg(KEY)
                 .arg("-inf")
-                .arg(format!("({}", crate::token::now_secs()))
+                .arg(format!("({}", crate::clock::now_secs()))
                 .ignore()
                 .publish(CHANNEL, format!("{session_id} {until}"))
                 .ignore()
@@ -128,7 +128,7 @@ impl RevocationStore for MemoryRevocations {
         Box::pin(async move {
             {
                 let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-                let now = crate::token::now_secs();
+                let now = crate::clock::now_secs();
                 entries.retain(|_, u| *u >= now);
                 entries.insert(session_id.to_owned(), until);
             }
@@ -178,7 +178,7 @@ impl RevocationList {
 
     /// Adds a revocation (and forgets the expired ones).
     pub fn insert(&self, session_id: &str, until: u64) {
-        let now = crate::token::now_secs();
+        let now = crate::clock::now_secs();
         let fresh = {
             let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
             if entries.len() > 1024 {
@@ -234,7 +234,7 @@ pub async fn follow(
             let mut need_snapshot = true;
             loop {
                 if need_snapshot {
-                    match store.active(crate::token::now_secs()).await {
+                    match store.active(crate::clock::now_secs()).await {
                         Ok(rows) => {
                             for (sid, until) in rows {
                                 list.insert(&sid, until);
@@ -287,7 +287,7 @@ mod tests {
         let bus = MemoryBus::new();
         let store = MemoryRevocations::new(bus.clone());
         store
-            .revoke("before", crate::token::now_secs() + 60)
+            .revoke("before", crate::clock::now_secs() + 60)
             .await
             .expect("revoke");
         let list = Arc::new(RevocationList::default());
@@ -300,17 +300,17 @@ mod tests {
         )
         .await;
         assert!(
-            list.is_revoked("before", crate::token::now_secs()),
+            list.is_revoked("before", crate::clock::now_secs()),
             "snapshot loaded"
         );
         let mut feed = list.watch();
         store
-            .revoke("after", crate::token::now_secs() + 60)
+            .revoke("after", crate::clock::now_secs() + 60)
             .await
             .expect("revoke");
         assert_eq!(feed.recv().await.expect("feed"), "after");
-        assert!(list.is_revoked("after", crate::token::now_secs()));
-        assert!(!list.is_revoked("other", crate::token::now_secs()));
+        assert!(list.is_revoked("after", crate::clock::now_secs()));
+        assert!(!list.is_revoked("other", crate::clock::now_secs()));
         shutdown.cancel();
     }
 }
