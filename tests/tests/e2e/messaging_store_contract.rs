@@ -574,6 +574,31 @@ async fn redis_engine_meets_the_contract() {
     shutdown.cancel();
 }
 
+#[tokio::test]
+async fn redis_conversations_stored_before_activity_was_kept_list_by_their_creation() {
+    let redis = RedisServer::spawn().expect("redis");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let conn = redis_manager(&client).expect("manager");
+    let store = RedisStore::new(conn.clone(), 100);
+    store.create(&group("old", &["a"])).await.expect("create");
+    store.create(&group("new", &["a"])).await.expect("create");
+    // As written by a version without the activity key.
+    let mut raw = conn.clone();
+    let _: () = redis::cmd("DEL")
+        .arg("sb:msg:{c:old}:activity")
+        .query_async(&mut raw)
+        .await
+        .expect("del");
+    assert_eq!(
+        store
+            .activity(&["old".into(), "new".into(), "gone".into()])
+            .await
+            .expect("activity"),
+        [1000, 1000, 0],
+        "the creation time stands in for a missing activity"
+    );
+}
+
 /// Groups far past the old 1,000-member cap: 100,000 members stored, read back, and a
 /// send whose membership check does not depend on the group's size.
 async fn large_group_contract(store: impl MessagingStore) {

@@ -485,7 +485,20 @@ impl MessagingStore for RedisStore {
         }
         let mut conn = self.conn.clone();
         let keys: Vec<String> = ids.iter().map(|id| key(id, "activity")).collect();
-        let at: Vec<Option<u64>> = redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        let mut at: Vec<Option<u64>> = redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        // A conversation stored before activity was kept has none yet: its creation time
+        // stands in (one more round trip, only when there are such conversations).
+        let missing: Vec<usize> = (0..at.len()).filter(|&i| at[i].is_none()).collect();
+        if !missing.is_empty() {
+            let mut pipe = redis::pipe();
+            for &i in &missing {
+                pipe.hget(key(&ids[i], "meta"), "created_at_ms");
+            }
+            let created: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+            for (i, c) in missing.into_iter().zip(created) {
+                at[i] = c;
+            }
+        }
         Ok(at.into_iter().map(|a| a.unwrap_or(0)).collect())
     }
 
