@@ -500,7 +500,8 @@ impl<S: MessagingStore> Messaging<S> {
     }
 
     /// Takes one send from the caller's rate limit now, for a send that follows a step
-    /// that must not happen unless the send may ([`send_admitted`](Self::send_admitted)).
+    /// that must not happen unless the send may (the desk's open: the draft then goes to the
+    /// store prepared with it, in one step).
     pub fn admit(&self, caller: &Caller) -> Result<()> {
         self.sends
             .take(&caller.user_id)
@@ -508,23 +509,6 @@ impl<S: MessagingStore> Messaging<S> {
                 message: "sending too fast; slow down".into(),
                 retry_after: wait,
             })
-    }
-
-    /// [`send`](Self::send) of a draft already [`admit`](Self::admit)ted.
-    pub async fn send_admitted(
-        &self,
-        caller: &Caller,
-        draft: Draft,
-    ) -> Result<(pb::Message, bool)> {
-        let (prepared, outgoing) = self.prepared(caller, draft);
-        let stored = self
-            .store
-            .send_batch(std::slice::from_ref(&outgoing))
-            .instrument(prepared.span.clone())
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(Error::Internal("the store skipped a send".into())))?;
-        prepared.finish(stored)
     }
 
     /// [`send`](Self::send) for several drafts of one caller, stored in the order given (in
@@ -592,8 +576,9 @@ impl<S: MessagingStore> Messaging<S> {
         Ok(self.prepared(caller, draft))
     }
 
-    /// A draft made ready for the store (the rate limit already passed).
-    fn prepared(&self, caller: &Caller, draft: Draft) -> (Prepared, Outgoing) {
+    /// A draft made ready for the store (the rate limit already passed, see
+    /// [`admit`](Self::admit)): what the store writes, and how to answer the caller after.
+    pub(crate) fn prepared(&self, caller: &Caller, draft: Draft) -> (Prepared, Outgoing) {
         let sent_at_ms = now_ms();
         let message = pb::Message {
             id: uuid::Uuid::now_v7().to_string(),
@@ -864,15 +849,15 @@ impl<S: MessagingStore> Messaging<S> {
 pub const EVENT_MEMBER_IDS: usize = 100;
 
 /// A message ready for the store's send step, with its `publish` span.
-struct Prepared {
+pub(crate) struct Prepared {
     message: pb::Message,
     conversation_id: String,
-    span: tracing::Span,
+    pub(crate) span: tracing::Span,
 }
 
 impl Prepared {
     /// The caller's answer, from what the store did.
-    fn finish(self, sent: Sent) -> Result<(pb::Message, bool)> {
+    pub(crate) fn finish(self, sent: Sent) -> Result<(pb::Message, bool)> {
         let Prepared {
             message,
             conversation_id,

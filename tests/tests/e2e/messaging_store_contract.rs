@@ -383,9 +383,29 @@ async fn desk_contract(store: impl DeskStore) {
         Routed::Empty
     );
     for (i, id) in ["s1", "s2", "s3", "s4"].iter().enumerate() {
-        let (c, r) = support(id, &format!("cust{i}"), 100 + i as u64);
-        store.open(&c, &r).await.expect("open");
+        let customer = format!("cust{i}");
+        let (c, r) = support(id, &customer, 100 + i as u64);
+        // Opened with its first message, in the same step.
+        assert_eq!(
+            store
+                .open(&c, &r, &outgoing(id, &customer, "first", "hello"))
+                .await
+                .expect("open"),
+            Sent::Stored(1)
+        );
     }
+    let first = store
+        .history("s2", Range::Latest, 10)
+        .await
+        .expect("history");
+    assert_eq!(
+        first
+            .messages
+            .iter()
+            .map(|m| m.body.as_str())
+            .collect::<Vec<_>>(),
+        ["hello"]
+    );
     assert_eq!(store.queue_position("s3").await.expect("pos"), Some(3));
     let queue = store.queue(2).await.expect("queue");
     assert_eq!(
@@ -535,7 +555,10 @@ async fn desk_contract(store: impl DeskStore) {
     );
     // Closing a queued one takes it off the queue.
     let (c, r) = support("s5", "cust5", 900);
-    store.open(&c, &r).await.expect("open");
+    store
+        .open(&c, &r, &outgoing("s5", "cust5", "first", "hi"))
+        .await
+        .expect("open");
     assert_eq!(
         store.close("s5", "", 901).await.expect("close"),
         Step::Done(String::new())

@@ -16,12 +16,15 @@ pub use crate::support::model::{ConsultationRecord, ConsultationState, Routed, S
 
 /// The desk's storage contract (on top of conversations).
 pub trait DeskStore: MessagingStore {
-    /// Stores the SUPPORT conversation, its consultation record, and queues it, atomically.
+    /// Stores the SUPPORT conversation, its consultation record, queues it, and stores
+    /// its first message (the send step, as [`MessagingStore::send`]), in one atomic step:
+    /// all of it or none.
     fn open(
         &self,
         conversation: &ConversationRecord,
         consultation: &ConsultationRecord,
-    ) -> impl Future<Output = Result<()>> + Send;
+        first: &super::Outgoing,
+    ) -> impl Future<Output = Result<super::Sent>> + Send;
     /// A consultation by id.
     fn consultation(
         &self,

@@ -69,6 +69,54 @@ impl MemoryStore {
         }
     }
 
+    /// The send step on `s`, under the lock the caller holds: idempotency, membership,
+    /// the next seq, history, publish.
+    pub(super) fn send_in(&self, s: &mut State, o: &Outgoing) -> Sent {
+        let Some(c) = s.conversations.get_mut(&o.conversation_id) else {
+            return Sent::NotFound;
+        };
+        let now = Instant::now();
+        c.idempotency.retain(|_, v| v.3 > now);
+        let key = (o.sender_id.clone(), o.client_msg_id.clone());
+        if let Some((seq, message_id, sent_at_ms, _)) = c.idempotency.get(&key) {
+            return Sent::Duplicate {
+                seq: *seq,
+                message_id: message_id.clone(),
+                sent_at_ms: *sent_at_ms,
+            };
+        }
+        if !c.is_member(&o.sender_id) {
+            return Sent::NotMember;
+        }
+        if c.record.read_only {
+            return Sent::ReadOnly;
+        }
+        c.last_seq += 1;
+        let seq = c.last_seq;
+        c.log.insert(seq, o.message.clone());
+        // Writing means having read up to there.
+        c.reads.insert(o.sender_id.clone(), seq);
+        c.activity_ms = o.sent_at_ms;
+        while c.log.len() > self.retention {
+            c.log.pop_first();
+        }
+        c.idempotency.insert(
+            key,
+            (
+                seq,
+                o.message_id.clone(),
+                o.sent_at_ms,
+                now + IDEMPOTENCY_TTL,
+            ),
+        );
+        let mut payload = message_header(seq);
+        payload.extend_from_slice(&o.envelope);
+        // Published under the lock: subscribers see seqs in order, as with Redis.
+        self.bus
+            .publish_now(&conversation_channel(&o.conversation_id), payload);
+        Sent::Stored(seq)
+    }
+
     pub(super) fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         // Each operation is a handful of map updates that cannot panic half-way, so a
         // poisoned lock still guards consistent data.
@@ -231,52 +279,7 @@ impl MessagingStore for MemoryStore {
     }
 
     async fn send(&self, o: &Outgoing) -> Result<Sent> {
-        let retention = self.retention;
-        Ok(self.with(|s| {
-            let Some(c) = s.conversations.get_mut(&o.conversation_id) else {
-                return Sent::NotFound;
-            };
-            let now = Instant::now();
-            c.idempotency.retain(|_, v| v.3 > now);
-            let key = (o.sender_id.clone(), o.client_msg_id.clone());
-            if let Some((seq, message_id, sent_at_ms, _)) = c.idempotency.get(&key) {
-                return Sent::Duplicate {
-                    seq: *seq,
-                    message_id: message_id.clone(),
-                    sent_at_ms: *sent_at_ms,
-                };
-            }
-            if !c.is_member(&o.sender_id) {
-                return Sent::NotMember;
-            }
-            if c.record.read_only {
-                return Sent::ReadOnly;
-            }
-            c.last_seq += 1;
-            let seq = c.last_seq;
-            c.log.insert(seq, o.message.clone());
-            // Writing means having read up to there.
-            c.reads.insert(o.sender_id.clone(), seq);
-            c.activity_ms = o.sent_at_ms;
-            while c.log.len() > retention {
-                c.log.pop_first();
-            }
-            c.idempotency.insert(
-                key,
-                (
-                    seq,
-                    o.message_id.clone(),
-                    o.sent_at_ms,
-                    now + IDEMPOTENCY_TTL,
-                ),
-            );
-            let mut payload = message_header(seq);
-            payload.extend_from_slice(&o.envelope);
-            // Published under the lock: subscribers see seqs in order, as with Redis.
-            self.bus
-                .publish_now(&conversation_channel(&o.conversation_id), payload);
-            Sent::Stored(seq)
-        }))
+        Ok(self.with(|s| self.send_in(s, o)))
     }
 
     async fn history(&self, id: &str, range: Range, limit: usize) -> Result<History> {

@@ -2,6 +2,7 @@
 
 use super::desk::{ConsultationRecord, ConsultationState, DeskStore, Routed, Step};
 use super::memory::{MemoryStore, State, index, insert};
+use super::{Outgoing, Sent};
 use crate::conversation::ConversationRecord;
 use crate::error::Result;
 
@@ -27,13 +28,19 @@ fn release(s: &mut State, agent: &str) {
 }
 
 impl DeskStore for MemoryStore {
-    async fn open(&self, c: &ConversationRecord, r: &ConsultationRecord) -> Result<()> {
-        self.with(|s| {
+    async fn open(
+        &self,
+        c: &ConversationRecord,
+        r: &ConsultationRecord,
+        first: &Outgoing,
+    ) -> Result<Sent> {
+        // One lock for all of it: nobody sees the consultation without its first message.
+        Ok(self.with(|s| {
             insert(s, c);
             s.desk.consultations.insert(r.id.clone(), r.clone());
             s.desk.queue.insert((r.opened_at_ms, r.id.clone()));
-        });
-        Ok(())
+            self.send_in(s, first)
+        }))
     }
 
     async fn consultation(&self, id: &str) -> Result<Option<ConsultationRecord>> {

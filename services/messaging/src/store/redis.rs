@@ -76,29 +76,53 @@ impl RedisStore {
     }
 
     /// The send script's call for `o`.
-    fn send_invocation(&self, o: &Outgoing) -> redis::ScriptInvocation<'_> {
+    /// The send script's keys and arguments for `o`.
+    fn send_parts(&self, o: &Outgoing) -> (Vec<String>, Vec<Vec<u8>>) {
+        use redis::ToRedisArgs;
         let id = &o.conversation_id;
+        let keys = vec![
+            key(id, "meta"),
+            key(id, "members"),
+            key(id, "seq"),
+            key(id, "log"),
+            key(id, &format!("idem:{}:{}", o.sender_id, o.client_msg_id)),
+            key(id, "reads"),
+            key(id, "activity"),
+        ];
+        let mut args = Vec::new();
+        args.extend(o.sender_id.to_redis_args());
+        args.push(o.message.clone());
+        args.extend(self.retention.to_redis_args());
+        args.extend(format!("{}|{}", o.message_id, o.sent_at_ms).to_redis_args());
+        args.extend(IDEMPOTENCY_TTL_SECS.to_redis_args());
+        args.extend(conversation_channel(id).to_redis_args());
+        args.push(o.envelope.clone());
+        args.extend(o.sent_at_ms.to_redis_args());
+        (keys, args)
+    }
+
+    fn send_invocation(&self, o: &Outgoing) -> redis::ScriptInvocation<'_> {
+        let (keys, args) = self.send_parts(o);
         let mut invocation = self.send.prepare_invoke();
+        for k in keys {
+            invocation.key(k);
+        }
+        for a in args {
+            invocation.arg(a);
+        }
         invocation
-            .key(key(id, "meta"))
-            .key(key(id, "members"))
-            .key(key(id, "seq"))
-            .key(key(id, "log"))
-            .key(key(
-                id,
-                &format!("idem:{}:{}", o.sender_id, o.client_msg_id),
-            ))
-            .key(key(id, "reads"))
-            .key(key(id, "activity"))
-            .arg(&o.sender_id)
-            .arg(o.message.as_slice())
-            .arg(self.retention)
-            .arg(format!("{}|{}", o.message_id, o.sent_at_ms))
-            .arg(IDEMPOTENCY_TTL_SECS)
-            .arg(conversation_channel(id))
-            .arg(o.envelope.as_slice())
-            .arg(o.sent_at_ms);
-        invocation
+    }
+
+    /// The send step as one command of a transaction `pipe`: EVAL with the script's
+    /// source, so it runs whether or not Redis has it cached; its reply is the pipeline's
+    /// (read it with [`send_reply`]).
+    pub(super) fn send_eval(&self, pipe: &mut redis::Pipeline, o: &Outgoing) {
+        let (keys, args) = self.send_parts(o);
+        pipe.cmd("EVAL")
+            .arg(SEND)
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args);
     }
 }
 
@@ -109,7 +133,7 @@ fn fail_rest(mut results: Vec<Result<Sent>>, len: usize, cause: &str) -> Vec<Res
 }
 
 /// What the send script answered.
-fn send_reply(reply: Vec<String>) -> Result<Sent> {
+pub(super) fn send_reply(reply: Vec<String>) -> Result<Sent> {
     let bad = || Error::Internal(format!("send script answered {reply:?}"));
     match reply.first().map(String::as_str) {
         Some("ok") => Ok(Sent::Stored(

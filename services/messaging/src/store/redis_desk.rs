@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 
 use super::desk::{ConsultationRecord, ConsultationState, DeskStore, Routed, Step};
-use super::redis::{RedisStore, key, user_index, write_conversation};
+use super::redis::{RedisStore, key, send_reply, user_index, write_conversation};
+use super::{Outgoing, Sent};
 use crate::conversation::ConversationRecord;
 use crate::error::{Error, Result};
 
@@ -131,8 +132,15 @@ fn step(reply: Vec<String>) -> Result<Step> {
 }
 
 impl DeskStore for RedisStore {
-    async fn open(&self, c: &ConversationRecord, r: &ConsultationRecord) -> Result<()> {
+    async fn open(
+        &self,
+        c: &ConversationRecord,
+        r: &ConsultationRecord,
+        first: &Outgoing,
+    ) -> Result<Sent> {
         let mut conn = self.conn.clone();
+        // One transaction: the records, the queue entry and the send step (by its source,
+        // so a Redis that lost its script cache still runs it) apply together or not at all.
         let mut pipe = redis::pipe();
         pipe.atomic();
         write_conversation(&mut pipe, c);
@@ -148,8 +156,9 @@ impl DeskStore for RedisStore {
         )
         .ignore();
         pipe.zadd(QUEUE, &r.id, r.opened_at_ms).ignore();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        self.send_eval(&mut pipe, first);
+        let (reply,): (Vec<String>,) = pipe.query_async(&mut conn).await?;
+        send_reply(reply)
     }
 
     async fn consultation(&self, id: &str) -> Result<Option<ConsultationRecord>> {

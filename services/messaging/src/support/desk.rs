@@ -11,6 +11,7 @@ use switchboard_common::status::Invalid;
 use switchboard_common::token::{Caller, Role};
 use switchboard_proto::messaging::v1 as pb;
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use super::agents::AgentDirectory;
 use super::views::{consultation_of, consultation_view};
@@ -188,24 +189,17 @@ impl<S: DeskStore> Desk<S> {
             transfer_note: String::new(),
         };
         // Opened with its first message or not at all: the send limit is checked before
-        // anything is stored, and a first message that cannot be stored closes the
-        // consultation again (it never waits in the queue without one).
+        // anything is stored, and the records, the queue entry and the first message are
+        // one atomic store step.
         self.messaging.admit(caller)?;
-        self.store().open(&conversation, &consultation).await?;
-        if let Err(e) = self.messaging.send_admitted(caller, draft).await {
-            let undo = self
-                .store()
-                .close(
-                    &id,
-                    "not opened: its first message could not be stored",
-                    now_ms(),
-                )
-                .await;
-            if let Err(u) = undo {
-                tracing::warn!(error = %u, consultation_id = %id, "cannot close a consultation whose first message failed");
-            }
-            return Err(e);
-        }
+        let (prepared, first) = self.messaging.prepared(caller, draft);
+        let span = prepared.span.clone();
+        let sent = self
+            .store()
+            .open(&conversation, &consultation, &first)
+            .instrument(span)
+            .await?;
+        prepared.finish(sent)?;
         metrics::counter!(m::CONSULTATIONS_QUEUED).increment(1);
         self.messaging
             .announce(
