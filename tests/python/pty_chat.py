@@ -52,11 +52,17 @@ def main():
     os.write(master, b"\r")
     ok = ok and wait_for("bob: " + LONG[:100])
     os.write(master, b"\x04")
-    try:
-        code = child.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+    # Keep reading while waiting: a full terminal buffer would block the chat's writes.
+    deadline = time.monotonic() + 10
+    code = None
+    while time.monotonic() < deadline:
+        code = child.poll()
+        if code is not None:
+            break
+        wait_for("\0", 0.1)
+    if code is None:
         child.kill()
-        code = None
+        child.wait()
     wait_for("\0", 0.3)  # drain what is left
     flags = termios.tcgetattr(keep)[3]
     restored = bool(flags & termios.ICANON) and bool(flags & termios.ECHO)

@@ -207,7 +207,6 @@ pub(crate) async fn console(client: &Client) -> anyhow::Result<()> {
                 key = keys.next() => match key {
                     Key::Line(line) => {
                         command(client, &session, &mut desk, online.as_mut(), &tx, line.trim()).await;
-                        typing_sent = None;
                     }
                     // The customer of the current consultation sees the agent typing.
                     Key::Typing => {

@@ -226,7 +226,6 @@ pub(crate) async fn chat(client: &Client, conversation: &str, history: u64) -> a
                         if let Some(frame) = chat.line(line).await {
                             let _ = tx.send(frame).await;
                         }
-                        typing_sent = None;
                     }
                     Key::Typing => {
                         if typing_sent.is_none_or(|t| t.elapsed() >= TYPING_EVERY) {

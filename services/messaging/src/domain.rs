@@ -14,7 +14,9 @@ use crate::conversation::{ConversationRecord, Kind, Member, NewConversation, dir
 use crate::directory::{self, Credential, UserDirectory};
 use crate::error::{Error, Result};
 use crate::message::{Draft, Envelope, encode_event};
-use crate::store::{MessagingStore, Outgoing, Range, Sent, conversation_channel, user_channel};
+use crate::store::{
+    MessagingStore, Outgoing, Range, Sent, Summary, conversation_channel, user_channel,
+};
 
 /// Views built at once: a page of ListConversations, or an event's per-recipient views
 /// (SUPPORT conversations' events differ by viewer).
@@ -331,20 +333,22 @@ impl<S: MessagingStore> Messaging<S> {
             Some((at, id)) if start + page.len() < order.len() => format!("{at}:{id}"),
             _ => String::new(),
         };
-        // The page's views side by side (16 at a time), in the page's order.
+        // The page's summaries in one round trip; consultations (SUPPORT ones only) side
+        // by side, in the page's order.
         use futures::StreamExt;
         let ids: Vec<String> = page.into_iter().map(|(_, id)| id.clone()).collect();
         let user = caller.user_id.as_str();
-        let views: Vec<Result<Option<pb::Conversation>>> = futures::stream::iter(ids)
-            .map(|id| self.view_by_id(id, user))
-            .buffered(ANNOUNCE_CONCURRENCY)
-            .collect()
-            .await;
-        let views = views
-            .into_iter()
-            .filter_map(Result::transpose)
-            .collect::<Result<_>>()?;
-        Ok((views, next))
+        let summaries = self.store.summaries(&ids, user).await?;
+        let views: Vec<Result<pb::Conversation>> =
+            futures::stream::iter(summaries.into_iter().flatten())
+                .map(|summary| async move {
+                    let consultation = self.consultation_of(&summary.record, user).await?;
+                    Ok(conversation_view(summary, consultation))
+                })
+                .buffered(ANNOUNCE_CONCURRENCY)
+                .collect()
+                .await;
+        Ok((views.into_iter().collect::<Result<_>>()?, next))
     }
 
     /// Owner adds members to a group; every one must be a user.
@@ -732,14 +736,6 @@ impl<S: MessagingStore> Messaging<S> {
             .await
     }
 
-    /// [`view`](Self::view) of conversation `id`, if it exists.
-    async fn view_by_id(&self, id: String, user: &str) -> Result<Option<pb::Conversation>> {
-        match self.store.conversation(&id).await? {
-            Some(record) => Ok(Some(self.view(&record, user).await?)),
-            None => Ok(None),
-        }
-    }
-
     /// What `user` sees of `record`: members, newest message, read position, unread count.
     pub async fn view(&self, record: &ConversationRecord, user: &str) -> Result<pb::Conversation> {
         // Independent reads, in flight together: one round trip, not three.
@@ -748,21 +744,13 @@ impl<S: MessagingStore> Messaging<S> {
             self.store.read_position(&record.id, user),
             self.consultation_of(record, user),
         )?;
-        Ok(pb::Conversation {
-            id: record.id.clone(),
-            kind: record.kind.to_proto(),
-            title: record.title.clone(),
-            member_ids: record.members.iter().map(|m| m.user_id.clone()).collect(),
-            member_count: u32::try_from(record.members.len()).unwrap_or(u32::MAX),
-            owner_id: record.owner_id.clone(),
-            created_at: Some(timestamp(record.created_at_ms)),
+        let summary = Summary {
+            record: record.clone(),
             last_message: latest.messages.into_iter().next_back(),
             last_seq: latest.last_seq,
             read_seq,
-            unread_count: latest.last_seq.saturating_sub(read_seq),
-            consultation,
-            read_only: record.read_only,
-        })
+        };
+        Ok(conversation_view(summary, consultation))
     }
 
     /// The consultation of a SUPPORT conversation, as `user` sees it.
@@ -849,6 +837,32 @@ impl<S: MessagingStore> Messaging<S> {
 pub const EVENT_MEMBER_IDS: usize = 100;
 
 /// A message ready for the store's send step, with its `publish` span.
+/// A conversation as its member sees it, from its [`Summary`] and (SUPPORT ones) its
+/// consultation.
+fn conversation_view(s: Summary, consultation: Option<pb::Consultation>) -> pb::Conversation {
+    let Summary {
+        record,
+        last_message,
+        last_seq,
+        read_seq,
+    } = s;
+    pb::Conversation {
+        kind: record.kind.to_proto(),
+        member_ids: record.members.iter().map(|m| m.user_id.clone()).collect(),
+        member_count: u32::try_from(record.members.len()).unwrap_or(u32::MAX),
+        created_at: Some(timestamp(record.created_at_ms)),
+        last_message,
+        last_seq,
+        read_seq,
+        unread_count: last_seq.saturating_sub(read_seq),
+        consultation,
+        read_only: record.read_only,
+        id: record.id,
+        title: record.title,
+        owner_id: record.owner_id,
+    }
+}
+
 pub(crate) struct Prepared {
     message: pb::Message,
     conversation_id: String,

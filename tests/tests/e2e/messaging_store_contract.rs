@@ -346,6 +346,23 @@ async fn contract(store: impl MessagingStore, bus: Arc<dyn Bus>, retention: usiz
         h.last_seq
     );
     assert_eq!(store.read_position("g1", "nobody").await.expect("none"), 0);
+    // A page's summaries, in the order asked, None for what does not exist.
+    let page = store
+        .summaries(&["nope".into(), "g1".into()], "c")
+        .await
+        .expect("summaries");
+    assert!(page[0].is_none());
+    let g1 = page[1].as_ref().expect("g1");
+    assert_eq!(g1.record.id, "g1");
+    assert_eq!(
+        (
+            g1.last_seq,
+            g1.read_seq,
+            g1.last_message.as_ref().map(|m| m.seq)
+        ),
+        (h.last_seq, h.last_seq, Some(h.last_seq))
+    );
+    assert!(store.summaries(&[], "c").await.expect("none").is_empty());
     assert_eq!(store.read_position("nope", "c").await.expect("no such"), 0);
 
     // Ephemeral publishes reach subscribers.

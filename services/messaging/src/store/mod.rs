@@ -94,6 +94,19 @@ pub struct History {
     pub last_seq: u64,
 }
 
+/// What a list shows of one conversation for one member.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// The conversation.
+    pub record: ConversationRecord,
+    /// Its newest message, if any.
+    pub last_message: Option<pb::Message>,
+    /// Its newest seq (0 when none).
+    pub last_seq: u64,
+    /// The member's read position.
+    pub read_seq: u64,
+}
+
 /// Which part of history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Range {
@@ -180,6 +193,32 @@ pub trait MessagingStore: Send + Sync + 'static {
     -> impl Future<Output = Result<HashMap<String, u64>>> + Send;
     /// One member's read position (0 if none): O(1) whatever the group's size.
     fn read_position(&self, id: &str, user: &str) -> impl Future<Output = Result<u64>> + Send;
+    /// [`Summary`] of each conversation for `user`, in the order asked (`None` for what
+    /// does not exist). Engines that can answer a page in one round trip override this.
+    fn summaries(
+        &self,
+        ids: &[String],
+        user: &str,
+    ) -> impl Future<Output = Result<Vec<Option<Summary>>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                let Some(record) = self.conversation(id).await? else {
+                    out.push(None);
+                    continue;
+                };
+                let latest = self.history(id, Range::Latest, 1).await?;
+                let read_seq = self.read_position(id, user).await?;
+                out.push(Some(Summary {
+                    record,
+                    last_message: latest.messages.into_iter().next_back(),
+                    last_seq: latest.last_seq,
+                    read_seq,
+                }));
+            }
+            Ok(out)
+        }
+    }
     /// Publishes an ephemeral payload on `channel` (receipts, typing, events).
     fn publish(&self, channel: &str, payload: Vec<u8>) -> impl Future<Output = Result<()>> + Send;
     /// Publishes the same payload on each of `channels`; engines that can pipeline do.

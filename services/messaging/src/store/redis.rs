@@ -497,6 +497,52 @@ impl MessagingStore for RedisStore {
         Ok(seqs.into_iter().map(|s| s.unwrap_or(0)).collect())
     }
 
+    /// One pipeline for the whole page: five commands per conversation.
+    async fn summaries(&self, ids: &[String], user: &str) -> Result<Vec<Option<super::Summary>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(key(id, "meta"))
+                .hgetall(key(id, "members"))
+                .cmd("XREVRANGE")
+                .arg(key(id, "log"))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .get(key(id, "seq"))
+                .hget(key(id, "reads"), user);
+        }
+        let values: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        let parse = |e: redis::ParsingError| Error::storage(format!("a summary reply: {e}"));
+        for (id, v) in ids.iter().zip(values.chunks(5)) {
+            let [meta, members, latest, seq, read] = v else {
+                return Err(Error::storage("a summary reply of the wrong shape"));
+            };
+            let meta: HashMap<String, String> = redis::from_redis_value_ref(meta).map_err(parse)?;
+            let members: HashMap<String, u64> =
+                redis::from_redis_value_ref(members).map_err(parse)?;
+            let Some(record) = parse_record(id, meta, members)? else {
+                out.push(None);
+                continue;
+            };
+            let latest: Entries = redis::from_redis_value_ref(latest).map_err(parse)?;
+            let last_seq: Option<u64> = redis::from_redis_value_ref(seq).map_err(parse)?;
+            let read_seq: Option<u64> = redis::from_redis_value_ref(read).map_err(parse)?;
+            out.push(Some(super::Summary {
+                record,
+                last_message: decode_entries(latest)?.into_iter().next(),
+                last_seq: last_seq.unwrap_or(0),
+                read_seq: read_seq.unwrap_or(0),
+            }));
+        }
+        Ok(out)
+    }
+
     async fn read_position(&self, id: &str, user: &str) -> Result<u64> {
         let mut conn = self.conn.clone();
         let at: Option<u64> = conn.hget(key(id, "reads"), user).await?;
