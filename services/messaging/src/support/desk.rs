@@ -429,11 +429,16 @@ mod tests {
 
         /// `available` are online and AVAILABLE; `busy` only online.
         fn set(&self, available: &[&str], busy: &[&str]) {
+            self.set_quietly(available, busy);
+            let _ = self.wakes.send(());
+        }
+
+        /// [`set`](Self::set) without telling watchers (as when a presence event is lost).
+        fn set_quietly(&self, available: &[&str], busy: &[&str]) {
             let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
             *self.available.lock().expect("lock") = own(available);
             *self.online.lock().expect("lock") =
                 own(available).into_iter().chain(own(busy)).collect();
-            let _ = self.wakes.send(());
         }
     }
 
@@ -550,6 +555,35 @@ mod tests {
         })
         .await;
         assert!(assigned.is_ok(), "not routed when the agent came");
+        shutdown.cancel();
+        dispatching.await.expect("dispatch ends at shutdown");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_presence_event_is_caught_by_the_safety_pass_and_only_then() {
+        let (desk, agents) = desk(5, 10.0);
+        let (c, _) = desk
+            .open(&person("c1", Role::Customer), "quiet", "anyone?".into())
+            .await
+            .expect("open");
+        let shutdown = CancellationToken::new();
+        let dispatching = tokio::spawn(
+            desk.clone()
+                .dispatch(Duration::from_secs(10), shutdown.clone()),
+        );
+        // The start's pass finds nobody; then the agent comes, but the event that says so
+        // is lost.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        agents.set_quietly(&[A1], &[]);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(agent_of(&desk, &c.id).await, "", "routed before the pass");
+        // The next pass runs at 10 s (paused time: no real waiting).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            agent_of(&desk, &c.id).await,
+            A1,
+            "the safety pass missed it"
+        );
         shutdown.cancel();
         dispatching.await.expect("dispatch ends at shutdown");
     }
