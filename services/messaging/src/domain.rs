@@ -1066,6 +1066,23 @@ mod tests {
         )
     }
 
+    async fn direct(
+        m: &Messaging<crate::store::memory::MemoryStore>,
+        a: &Caller,
+        b: &Caller,
+    ) -> pb::Conversation {
+        m.create(
+            a,
+            &Credential::default(),
+            pb::ConversationKind::Direct as i32,
+            "",
+            std::slice::from_ref(&b.user_id),
+        )
+        .await
+        .expect("direct")
+        .0
+    }
+
     fn draft(conversation: &str, key: &str, body: &str) -> Draft {
         Draft::parse(
             conversation.into(),
@@ -1144,16 +1161,7 @@ mod tests {
     async fn reading_moves_forward_only_and_unread_counts_follow() {
         let m = rules(100.0);
         let (a, b) = (caller(1), caller(2));
-        let (direct, _) = m
-            .create(
-                &a,
-                &Credential::default(),
-                pb::ConversationKind::Direct as i32,
-                "",
-                std::slice::from_ref(&b.user_id),
-            )
-            .await
-            .expect("direct");
+        let direct = direct(&m, &a, &b).await;
         for k in 0..3 {
             m.send(&a, draft(&direct.id, &format!("k{k}"), "hi"))
                 .await
@@ -1190,16 +1198,7 @@ mod tests {
     async fn the_send_limit_refuses_with_a_wait_and_typing_is_rate_limited() {
         let m = rules(2.0);
         let (a, b) = (caller(1), caller(2));
-        let (direct, _) = m
-            .create(
-                &a,
-                &Credential::default(),
-                pb::ConversationKind::Direct as i32,
-                "",
-                std::slice::from_ref(&b.user_id),
-            )
-            .await
-            .expect("direct");
+        let direct = direct(&m, &a, &b).await;
         for k in 0..2 {
             m.send(&a, draft(&direct.id, &format!("k{k}"), "x"))
                 .await

@@ -243,14 +243,15 @@ fn make_run_refuses_a_busy_port_and_prints_no_banner() {
     assert!(!stdout.contains("Switchboard is running"), "{stdout}");
 }
 
-#[test]
-fn make_run_starts_one_process_says_state_is_lost_and_stops_it_on_sigterm() {
-    let ports = [free_port(), free_port(), free_port()];
+/// `make run`'s script on these ports (plus `env`), and the banner it printed, once it has
+/// (the script keeps running; stop it with SIGTERM).
+fn start_make_run(ports: &[String; 3], env: &[(&str, &str)]) -> (std::process::Child, String) {
     let mut child = run_script()
         .env("AUTH_ADDR", &ports[0])
         .env("PRESENCE_ADDR", &ports[1])
         .env("MESSAGING_ADDR", &ports[2])
         .env("METRICS_ADDR", ANY_PORT)
+        .envs(env.iter().copied())
         .spawn()
         .expect("spawn");
     let stdout = child.stdout.take().expect("stdout");
@@ -268,7 +269,7 @@ fn make_run_starts_one_process_says_state_is_lost_and_stops_it_on_sigterm() {
     });
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut banner = String::new();
-    while !banner.contains("Ctrl-C stops") {
+    while !banner.contains("Ctrl-C stops everything.") {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) => {
                 banner.push_str(&line);
@@ -280,6 +281,13 @@ fn make_run_starts_one_process_says_state_is_lost_and_stops_it_on_sigterm() {
             }
         }
     }
+    (child, banner)
+}
+
+#[test]
+fn make_run_starts_one_process_says_state_is_lost_and_stops_it_on_sigterm() {
+    let ports = [free_port(), free_port(), free_port()];
+    let (child, banner) = start_make_run(&ports, &[]);
     assert!(
         banner.contains("embedded in-memory engine") && banner.contains("lost when this stops"),
         "{banner}"
@@ -371,42 +379,13 @@ fn walk_through(banner: &str) -> Vec<(u32, Vec<String>)> {
 #[test]
 fn the_walk_through_make_run_prints_works_line_by_line() {
     let ports = [free_port(), free_port(), free_port()];
-    let mut child = run_script()
-        .env("AUTH_ADDR", &ports[0])
-        .env("PRESENCE_ADDR", &ports[1])
-        .env("MESSAGING_ADDR", &ports[2])
-        .env("METRICS_ADDR", ANY_PORT)
-        .env("AUTH_ARGON2_MEMORY_KIB", "1024")
-        .env("AUTH_ARGON2_ITERATIONS", "1")
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut banner = String::new();
-    while !banner.contains("Ctrl-C stops everything.") {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => {
-                banner.push_str(&line);
-                banner.push('\n');
-            }
-            Err(_) => {
-                let _ = child.kill();
-                panic!("no banner within 60 s; got:\n{banner}");
-            }
-        }
-    }
+    let (child, banner) = start_make_run(
+        &ports,
+        &[
+            ("AUTH_ARGON2_MEMORY_KIB", "1024"),
+            ("AUTH_ARGON2_ITERATIONS", "1"),
+        ],
+    );
     let blocks = walk_through(&banner);
     assert!(blocks.len() >= 6, "{blocks:?}");
 
