@@ -25,9 +25,9 @@ const ANNOUNCE_CONCURRENCY: usize = 16;
 /// Largest page of history.
 pub const MAX_PAGE: usize = 200;
 /// Where a page of ListConversations starts: after the conversation with this
-/// (activity, id) in the listing's order; `None` for the first page. A token is
-/// `"<activity ms>:<conversation id>"`, as the previous page's `next_page_token` said.
-pub fn page_cursor(page_token: &str) -> Result<Option<(u64, String)>> {
+/// [`Ranked`](crate::store::Ranked) in the listing's order; `None` for the first page. A
+/// token is `"<rank ms>:<conversation id>"`, as the previous page's `next_page_token` said.
+pub fn page_cursor(page_token: &str) -> Result<Option<crate::store::Ranked>> {
     if page_token.is_empty() {
         return Ok(None);
     }
@@ -299,7 +299,8 @@ impl<S: MessagingStore> Messaging<S> {
         self.view(&record, &caller.user_id).await
     }
 
-    /// The caller's conversations, most recently active first; `page_token` is an offset.
+    /// The caller's conversations by rank ([`Ranked`](crate::store::Ranked)), a page after
+    /// `page_token`'s cursor.
     pub async fn list(
         &self,
         caller: &Caller,
@@ -317,26 +318,18 @@ impl<S: MessagingStore> Messaging<S> {
             }
         };
         let after = page_cursor(page_token)?;
-        // Two round trips for the order whatever the count (the ids, then each one's
-        // activity); the views only for the page.
-        let ids = self.store.user_conversations(&caller.user_id).await?;
-        let activity = self.store.activity(&ids).await?;
-        let mut order: Vec<(u64, String)> = activity.into_iter().zip(ids).collect();
-        // Most recently active first; ties by id, so the order is total and a cursor exact.
-        order.sort_unstable_by(|a, b| b.cmp(a));
-        let start = match &after {
-            None => 0,
-            Some(cursor) => order.partition_point(|entry| entry >= cursor),
-        };
-        let page: Vec<&(u64, String)> = order[start..].iter().take(size).collect();
+        let (page, more) = self
+            .store
+            .ranked(&caller.user_id, after.as_ref(), size)
+            .await?;
         let next = match page.last() {
-            Some((at, id)) if start + page.len() < order.len() => format!("{at}:{id}"),
+            Some((at, id)) if more => format!("{at}:{id}"),
             _ => String::new(),
         };
         // The page's summaries in one round trip; consultations (SUPPORT ones only) side
         // by side, in the page's order.
         use futures::StreamExt;
-        let ids: Vec<String> = page.into_iter().map(|(_, id)| id.clone()).collect();
+        let ids: Vec<String> = page.into_iter().map(|(_, id)| id).collect();
         let user = caller.user_id.as_str();
         let summaries = self.store.summaries(&ids, user).await?;
         let views: Vec<Result<pb::Conversation>> =

@@ -9,9 +9,9 @@ use switchboard_messaging::conversation::{ConversationRecord, Kind, Member};
 use switchboard_messaging::message::{Envelope, Frame, decode};
 use switchboard_messaging::store::desk::{ConsultationRecord, ConsultationState, Routed, Step};
 use switchboard_messaging::store::memory::MemoryStore;
-use switchboard_messaging::store::redis::RedisStore;
+use switchboard_messaging::store::redis::{RedisStore, WIDE_MEMBERS};
 use switchboard_messaging::store::{
-    DeskStore, Membership, MessagingStore, Outgoing, Range, Sent, conversation_channel,
+    DeskStore, Membership, MessagingStore, Outgoing, Range, Ranked, Sent, conversation_channel,
 };
 use switchboard_proto::messaging::v1 as pb;
 use switchboard_tests::redis::RedisServer;
@@ -33,6 +33,14 @@ fn group(id: &str, members: &[&str]) -> ConversationRecord {
                 joined_at_ms: 1000 + i as u64,
             })
             .collect(),
+    }
+}
+
+/// `outgoing` sent at `at_ms`.
+fn outgoing_at(conversation: &str, sender: &str, key: &str, at_ms: u64) -> Outgoing {
+    Outgoing {
+        sent_at_ms: at_ms,
+        ..outgoing(conversation, sender, key, "x")
     }
 }
 
@@ -289,30 +297,7 @@ async fn contract(store: impl MessagingStore, bus: Arc<dyn Bus>, retention: usiz
         "history not bounded: {kept} kept"
     );
 
-    // Activity: the creation time, then each send's time; 0 for what does not exist.
-    store
-        .create(&group("act", &["a", "b"]))
-        .await
-        .expect("create act");
-    assert_eq!(
-        store
-            .activity(&["act".into(), "nope".into()])
-            .await
-            .expect("activity"),
-        [1000, 0]
-    );
-    store
-        .send(&outgoing("act", "a", "act1", "x"))
-        .await
-        .expect("send act");
-    assert_eq!(
-        store
-            .activity(&["nope".into(), "act".into(), "g1".into()])
-            .await
-            .expect("activity"),
-        [0, 5, 5]
-    );
-    assert!(store.activity(&[]).await.expect("none").is_empty());
+    // How conversations rank in their members' lists: `ranking_contract`.
 
     // Writing means having read up to there: the sender's position is its last message.
     assert_eq!(
@@ -614,14 +599,175 @@ async fn redis_engine_meets_the_contract() {
     shutdown.cancel();
 }
 
+/// Every page of `user`'s list, `limit` at a time; checks that only the last page says
+/// nothing more follows and that no page is longer than asked.
+async fn listing(store: &impl MessagingStore, user: &str, limit: usize) -> Vec<Ranked> {
+    let mut all: Vec<Ranked> = Vec::new();
+    for _ in 0..100 {
+        let (page, more) = store.ranked(user, all.last(), limit).await.expect("a page");
+        assert!(page.len() <= limit, "a page of {} for {limit}", page.len());
+        if more {
+            assert_eq!(page.len(), limit, "a short page before the last");
+        }
+        all.extend(page);
+        if !more {
+            return all;
+        }
+    }
+    panic!("paging {user}'s list does not end");
+}
+
+fn ranks(list: &[(u64, &str)]) -> Vec<Ranked> {
+    list.iter()
+        .map(|(at, id)| (*at, (*id).to_owned()))
+        .collect()
+}
+
+/// A conversation ranks in each member's list by the later of its newest message and the
+/// member's joining, newest first, ties by id; pages continue exactly after their cursor;
+/// groups past Redis's wide limit rank the same way.
+async fn ranking_contract(store: impl MessagingStore) {
+    // Joined at 1000 + position: u joins n1 at 1000, n2 at 1001, n3 at 1000.
+    for (id, members) in [("n1", ["u", "v"]), ("n2", ["v", "u"])] {
+        store.create(&group(id, &members)).await.expect("create");
+    }
+    store.create(&group("n3", &["u"])).await.expect("create");
+    let expected = ranks(&[(1001, "n2"), (1000, "n3"), (1000, "n1")]);
+    for limit in [1, 2, 3, 10] {
+        assert_eq!(
+            listing(&store, "u", limit).await,
+            expected,
+            "pages of {limit}"
+        );
+    }
+    assert_eq!(
+        listing(&store, "v", 10).await,
+        ranks(&[(1001, "n1"), (1000, "n2")])
+    );
+
+    // A message raises the conversation for every member; one stamped earlier (another
+    // instance's clock) moves nothing back.
+    store
+        .send(&outgoing_at("n1", "v", "r1", 5000))
+        .await
+        .expect("send");
+    store
+        .send(&outgoing_at("n1", "v", "r2", 4000))
+        .await
+        .expect("send");
+    assert_eq!(
+        listing(&store, "u", 2).await,
+        ranks(&[(5000, "n1"), (1001, "n2"), (1000, "n3")])
+    );
+    assert_eq!(
+        listing(&store, "v", 1).await,
+        ranks(&[(5000, "n1"), (1000, "n2")])
+    );
+
+    // A wide group from the start: one member past the limit.
+    let crowd: Vec<String> = (0..WIDE_MEMBERS).map(|i| format!("w{i:02}")).collect();
+    let mut members = vec!["u"];
+    members.extend(crowd.iter().map(String::as_str));
+    store.create(&group("w", &members)).await.expect("create w");
+    assert_eq!(
+        listing(&store, "u", 1).await,
+        ranks(&[(5000, "n1"), (1001, "n2"), (1000, "w"), (1000, "n3")])
+    );
+    store
+        .send(&outgoing_at("w", "w05", "w1", 6000))
+        .await
+        .expect("send");
+    assert_eq!(
+        listing(&store, "u", 3).await,
+        ranks(&[(6000, "w"), (5000, "n1"), (1001, "n2"), (1000, "n3")])
+    );
+    assert_eq!(listing(&store, "w01", 10).await, ranks(&[(6000, "w")]));
+
+    // n3 grows past the limit: its old member keeps its rank, the new ones rank by joining,
+    // and a message raises it for all.
+    let newcomers: Vec<String> = (0..WIDE_MEMBERS).map(|i| format!("x{i:02}")).collect();
+    store
+        .add_members("n3", &newcomers, 7000)
+        .await
+        .expect("add")
+        .expect("n3");
+    assert_eq!(listing(&store, "x01", 10).await, ranks(&[(7000, "n3")]));
+    assert_eq!(
+        listing(&store, "u", 10).await,
+        ranks(&[(6000, "w"), (5000, "n1"), (1001, "n2"), (1000, "n3")])
+    );
+    store
+        .send(&outgoing_at("n3", "x03", "x1", 8000))
+        .await
+        .expect("send");
+    assert_eq!(
+        listing(&store, "u", 2).await,
+        ranks(&[(8000, "n3"), (6000, "w"), (5000, "n1"), (1001, "n2")])
+    );
+    assert_eq!(listing(&store, "x00", 10).await, ranks(&[(8000, "n3")]));
+    let mut mine = store.user_conversations("u").await.expect("index");
+    mine.sort();
+    assert_eq!(mine, ["n1", "n2", "n3", "w"], "each conversation once");
+
+    // Leaving takes it off one's list, wide or not.
+    store
+        .remove_member("w", "u", None)
+        .await
+        .expect("remove")
+        .expect("w");
+    store
+        .remove_member("n2", "u", None)
+        .await
+        .expect("remove")
+        .expect("n2");
+    assert_eq!(
+        listing(&store, "u", 10).await,
+        ranks(&[(8000, "n3"), (5000, "n1")])
+    );
+    assert!(listing(&store, "nobody", 10).await.is_empty());
+    assert_eq!(
+        store
+            .ranked("u", Some(&(0, String::new())), 10)
+            .await
+            .expect("past the end"),
+        (Vec::new(), false)
+    );
+}
+
 #[tokio::test]
-async fn redis_conversations_stored_before_activity_was_kept_list_by_their_creation() {
+async fn memory_engine_ranks_conversations() {
+    ranking_contract(MemoryStore::new(MemoryBus::new(), 100)).await;
+}
+
+#[tokio::test]
+async fn redis_engine_ranks_conversations() {
+    let redis = RedisServer::spawn().expect("redis");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let conn = redis_manager(&client).expect("manager");
+    ranking_contract(RedisStore::new(conn.clone(), 100)).await;
+    // The wide ones took the wide path: in the users' wide sets, not their ranked lists.
+    let mut raw = conn;
+    let (wide, ranked, newcomer): (Vec<String>, Vec<String>, Vec<String>) = redis::pipe()
+        .smembers("sb:msg:user:u:wide")
+        .zrange("sb:msg:user:u:convs", 0, -1)
+        .zrange("sb:msg:user:x01:convs", 0, -1)
+        .query_async(&mut raw)
+        .await
+        .expect("read the lists");
+    assert_eq!(wide, ["n3"]);
+    assert_eq!(ranked, ["n1"]);
+    assert!(newcomer.is_empty(), "{newcomer:?}");
+}
+
+#[tokio::test]
+async fn redis_wide_conversation_without_an_activity_key_ranks_by_joining() {
     let redis = RedisServer::spawn().expect("redis");
     let client = redis::Client::open(redis.url()).expect("client");
     let conn = redis_manager(&client).expect("manager");
     let store = RedisStore::new(conn.clone(), 100);
-    store.create(&group("old", &["a"])).await.expect("create");
-    store.create(&group("new", &["a"])).await.expect("create");
+    let crowd: Vec<String> = (0..=WIDE_MEMBERS).map(|i| format!("m{i:02}")).collect();
+    let members: Vec<&str> = crowd.iter().map(String::as_str).collect();
+    store.create(&group("old", &members)).await.expect("create");
     // As written by a version without the activity key.
     let mut raw = conn.clone();
     let _: () = redis::cmd("DEL")
@@ -630,12 +776,9 @@ async fn redis_conversations_stored_before_activity_was_kept_list_by_their_creat
         .await
         .expect("del");
     assert_eq!(
-        store
-            .activity(&["old".into(), "new".into(), "gone".into()])
-            .await
-            .expect("activity"),
-        [1000, 1000, 0],
-        "the creation time stands in for a missing activity"
+        store.ranked("m07", None, 10).await.expect("page"),
+        (ranks(&[(1007, "old")]), false),
+        "the join time stands in for a missing activity"
     );
 }
 

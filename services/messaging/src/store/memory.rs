@@ -2,7 +2,7 @@
 //! Publishing goes to the process's [`MemoryBus`], under the same lock as the seq, so
 //! messages are published in seq order exactly as the Redis script does.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,9 @@ use switchboard_common::bus::MemoryBus;
 use switchboard_proto::messaging::v1 as pb;
 
 use super::desk::ConsultationRecord;
-use super::{History, Membership, MessagingStore, Outgoing, Range, Sent, conversation_channel};
+use super::{
+    History, Membership, MessagingStore, Outgoing, Range, Ranked, Sent, conversation_channel,
+};
 use crate::conversation::{ConversationRecord, Member};
 use crate::error::{Error, Result};
 use crate::message::message_header;
@@ -41,10 +43,11 @@ pub(super) struct DeskState {
 
 pub(super) struct Conversation {
     pub(super) record: ConversationRecord,
-    /// The members' ids, for checks in constant time (the record's list is ordered).
-    members: HashSet<String>,
+    /// Each member's join time (Unix ms), for checks in constant time (the record's list
+    /// is ordered).
+    members: HashMap<String, u64>,
     last_seq: u64,
-    /// Unix ms of the newest message, or of the creation.
+    /// Unix ms of the newest message, or of the creation; never moves back.
     activity_ms: u64,
     log: BTreeMap<u64, Vec<u8>>,
     reads: HashMap<String, u64>,
@@ -96,7 +99,7 @@ impl MemoryStore {
         c.log.insert(seq, o.message.clone());
         // Writing means having read up to there.
         c.reads.insert(o.sender_id.clone(), seq);
-        c.activity_ms = o.sent_at_ms;
+        c.activity_ms = c.activity_ms.max(o.sent_at_ms);
         while c.log.len() > self.retention {
             c.log.pop_first();
         }
@@ -137,12 +140,13 @@ pub(super) fn index(state: &mut State, record: &ConversationRecord) {
 impl Conversation {
     /// Whether `user` is a member (constant time).
     pub(super) fn is_member(&self, user: &str) -> bool {
-        self.members.contains(user)
+        self.members.contains_key(user)
     }
 
     /// Adds `user` (joined at `now_ms`) unless a member already.
     pub(super) fn join(&mut self, user: &str, now_ms: u64) {
-        if self.members.insert(user.to_owned()) {
+        if !self.members.contains_key(user) {
+            self.members.insert(user.to_owned(), now_ms);
             self.record.members.push(Member {
                 user_id: user.to_owned(),
                 joined_at_ms: now_ms,
@@ -152,7 +156,7 @@ impl Conversation {
 
     /// Removes `user`.
     pub(super) fn leave(&mut self, user: &str) {
-        if self.members.remove(user) {
+        if self.members.remove(user).is_some() {
             self.record.members.retain(|m| m.user_id != user);
         }
     }
@@ -164,7 +168,11 @@ pub(super) fn insert(state: &mut State, record: &ConversationRecord) {
         record.id.clone(),
         Conversation {
             record: record.clone(),
-            members: record.members.iter().map(|m| m.user_id.clone()).collect(),
+            members: record
+                .members
+                .iter()
+                .map(|m| (m.user_id.clone(), m.joined_at_ms))
+                .collect(),
             last_seq: 0,
             activity_ms: record.created_at_ms,
             log: BTreeMap::new(),
@@ -349,11 +357,31 @@ impl MessagingStore for MemoryStore {
         }))
     }
 
-    async fn activity(&self, ids: &[String]) -> Result<Vec<u64>> {
+    /// Ranks all of the user's conversations for each page: this engine serves one
+    /// process (`make run`, tests), where that is a sort of a short list in memory.
+    async fn ranked(
+        &self,
+        user: &str,
+        after: Option<&Ranked>,
+        limit: usize,
+    ) -> Result<(Vec<Ranked>, bool)> {
         Ok(self.with(|s| {
-            ids.iter()
-                .map(|id| s.conversations.get(id).map(|c| c.activity_ms).unwrap_or(0))
-                .collect()
+            let mut all: Vec<Ranked> = s
+                .by_user
+                .get(user)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| {
+                    let c = s.conversations.get(id)?;
+                    let joined = c.members.get(user)?;
+                    Some((c.activity_ms.max(*joined), id.clone()))
+                })
+                .collect();
+            all.sort_unstable_by(|a, b| b.cmp(a));
+            let start = after.map_or(0, |cursor| all.partition_point(|e| e >= cursor));
+            let more = all.len() > start.saturating_add(limit);
+            let page = all.into_iter().skip(start).take(limit).collect();
+            (page, more)
         }))
     }
 

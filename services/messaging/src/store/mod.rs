@@ -107,6 +107,12 @@ pub struct Summary {
     pub read_seq: u64,
 }
 
+/// A conversation's place in one member's list: (rank, conversation id), listed in
+/// descending order, so ties go by id. The rank is the later of the conversation's newest
+/// message's time and the time the member joined (Unix ms): a conversation one is added
+/// to comes first, as does one just written in.
+pub type Ranked = (u64, String);
+
 /// Which part of history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Range {
@@ -181,10 +187,15 @@ pub trait MessagingStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Membership>>> + Send;
     /// Newest seq of each conversation (0 if none or unknown), in the order asked.
     fn last_seqs(&self, ids: &[String]) -> impl Future<Output = Result<Vec<u64>>> + Send;
-    /// When each conversation was last active (its newest message was sent, or it was
-    /// created), Unix ms; 0 if unknown. In the order asked, in one round trip. Kept by
-    /// `create` and `send` at O(1) each.
-    fn activity(&self, ids: &[String]) -> impl Future<Output = Result<Vec<u64>>> + Send;
+    /// `user`'s conversations in list order, the `limit` after `after` (from the first when
+    /// `None`), and whether more follow. The work is the page's, not the user's count of
+    /// conversations (see each engine for what it reads).
+    fn ranked(
+        &self,
+        user: &str,
+        after: Option<&Ranked>,
+        limit: usize,
+    ) -> impl Future<Output = Result<(Vec<Ranked>, bool)>> + Send;
     /// Moves `user`'s read position up to `seq` (never down); the position after.
     fn mark_read(&self, id: &str, user: &str, seq: u64)
     -> impl Future<Output = Result<u64>> + Send;

@@ -8,8 +8,19 @@
 //!   XRANGE), trimmed to the configured retention,
 //! - `idem:<sender>:<client_msg_id>` → `<seq>|<message id>|<sent at>` for 24 hours.
 //!
-//! Outside the slot: `sb:msg:direct:<a>|<b>` → id (one direct conversation per pair) and
-//! `sb:msg:user:<id>:convs`, a sorted set of the user's conversations.
+//! Outside the slot: `sb:msg:direct:<a>|<b>` → id (one direct conversation per pair), and
+//! each user's list, in two parts:
+//! - `sb:msg:user:<id>:convs`, a sorted set of the user's conversations of at most
+//!   [`WIDE_MEMBERS`] members, scored by rank ([`Ranked`]): joining adds
+//!   the conversation at the join time and the send script raises every member's score to
+//!   the message's time (`ZADD GT`), so a page is one range read;
+//! - `sb:msg:user:<id>:wide`, a set of the user's *wide* conversations (more members;
+//!   meta `wide` = 1). A send there touches no member's list (its work stays constant
+//!   whatever the group's size); a page reads each wide conversation's `activity` instead
+//!   and merges. A conversation turns wide once, when it grows past the limit, and stays so.
+//!
+//! The send script and the member-adding script write users' list keys they do not
+//! declare: fine on one Redis, not in a Redis Cluster (a later change moves them out).
 
 use std::collections::HashMap;
 
@@ -17,31 +28,77 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use switchboard_proto::messaging::v1 as pb;
 
-use super::{History, Membership, MessagingStore, Outgoing, Range, Sent, conversation_channel};
+use super::{
+    History, Membership, MessagingStore, Outgoing, Range, Ranked, Sent, conversation_channel,
+};
 use crate::conversation::{ConversationRecord, Kind, Member};
 use crate::error::{Error, Result};
 
 /// Seconds an idempotency key is remembered.
 const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 
+/// Conversations of more members than this are wide (see the module docs).
+pub const WIDE_MEMBERS: usize = 16;
+
 /// The one atomic send step; the sender has read up to what they wrote, and the
-/// conversation was last active now. KEYS: meta, members, seq, log, idem, reads, activity.
-/// ARGV: sender, message bytes, retention, "<id>|<sent at>", idem ttl, channel, envelope,
-/// sent at (ms).
+/// conversation was last active now: in a narrow conversation that raises it in every
+/// member's list (`ZADD GT`, so a rank never moves back), in a wide one only its
+/// `activity`, which then never moves back either. A conversation stored before `wide`
+/// was kept counts as narrow if it is small. Seven Redis calls, plus two and one per member
+/// when narrow. KEYS: meta, members, seq, log, idem, reads, activity. ARGV: sender, message
+/// bytes, retention, "<id>|<sent at>", idem ttl, channel, envelope, sent at (ms),
+/// conversation id, list key prefix, list key suffix, the wide limit.
 const SEND: &str = r#"
 local dup = redis.call('GET', KEYS[5])
 if dup then return {'dup', dup} end
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'nf'} end
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'read_only', 'wide')
+if not meta[1] then return {'nf'} end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return {'nm'} end
-if redis.call('HGET', KEYS[1], 'read_only') == '1' then return {'ro'} end
+if meta[2] == '1' then return {'ro'} end
 local seq = redis.call('INCR', KEYS[3])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', ARGV[2])
 redis.call('SET', KEYS[5], seq .. '|' .. ARGV[4], 'EX', ARGV[5])
 redis.call('HSET', KEYS[6], ARGV[1], seq)
-redis.call('SET', KEYS[7], ARGV[8])
+local narrow = meta[3] == '0' or (not meta[3] and redis.call('HLEN', KEYS[2]) <= tonumber(ARGV[12]))
+if narrow then
+  redis.call('SET', KEYS[7], ARGV[8])
+  for _, user in ipairs(redis.call('HKEYS', KEYS[2])) do
+    redis.call('ZADD', ARGV[10] .. user .. ARGV[11], 'GT', ARGV[8], ARGV[9])
+  end
+elseif tonumber(ARGV[8]) > tonumber(redis.call('GET', KEYS[7]) or '0') then
+  redis.call('SET', KEYS[7], ARGV[8])
+end
 redis.call('PUBLISH', ARGV[6], '1M' .. seq .. '\n' .. ARGV[7])
 return {'ok', tostring(seq)}
 "#;
+
+/// Adds members (existing ones keep their join time) and lists the conversation for
+/// them; turns the conversation wide when it grows past the limit. KEYS: meta, members.
+/// ARGV: conversation id, now (ms), the wide limit, list key prefix, narrow suffix, wide
+/// suffix, then the users. Returns 0 if there is no such conversation.
+const ADD_MEMBERS: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local wide = redis.call('HGET', KEYS[1], 'wide') == '1'
+for i = 7, #ARGV do
+  redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[2])
+  if wide then
+    redis.call('SADD', ARGV[4] .. ARGV[i] .. ARGV[6], ARGV[1])
+  else
+    redis.call('ZADD', ARGV[4] .. ARGV[i] .. ARGV[5], 'NX', ARGV[2], ARGV[1])
+  end
+end
+if not wide and redis.call('HLEN', KEYS[2]) > tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'wide', '1')
+  for _, user in ipairs(redis.call('HKEYS', KEYS[2])) do
+    redis.call('ZREM', ARGV[4] .. user .. ARGV[5], ARGV[1])
+    redis.call('SADD', ARGV[4] .. user .. ARGV[6], ARGV[1])
+  end
+end
+return 1
+"#;
+
+/// Users one member-adding script takes, so Redis serves others between chunks.
+const ADD_CHUNK: usize = 1000;
 
 /// Moves a read position forward, never past the last seq. KEYS: reads, seq. ARGV: user, seq.
 const MARK_READ: &str = r#"
@@ -98,6 +155,10 @@ impl RedisStore {
         args.extend(conversation_channel(id).to_redis_args());
         args.push(o.envelope.clone());
         args.extend(o.sent_at_ms.to_redis_args());
+        args.extend(id.to_redis_args());
+        args.extend(USER_PREFIX.to_redis_args());
+        args.extend(NARROW_SUFFIX.to_redis_args());
+        args.extend(WIDE_MEMBERS.to_redis_args());
         (keys, args)
     }
 
@@ -165,8 +226,18 @@ pub(super) fn key(id: &str, part: &str) -> String {
     format!("sb:msg:{{c:{id}}}:{part}")
 }
 
+const USER_PREFIX: &str = "sb:msg:user:";
+const NARROW_SUFFIX: &str = ":convs";
+const WIDE_SUFFIX: &str = ":wide";
+
+/// The user's narrow conversations by rank.
 pub(super) fn user_index(user: &str) -> String {
-    format!("sb:msg:user:{user}:convs")
+    format!("{USER_PREFIX}{user}{NARROW_SUFFIX}")
+}
+
+/// The user's wide conversations.
+fn user_wide(user: &str) -> String {
+    format!("{USER_PREFIX}{user}{WIDE_SUFFIX}")
 }
 
 fn direct_key(pair: &str) -> String {
@@ -214,6 +285,7 @@ fn parse_record(
 
 /// Adds the writes that store `c` and index it for its members to `pipe`.
 pub(super) fn write_conversation(pipe: &mut redis::Pipeline, c: &ConversationRecord) {
+    let wide = c.members.len() > WIDE_MEMBERS;
     pipe.hset_multiple(
         key(&c.id, "meta"),
         &[
@@ -223,6 +295,7 @@ pub(super) fn write_conversation(pipe: &mut redis::Pipeline, c: &ConversationRec
             ("created_at_ms", c.created_at_ms.to_string()),
             ("epoch", c.epoch.clone()),
             ("read_only", if c.read_only { "1" } else { "0" }.to_owned()),
+            ("wide", if wide { "1" } else { "0" }.to_owned()),
         ],
     )
     .ignore();
@@ -239,10 +312,17 @@ pub(super) fn write_conversation(pipe: &mut redis::Pipeline, c: &ConversationRec
         .arg("NX")
         .ignore();
     for m in &c.members {
-        pipe.zadd(user_index(&m.user_id), &c.id, m.joined_at_ms)
-            .ignore();
+        if wide {
+            pipe.sadd(user_wide(&m.user_id), &c.id).ignore();
+        } else {
+            pipe.zadd(user_index(&m.user_id), &c.id, m.joined_at_ms)
+                .ignore();
+        }
     }
 }
+
+/// A sorted-set range read WITHSCORES: (member, score) pairs.
+type Scored = Vec<(String, u64)>;
 
 /// An XRANGE/XREVRANGE reply: `[[id, [field, value, …]], …]`.
 type Entries = Vec<(String, Vec<Vec<u8>>)>;
@@ -336,6 +416,8 @@ impl MessagingStore for RedisStore {
         Ok(epoch.map(|epoch| Membership { member, epoch }))
     }
 
+    /// One pipeline of the member-adding script, 1,000 users each (by its source,
+    /// so a flushed script cache does not matter); each chunk is atomic.
     async fn add_members(
         &self,
         id: &str,
@@ -343,16 +425,25 @@ impl MessagingStore for RedisStore {
         now_ms: u64,
     ) -> Result<Option<ConversationRecord>> {
         let mut conn = self.conn.clone();
-        let exists: bool = conn.exists(key(id, "meta")).await?;
-        if !exists {
+        let mut pipe = redis::pipe();
+        for chunk in users.chunks(ADD_CHUNK) {
+            pipe.cmd("EVAL")
+                .arg(ADD_MEMBERS)
+                .arg(2)
+                .arg(key(id, "meta"))
+                .arg(key(id, "members"))
+                .arg(id)
+                .arg(now_ms)
+                .arg(WIDE_MEMBERS)
+                .arg(USER_PREFIX)
+                .arg(NARROW_SUFFIX)
+                .arg(WIDE_SUFFIX)
+                .arg(chunk);
+        }
+        let found: Vec<u8> = pipe.query_async(&mut conn).await?;
+        if found.contains(&0) {
             return Ok(None);
         }
-        let mut pipe = redis::pipe();
-        for u in users {
-            pipe.hset_nx(key(id, "members"), u, now_ms).ignore();
-            pipe.zadd(user_index(u), id, now_ms).ignore();
-        }
-        pipe.query_async::<()>(&mut conn).await?;
         self.conversation(id).await
     }
 
@@ -367,6 +458,8 @@ impl MessagingStore for RedisStore {
         pipe.hdel(key(id, "members"), user)
             .ignore()
             .zrem(user_index(user), id)
+            .ignore()
+            .srem(user_wide(user), id)
             .ignore();
         if let Some(owner) = new_owner {
             pipe.hset(key(id, "meta"), "owner_id", owner).ignore();
@@ -377,7 +470,13 @@ impl MessagingStore for RedisStore {
 
     async fn user_conversations(&self, user: &str) -> Result<Vec<String>> {
         let mut conn = self.conn.clone();
-        Ok(conn.zrange(user_index(user), 0, -1).await?)
+        let (mut narrow, wide): (Vec<String>, Vec<String>) = redis::pipe()
+            .zrange(user_index(user), 0, -1)
+            .smembers(user_wide(user))
+            .query_async(&mut conn)
+            .await?;
+        narrow.extend(wide);
+        Ok(narrow)
     }
 
     async fn send(&self, o: &Outgoing) -> Result<Sent> {
@@ -549,27 +648,67 @@ impl MessagingStore for RedisStore {
         Ok(at.unwrap_or(0))
     }
 
-    async fn activity(&self, ids: &[String]) -> Result<Vec<u64>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// One round trip for the narrow part (a range of the sorted set, `limit` + 1 long,
+    /// plus the entries tied with the cursor) and the wide set; one more, only if the user
+    /// is in wide conversations, for their activity and the user's join times.
+    async fn ranked(
+        &self,
+        user: &str,
+        after: Option<&Ranked>,
+        limit: usize,
+    ) -> Result<(Vec<Ranked>, bool)> {
         let mut conn = self.conn.clone();
-        let keys: Vec<String> = ids.iter().map(|id| key(id, "activity")).collect();
-        let mut at: Vec<Option<u64>> = redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
-        // A conversation stored before activity was kept has none yet: its creation time
-        // stands in (one more round trip, only when there are such conversations).
-        let missing: Vec<usize> = (0..at.len()).filter(|&i| at[i].is_none()).collect();
-        if !missing.is_empty() {
-            let mut pipe = redis::pipe();
-            for &i in &missing {
-                pipe.hget(key(&ids[i], "meta"), "created_at_ms");
-            }
-            let created: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
-            for (i, c) in missing.into_iter().zip(created) {
-                at[i] = c;
-            }
+        let index = user_index(user);
+        let mut pipe = redis::pipe();
+        let below = match after {
+            None => "+inf".to_owned(),
+            Some((at, _)) => format!("({at}"),
+        };
+        pipe.cmd("ZREVRANGEBYSCORE")
+            .arg(&index)
+            .arg(below)
+            .arg("-inf")
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit.saturating_add(1));
+        // Those at the cursor's very rank (ties are rare: the same millisecond).
+        let at = after.map_or(0, |(at, _)| *at);
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(&index)
+            .arg(at)
+            .arg(at)
+            .arg("WITHSCORES");
+        pipe.smembers(user_wide(user));
+        let (narrow, ties, wide): (Scored, Scored, Vec<String>) =
+            pipe.query_async(&mut conn).await?;
+        let mut all: Vec<Ranked> = narrow.into_iter().map(|(id, at)| (at, id)).collect();
+        if after.is_some() {
+            all.extend(ties.into_iter().map(|(id, at)| (at, id)));
         }
-        Ok(at.into_iter().map(|a| a.unwrap_or(0)).collect())
+        if !wide.is_empty() {
+            let mut pipe = redis::pipe();
+            for id in &wide {
+                pipe.get(key(id, "activity")).hget(key(id, "members"), user);
+            }
+            let found: Vec<(Option<u64>, Option<u64>)> = pipe.query_async(&mut conn).await?;
+            // A conversation the user has left since is not theirs.
+            all.extend(
+                wide.into_iter()
+                    .zip(found)
+                    .filter_map(|(id, (active, joined))| {
+                        Some((active.unwrap_or(0).max(joined?), id))
+                    }),
+            );
+        }
+        if let Some(cursor) = after {
+            all.retain(|entry| entry < cursor);
+        }
+        all.sort_unstable_by(|a, b| b.cmp(a));
+        all.dedup();
+        let more = all.len() > limit;
+        all.truncate(limit);
+        Ok((all, more))
     }
 
     async fn mark_read(&self, id: &str, user: &str, seq: u64) -> Result<u64> {
