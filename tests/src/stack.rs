@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use switchboard_proto::auth::v1 as auth_pb;
+use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
 use switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient;
 use switchboard_proto::messaging::v1::support_service_client::SupportServiceClient;
 use tonic::transport::Channel;
@@ -20,8 +21,13 @@ use crate::redis::RedisServer;
 /// What to start.
 #[derive(Clone)]
 pub struct StackOptions {
-    /// Auth's settings (one instance). `admin` here creates the first admin.
+    /// Whether Redis keeps an append-only file, so a test can stop and start it without
+    /// losing data.
+    pub durable_redis: bool,
+    /// Auth's settings. `admin` here creates the first admin.
     pub auth: AuthOptions,
+    /// Auth instances (at least one).
+    pub auth_instances: usize,
     /// Presence instances.
     pub presence: usize,
     /// A presence session's TTL, the sweep interval and the reconnect grace.
@@ -35,7 +41,9 @@ pub struct StackOptions {
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
+            durable_redis: false,
             auth: AuthOptions::default(),
+            auth_instances: 1,
             presence: 0,
             presence_timing: (
                 Duration::from_secs(30),
@@ -52,8 +60,8 @@ impl Default for StackOptions {
 pub struct Stack {
     /// The private Redis.
     pub redis: RedisServer,
-    /// Auth.
-    pub auth: InProcess,
+    /// Auth instances; the others verify tokens with the first.
+    pub auth: Vec<InProcess>,
     /// Presence instances.
     pub presence: Vec<InProcess>,
     /// Messaging instances.
@@ -65,15 +73,21 @@ pub struct Stack {
 impl Stack {
     /// Starts it (panics with the cause if a part cannot start: a test cannot go on then).
     pub async fn start(options: StackOptions) -> Self {
-        let redis = RedisServer::spawn().expect("redis");
-        let auth = spawn_auth(Some(&redis), options.auth.clone())
-            .await
-            .expect("auth");
+        let redis = RedisServer::spawn_with(options.durable_redis).expect("redis");
+        let mut auth = Vec::new();
+        for _ in 0..options.auth_instances.max(1) {
+            auth.push(
+                spawn_auth(Some(&redis), options.auth.clone())
+                    .await
+                    .expect("auth"),
+            );
+        }
+        let verifier = auth[0].addr;
         let mut presence = Vec::new();
         let (ttl, sweep, grace) = options.presence_timing;
         for _ in 0..options.presence {
             presence.push(
-                spawn_presence(Some(&redis), auth.addr, ttl, sweep, grace)
+                spawn_presence(Some(&redis), verifier, ttl, sweep, grace)
                     .await
                     .expect("presence"),
             );
@@ -85,13 +99,15 @@ impl Stack {
                 o.presence = Some(presence[i % presence.len()].addr);
             }
             messaging.push(
-                spawn_messaging(Some(&redis), auth.addr, o)
+                spawn_messaging(Some(&redis), verifier, o)
                     .await
                     .expect("messaging"),
             );
         }
         let admin = match &options.auth.admin {
-            Some((name, password)) => Some(first_admin(&auth_client(&auth), name, password).await),
+            Some((name, password)) => {
+                Some(first_admin(&auth_client(&auth[0]), name, password).await)
+            }
             None => None,
         };
         Self {
@@ -105,9 +121,14 @@ impl Stack {
 
     /// A new user with `role` (the admin grants roles other than customer), logged in.
     pub async fn person(&self, name: &str, role: auth_pb::Role) -> Person {
-        person(&auth_client(&self.auth), name, role, self.admin.as_ref())
+        person(&self.accounts(0), name, role, self.admin.as_ref())
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// `AuthService` on auth instance `i` (modulo their number).
+    pub fn accounts(&self, i: usize) -> AuthServiceClient<Channel> {
+        auth_client(&self.auth[i % self.auth.len()])
     }
 
     /// `SupportService` on messaging instance `i` (modulo their number).

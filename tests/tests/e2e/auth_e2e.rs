@@ -9,36 +9,20 @@ use switchboard_common::token::{Role, now_secs};
 use switchboard_proto::auth::v1 as pb;
 use switchboard_proto::auth::v1::auth_service_client::AuthServiceClient;
 use switchboard_tests::auth::{authed, login, register, with_authorization};
-use switchboard_tests::instance::{AuthOptions, InProcess, auth_client, spawn_auth};
-use switchboard_tests::redis::RedisServer;
+use switchboard_tests::instance::AuthOptions;
+use switchboard_tests::stack::{Stack, StackOptions};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-struct Pair {
-    a: InProcess,
-    b: InProcess,
-    _redis: RedisServer,
-}
-
-impl Pair {
-    async fn start(options: AuthOptions) -> Self {
-        let redis = RedisServer::spawn().expect("redis");
-        let a = spawn_auth(Some(&redis), options.clone())
-            .await
-            .expect("auth a");
-        let b = spawn_auth(Some(&redis), options).await.expect("auth b");
-        Self {
-            a,
-            b,
-            _redis: redis,
-        }
-    }
-    fn a(&self) -> AuthServiceClient<Channel> {
-        auth_client(&self.a)
-    }
-    fn b(&self) -> AuthServiceClient<Channel> {
-        auth_client(&self.b)
-    }
+/// Two auth instances on one Redis.
+async fn pair(options: AuthOptions) -> Stack {
+    Stack::start(StackOptions {
+        auth: options,
+        auth_instances: 2,
+        messaging: 0,
+        ..Default::default()
+    })
+    .await
 }
 
 async fn whoami(
@@ -66,8 +50,8 @@ async fn refused_within_2s(c: &mut AuthServiceClient<Channel>, token: &str) -> S
 
 #[tokio::test]
 async fn happy_path_across_two_instances_with_per_instance_keys() {
-    let pair = Pair::start(AuthOptions::default()).await;
-    let (mut a, mut b) = (pair.a(), pair.b());
+    let pair = pair(AuthOptions::default()).await;
+    let (mut a, mut b) = (pair.accounts(0), pair.accounts(1));
     let alice = register(&mut a, "Alice", "correct horse")
         .await
         .expect("register");
@@ -183,8 +167,8 @@ async fn happy_path_across_two_instances_with_per_instance_keys() {
 
 #[tokio::test]
 async fn registration_refuses_bad_input_with_the_field_named() {
-    let pair = Pair::start(AuthOptions::default()).await;
-    let mut a = pair.a();
+    let pair = pair(AuthOptions::default()).await;
+    let mut a = pair.accounts(0);
     let cases = [
         ("ab", "long enough", "", Code::InvalidArgument, "username"),
         (
@@ -236,7 +220,7 @@ async fn registration_refuses_bad_input_with_the_field_named() {
     register(&mut a, "carol", "long enough")
         .await
         .expect("register");
-    let mut b = pair.b();
+    let mut b = pair.accounts(1);
     let dup = b
         .register(pb::RegisterRequest {
             username: "CAROL".into(),
@@ -251,8 +235,8 @@ async fn registration_refuses_bad_input_with_the_field_named() {
 
 #[tokio::test]
 async fn unknown_user_and_wrong_password_answer_identically() {
-    let pair = Pair::start(AuthOptions::default()).await;
-    let mut a = pair.a();
+    let pair = pair(AuthOptions::default()).await;
+    let mut a = pair.accounts(0);
     register(&mut a, "dave", "right password")
         .await
         .expect("register");
@@ -273,12 +257,12 @@ async fn unknown_user_and_wrong_password_answer_identically() {
 
 #[tokio::test]
 async fn failed_logins_are_limited_per_username_across_instances() {
-    let pair = Pair::start(AuthOptions {
+    let pair = pair(AuthOptions {
         per_user: 3,
         ..AuthOptions::default()
     })
     .await;
-    let (mut a, mut b) = (pair.a(), pair.b());
+    let (mut a, mut b) = (pair.accounts(0), pair.accounts(1));
     register(&mut a, "erin", "right password")
         .await
         .expect("register");
@@ -320,20 +304,20 @@ async fn failed_logins_are_limited_per_username_across_instances() {
 
 #[tokio::test]
 async fn failed_logins_are_limited_per_address() {
-    let pair = Pair::start(AuthOptions {
+    let pair = pair(AuthOptions {
         per_user: 100,
         per_peer: 4,
         ..AuthOptions::default()
     })
     .await;
-    let mut a = pair.a();
+    let mut a = pair.accounts(0);
     for i in 0..4 {
         let e = login(&mut a, &format!("user{i}"), "wrong password")
             .await
             .expect_err("wrong");
         assert_eq!(e.code(), Code::Unauthenticated);
     }
-    let limited = login(&mut pair.b(), "user9", "wrong password")
+    let limited = login(&mut pair.accounts(1), "user9", "wrong password")
         .await
         .expect_err("limited");
     assert_eq!(limited.code(), Code::ResourceExhausted);
@@ -347,12 +331,12 @@ async fn failed_logins_are_limited_per_address() {
 #[tokio::test]
 async fn bad_tokens_are_refused_with_unauthenticated() {
     let pem = generate_pem().expect("pem");
-    let pair = Pair::start(AuthOptions {
+    let pair = pair(AuthOptions {
         signing_key_pem: Some(pem.clone()),
         ..AuthOptions::default()
     })
     .await;
-    let (mut a, mut b) = (pair.a(), pair.b());
+    let (mut a, mut b) = (pair.accounts(0), pair.accounts(1));
     let user = register(&mut a, "gina", "right password")
         .await
         .expect("register");
@@ -423,8 +407,8 @@ async fn bad_tokens_are_refused_with_unauthenticated() {
 
 #[tokio::test]
 async fn refresh_reuse_revokes_the_session_on_every_instance() {
-    let pair = Pair::start(AuthOptions::default()).await;
-    let (mut a, mut b) = (pair.a(), pair.b());
+    let pair = pair(AuthOptions::default()).await;
+    let (mut a, mut b) = (pair.accounts(0), pair.accounts(1));
     register(&mut a, "hank", "right password")
         .await
         .expect("register");
@@ -489,8 +473,8 @@ async fn refresh_reuse_revokes_the_session_on_every_instance() {
 
 #[tokio::test]
 async fn logout_is_refused_on_the_other_instance_within_two_seconds() {
-    let pair = Pair::start(AuthOptions::default()).await;
-    let (mut a, mut b) = (pair.a(), pair.b());
+    let pair = pair(AuthOptions::default()).await;
+    let (mut a, mut b) = (pair.accounts(0), pair.accounts(1));
     register(&mut a, "ivy", "right password")
         .await
         .expect("register");
@@ -529,8 +513,8 @@ async fn roles_first_admin_and_set_role() {
         admin: Some(("root".into(), "admin password".into())),
         ..AuthOptions::default()
     };
-    let pair = Pair::start(options).await;
-    let (mut a, mut b) = (pair.a(), pair.b());
+    let pair = pair(options).await;
+    let (mut a, mut b) = (pair.accounts(0), pair.accounts(1));
     // The first admin is created in the background at start.
     let admin = switchboard_tests::eventually(Duration::from_secs(5), || {
         let mut a = a.clone();

@@ -623,7 +623,7 @@ async fn a_consultation_opens_with_its_first_message_or_not_at_all() {
     // An instance with a send burst of one: a customer's second open exceeds it.
     let strict = spawn_messaging(
         Some(&desk.redis),
-        desk.auth.addr,
+        desk.auth[0].addr,
         MessagingOptions {
             presence: Some(desk.presence[0].addr),
             send_rate: 0.001,

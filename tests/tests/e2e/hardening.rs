@@ -16,11 +16,12 @@ use switchboard_proto::presence::v1::presence_service_client::PresenceServiceCli
 use switchboard_tests::auth::{Person, authed, login, person, register};
 use switchboard_tests::instance::{
     AuthOptions, InProcess, MessagingOptions, auth_client, messaging_client, spawn_auth,
-    spawn_messaging, spawn_presence,
+    spawn_messaging,
 };
 use switchboard_tests::messaging::{Connection, create_group, send};
 use switchboard_tests::raw::{RawCall, frame};
 use switchboard_tests::redis::RedisServer;
+use switchboard_tests::stack::{Stack, StackOptions};
 use tonic::Code;
 use tonic::codec::CompressionEncoding;
 use tonic_types::StatusExt;
@@ -55,35 +56,33 @@ fn assert_refused(status: &tonic::Status, code: Code, reason: &str) {
 }
 
 /// Auth and one messaging instance on one Redis.
-async fn messaging_stack() -> (RedisServer, InProcess, InProcess) {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
-    let m = spawn_messaging(Some(&redis), auth.addr, MessagingOptions::default())
-        .await
-        .expect("messaging");
-    (redis, auth, m)
+async fn messaging_stack() -> Stack {
+    Stack::start(StackOptions {
+        messaging: 1,
+        ..Default::default()
+    })
+    .await
 }
 
 /// Auth, messaging and presence, one instance each, on one Redis.
-async fn all_services() -> (RedisServer, InProcess, InProcess, InProcess) {
-    let (redis, auth, m) = messaging_stack().await;
-    let p = spawn_presence(
-        Some(&redis),
-        auth.addr,
-        Duration::from_secs(30),
-        Duration::from_secs(1),
-        Duration::ZERO,
-    )
+async fn all_services() -> Stack {
+    Stack::start(StackOptions {
+        presence: 1,
+        presence_timing: (
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+            Duration::ZERO,
+        ),
+        messaging: 1,
+        ..Default::default()
+    })
     .await
-    .expect("presence");
-    (redis, auth, m, p)
 }
 
 #[tokio::test]
 async fn member_lists_are_sized_before_any_work_and_must_name_users() {
-    let (_redis, auth, m) = messaging_stack().await;
+    let stack = messaging_stack().await;
+    let (auth, m) = (&stack.auth[0], &stack.messaging[0]);
     let owner = customer(&auth, "h1owner").await;
     let other = customer(&auth, "h1other").await;
     let mut c = messaging_client(&m);
@@ -261,7 +260,8 @@ async fn the_first_admin_is_never_an_account_someone_else_registered() {
 
 #[tokio::test]
 async fn numbers_from_the_wire_never_overflow() {
-    let (_redis, auth, m) = messaging_stack().await;
+    let stack = messaging_stack().await;
+    let (auth, m) = (&stack.auth[0], &stack.messaging[0]);
     let owner = customer(&auth, "h3owner").await;
     let mut c = messaging_client(&m);
     let group = create_group(&mut c, &owner.token, "numbers", &[])
@@ -350,22 +350,16 @@ async fn numbers_from_the_wire_never_overflow() {
 }
 
 /// Auth and one presence instance (grace as given) on one Redis, and a user.
-async fn presence_stack(grace: Duration) -> (RedisServer, InProcess, InProcess, Person) {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
-    let p = spawn_presence(
-        Some(&redis),
-        auth.addr,
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        grace,
-    )
-    .await
-    .expect("presence");
-    let user = customer(&auth, "pdevice").await;
-    (redis, auth, p, user)
+async fn presence_stack(grace: Duration) -> (Stack, Person) {
+    let stack = Stack::start(StackOptions {
+        presence: 1,
+        presence_timing: (Duration::from_secs(30), Duration::from_millis(200), grace),
+        messaging: 0,
+        ..Default::default()
+    })
+    .await;
+    let user = customer(&stack.auth[0], "pdevice").await;
+    (stack, user)
 }
 
 const PRESENCE_CONNECT: &str = "/switchboard.presence.v1.PresenceService/Connect";
@@ -385,7 +379,8 @@ fn set_state(bytes: usize) -> presence_pb::ConnectRequest {
 
 #[tokio::test]
 async fn presence_connect_ends_with_the_precise_status_for_bad_frames() {
-    let (_redis, _auth, p, user) = presence_stack(Duration::from_secs(5)).await;
+    let (stack, user) = presence_stack(Duration::from_secs(5)).await;
+    let p = &stack.presence[0];
 
     // Oversize, plain and as a gzip bomb (a few KB that inflate past the limit).
     for encoding in [None, Some(CompressionEncoding::Gzip)] {
@@ -444,7 +439,8 @@ async fn sessions(p: &InProcess, viewer: &Person, user: &str) -> u32 {
 #[tokio::test]
 async fn a_cancelled_presence_call_lingers_for_the_grace_and_a_half_close_does_not() {
     let grace = Duration::from_secs(4);
-    let (_redis, auth, p, viewer) = presence_stack(grace).await;
+    let (stack, viewer) = presence_stack(grace).await;
+    let (auth, p) = (&stack.auth[0], &stack.presence[0]);
 
     // RST_STREAM(CANCEL) with the request stream still open: the client is gone without a
     // goodbye, so the device lingers. Several times, since the old behaviour was a race.
@@ -495,7 +491,8 @@ async fn a_cancelled_presence_call_lingers_for_the_grace_and_a_half_close_does_n
 
 #[tokio::test]
 async fn undecodable_requests_are_invalid_argument_on_every_service() {
-    let (_redis, auth, m, p) = all_services().await;
+    let stack = all_services().await;
+    let (auth, m, p) = (&stack.auth[0], &stack.messaging[0], &stack.presence[0]);
     let user = customer(&auth, "rawcaller").await;
     // Field 1, length-delimited, with a length far past the end.
     let garbage = frame(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f], false);
@@ -537,17 +534,18 @@ async fn undecodable_requests_are_invalid_argument_on_every_service() {
 
 #[tokio::test]
 async fn a_failed_key_fetch_keeps_answering_unavailable() {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
-    let user = customer(&auth, "outage").await;
+    let stack = Stack::start(StackOptions {
+        messaging: 0,
+        ..Default::default()
+    })
+    .await;
+    let user = customer(&stack.auth[0], "outage").await;
     // This messaging instance can never reach auth for keys: an outage.
     let dead = std::net::SocketAddr::from((
         [127, 0, 0, 1],
         switchboard_tests::free_port().expect("port"),
     ));
-    let m = spawn_messaging(Some(&redis), dead, MessagingOptions::default())
+    let m = spawn_messaging(Some(&stack.redis), dead, MessagingOptions::default())
         .await
         .expect("messaging");
     let mut c = messaging_client(&m);
@@ -567,7 +565,8 @@ async fn a_failed_key_fetch_keeps_answering_unavailable() {
 
 #[tokio::test]
 async fn two_authorization_headers_are_refused() {
-    let (_redis, auth, m) = messaging_stack().await;
+    let stack = messaging_stack().await;
+    let (auth, m) = (&stack.auth[0], &stack.messaging[0]);
     let user = customer(&auth, "twoheads").await;
     let mut req = authed(pb::ListConversationsRequest::default(), &user.token);
     req.metadata_mut().append(
@@ -598,7 +597,8 @@ async fn two_authorization_headers_are_refused() {
 
 #[tokio::test]
 async fn huge_and_crafted_ids_are_refused_with_a_short_message() {
-    let (_redis, auth, m, p) = all_services().await;
+    let stack = all_services().await;
+    let (auth, m, p) = (&stack.auth[0], &stack.messaging[0], &stack.presence[0]);
     let user = customer(&auth, "idcrafter").await;
     let huge = "x".repeat(20 * 1024);
     let mut c = messaging_client(&m);
@@ -669,7 +669,8 @@ async fn huge_and_crafted_ids_are_refused_with_a_short_message() {
 
 #[tokio::test]
 async fn idempotency_keys_have_a_charset_and_never_reach_redis_raw() {
-    let (_redis, auth, m) = messaging_stack().await;
+    let stack = messaging_stack().await;
+    let (auth, m) = (&stack.auth[0], &stack.messaging[0]);
     let owner = customer(&auth, "keyowner").await;
     let mut c = messaging_client(&m);
     let group = create_group(&mut c, &owner.token, "keys", &[])
@@ -732,21 +733,17 @@ async fn idempotency_keys_have_a_charset_and_never_reach_redis_raw() {
 
 #[tokio::test]
 async fn refusals_carry_reasons_and_retry_info() {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
-    let m = spawn_messaging(
-        Some(&redis),
-        auth.addr,
-        MessagingOptions {
+    let stack = Stack::start(StackOptions {
+        messaging: 1,
+        messaging_options: MessagingOptions {
             send_rate: 1.0,
             send_burst: 1.0,
             ..MessagingOptions::default()
         },
-    )
-    .await
-    .expect("messaging");
+        ..Default::default()
+    })
+    .await;
+    let (auth, m) = (&stack.auth[0], &stack.messaging[0]);
     let owner = customer(&auth, "reasons").await;
     let outsider = customer(&auth, "outsider").await;
     let mut c = messaging_client(&m);
@@ -962,20 +959,16 @@ async fn each_connection_is_told_how_many_streams_it_may_open() {
 
 #[tokio::test]
 async fn streams_per_user_are_capped_on_each_instance() {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
-    let options = MessagingOptions {
-        max_streams_per_user: Some(2),
-        ..MessagingOptions::default()
-    };
-    let a = spawn_messaging(Some(&redis), auth.addr, options.clone())
-        .await
-        .expect("messaging a");
-    let b = spawn_messaging(Some(&redis), auth.addr, options)
-        .await
-        .expect("messaging b");
+    let stack = Stack::start(StackOptions {
+        messaging: 2,
+        messaging_options: MessagingOptions {
+            max_streams_per_user: Some(2),
+            ..MessagingOptions::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let (auth, a, b) = (&stack.auth[0], &stack.messaging[0], &stack.messaging[1]);
     let user = customer(&auth, "manytabs").await;
     let first = Connection::open(a.channel(), &user.token)
         .await
@@ -1004,7 +997,7 @@ async fn streams_per_user_are_capped_on_each_instance() {
 
     // Presence: device and watch streams together.
     let p = switchboard_tests::instance::spawn_presence_with(
-        Some(&redis),
+        Some(&stack.redis),
         auth.addr,
         Duration::from_secs(30),
         Duration::from_secs(1),
@@ -1039,15 +1032,17 @@ async fn streams_per_user_are_capped_on_each_instance() {
 
 #[tokio::test]
 async fn registrations_per_address_are_limited_across_instances() {
-    let redis = RedisServer::spawn().expect("redis");
-    let options = AuthOptions {
-        registrations_per_peer: 3,
-        ..AuthOptions::default()
-    };
-    let a = spawn_auth(Some(&redis), options.clone())
-        .await
-        .expect("auth a");
-    let b = spawn_auth(Some(&redis), options).await.expect("auth b");
+    let stack = Stack::start(StackOptions {
+        auth: AuthOptions {
+            registrations_per_peer: 3,
+            ..AuthOptions::default()
+        },
+        auth_instances: 2,
+        messaging: 0,
+        ..Default::default()
+    })
+    .await;
+    let (a, b) = (&stack.auth[0], &stack.auth[1]);
     register(&mut auth_client(&a), "signup1", "right password")
         .await
         .expect("first");

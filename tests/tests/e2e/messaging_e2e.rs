@@ -11,18 +11,15 @@ use switchboard_proto::messaging::v1 as pb;
 use switchboard_proto::messaging::v1::connect_request::Frame as In;
 use switchboard_proto::messaging::v1::connect_response::Frame as Out;
 use switchboard_tests::auth::{authed, register_and_login};
-use switchboard_tests::instance::{
-    AuthOptions, InProcess, MessagingOptions, auth_client, messaging_client,
-};
+use switchboard_tests::instance::{AuthOptions, MessagingOptions, messaging_client};
 use switchboard_tests::messaging::{Connection, create_group, send};
-use switchboard_tests::redis::RedisServer;
 use switchboard_tests::stack::{Stack, StackOptions};
 use tonic::Code;
 
+/// Two messaging instances (the default [`Stack`]), with auth's signing key known so a
+/// test can forge tokens.
 struct Cluster {
-    m: Vec<InProcess>,
-    auth: InProcess,
-    _redis: RedisServer,
+    stack: Stack,
     key_pem: String,
 }
 
@@ -36,12 +33,7 @@ struct User {
 impl Cluster {
     async fn start(options: MessagingOptions) -> Self {
         let key_pem = generate_pem().expect("key");
-        let Stack {
-            redis,
-            auth,
-            messaging,
-            ..
-        } = Stack::start(StackOptions {
+        let stack = Stack::start(StackOptions {
             auth: AuthOptions {
                 signing_key_pem: Some(key_pem.clone()),
                 ..AuthOptions::default()
@@ -51,17 +43,12 @@ impl Cluster {
             ..StackOptions::default()
         })
         .await;
-        Self {
-            m: messaging,
-            auth,
-            _redis: redis,
-            key_pem,
-        }
+        Self { stack, key_pem }
     }
 
     async fn users(&self, prefix: &str, n: usize) -> Vec<User> {
         let mut out = Vec::with_capacity(n);
-        let mut c = auth_client(&self.auth);
+        let mut c = self.stack.accounts(0);
         for i in 0..n {
             let t = register_and_login(&mut c, &format!("{prefix}{i}"))
                 .await
@@ -107,7 +94,7 @@ async fn fifty_clients_over_two_instances_each_receive_all_5000_once_in_order() 
     .await;
     let users = cluster.users("fan", CLIENTS).await;
     let group = create_group(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &users[0].token,
         "fifty",
         &ids(&users[1..]),
@@ -117,9 +104,13 @@ async fn fifty_clients_over_two_instances_each_receive_all_5000_once_in_order() 
 
     let mut connections = Vec::new();
     for (i, user) in users.iter().enumerate() {
-        let conn = Connection::following(cluster.m[i % 2].channel(), &user.token, &group.id)
-            .await
-            .expect("connect");
+        let conn = Connection::following(
+            cluster.stack.messaging[i % 2].channel(),
+            &user.token,
+            &group.id,
+        )
+        .await
+        .expect("connect");
         connections.push(conn);
     }
     let mut tasks = tokio::task::JoinSet::new();
@@ -174,9 +165,9 @@ async fn resume_on_the_other_instance_gets_exactly_the_missing_messages_then_liv
     let cluster = Cluster::start(MessagingOptions::default()).await;
     let users = cluster.users("resume", 2).await;
     let (alice, bob) = (&users[0], &users[1]);
-    let mut m1 = messaging_client(&cluster.m[1]);
+    let mut m1 = messaging_client(&cluster.stack.messaging[1]);
     let group = create_group(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &alice.token,
         "resume",
         std::slice::from_ref(&bob.id),
@@ -184,9 +175,10 @@ async fn resume_on_the_other_instance_gets_exactly_the_missing_messages_then_liv
     .await
     .expect("group");
 
-    let mut first = Connection::following(cluster.m[0].channel(), &bob.token, &group.id)
-        .await
-        .expect("connect");
+    let mut first =
+        Connection::following(cluster.stack.messaging[0].channel(), &bob.token, &group.id)
+            .await
+            .expect("connect");
     for k in 0..5 {
         send(
             &mut m1,
@@ -221,7 +213,7 @@ async fn resume_on_the_other_instance_gets_exactly_the_missing_messages_then_liv
         .await
         .expect("send");
     }
-    let mut again = Connection::open(cluster.m[1].channel(), &bob.token)
+    let mut again = Connection::open(cluster.stack.messaging[1].channel(), &bob.token)
         .await
         .expect("reconnect elsewhere");
     again.subscribe(&group.id, last).await.expect("subscribe");
@@ -238,7 +230,7 @@ async fn resume_on_the_other_instance_gets_exactly_the_missing_messages_then_liv
     assert_eq!((recovered.from_seq, recovered.to_seq), (6, 205));
     for k in 0..3 {
         send(
-            &mut messaging_client(&cluster.m[0]),
+            &mut messaging_client(&cluster.stack.messaging[0]),
             &alice.token,
             &group.id,
             &format!("late{k}"),
@@ -267,7 +259,7 @@ async fn a_retry_with_the_same_client_msg_id_returns_the_first_result_and_stores
     let cluster = Cluster::start(MessagingOptions::default()).await;
     let users = cluster.users("idem", 2).await;
     let group = create_group(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &users[0].token,
         "idem",
         &[users[1].id.clone()],
@@ -275,7 +267,7 @@ async fn a_retry_with_the_same_client_msg_id_returns_the_first_result_and_stores
     .await
     .expect("group");
     let first = send(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &users[0].token,
         &group.id,
         "k1",
@@ -284,7 +276,7 @@ async fn a_retry_with_the_same_client_msg_id_returns_the_first_result_and_stores
     .await
     .expect("send");
     let retry = send(
-        &mut messaging_client(&cluster.m[1]),
+        &mut messaging_client(&cluster.stack.messaging[1]),
         &users[0].token,
         &group.id,
         "k1",
@@ -299,7 +291,7 @@ async fn a_retry_with_the_same_client_msg_id_returns_the_first_result_and_stores
     );
     // The same key from another sender is another message.
     let other = send(
-        &mut messaging_client(&cluster.m[1]),
+        &mut messaging_client(&cluster.stack.messaging[1]),
         &users[1].token,
         &group.id,
         "k1",
@@ -308,7 +300,7 @@ async fn a_retry_with_the_same_client_msg_id_returns_the_first_result_and_stores
     .await
     .expect("send");
     assert_eq!(other.seq, 2);
-    let history = messaging_client(&cluster.m[1])
+    let history = messaging_client(&cluster.stack.messaging[1])
         .list_messages(authed(
             pb::ListMessagesRequest {
                 conversation_id: group.id.clone(),
@@ -330,20 +322,24 @@ async fn sends_queued_on_one_stream_are_stored_and_answered_in_the_order_sent() 
     let cluster = Cluster::start(MessagingOptions::default()).await;
     let users = cluster.users("pipe", 2).await;
     let group = create_group(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &users[0].token,
         "pipe",
         &[users[1].id.clone()],
     )
     .await
     .expect("group");
-    let mut reader = Connection::following(cluster.m[1].channel(), &users[1].token, &group.id)
-        .await
-        .expect("reader");
+    let mut reader = Connection::following(
+        cluster.stack.messaging[1].channel(),
+        &users[1].token,
+        &group.id,
+    )
+    .await
+    .expect("reader");
 
     // 300 frames written back to back, as a client with many sends in flight does: new
     // sends, a retry of an earlier one, a refused one and a ping among them.
-    let mut sender = Connection::open(cluster.m[0].channel(), &users[0].token)
+    let mut sender = Connection::open(cluster.stack.messaging[0].channel(), &users[0].token)
         .await
         .expect("sender");
     let send = |key: &str, body: &str| {
@@ -450,16 +446,16 @@ async fn large_group_events_leave_the_member_list_out_and_streams_still_follow_t
             ..Default::default()
         })
     };
-    let mut member = Connection::open(cluster.m[1].channel(), &first.token)
+    let mut member = Connection::open(cluster.stack.messaging[1].channel(), &first.token)
         .await
         .expect("member");
     member.send(all()).await.expect("subscribe");
-    let mut joiner = Connection::open(cluster.m[0].channel(), &newcomer.token)
+    let mut joiner = Connection::open(cluster.stack.messaging[0].channel(), &newcomer.token)
         .await
         .expect("newcomer");
     joiner.send(all()).await.expect("subscribe");
     let group = create_group(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &owner.token,
         "big",
         &ids(&users[1..102]),
@@ -496,7 +492,7 @@ async fn large_group_events_leave_the_member_list_out_and_streams_still_follow_t
         .await
         .expect("followed the new group");
 
-    messaging_client(&cluster.m[1])
+    messaging_client(&cluster.stack.messaging[1])
         .add_members(authed(
             pb::AddMembersRequest {
                 conversation_id: group.id.clone(),
@@ -517,7 +513,7 @@ async fn large_group_events_leave_the_member_list_out_and_streams_still_follow_t
     assert_eq!(joined.conversation.expect("conversation").member_count, 103);
     joiner.recovered(&group.id).await.expect("followed");
     send(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &owner.token,
         &group.id,
         "k1",
@@ -537,7 +533,7 @@ async fn large_group_events_leave_the_member_list_out_and_streams_still_follow_t
     }
 
     // Removed: the event names them, and their stream stops following the group.
-    messaging_client(&cluster.m[0])
+    messaging_client(&cluster.stack.messaging[0])
         .remove_member(authed(
             pb::RemoveMemberRequest {
                 conversation_id: group.id.clone(),
@@ -556,7 +552,7 @@ async fn large_group_events_leave_the_member_list_out_and_streams_still_follow_t
         .expect("left");
     assert_eq!(left.user_ids, std::slice::from_ref(&first.id));
     send(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &owner.token,
         &group.id,
         "k2",
@@ -600,24 +596,32 @@ async fn a_slow_consumer_is_cut_off_without_slowing_others_and_resumes_without_l
     .await;
     let users = cluster.users("slow", 3).await;
     let group = create_group(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &users[0].token,
         "slow",
         &ids(&users[1..]),
     )
     .await
     .expect("group");
-    let mut slow = Connection::following(cluster.m[0].channel(), &users[1].token, &group.id)
-        .await
-        .expect("slow");
-    let mut fast = Connection::following(cluster.m[0].channel(), &users[2].token, &group.id)
-        .await
-        .expect("fast");
+    let mut slow = Connection::following(
+        cluster.stack.messaging[0].channel(),
+        &users[1].token,
+        &group.id,
+    )
+    .await
+    .expect("slow");
+    let mut fast = Connection::following(
+        cluster.stack.messaging[0].channel(),
+        &users[2].token,
+        &group.id,
+    )
+    .await
+    .expect("fast");
 
     let body = "x".repeat(16 * 1024);
     let group_id = group.id.clone();
     let sender_token = users[0].token.clone();
-    let sender_channel = cluster.m[1].channel();
+    let sender_channel = cluster.stack.messaging[1].channel();
     let sending = tokio::spawn(async move {
         let mut c =
             switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(
@@ -668,7 +672,7 @@ async fn a_slow_consumer_is_cut_off_without_slowing_others_and_resumes_without_l
 
     // It resumes from its last seq and loses nothing.
     let last = slow_seqs.last().copied().unwrap_or(0);
-    let mut resumed = Connection::open(cluster.m[1].channel(), &users[1].token)
+    let mut resumed = Connection::open(cluster.stack.messaging[1].channel(), &users[1].token)
         .await
         .expect("resume");
     resumed.subscribe(&group.id, last).await.expect("subscribe");
@@ -689,7 +693,7 @@ async fn bad_input_gets_precise_statuses() {
     let cluster = Cluster::start(MessagingOptions::default()).await;
     let users = cluster.users("bad", 3).await;
     let (owner, member, outsider) = (&users[0], &users[1], &users[2]);
-    let mut c = messaging_client(&cluster.m[0]);
+    let mut c = messaging_client(&cluster.stack.messaging[0]);
     let group = create_group(
         &mut c,
         &owner.token,
@@ -818,7 +822,7 @@ async fn bad_input_gets_precise_statuses() {
     assert_eq!(e.code(), Code::PermissionDenied);
 
     // On the stream: refusals are frames, and the stream stays usable.
-    let mut conn = Connection::open(cluster.m[1].channel(), &outsider.token)
+    let mut conn = Connection::open(cluster.stack.messaging[1].channel(), &outsider.token)
         .await
         .expect("connect");
     conn.send_empty().await.expect("send");
@@ -900,7 +904,7 @@ async fn bad_input_gets_precise_statuses() {
     assert_eq!(pong.nonce, 7);
 
     // Resuming from a position the conversation never reached says Resync.
-    let mut owner_conn = Connection::open(cluster.m[0].channel(), &owner.token)
+    let mut owner_conn = Connection::open(cluster.stack.messaging[0].channel(), &owner.token)
         .await
         .expect("connect");
     owner_conn
@@ -926,11 +930,11 @@ async fn streams_end_when_the_token_expires_unless_refreshed_and_on_logout() {
     let users = cluster.users("exp", 1).await;
     let user = &users[0];
     let short = cluster.token_expiring(user, "s-short", now_secs() + 2);
-    let mut expiring = Connection::open(cluster.m[0].channel(), &short)
+    let mut expiring = Connection::open(cluster.stack.messaging[0].channel(), &short)
         .await
         .expect("connect");
     let mut refreshed = Connection::open(
-        cluster.m[1].channel(),
+        cluster.stack.messaging[1].channel(),
         &cluster.token_expiring(user, "s-short2", now_secs() + 2),
     )
     .await
@@ -959,7 +963,9 @@ async fn streams_end_when_the_token_expires_unless_refreshed_and_on_logout() {
         .expect("refreshed stream alive");
 
     // Logout of the session ends its streams on every instance.
-    auth_client(&cluster.auth)
+    cluster
+        .stack
+        .accounts(0)
         .logout(authed(auth_pb::LogoutRequest {}, &user.token))
         .await
         .expect("logout");
@@ -974,7 +980,7 @@ async fn direct_pairs_are_unique_and_members_hear_about_new_conversations() {
     let cluster = Cluster::start(MessagingOptions::default()).await;
     let users = cluster.users("direct", 2).await;
     let (a, b) = (&users[0], &users[1]);
-    let mut b_conn = Connection::open(cluster.m[1].channel(), &b.token)
+    let mut b_conn = Connection::open(cluster.stack.messaging[1].channel(), &b.token)
         .await
         .expect("connect");
     // The stream is registered once a ping round-trips.
@@ -994,13 +1000,13 @@ async fn direct_pairs_are_unique_and_members_hear_about_new_conversations() {
         title: String::new(),
         member_ids: members,
     };
-    let first = messaging_client(&cluster.m[0])
+    let first = messaging_client(&cluster.stack.messaging[0])
         .create_conversation(authed(req(vec![b.id.clone()]), &a.token))
         .await
         .expect("create")
         .into_inner();
     assert!(first.created);
-    let again = messaging_client(&cluster.m[1])
+    let again = messaging_client(&cluster.stack.messaging[1])
         .create_conversation(authed(req(vec![a.id.clone()]), &b.token))
         .await
         .expect("again")
@@ -1023,7 +1029,7 @@ async fn direct_pairs_are_unique_and_members_hear_about_new_conversations() {
     assert_eq!(event.conversation.expect("conversation").id, id);
 
     send(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &a.token,
         &id,
         "d1",
@@ -1031,14 +1037,14 @@ async fn direct_pairs_are_unique_and_members_hear_about_new_conversations() {
     )
     .await
     .expect("send");
-    let listed = messaging_client(&cluster.m[1])
+    let listed = messaging_client(&cluster.stack.messaging[1])
         .list_conversations(authed(pb::ListConversationsRequest::default(), &b.token))
         .await
         .expect("list")
         .into_inner();
     assert_eq!(listed.conversations.len(), 1);
     assert_eq!(listed.conversations[0].unread_count, 1);
-    let read = messaging_client(&cluster.m[1])
+    let read = messaging_client(&cluster.stack.messaging[1])
         .mark_read(authed(
             pb::MarkReadRequest {
                 conversation_id: id.clone(),
@@ -1058,21 +1064,22 @@ async fn receipts_and_typing_reach_members_on_the_other_instance() {
     let users = cluster.users("rt", 2).await;
     let (a, b) = (&users[0], &users[1]);
     let group = create_group(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &a.token,
         "rt",
         std::slice::from_ref(&b.id),
     )
     .await
     .expect("group");
-    let mut a_conn = Connection::following(cluster.m[0].channel(), &a.token, &group.id)
-        .await
-        .expect("a");
-    let b_conn = Connection::open(cluster.m[1].channel(), &b.token)
+    let mut a_conn =
+        Connection::following(cluster.stack.messaging[0].channel(), &a.token, &group.id)
+            .await
+            .expect("a");
+    let b_conn = Connection::open(cluster.stack.messaging[1].channel(), &b.token)
         .await
         .expect("b");
     send(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &a.token,
         &group.id,
         "r1",
@@ -1125,7 +1132,7 @@ async fn receipts_and_typing_reach_members_on_the_other_instance() {
     );
 
     // Typing is ephemeral: nothing was stored.
-    let history = messaging_client(&cluster.m[1])
+    let history = messaging_client(&cluster.stack.messaging[1])
         .list_messages(authed(
             pb::ListMessagesRequest {
                 conversation_id: group.id.clone(),
@@ -1171,14 +1178,14 @@ async fn sending_too_fast_gets_resource_exhausted_with_a_retry_hint() {
     .await;
     let users = cluster.users("rate", 2).await;
     let group = create_group(
-        &mut messaging_client(&cluster.m[0]),
+        &mut messaging_client(&cluster.stack.messaging[0]),
         &users[0].token,
         "rate",
         std::slice::from_ref(&users[1].id),
     )
     .await
     .expect("group");
-    let mut c = messaging_client(&cluster.m[0]);
+    let mut c = messaging_client(&cluster.stack.messaging[0]);
     for k in 0..3 {
         send(
             &mut c,

@@ -8,12 +8,9 @@ use switchboard_proto::messaging::v1 as pb;
 use switchboard_proto::messaging::v1::connect_response::Frame as Out;
 use switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient;
 use switchboard_tests::auth::{authed, register_and_login};
-use switchboard_tests::instance::{
-    AuthOptions, ChildService, MessagingOptions, auth_client, messaging_client, spawn_auth,
-    spawn_messaging,
-};
+use switchboard_tests::instance::{ChildService, auth_client, messaging_client};
 use switchboard_tests::messaging::{Connection, create_group, send};
-use switchboard_tests::redis::RedisServer;
+use switchboard_tests::stack::{Stack, StackOptions};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -83,26 +80,25 @@ async fn receive_all(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_an_instance_mid_burst_loses_no_acknowledged_message_and_duplicates_none() {
     const N: usize = 300;
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
+    let stack = Stack::start(StackOptions {
+        messaging: 1,
+        ..Default::default()
+    })
+    .await;
+    let (auth, survivor) = (&stack.auth[0], &stack.messaging[0]);
     let mut doomed = ChildService::spawn(
         "switchboard-messaging",
         &[
-            ("REDIS_URL", redis.url()),
+            ("REDIS_URL", stack.redis.url()),
             ("AUTH_URL", format!("http://{}", auth.addr)),
             ("MESSAGING_SEND_BURST", "100000".into()),
         ],
     )
     .expect("messaging process");
-    let survivor = spawn_messaging(Some(&redis), auth.addr, MessagingOptions::default())
-        .await
-        .expect("messaging");
-    let (_, sender_token) = user(&auth, "crash_sender").await;
-    let (receiver_id, receiver_token) = user(&auth, "crash_receiver").await;
+    let (_, sender_token) = user(auth, "crash_sender").await;
+    let (receiver_id, receiver_token) = user(auth, "crash_receiver").await;
     let group = create_group(
-        &mut messaging_client(&survivor),
+        &mut messaging_client(survivor),
         &sender_token,
         "crash",
         &[receiver_id],
@@ -210,20 +206,15 @@ async fn killing_an_instance_mid_burst_loses_no_acknowledged_message_and_duplica
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_fails_sends_with_unavailable_then_everything_recovers() {
-    let mut redis = RedisServer::spawn_with(true).expect("redis with AOF");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
-    let m0 = spawn_messaging(Some(&redis), auth.addr, MessagingOptions::default())
-        .await
-        .expect("m0");
-    let m1 = spawn_messaging(Some(&redis), auth.addr, MessagingOptions::default())
-        .await
-        .expect("m1");
-    let (_, sender_token) = user(&auth, "aof_sender").await;
-    let (receiver_id, receiver_token) = user(&auth, "aof_receiver").await;
+    let mut stack = Stack::start(StackOptions {
+        durable_redis: true,
+        ..Default::default()
+    })
+    .await;
+    let (_, sender_token) = user(&stack.auth[0], "aof_sender").await;
+    let (receiver_id, receiver_token) = user(&stack.auth[0], "aof_receiver").await;
     let group = create_group(
-        &mut messaging_client(&m0),
+        &mut messaging_client(&stack.messaging[0]),
         &sender_token,
         "aof",
         &[receiver_id],
@@ -231,11 +222,12 @@ async fn a_redis_restart_fails_sends_with_unavailable_then_everything_recovers()
     .await
     .expect("group");
 
-    let mut receiver = Connection::following(m1.channel(), &receiver_token, &group.id)
-        .await
-        .expect("connect");
+    let mut receiver =
+        Connection::following(stack.messaging[1].channel(), &receiver_token, &group.id)
+            .await
+            .expect("connect");
 
-    let mut sender = messaging_client(&m0);
+    let mut sender = messaging_client(&stack.messaging[0]);
     let mut acked = Vec::new();
     for k in 0..20 {
         acked.push(
@@ -252,12 +244,12 @@ async fn a_redis_restart_fails_sends_with_unavailable_then_everything_recovers()
         );
     }
 
-    redis.stop();
+    stack.redis.stop();
     let err = send(&mut sender, &sender_token, &group.id, "during", "during")
         .await
         .expect_err("send during outage");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    redis.start().expect("redis back");
+    stack.redis.start().expect("redis back");
 
     // The services recover without a restart.
     let mut k = 0;
@@ -287,7 +279,7 @@ async fn a_redis_restart_fails_sends_with_unavailable_then_everything_recovers()
         }
     }
     // Every acknowledged message is in history, in order, once.
-    let page = messaging_client(&m1)
+    let page = messaging_client(&stack.messaging[1])
         .list_messages(authed(
             pb::ListMessagesRequest {
                 conversation_id: group.id.clone(),

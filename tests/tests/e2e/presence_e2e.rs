@@ -8,11 +8,11 @@ use switchboard_proto::presence::v1::presence_service_client::PresenceServiceCli
 use switchboard_tests::auth::{authed, register_and_login};
 use switchboard_tests::instance::{
     AuthOptions, ChildService, InProcess, assert_bad_config_exits_64, assert_help_lists,
-    auth_client, spawn_auth, spawn_presence,
+    auth_client,
 };
 use switchboard_tests::presence::connect;
 use switchboard_tests::proxy::Proxy;
-use switchboard_tests::redis::RedisServer;
+use switchboard_tests::stack::{Stack, StackOptions};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
@@ -28,6 +28,18 @@ async fn user(auth: &InProcess, name: &str) -> (String, String) {
 }
 
 const MS500: Duration = Duration::from_millis(500);
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Auth and `n` presence instances on one Redis, with (TTL, sweep interval, reconnect grace).
+async fn presence_stack(n: usize, timing: (Duration, Duration, Duration)) -> Stack {
+    Stack::start(StackOptions {
+        presence: n,
+        presence_timing: timing,
+        messaging: 0,
+        ..Default::default()
+    })
+    .await
+}
 
 /// Reads watch events until `user` has `state` (and `sessions`, if given).
 async fn until_state(
@@ -76,17 +88,8 @@ async fn watch(channel: Channel, token: &str, ids: Vec<String>) -> Streaming<pb:
 
 #[tokio::test]
 async fn a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggregate() {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
-    let ttl = Duration::from_secs(30);
-    let a = spawn_presence(Some(&redis), auth.addr, ttl, MS500, Duration::from_secs(1))
-        .await
-        .expect("presence a");
-    let b = spawn_presence(Some(&redis), auth.addr, ttl, MS500, Duration::from_secs(1))
-        .await
-        .expect("presence b");
+    let stack = presence_stack(2, (Duration::from_secs(30), MS500, Duration::from_secs(1))).await;
+    let (auth, a, b) = (&stack.auth[0], &stack.presence[0], &stack.presence[1]);
     let (bob, bob_token) = user(&auth, "pbob").await;
     let (_, watcher_token) = user(&auth, "pwatcher").await;
     let never_seen = uuid::Uuid::now_v7().to_string();
@@ -210,29 +213,26 @@ async fn a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggre
 
 #[tokio::test]
 async fn sessions_of_a_killed_instance_expire_and_watchers_elsewhere_see_it() {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
+    let stack = presence_stack(
+        1,
+        (
+            Duration::from_secs(2),
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+        ),
+    )
+    .await;
+    let (auth, survivor) = (&stack.auth[0], &stack.presence[0]);
     let mut doomed = ChildService::spawn(
         "switchboard-presence",
         &[
-            ("REDIS_URL", redis.url()),
+            ("REDIS_URL", stack.redis.url()),
             ("AUTH_URL", format!("http://{}", auth.addr)),
             ("PRESENCE_TTL_SECS", "2".into()),
             ("PRESENCE_SWEEP_INTERVAL_MS", "200".into()),
         ],
     )
     .expect("presence process");
-    let survivor = spawn_presence(
-        Some(&redis),
-        auth.addr,
-        Duration::from_secs(2),
-        Duration::from_millis(200),
-        Duration::from_secs(1),
-    )
-    .await
-    .expect("presence");
     let (carol, carol_token) = user(&auth, "pcarol").await;
     let (_, watcher_token) = user(&auth, "pwatch2").await;
     let mut w = watch(survivor.channel(), &watcher_token, vec![carol.clone()]).await;
@@ -276,19 +276,8 @@ async fn sessions_of_a_killed_instance_expire_and_watchers_elsewhere_see_it() {
 
 #[tokio::test]
 async fn bad_input_gets_invalid_argument() {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
-    let p = spawn_presence(
-        Some(&redis),
-        auth.addr,
-        Duration::from_secs(30),
-        Duration::from_secs(1),
-        Duration::from_secs(1),
-    )
-    .await
-    .expect("presence");
+    let stack = presence_stack(1, (Duration::from_secs(30), SECOND, SECOND)).await;
+    let (auth, p) = (&stack.auth[0], &stack.presence[0]);
     let (_, token) = user(&auth, "pbad").await;
     let mut c = PresenceServiceClient::new(p.channel());
     let many: Vec<String> = (0..501).map(|i| format!("u{i}")).collect();
@@ -411,28 +400,8 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
 
 #[tokio::test]
 async fn logout_ends_device_sessions_and_the_user_goes_offline() {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
-    let a = spawn_presence(
-        Some(&redis),
-        auth.addr,
-        Duration::from_secs(30),
-        Duration::from_secs(1),
-        Duration::from_secs(1),
-    )
-    .await
-    .expect("presence a");
-    let b = spawn_presence(
-        Some(&redis),
-        auth.addr,
-        Duration::from_secs(30),
-        Duration::from_secs(1),
-        Duration::from_secs(1),
-    )
-    .await
-    .expect("presence b");
+    let stack = presence_stack(2, (Duration::from_secs(30), SECOND, SECOND)).await;
+    let (auth, a, b) = (&stack.auth[0], &stack.presence[0], &stack.presence[1]);
     let (dave, dave_token) = user(&auth, "pdave").await;
     let (_, watcher_token) = user(&auth, "pwatch3").await;
     let mut w = watch(a.channel(), &watcher_token, vec![dave.clone()]).await;
@@ -488,19 +457,10 @@ async fn collect(
 
 #[tokio::test]
 async fn a_device_that_reconnects_within_the_grace_never_looks_offline() {
-    let redis = RedisServer::spawn().expect("redis");
-    let auth = spawn_auth(Some(&redis), AuthOptions::default())
-        .await
-        .expect("auth");
     let grace = Duration::from_millis(1500);
-    let ttl = Duration::from_secs(30);
     let sweep = Duration::from_millis(200);
-    let a = spawn_presence(Some(&redis), auth.addr, ttl, sweep, grace)
-        .await
-        .expect("presence a");
-    let b = spawn_presence(Some(&redis), auth.addr, ttl, sweep, grace)
-        .await
-        .expect("presence b");
+    let stack = presence_stack(2, (Duration::from_secs(30), sweep, grace)).await;
+    let (auth, a, b) = (&stack.auth[0], &stack.presence[0], &stack.presence[1]);
     let (bob, bob_token) = user(&auth, "flapbob").await;
     let (_, watcher_token) = user(&auth, "flapwatch").await;
     let mut w = watch(a.channel(), &watcher_token, vec![bob.clone()]).await;
@@ -554,7 +514,7 @@ async fn a_device_that_reconnects_within_the_grace_never_looks_offline() {
 
 #[tokio::test]
 async fn a_role_watch_sees_agents_come_online_change_and_leave() {
-    let stack = switchboard_tests::stack::Stack::start(switchboard_tests::stack::StackOptions {
+    let stack = Stack::start(StackOptions {
         auth: AuthOptions {
             admin: Some(("padmin".into(), "admin password".into())),
             ..AuthOptions::default()
