@@ -83,9 +83,9 @@ async fn all_services() -> Stack {
 async fn member_lists_are_sized_before_any_work_and_must_name_users() {
     let stack = messaging_stack().await;
     let (auth, m) = (&stack.auth[0], &stack.messaging[0]);
-    let owner = customer(&auth, "h1owner").await;
-    let other = customer(&auth, "h1other").await;
-    let mut c = messaging_client(&m);
+    let owner = customer(auth, "h1owner").await;
+    let other = customer(auth, "h1other").await;
+    let mut c = messaging_client(m);
     let group = |member_ids: Vec<String>| pb::CreateConversationRequest {
         kind: pb::ConversationKind::Group as i32,
         title: "team".into(),
@@ -262,8 +262,8 @@ async fn the_first_admin_is_never_an_account_someone_else_registered() {
 async fn numbers_from_the_wire_never_overflow() {
     let stack = messaging_stack().await;
     let (auth, m) = (&stack.auth[0], &stack.messaging[0]);
-    let owner = customer(&auth, "h3owner").await;
-    let mut c = messaging_client(&m);
+    let owner = customer(auth, "h3owner").await;
+    let mut c = messaging_client(m);
     let group = create_group(&mut c, &owner.token, "numbers", &[])
         .await
         .expect("group");
@@ -446,7 +446,7 @@ async fn a_cancelled_presence_call_lingers_for_the_grace_and_a_half_close_does_n
     // goodbye, so the device lingers. Several times, since the old behaviour was a race.
     let mut cancelled = Vec::new();
     for i in 0..5 {
-        let device = customer(&auth, &format!("canceller{i}")).await;
+        let device = customer(auth, &format!("canceller{i}")).await;
         let mut call = RawCall::open(p.addr, PRESENCE_CONNECT, Some(&device.token), None)
             .await
             .expect("raw call");
@@ -454,12 +454,12 @@ async fn a_cancelled_presence_call_lingers_for_the_grace_and_a_half_close_does_n
             .await
             .expect("connected")
             .expect("frame");
-        assert_eq!(sessions(&p, &viewer, &device.id).await, 1);
+        assert_eq!(sessions(p, &viewer, &device.id).await, 1);
         call.cancel();
         let cancelled_at = std::time::Instant::now();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
-            sessions(&p, &viewer, &device.id).await,
+            sessions(p, &viewer, &device.id).await,
             1,
             "cancel {i} went offline at once instead of lingering for the grace"
         );
@@ -468,14 +468,14 @@ async fn a_cancelled_presence_call_lingers_for_the_grace_and_a_half_close_does_n
     // ... and goes offline once the grace is over.
     let (first, at) = &cancelled[0];
     let offline = switchboard_tests::eventually(grace + LIMIT, || async {
-        (sessions(&p, &viewer, &first.id).await == 0).then_some(())
+        (sessions(p, &viewer, &first.id).await == 0).then_some(())
     })
     .await;
     assert!(offline.is_some(), "the cancelled device never went offline");
     assert!(at.elapsed() >= grace - Duration::from_millis(200));
 
     // A half-close is a goodbye: offline at once, long before the grace.
-    let device = customer(&auth, "halfcloser").await;
+    let device = customer(auth, "halfcloser").await;
     let mut call = RawCall::open(p.addr, PRESENCE_CONNECT, Some(&device.token), None)
         .await
         .expect("raw call");
@@ -486,14 +486,14 @@ async fn a_cancelled_presence_call_lingers_for_the_grace_and_a_half_close_does_n
     call.send(bytes::Bytes::new(), true).expect("half-close");
     let status = call.status(LIMIT).await.expect("status");
     assert_eq!(status.code(), Code::Ok, "{status:?}");
-    assert_eq!(sessions(&p, &viewer, &device.id).await, 0);
+    assert_eq!(sessions(p, &viewer, &device.id).await, 0);
 }
 
 #[tokio::test]
 async fn undecodable_requests_are_invalid_argument_on_every_service() {
     let stack = all_services().await;
     let (auth, m, p) = (&stack.auth[0], &stack.messaging[0], &stack.presence[0]);
-    let user = customer(&auth, "rawcaller").await;
+    let user = customer(auth, "rawcaller").await;
     // Field 1, length-delimited, with a length far past the end.
     let garbage = frame(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f], false);
     for (addr, path) in [
@@ -567,13 +567,13 @@ async fn a_failed_key_fetch_keeps_answering_unavailable() {
 async fn two_authorization_headers_are_refused() {
     let stack = messaging_stack().await;
     let (auth, m) = (&stack.auth[0], &stack.messaging[0]);
-    let user = customer(&auth, "twoheads").await;
+    let user = customer(auth, "twoheads").await;
     let mut req = authed(pb::ListConversationsRequest::default(), &user.token);
     req.metadata_mut().append(
         "authorization",
         "Bearer forged".parse().expect("ascii value"),
     );
-    let e = messaging_client(&m)
+    let e = messaging_client(m)
         .list_conversations(req)
         .await
         .expect_err("two headers accepted");
@@ -588,7 +588,7 @@ async fn two_authorization_headers_are_refused() {
         "authorization",
         format!("Bearer {}", user.token).parse().expect("ascii"),
     );
-    let e = auth_client(&auth)
+    let e = auth_client(auth)
         .who_am_i(req)
         .await
         .expect_err("two headers accepted");
@@ -599,9 +599,9 @@ async fn two_authorization_headers_are_refused() {
 async fn huge_and_crafted_ids_are_refused_with_a_short_message() {
     let stack = all_services().await;
     let (auth, m, p) = (&stack.auth[0], &stack.messaging[0], &stack.presence[0]);
-    let user = customer(&auth, "idcrafter").await;
+    let user = customer(auth, "idcrafter").await;
     let huge = "x".repeat(20 * 1024);
-    let mut c = messaging_client(&m);
+    let mut c = messaging_client(m);
     let check = |e: tonic::Status, field: &str| {
         assert_refused(&e, Code::InvalidArgument, "INVALID_ARGUMENT");
         assert!(e.message().len() < 300, "{} bytes", e.message().len());
@@ -636,7 +636,7 @@ async fn huge_and_crafted_ids_are_refused_with_a_short_message() {
             .await
             .expect_err("crafted id");
         check(e, "user_ids[1]");
-        let e = auth_client(&auth)
+        let e = auth_client(auth)
             .get_users(authed(
                 auth_pb::GetUsersRequest {
                     user_ids: vec![id.into()],
@@ -671,8 +671,8 @@ async fn huge_and_crafted_ids_are_refused_with_a_short_message() {
 async fn idempotency_keys_have_a_charset_and_never_reach_redis_raw() {
     let stack = messaging_stack().await;
     let (auth, m) = (&stack.auth[0], &stack.messaging[0]);
-    let owner = customer(&auth, "keyowner").await;
-    let mut c = messaging_client(&m);
+    let owner = customer(auth, "keyowner").await;
+    let mut c = messaging_client(m);
     let group = create_group(&mut c, &owner.token, "keys", &[])
         .await
         .expect("group");
@@ -744,9 +744,9 @@ async fn refusals_carry_reasons_and_retry_info() {
     })
     .await;
     let (auth, m) = (&stack.auth[0], &stack.messaging[0]);
-    let owner = customer(&auth, "reasons").await;
-    let outsider = customer(&auth, "outsider").await;
-    let mut c = messaging_client(&m);
+    let owner = customer(auth, "reasons").await;
+    let outsider = customer(auth, "outsider").await;
+    let mut c = messaging_client(m);
     let group = create_group(&mut c, &owner.token, "reasons", &[])
         .await
         .expect("group");
@@ -783,12 +783,12 @@ async fn refusals_carry_reasons_and_retry_info() {
         .await
         .expect_err("unknown conversation");
     assert_refused(&e, Code::NotFound, "CONVERSATION_NOT_FOUND");
-    let e = messaging_client(&m)
+    let e = messaging_client(m)
         .list_conversations(pb::ListConversationsRequest::default())
         .await
         .expect_err("no token");
     assert_refused(&e, Code::Unauthenticated, "UNAUTHENTICATED");
-    let e = auth_client(&auth)
+    let e = auth_client(auth)
         .login(auth_pb::LoginRequest {
             username: "reasons".into(),
             password: "wrong password".into(),
@@ -796,7 +796,7 @@ async fn refusals_carry_reasons_and_retry_info() {
         .await
         .expect_err("wrong password");
     assert_refused(&e, Code::Unauthenticated, "BAD_CREDENTIALS");
-    let e = auth_client(&auth)
+    let e = auth_client(auth)
         .register(auth_pb::RegisterRequest {
             username: "reasons".into(),
             password: "right password".into(),
@@ -969,7 +969,7 @@ async fn streams_per_user_are_capped_on_each_instance() {
     })
     .await;
     let (auth, a, b) = (&stack.auth[0], &stack.messaging[0], &stack.messaging[1]);
-    let user = customer(&auth, "manytabs").await;
+    let user = customer(auth, "manytabs").await;
     let first = Connection::open(a.channel(), &user.token)
         .await
         .expect("first");
@@ -1043,16 +1043,16 @@ async fn registrations_per_address_are_limited_across_instances() {
     })
     .await;
     let (a, b) = (&stack.auth[0], &stack.auth[1]);
-    register(&mut auth_client(&a), "signup1", "right password")
+    register(&mut auth_client(a), "signup1", "right password")
         .await
         .expect("first");
-    register(&mut auth_client(&b), "signup2", "right password")
+    register(&mut auth_client(b), "signup2", "right password")
         .await
         .expect("second, on the other instance");
-    register(&mut auth_client(&a), "signup3", "right password")
+    register(&mut auth_client(a), "signup3", "right password")
         .await
         .expect("third");
-    let e = register(&mut auth_client(&b), "signup4", "right password")
+    let e = register(&mut auth_client(b), "signup4", "right password")
         .await
         .expect_err("fourth from the same address");
     assert_refused(&e, Code::ResourceExhausted, "RATE_LIMITED");

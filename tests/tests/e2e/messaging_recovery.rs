@@ -122,7 +122,7 @@ async fn killing_an_instance_mid_burst_loses_no_acknowledged_message_and_duplica
 
     let mut clients = [
         MessagingServiceClient::new(doomed.channel()),
-        messaging_client(&survivor),
+        messaging_client(survivor),
     ];
     let mut current = 0;
     let mut acked = Vec::new();
@@ -169,7 +169,7 @@ async fn killing_an_instance_mid_burst_loses_no_acknowledged_message_and_duplica
     let mut history = Vec::new();
     let mut after = 0;
     loop {
-        let page = messaging_client(&survivor)
+        let page = messaging_client(survivor)
             .list_messages(authed(
                 pb::ListMessagesRequest {
                     conversation_id: group.id.clone(),

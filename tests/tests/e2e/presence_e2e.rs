@@ -90,8 +90,8 @@ async fn watch(channel: Channel, token: &str, ids: Vec<String>) -> Streaming<pb:
 async fn a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggregate() {
     let stack = presence_stack(2, (Duration::from_secs(30), MS500, Duration::from_secs(1))).await;
     let (auth, a, b) = (&stack.auth[0], &stack.presence[0], &stack.presence[1]);
-    let (bob, bob_token) = user(&auth, "pbob").await;
-    let (_, watcher_token) = user(&auth, "pwatcher").await;
+    let (bob, bob_token) = user(auth, "pbob").await;
+    let (_, watcher_token) = user(auth, "pwatcher").await;
     let never_seen = uuid::Uuid::now_v7().to_string();
 
     let mut w = watch(
@@ -233,8 +233,8 @@ async fn sessions_of_a_killed_instance_expire_and_watchers_elsewhere_see_it() {
         ],
     )
     .expect("presence process");
-    let (carol, carol_token) = user(&auth, "pcarol").await;
-    let (_, watcher_token) = user(&auth, "pwatch2").await;
+    let (carol, carol_token) = user(auth, "pcarol").await;
+    let (_, watcher_token) = user(auth, "pwatch2").await;
     let mut w = watch(survivor.channel(), &watcher_token, vec![carol.clone()]).await;
     let device = connect(doomed.channel(), &carol_token).await;
     until_state(
@@ -278,7 +278,7 @@ async fn sessions_of_a_killed_instance_expire_and_watchers_elsewhere_see_it() {
 async fn bad_input_gets_invalid_argument() {
     let stack = presence_stack(1, (Duration::from_secs(30), SECOND, SECOND)).await;
     let (auth, p) = (&stack.auth[0], &stack.presence[0]);
-    let (_, token) = user(&auth, "pbad").await;
+    let (_, token) = user(auth, "pbad").await;
     let mut c = PresenceServiceClient::new(p.channel());
     let many: Vec<String> = (0..501).map(|i| format!("u{i}")).collect();
     let e = c
@@ -402,8 +402,8 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
 async fn logout_ends_device_sessions_and_the_user_goes_offline() {
     let stack = presence_stack(2, (Duration::from_secs(30), SECOND, SECOND)).await;
     let (auth, a, b) = (&stack.auth[0], &stack.presence[0], &stack.presence[1]);
-    let (dave, dave_token) = user(&auth, "pdave").await;
-    let (_, watcher_token) = user(&auth, "pwatch3").await;
+    let (dave, dave_token) = user(auth, "pdave").await;
+    let (_, watcher_token) = user(auth, "pwatch3").await;
     let mut w = watch(a.channel(), &watcher_token, vec![dave.clone()]).await;
     let device = connect(b.channel(), &dave_token).await;
     until_state(
@@ -415,7 +415,7 @@ async fn logout_ends_device_sessions_and_the_user_goes_offline() {
     )
     .await;
 
-    auth_client(&auth)
+    auth_client(auth)
         .logout(authed(auth_pb::LogoutRequest {}, &dave_token))
         .await
         .expect("logout");
@@ -461,8 +461,8 @@ async fn a_device_that_reconnects_within_the_grace_never_looks_offline() {
     let sweep = Duration::from_millis(200);
     let stack = presence_stack(2, (Duration::from_secs(30), sweep, grace)).await;
     let (auth, a, b) = (&stack.auth[0], &stack.presence[0], &stack.presence[1]);
-    let (bob, bob_token) = user(&auth, "flapbob").await;
-    let (_, watcher_token) = user(&auth, "flapwatch").await;
+    let (bob, bob_token) = user(auth, "flapbob").await;
+    let (_, watcher_token) = user(auth, "flapwatch").await;
     let mut w = watch(a.channel(), &watcher_token, vec![bob.clone()]).await;
 
     let proxy = Proxy::start(b.addr).await.expect("proxy");
