@@ -57,6 +57,7 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	cd proto && $(BUF) lint
+	python3 tests/import-circles.py
 
 # The deploy tests run with every other test below, not a second time in deploy-check.
 test: DEPLOY_TESTS := 0

@@ -116,6 +116,13 @@ pub trait SupportViews: Send + Sync + 'static {
         record: &'a ConversationRecord,
         user: &'a str,
     ) -> futures::future::BoxFuture<'a, Result<Option<pb::Consultation>>>;
+    /// The consultations of SUPPORT conversations `ids`, as `user` sees them, in the order
+    /// asked, read together (a page's worth in one round trip).
+    fn consultations<'a>(
+        &'a self,
+        ids: &'a [String],
+        user: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<Option<pb::Consultation>>>>;
 }
 
 pub use crate::clock::{now_ms, timestamp};
@@ -326,22 +333,42 @@ impl<S: MessagingStore> Messaging<S> {
             Some((at, id)) if more => format!("{at}:{id}"),
             _ => String::new(),
         };
-        // The page's summaries in one round trip; consultations (SUPPORT ones only) side
-        // by side, in the page's order.
-        use futures::StreamExt;
+        // The page's summaries in one round trip, then the consultations of its SUPPORT
+        // conversations in one more.
         let ids: Vec<String> = page.into_iter().map(|(_, id)| id).collect();
         let user = caller.user_id.as_str();
-        let summaries = self.store.summaries(&ids, user).await?;
-        let views: Vec<Result<pb::Conversation>> =
-            futures::stream::iter(summaries.into_iter().flatten())
-                .map(|summary| async move {
-                    let consultation = self.consultation_of(&summary.record, user).await?;
-                    Ok(conversation_view(summary, consultation))
-                })
-                .buffered(ANNOUNCE_CONCURRENCY)
-                .collect()
-                .await;
-        Ok((views.into_iter().collect::<Result<_>>()?, next))
+        let summaries: Vec<Summary> = self
+            .store
+            .summaries(&ids, user)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        let support = |s: &Summary| self.support.is_some() && s.record.kind == Kind::Support;
+        let support_ids: Vec<String> = summaries
+            .iter()
+            .filter(|s| support(s))
+            .map(|s| s.record.id.clone())
+            .collect();
+        let mut consultations = match &self.support {
+            Some(views) if !support_ids.is_empty() => {
+                views.consultations(&support_ids, user).await?
+            }
+            _ => Vec::new(),
+        }
+        .into_iter();
+        let views = summaries
+            .into_iter()
+            .map(|s| {
+                let consultation = if support(&s) {
+                    consultations.next().flatten()
+                } else {
+                    None
+                };
+                conversation_view(s, consultation)
+            })
+            .collect();
+        Ok((views, next))
     }
 
     /// Owner adds members to a group; every one must be a user.

@@ -18,7 +18,9 @@
 //!   agent directory); messaging's core knows it only through one hook
 //!   ([`domain::SupportViews`]) and is bound by [`store::MessagingStore`] alone;
 //! - [`store`]: the storage trait and its engines (`memory`, `redis`; the desk's parts in
-//!   `store::desk`), one contract suite for both;
+//!   `store::desk`), one contract suite for both; how a conversation ranks in its members'
+//!   lists ([`store::Ranked`]) and the per-user index that keeps a page's work to the
+//!   page ([`store::redis`]);
 //! - [`grpc`]: the thin tonic adapter; [`error`]: the one mapping to statuses.
 
 pub mod clock;

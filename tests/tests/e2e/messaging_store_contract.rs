@@ -453,6 +453,23 @@ async fn desk_contract(store: impl DeskStore) {
     );
     assert_eq!(store.queue_position("s1").await.expect("pos"), None);
     assert_eq!(store.queue_position("s4").await.expect("pos"), Some(1));
+    // Several at once, in the order asked, with positions only while queued.
+    let found: Vec<Option<(String, ConsultationState, Option<u32>)>> = store
+        .consultations(&["s4".into(), "nope".into(), "s1".into()])
+        .await
+        .expect("consultations")
+        .into_iter()
+        .map(|c| c.map(|(r, position)| (r.id, r.state, position)))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            Some(("s4".into(), ConsultationState::Queued, Some(1))),
+            None,
+            Some(("s1".into(), ConsultationState::Assigned, None)),
+        ]
+    );
+    assert!(store.consultations(&[]).await.expect("none").is_empty());
 
     // Accept only what is queued.
     assert_eq!(

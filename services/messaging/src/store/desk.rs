@@ -14,6 +14,9 @@ use crate::error::Result;
 // The desk's records are the desk's model; storage code names them from here too.
 pub use crate::support::model::{ConsultationRecord, ConsultationState, Routed, Step};
 
+/// A consultation with its 1-based queue position (while queued).
+pub type Found = (ConsultationRecord, Option<u32>);
+
 /// The desk's storage contract (on top of conversations).
 pub trait DeskStore: MessagingStore {
     /// Stores the SUPPORT conversation, its consultation record, queues it, and stores
@@ -30,6 +33,30 @@ pub trait DeskStore: MessagingStore {
         &self,
         id: &str,
     ) -> impl Future<Output = Result<Option<ConsultationRecord>>> + Send;
+    /// Consultations by id, each with its 1-based queue position while queued, in the
+    /// order asked (`None` for an id without one). Engines that can answer in one round
+    /// trip do.
+    fn consultations(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Vec<Option<Found>>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                out.push(match self.consultation(id).await? {
+                    Some(r) => {
+                        let position = match r.state {
+                            ConsultationState::Queued => self.queue_position(id).await?,
+                            _ => None,
+                        };
+                        Some((r, position))
+                    }
+                    None => None,
+                });
+            }
+            Ok(out)
+        }
+    }
     /// 1-based position in the queue, `None` if not queued.
     fn queue_position(&self, id: &str) -> impl Future<Output = Result<Option<u32>>> + Send;
     /// Queued consultations, oldest first, at most `limit`.

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use super::desk::{ConsultationRecord, ConsultationState, DeskStore, Routed, Step};
+use super::desk::{ConsultationRecord, ConsultationState, DeskStore, Found, Routed, Step};
 use super::redis::{RedisStore, key, send_reply, user_index, write_conversation};
 use super::{Outgoing, Sent};
 use crate::conversation::ConversationRecord;
@@ -168,6 +168,34 @@ impl DeskStore for RedisStore {
             .query_async(&mut conn)
             .await?;
         parse_consultation(id, h)
+    }
+
+    /// One pipeline: the record and the queue rank of each.
+    async fn consultations(&self, ids: &[String]) -> Result<Vec<Option<Found>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HGETALL")
+                .arg(key(id, "consultation"))
+                .cmd("ZRANK")
+                .arg(QUEUE)
+                .arg(id);
+        }
+        let rows: Vec<(HashMap<String, String>, Option<u32>)> = pipe.query_async(&mut conn).await?;
+        ids.iter()
+            .zip(rows)
+            .map(|(id, (h, rank))| {
+                Ok(parse_consultation(id, h)?.map(|r| {
+                    let position = rank
+                        .filter(|_| r.state == ConsultationState::Queued)
+                        .map(|rank| rank + 1);
+                    (r, position)
+                }))
+            })
+            .collect()
     }
 
     async fn queue_position(&self, id: &str) -> Result<Option<u32>> {

@@ -531,6 +531,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_list_carries_each_consultation_with_its_state_and_place_and_groups_none() {
+        use crate::store::MessagingStore;
+        let (desk, agents) = desk(1, 10.0);
+        agents.set(&[A1], &[]);
+        let customer = person("0190d6a2-0000-7000-8000-0000000000c1", Role::Customer);
+        let (taken, _) = desk
+            .open(&customer, "first", "hi".into())
+            .await
+            .expect("open");
+        let (waiting, _) = desk
+            .open(&customer, "second", "hi".into())
+            .await
+            .expect("open");
+        desk.store()
+            .create(&ConversationRecord {
+                id: "0190d6a2-0000-7000-8000-0000000000f1".into(),
+                kind: Kind::Group,
+                title: "friends".into(),
+                owner_id: customer.user_id.clone(),
+                created_at_ms: 1,
+                epoch: "e".into(),
+                read_only: false,
+                members: vec![Member {
+                    user_id: customer.user_id.clone(),
+                    joined_at_ms: 1,
+                }],
+            })
+            .await
+            .expect("group");
+        let (listed, _) = desk.messaging.list(&customer, 10, "").await.expect("list");
+        let seen: HashMap<String, Option<(i32, String, u32)>> = listed
+            .into_iter()
+            .map(|c| {
+                let consultation = c
+                    .consultation
+                    .map(|x| (x.state, x.agent_id, x.queue_position));
+                (c.title, consultation)
+            })
+            .collect();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen["friends"], None);
+        assert_eq!(
+            seen["first"],
+            Some((pb::ConsultationState::Assigned as i32, A1.to_owned(), 0))
+        );
+        assert_eq!(
+            seen["second"],
+            Some((pb::ConsultationState::Queued as i32, String::new(), 1))
+        );
+        assert_ne!(taken.id, waiting.id);
+    }
+
+    #[tokio::test]
     async fn a_waiting_consultation_goes_to_the_first_agent_who_becomes_available() {
         let (desk, agents) = desk(5, 10.0);
         let (c, _) = desk

@@ -82,4 +82,20 @@ impl<S: DeskStore> SupportViews for Views<S> {
     ) -> futures::future::BoxFuture<'a, Result<Option<pb::Consultation>>> {
         Box::pin(consultation_by_id(self.0.as_ref(), &record.id, user))
     }
+
+    fn consultations<'a>(
+        &'a self,
+        ids: &'a [String],
+        user: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<Option<pb::Consultation>>>> {
+        Box::pin(async move {
+            Ok(self
+                .0
+                .consultations(ids)
+                .await?
+                .into_iter()
+                .map(|found| found.map(|(r, position)| consultation_view(&r, position, user)))
+                .collect())
+        })
+    }
 }
