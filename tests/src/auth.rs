@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use switchboard_common::bus::{RedisBus, redis_manager};
+use switchboard_common::bus::RedisBus;
+use switchboard_common::redis_conn;
 use switchboard_common::revocation::{RedisRevocations, RevocationList, follow};
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_proto::auth::v1 as pb;
@@ -68,7 +69,7 @@ pub async fn redis_revocation_follower(
 ) -> Arc<RevocationList> {
     let client =
         redis::Client::open(redis_url).unwrap_or_else(|e| panic!("bad redis url {redis_url}: {e}"));
-    let conn = redis_manager(&client).unwrap_or_else(|e| panic!("redis manager: {e}"));
+    let conn = redis_conn::node(&client).unwrap_or_else(|e| panic!("redis manager: {e}"));
     let list = Arc::new(RevocationList::default());
     let bus = RedisBus::start(client, conn.clone(), shutdown.clone());
     follow(

@@ -12,6 +12,8 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     appendonly: bool,
+    /// The cluster bus port, for a node of a Redis Cluster.
+    cluster_port: Option<u16>,
 }
 
 impl RedisServer {
@@ -23,6 +25,11 @@ impl RedisServer {
     /// Starts a server; with `appendonly`, every write is in an AOF (fsync always), so a
     /// restart keeps acknowledged data.
     pub fn spawn_with(appendonly: bool) -> anyhow::Result<Self> {
+        Self::spawn_node(appendonly, false)
+    }
+
+    /// Starts a server, as a Redis Cluster node (not yet in a cluster) if `cluster`.
+    fn spawn_node(appendonly: bool, cluster: bool) -> anyhow::Result<Self> {
         let mut last = None;
         // The port is free when picked but may be taken before redis binds it; retry.
         for _ in 0..5 {
@@ -32,6 +39,11 @@ impl RedisServer {
                 port,
                 dir: tempfile::tempdir()?,
                 appendonly,
+                cluster_port: if cluster {
+                    Some(crate::free_port()?)
+                } else {
+                    None
+                },
             };
             match server.start() {
                 Ok(()) => return Ok(server),
@@ -75,6 +87,12 @@ impl RedisServer {
         ])
         .args(["--dir", &self.dir.path().to_string_lossy()])
         .args(["--protected-mode", "no"]);
+        if let Some(bus) = self.cluster_port {
+            cmd.args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-port", &bus.to_string()])
+                .args(["--cluster-node-timeout", "1000"]);
+        }
         if self.appendonly {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -140,5 +158,101 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A Redis Cluster owned by one test: three masters with one replica each, on free
+/// loopback ports; every node is killed on drop.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts six nodes and forms the cluster (`redis-cli --cluster create`), then waits
+    /// until every node reports `cluster_state:ok` and knows all six.
+    pub fn spawn() -> anyhow::Result<Self> {
+        let nodes = (0..6)
+            .map(|_| RedisServer::spawn_node(false, true))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let cluster = Self { nodes };
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run redis-cli (installed with redis-server)")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        cluster.wait_until_ok(Duration::from_secs(20))?;
+        Ok(cluster)
+    }
+
+    /// Every node's `redis://127.0.0.1:<port>/`, masters and replicas.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The nodes, in the order they were started.
+    pub fn nodes(&mut self) -> &mut [RedisServer] {
+        &mut self.nodes
+    }
+
+    /// Waits until every live node says the cluster is ok and sees six known nodes.
+    pub fn wait_until_ok(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let ready = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                n.cluster_info()
+                    .is_some_and(|i| i.contains("cluster_state:ok"))
+            });
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster did not reach cluster_state:ok within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl RedisServer {
+    /// `CLUSTER INFO`, if the node answers.
+    fn cluster_info(&self) -> Option<String> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut c = client
+            .get_connection_with_timeout(Duration::from_millis(200))
+            .ok()?;
+        redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query::<String>(&mut c)
+            .ok()
+    }
+}
+
+impl RedisCluster {
+    /// A store connection to the cluster, as a service builds it from REDIS_CLUSTER_URLS.
+    pub fn conn(&self) -> switchboard_common::redis_conn::RedisConn {
+        switchboard_common::redis_conn::cluster(&self.urls()).expect("cluster connection")
+    }
+
+    /// The cluster's sharded bus, stopped by `shutdown`.
+    pub fn bus(
+        &self,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> switchboard_common::bus::ClusterBus {
+        switchboard_common::bus::ClusterBus::start(&self.urls(), shutdown.clone())
+            .expect("cluster bus")
     }
 }

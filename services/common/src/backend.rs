@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, MemoryBus, RedisBus, redis_manager};
+use crate::bus::{Bus, ClusterBus, MemoryBus, RedisBus};
 use crate::config::Engine;
+use crate::redis_conn::{self, RedisConn};
 use crate::revocation::{
     self, MemoryRevocations, RedisRevocations, RevocationList, RevocationStore,
 };
@@ -21,8 +22,8 @@ use crate::token::{GrpcKeySource, Verifier};
 pub enum Link {
     /// The embedded engine; publishing goes to this in-process bus.
     Memory(MemoryBus),
-    /// Redis through this reconnecting connection.
-    Redis(redis::aio::ConnectionManager),
+    /// Redis (one node or a cluster) through this reconnecting connection.
+    Redis(RedisConn),
 }
 
 /// The engine of one process; clones share it.
@@ -50,9 +51,18 @@ impl Backend {
             }
             Engine::Redis(url) => {
                 let client = redis::Client::open(url.expose())?;
-                let conn = redis_manager(&client)?;
+                let conn = redis_conn::node(&client)?;
                 Self {
                     bus: Arc::new(RedisBus::start(client, conn.clone(), shutdown.clone())),
+                    revocations: Arc::new(RedisRevocations::new(conn.clone())),
+                    link: Link::Redis(conn),
+                }
+            }
+            Engine::RedisCluster(seeds) => {
+                let seeds: Vec<String> = seeds.iter().map(|s| s.expose().to_owned()).collect();
+                let conn = redis_conn::cluster(&seeds)?;
+                Self {
+                    bus: Arc::new(ClusterBus::start(&seeds, shutdown.clone())?),
                     revocations: Arc::new(RedisRevocations::new(conn.clone())),
                     link: Link::Redis(conn),
                 }

@@ -20,6 +20,8 @@ use futures::channel::mpsc as queue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::redis_conn::RedisConn;
+
 /// A boxed future, so the bus can be used as `Arc<dyn Bus>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -63,6 +65,11 @@ pub trait Bus: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), BusError>>;
     /// Subscribes to `channel`; events published after this returns are delivered.
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Subscription, BusError>>;
+    /// Whether this is sharded pub/sub (a Redis Cluster): a channel lives in one slot,
+    /// so a channel published from a transaction must share its keys' slot.
+    fn sharded(&self) -> bool {
+        false
+    }
 }
 
 /// A live subscription; dropping it unsubscribes (the last one per channel also at Redis).
@@ -203,6 +210,11 @@ impl Registry {
         lock(&self.channels).keys().cloned().collect()
     }
 
+    /// Tells the subscribers of `channel` that they may have missed something.
+    fn gap(&self, channel: &str) {
+        self.deliver(channel, BusEvent::Gap);
+    }
+
     fn gap_all(&self) {
         for sinks in lock(&self.channels).values_mut() {
             for sink in sinks {
@@ -252,6 +264,8 @@ impl Bus for MemoryBus {
 enum Command {
     Subscribe(String, oneshot::Sender<Result<(), BusError>>),
     Unsubscribe(String),
+    /// A cluster node dropped a subscription this process still has (its slot moved).
+    Resubscribe(String),
 }
 
 /// The Redis bus: one pub/sub connection per process, reconnected with backoff.
@@ -259,16 +273,12 @@ enum Command {
 pub struct RedisBus {
     registry: Arc<Registry>,
     commands: mpsc::Sender<Command>,
-    publisher: redis::aio::ConnectionManager,
+    publisher: RedisConn,
 }
 
 impl RedisBus {
     /// Starts the pub/sub task; it runs until `shutdown` fires. `publisher` sends PUBLISH.
-    pub fn start(
-        client: redis::Client,
-        publisher: redis::aio::ConnectionManager,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn start(client: redis::Client, publisher: RedisConn, shutdown: CancellationToken) -> Self {
         let registry = Arc::new(Registry::default());
         // Commands are subscribe/unsubscribe requests; a full queue makes `subscribe`
         // wait (bounded by its timeout), never grow memory.
@@ -393,6 +403,8 @@ async fn run_pubsub(
                             break;
                         }
                     }
+                    // Only a cluster drops subscriptions one by one.
+                    Some(Command::Resubscribe(_)) => {}
                 },
                 msg = stream.next() => match msg {
                     Some(msg) => registry.deliver(msg.get_channel_name(), BusEvent::Message(msg.get_payload_bytes().into())),
@@ -406,15 +418,198 @@ async fn run_pubsub(
     }
 }
 
-/// A Redis connection manager that connects lazily and reconnects by itself, with
-/// timeouts so a dead Redis turns into prompt errors (UNAVAILABLE), not hung calls.
-pub fn redis_manager(client: &redis::Client) -> redis::RedisResult<redis::aio::ConnectionManager> {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(3)))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), config)
+/// The bus on a Redis Cluster: sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`), so a message
+/// is carried only by the node that owns its channel's slot, not broadcast to every node.
+/// The cluster connection keeps one connection per node for all of this process's
+/// subscriptions there, and subscribes again after a reconnect. Whatever could have been
+/// missed meanwhile is a [`BusEvent::Gap`] for the channels concerned: a subscription
+/// confirmed again (after a reconnect or a failover), one the node dropped (its slot moved
+/// to another node: the bus subscribes again where it went), or a lost connection (every
+/// channel, since pushes do not say which node they came from).
+#[derive(Clone)]
+pub struct ClusterBus {
+    registry: Arc<Registry>,
+    commands: mpsc::Sender<Command>,
+    conn: redis::cluster_async::ClusterConnection,
+}
+
+impl ClusterBus {
+    /// Connects (lazily) to the cluster seeded by `seeds`; the subscription task runs until
+    /// `shutdown` fires.
+    pub fn start(seeds: &[String], shutdown: CancellationToken) -> redis::RedisResult<Self> {
+        let registry = Arc::new(Registry::default());
+        let (commands, rx) = mpsc::channel(1024);
+        let pushes = Pushes {
+            registry: registry.clone(),
+            confirmed: Mutex::default(),
+            commands: commands.clone(),
+        };
+        let client = crate::redis_conn::cluster_builder(seeds)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(move |info: redis::PushInfo| {
+                pushes.take(info);
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .build()?;
+        let conn = client.get_pending_async_connection_with_config(
+            redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(Duration::from_secs(2))
+                .set_response_timeout(Duration::from_secs(3)),
+        );
+        crate::shutdown::spawn(run_sharded(conn.clone(), registry.clone(), rx, shutdown));
+        Ok(Self {
+            registry,
+            commands,
+            conn,
+        })
+    }
+}
+
+/// What the cluster connection pushes: messages to deliver, confirmations to watch.
+struct Pushes {
+    registry: Arc<Registry>,
+    /// Channels whose subscription a node has confirmed; a second confirmation means the
+    /// subscription was made again, so something may have been missed.
+    confirmed: Mutex<std::collections::HashSet<String>>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Pushes {
+    fn take(&self, info: redis::PushInfo) {
+        let text = |v: &redis::Value| match v {
+            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            redis::Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        };
+        match info.kind {
+            redis::PushKind::SMessage | redis::PushKind::Message => {
+                if let [channel, redis::Value::BulkString(payload), ..] = info.data.as_slice()
+                    && let Some(channel) = text(channel)
+                {
+                    self.registry
+                        .deliver(&channel, BusEvent::Message(payload.clone().into()));
+                }
+            }
+            redis::PushKind::SSubscribe => {
+                if let Some(channel) = info.data.first().and_then(text)
+                    && !lock(&self.confirmed).insert(channel.clone())
+                {
+                    self.registry.gap(&channel);
+                }
+            }
+            redis::PushKind::SUnsubscribe => {
+                if let Some(channel) = info.data.first().and_then(text) {
+                    lock(&self.confirmed).remove(&channel);
+                    if self.registry.contains(&channel) {
+                        self.registry.gap(&channel);
+                        if self
+                            .commands
+                            .try_send(Command::Resubscribe(channel))
+                            .is_err()
+                        {
+                            tracing::warn!(
+                                "bus command queue full; a dropped subscription waits for the next reconnect"
+                            );
+                        }
+                    }
+                }
+            }
+            redis::PushKind::Disconnection => {
+                metrics::counter!(crate::metrics::REDIS_RECONNECTS).increment(1);
+                self.registry.gap_all();
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Bus for ClusterBus {
+    fn sharded(&self) -> bool {
+        true
+    }
+
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            redis::cmd("SPUBLISH")
+                .arg(channel)
+                .arg(payload)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| BusError::Unavailable(e.to_string()))
+        })
+    }
+
+    fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Subscription, BusError>> {
+        Box::pin(async move {
+            let (subscription, first) = self.registry.add(channel, Some(self.commands.clone()));
+            if first {
+                let mut conn = self.conn.clone();
+                match tokio::time::timeout(SUBSCRIBE_TIMEOUT, conn.ssubscribe(channel)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(BusError::Unavailable(e.to_string())),
+                    Err(_) => {
+                        return Err(BusError::Unavailable(
+                            "redis did not confirm the subscription in time".into(),
+                        ));
+                    }
+                }
+            }
+            Ok(subscription)
+        })
+    }
+}
+
+/// Unsubscribes channels whose last local subscriber left, and subscribes again where a
+/// node dropped a channel still in use.
+async fn run_sharded(
+    mut conn: redis::cluster_async::ClusterConnection,
+    registry: Arc<Registry>,
+    mut commands: mpsc::Receiver<Command>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let cmd = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            cmd = commands.recv() => cmd,
+        };
+        match cmd {
+            None => return,
+            Some(Command::Unsubscribe(name)) => {
+                if !registry.contains(&name)
+                    && let Err(e) = conn.sunsubscribe(&name).await
+                {
+                    tracing::warn!(error = %e, "redis sunsubscribe failed");
+                }
+            }
+            Some(Command::Resubscribe(name)) => {
+                // Retried with backoff while the channel is still wanted: the slot may
+                // still be moving.
+                let mut backoff = Duration::from_millis(50);
+                while registry.contains(&name) {
+                    match conn.ssubscribe(&name).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "redis resubscribe failed");
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(backoff) => {}
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                        }
+                    }
+                }
+            }
+            Some(Command::Subscribe(_, ack)) => {
+                let _ = ack.send(Ok(()));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

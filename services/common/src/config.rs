@@ -33,6 +33,8 @@ pub mod env {
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
     /// Redis connection URL; unset means the embedded in-memory engine.
     pub const REDIS_URL: &str = "REDIS_URL";
+    /// Seed nodes of a Redis Cluster, comma-separated; selects the cluster engine.
+    pub const REDIS_CLUSTER_URLS: &str = "REDIS_CLUSTER_URLS";
     /// Where other services reach the auth service for token keys.
     pub const AUTH_URL: &str = "AUTH_URL";
     /// Shared secret with which services call each other (messaging → presence).
@@ -497,6 +499,12 @@ pub struct StoreArgs {
     /// between processes).
     #[arg(long, env = env::REDIS_URL, value_name = "URL")]
     pub redis_url: Option<Secret>,
+    /// Seed nodes of a Redis Cluster (`redis://host:port,redis://host2:port`, passwords
+    /// and `rediss://` for TLS as in REDIS_URL): selects the cluster engine, with sharded
+    /// pub/sub. A few nodes are enough; the others are found from them. Set this or
+    /// REDIS_URL, not both.
+    #[arg(long, env = env::REDIS_CLUSTER_URLS, value_name = "URLS")]
+    pub redis_cluster_urls: Option<Secret>,
 }
 
 /// The shared secret services present to each other: presence accepts it in place of a
@@ -534,18 +542,53 @@ pub enum Engine {
     Memory,
     /// Redis at this URL.
     Redis(Secret),
+    /// A Redis Cluster seeded by these URLs.
+    RedisCluster(Vec<Secret>),
 }
 
 impl StoreArgs {
     /// Validates the URL's form (no connection is made here).
     pub fn validate(&self, problems: &mut Problems) -> Engine {
-        match &self.redis_url {
-            None => Engine::Memory,
-            Some(url) => {
+        match (&self.redis_url, &self.redis_cluster_urls) {
+            (None, None) => Engine::Memory,
+            (Some(url), cluster) => {
+                if cluster.is_some() {
+                    problems.add(format!(
+                        "{} and {}: set one of them (one Redis, or a Redis Cluster), not both",
+                        env::REDIS_URL,
+                        env::REDIS_CLUSTER_URLS
+                    ));
+                }
                 if let Err(e) = redis::Client::open(url.expose()) {
                     problems.add(format!("{}: not a Redis URL: {e}", env::REDIS_URL));
                 }
                 Engine::Redis(url.clone())
+            }
+            (None, Some(urls)) => {
+                let seeds: Vec<String> = urls
+                    .expose()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if seeds.is_empty() {
+                    problems.add(format!(
+                        "{}: no URL given (comma-separated redis:// URLs of some cluster nodes)",
+                        env::REDIS_CLUSTER_URLS
+                    ));
+                }
+                for (i, seed) in seeds.iter().enumerate() {
+                    if let Err(e) = redis::Client::open(seed.as_str()) {
+                        problems.add(format!(
+                            "{}: URL {} of {} is not a Redis URL: {e}",
+                            env::REDIS_CLUSTER_URLS,
+                            i + 1,
+                            seeds.len()
+                        ));
+                    }
+                }
+                Engine::RedisCluster(seeds.into_iter().map(Secret::new).collect())
             }
         }
     }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod id;
 pub mod limits;
 pub mod metrics;
+pub mod redis_conn;
 pub mod revocation;
 pub mod rpc;
 pub mod server;

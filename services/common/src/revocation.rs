@@ -18,8 +18,16 @@ use crate::bus::{BoxFuture, Bus, BusEvent, MemoryBus};
 
 /// Pub/sub channel of revocations; payload is `<session id> <until>`.
 pub const CHANNEL: &str = "sb:auth:revocations";
+/// The channel on a Redis Cluster: hash-tagged by [`KEY`]'s whole name, so it is in the
+/// key's slot and the durable write and the (sharded) publish stay one transaction.
+pub const CLUSTER_CHANNEL: &str = "{sb:auth:revoked}:events";
 /// Sorted set of revoked session ids scored by the time their tokens stop mattering.
 pub const KEY: &str = "sb:auth:revoked";
+
+/// The channel revocations go on, over a bus that is sharded (a cluster) or not.
+pub fn channel(sharded: bool) -> &'static str {
+    if sharded { CLUSTER_CHANNEL } else { CHANNEL }
+}
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -41,12 +49,12 @@ pub trait RevocationStore: Send + Sync + 'static {
 /// Revocations in Redis.
 #[derive(Clone)]
 pub struct RedisRevocations {
-    conn: redis::aio::ConnectionManager,
+    conn: crate::redis_conn::RedisConn,
 }
 
 impl RedisRevocations {
     /// Revocations stored through `conn`.
-    pub fn new(conn: redis::aio::ConnectionManager) -> Self {
+    pub fn new(conn: crate::redis_conn::RedisConn) -> Self {
         Self { conn }
     }
 }
@@ -75,7 +83,9 @@ impl RevocationStore for RedisRevocations {
                 .arg("-inf")
                 .arg(format!("({}", crate::clock::now_secs()))
                 .ignore()
-                .publish(CHANNEL, format!("{session_id} {until}"))
+                .cmd(self.conn.publish_command())
+                .arg(channel(self.conn.is_cluster()))
+                .arg(format!("{session_id} {until}"))
                 .ignore()
                 .query_async::<()>(&mut conn)
                 .await
@@ -222,7 +232,7 @@ pub async fn follow(
         let mut ready = Some(ready_tx);
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
-            let mut sub = match bus.subscribe(CHANNEL).await {
+            let mut sub = match bus.subscribe(channel(bus.sharded())).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to revocations; retrying");

@@ -219,6 +219,12 @@ async fn memory_engine_meets_the_contract() {
 async fn redis_engine_meets_the_contract() {
     let redis = RedisServer::spawn().expect("redis");
     let client = redis::Client::open(redis.url()).expect("client");
-    let conn = switchboard_common::bus::redis_manager(&client).expect("manager");
+    let conn = switchboard_common::redis_conn::node(&client).expect("manager");
     contract(RedisStore::new(conn)).await;
+}
+
+#[tokio::test]
+async fn cluster_engine_meets_the_contract() {
+    let cluster = switchboard_tests::redis::RedisCluster::spawn().expect("cluster");
+    contract(RedisStore::new(cluster.conn())).await;
 }

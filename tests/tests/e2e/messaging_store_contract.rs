@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_common::bus::{Bus, BusEvent, MemoryBus, RedisBus, redis_manager};
+use switchboard_common::bus::{Bus, BusEvent, MemoryBus, RedisBus};
+use switchboard_common::redis_conn;
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_messaging::conversation::{ConversationRecord, Kind, Member};
 use switchboard_messaging::message::{Envelope, Frame, decode};
@@ -601,7 +602,7 @@ async fn memory_engine_meets_the_desk_contract() {
 async fn redis_engine_meets_the_desk_contract() {
     let redis = RedisServer::spawn().expect("redis");
     let client = redis::Client::open(redis.url()).expect("client");
-    let conn = redis_manager(&client).expect("manager");
+    let conn = redis_conn::node(&client).expect("manager");
     desk_contract(RedisStore::new(conn, 100)).await;
 }
 
@@ -609,7 +610,7 @@ async fn redis_engine_meets_the_desk_contract() {
 async fn redis_engine_meets_the_contract() {
     let redis = RedisServer::spawn().expect("redis");
     let client = redis::Client::open(redis.url()).expect("client");
-    let conn = redis_manager(&client).expect("manager");
+    let conn = redis_conn::node(&client).expect("manager");
     let shutdown = CancellationToken::new();
     let bus = RedisBus::start(client, conn.clone(), shutdown.clone());
     contract(RedisStore::new(conn, 100), Arc::new(bus), 100).await;
@@ -760,7 +761,7 @@ async fn memory_engine_ranks_conversations() {
 async fn redis_engine_ranks_conversations() {
     let redis = RedisServer::spawn().expect("redis");
     let client = redis::Client::open(redis.url()).expect("client");
-    let conn = redis_manager(&client).expect("manager");
+    let conn = redis_conn::node(&client).expect("manager");
     ranking_contract(RedisStore::new(conn.clone(), 100)).await;
     // The wide ones took the wide path: in the users' wide sets, not their ranked lists.
     let mut raw = conn;
@@ -780,7 +781,7 @@ async fn redis_engine_ranks_conversations() {
 async fn redis_wide_conversation_without_an_activity_key_ranks_by_joining() {
     let redis = RedisServer::spawn().expect("redis");
     let client = redis::Client::open(redis.url()).expect("client");
-    let conn = redis_manager(&client).expect("manager");
+    let conn = redis_conn::node(&client).expect("manager");
     let store = RedisStore::new(conn.clone(), 100);
     let crowd: Vec<String> = (0..=WIDE_MEMBERS).map(|i| format!("m{i:02}")).collect();
     let members: Vec<&str> = crowd.iter().map(String::as_str).collect();
@@ -858,7 +859,7 @@ async fn memory_engine_holds_large_groups() {
 async fn redis_engine_holds_large_groups() {
     let redis = RedisServer::spawn().expect("redis");
     let client = redis::Client::open(redis.url()).expect("client");
-    let conn = redis_manager(&client).expect("manager");
+    let conn = redis_conn::node(&client).expect("manager");
     large_group_contract(RedisStore::new(conn, 100)).await;
 }
 
@@ -928,7 +929,7 @@ async fn memory_engine_stores_a_batch_in_order() {
 async fn redis_engine_stores_a_batch_in_order_even_after_losing_its_scripts() {
     let redis = RedisServer::spawn().expect("redis");
     let client = redis::Client::open(redis.url()).expect("client");
-    let conn = redis_manager(&client).expect("manager");
+    let conn = redis_conn::node(&client).expect("manager");
     let mut admin = conn.clone();
     batch_contract(RedisStore::new(conn, 100), async move || {
         let () = redis::cmd("SCRIPT")

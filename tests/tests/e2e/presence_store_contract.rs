@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_common::bus::{Bus, BusEvent, MemoryBus, RedisBus, redis_manager};
+use switchboard_common::bus::{Bus, BusEvent, MemoryBus, RedisBus};
+use switchboard_common::redis_conn;
 use switchboard_common::shutdown::CancellationToken;
 use switchboard_presence::model::{Change, Session, State};
 use switchboard_presence::store::memory::MemoryStore;
@@ -139,7 +140,7 @@ async fn memory_engine_meets_the_contract() {
 async fn redis_engine_meets_the_contract() {
     let redis = RedisServer::spawn().expect("redis");
     let client = redis::Client::open(redis.url()).expect("client");
-    let conn = redis_manager(&client).expect("manager");
+    let conn = redis_conn::node(&client).expect("manager");
     let shutdown = CancellationToken::new();
     let bus = RedisBus::start(client, conn.clone(), shutdown.clone());
     contract(RedisStore::new(conn), Arc::new(bus)).await;

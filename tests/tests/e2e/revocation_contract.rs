@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_common::bus::{Bus, BusEvent, MemoryBus, RedisBus, redis_manager};
+use switchboard_common::bus::{Bus, BusEvent, MemoryBus, RedisBus};
+use switchboard_common::redis_conn;
 use switchboard_common::revocation::{
     MemoryRevocations, RedisRevocations, RevocationList, RevocationStore, follow,
 };
@@ -58,7 +59,7 @@ async fn redis_revocations_reach_every_instance_even_across_a_dropped_subscripti
     for _ in 0..3 {
         lists.push(redis_revocation_follower(&redis.url(), &shutdown).await);
     }
-    let writer = RedisRevocations::new(redis_manager(&client).expect("manager"));
+    let writer = RedisRevocations::new(redis_conn::node(&client).expect("manager"));
     writer.revoke("s1", now_secs() + 60).await.expect("revoke");
     for list in &lists {
         assert!(
@@ -108,7 +109,7 @@ async fn redis_bus_reports_a_gap_after_reconnecting() {
     let client = redis::Client::open(redis.url()).expect("client");
     let bus = RedisBus::start(
         client.clone(),
-        redis_manager(&client).expect("manager"),
+        redis_conn::node(&client).expect("manager"),
         shutdown.clone(),
     );
     let mut a = bus.subscribe("chan").await.expect("subscribe");

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use switchboard_common::redis_conn::{Batch, RedisConn};
 use switchboard_common::token::{PublicKey, Role};
 
 use super::{AuthStore, NewSession, Rotation, StoreResult};
@@ -38,16 +38,24 @@ redis.call('EXPIRE', KEYS[1], ttl)
 return {'rotated', redis.call('HGET', KEYS[1], 'user_id')}
 "#;
 
+/// Counts one attempt against a counter, which expires `window` after its first attempt.
+/// KEYS: the counter. ARGV: window seconds. Returns the count and the milliseconds left.
+const HIT: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1], 'NX')
+return {n, redis.call('PTTL', KEYS[1])}
+"#;
+
 /// Auth state in Redis.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     rotate: redis::Script,
 }
 
 impl RedisStore {
     /// A store using `conn`.
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: RedisConn) -> Self {
         Self {
             conn,
             rotate: redis::Script::new(ROTATE),
@@ -145,10 +153,16 @@ impl AuthStore for RedisStore {
         if usernames.is_empty() {
             return Ok(Vec::new());
         }
-        // Two round trips whatever the count: the ids, then their records.
-        let mut conn = self.conn.clone();
-        let keys: Vec<String> = usernames.iter().map(|n| name_key(n)).collect();
-        let ids: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        // Two round trips whatever the count: the ids, then their records (on a cluster,
+        // each round one pipeline per slot, at once).
+        let mut batch = Batch::new();
+        for name in usernames {
+            let key = name_key(name);
+            let mut get = redis::cmd("GET");
+            get.arg(&key);
+            batch.add(&key, get);
+        }
+        let ids: Vec<Option<String>> = batch.run_as(&self.conn).await?;
         let known: Vec<String> = ids.iter().flatten().cloned().collect();
         let mut users = self.users_by_id(&known).await?.into_iter();
         Ok(ids
@@ -161,13 +175,14 @@ impl AuthStore for RedisStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for id in ids {
-            pipe.hgetall(user_key(id));
+            let key = user_key(id);
+            let mut get = redis::cmd("HGETALL");
+            get.arg(&key);
+            batch.add(&key, get);
         }
-        let rows: Vec<std::collections::HashMap<String, String>> =
-            pipe.query_async(&mut conn).await?;
+        let rows: Vec<std::collections::HashMap<String, String>> = batch.run_as(&self.conn).await?;
         ids.iter()
             .zip(rows)
             .map(|(id, fields)| parse_user(id, fields))
@@ -254,28 +269,19 @@ impl AuthStore for RedisStore {
     }
 
     async fn hit(&self, keys: &[String], window: Duration) -> StoreResult<Vec<(u64, u64)>> {
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        // Each counter is its own atomic step (so it never lives without its expiry); the
+        // counters need not move together.
+        let mut batch = Batch::new();
         for k in keys {
             let key = counter_key(k);
-            pipe.incr(&key, 1u64);
-            pipe.cmd("EXPIRE")
-                .arg(&key)
-                .arg(window.as_secs().max(1))
-                .arg("NX")
-                .ignore();
-            pipe.pttl(&key);
+            let mut hit = redis::cmd("EVAL");
+            hit.arg(HIT).arg(1).arg(&key).arg(window.as_secs().max(1));
+            batch.add(&key, hit);
         }
-        let flat: Vec<i64> = pipe.query_async(&mut conn).await?;
-        Ok(flat
-            .chunks(2)
-            .map(|c| {
-                (
-                    c[0].max(0) as u64,
-                    c.get(1).copied().unwrap_or(0).max(0) as u64,
-                )
-            })
+        let hits: Vec<(i64, i64)> = batch.run_as(&self.conn).await?;
+        Ok(hits
+            .into_iter()
+            .map(|(count, ttl)| (count.max(0) as u64, ttl.max(0) as u64))
             .collect())
     }
 

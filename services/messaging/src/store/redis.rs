@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use switchboard_common::redis_conn::RedisConn;
 use switchboard_proto::messaging::v1 as pb;
 
 use super::{
@@ -47,7 +47,8 @@ pub const WIDE_MEMBERS: usize = 16;
 /// was kept counts as narrow if it is small. Seven Redis calls, plus two and one per member
 /// when narrow. KEYS: meta, members, seq, log, idem, reads, activity. ARGV: sender, message
 /// bytes, retention, "<id>|<sent at>", idem ttl, channel, envelope, sent at (ms),
-/// conversation id, list key prefix, list key suffix, the wide limit.
+/// conversation id, list key prefix, list key suffix, the wide limit, the publish command
+/// (`SPUBLISH` on a cluster: the channel is in the conversation's slot).
 const SEND: &str = r#"
 local dup = redis.call('GET', KEYS[5])
 if dup then return {'dup', dup} end
@@ -68,7 +69,7 @@ if narrow then
 elseif tonumber(ARGV[8]) > tonumber(redis.call('GET', KEYS[7]) or '0') then
   redis.call('SET', KEYS[7], ARGV[8])
 end
-redis.call('PUBLISH', ARGV[6], '1M' .. seq .. '\n' .. ARGV[7])
+redis.call(ARGV[13], ARGV[6], '1M' .. seq .. '\n' .. ARGV[7])
 return {'ok', tostring(seq)}
 "#;
 
@@ -115,7 +116,7 @@ return cur
 /// Conversations in Redis.
 #[derive(Clone)]
 pub struct RedisStore {
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: RedisConn,
     retention: usize,
     send: redis::Script,
     mark_read: redis::Script,
@@ -123,7 +124,7 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// A store on `conn`, keeping about `retention` messages per conversation.
-    pub fn new(conn: ConnectionManager, retention: usize) -> Self {
+    pub fn new(conn: RedisConn, retention: usize) -> Self {
         Self {
             conn,
             retention: retention.max(1),
@@ -159,6 +160,7 @@ impl RedisStore {
         args.extend(USER_PREFIX.to_redis_args());
         args.extend(NARROW_SUFFIX.to_redis_args());
         args.extend(WIDE_MEMBERS.to_redis_args());
+        args.extend(self.conn.publish_command().to_redis_args());
         (keys, args)
     }
 
@@ -734,7 +736,10 @@ impl MessagingStore for RedisStore {
         for chunk in channels.chunks(PUBLISH_BATCH) {
             let mut pipe = redis::pipe();
             for channel in chunk {
-                pipe.publish(channel, payload.as_slice()).ignore();
+                pipe.cmd(self.conn.publish_command())
+                    .arg(channel)
+                    .arg(payload.as_slice())
+                    .ignore();
             }
             let () = pipe.query_async(&mut conn).await?;
         }
@@ -743,7 +748,11 @@ impl MessagingStore for RedisStore {
 
     async fn publish(&self, channel: &str, payload: Vec<u8>) -> Result<()> {
         let mut conn = self.conn.clone();
-        let _: i64 = conn.publish(channel, payload).await?;
+        let _: i64 = redis::cmd(self.conn.publish_command())
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await?;
         Ok(())
     }
 }

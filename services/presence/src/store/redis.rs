@@ -5,7 +5,7 @@
 //! is a sorted set of `<user>|<session>` by expiry (the sweep reads it); and
 //! `sb:presence:online:<role>` sets hold users with live sessions.
 
-use redis::aio::ConnectionManager;
+use switchboard_common::redis_conn::RedisConn;
 use switchboard_proto::presence::v1 as pb;
 
 use super::{PresenceStore, StoreError, StoreResult, role_channel, user_channel};
@@ -42,14 +42,14 @@ return {v, redis.call('HGET', KEYS[2], 'last_seen') or '', redis.call('HVALS', K
 /// Presence in Redis.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     put: redis::Script,
     drop: redis::Script,
 }
 
 impl RedisStore {
     /// A store on `conn`.
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: RedisConn) -> Self {
         Self {
             conn,
             put: redis::Script::new(PUT),
@@ -68,10 +68,15 @@ impl RedisStore {
             version,
             presence: Some(presence.clone()),
         });
+        let publish = self.conn.publish_command();
         redis::pipe()
-            .publish(user_channel(user_id), &change)
+            .cmd(publish)
+            .arg(user_channel(user_id))
+            .arg(&change)
             .ignore()
-            .publish(role_channel(presence.role), &change)
+            .cmd(publish)
+            .arg(role_channel(presence.role))
+            .arg(&change)
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;
