@@ -256,3 +256,33 @@ impl RedisCluster {
             .expect("cluster bus")
     }
 }
+
+impl RedisCluster {
+    /// Closes every pub/sub connection on every live node (`CLIENT KILL TYPE pubsub`).
+    pub async fn kill_pubsub_clients(&self) -> anyhow::Result<()> {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            node.kill_pubsub_clients().await?;
+        }
+        Ok(())
+    }
+
+    /// A revocation follower as a service instance on the cluster runs one: its own
+    /// sharded bus and store connection.
+    pub async fn revocation_follower(
+        &self,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> std::sync::Arc<switchboard_common::revocation::RevocationList> {
+        use std::sync::Arc;
+        let list = Arc::new(switchboard_common::revocation::RevocationList::default());
+        switchboard_common::revocation::follow(
+            list.clone(),
+            Arc::new(self.bus(shutdown)),
+            Arc::new(switchboard_common::revocation::RedisRevocations::new(
+                self.conn(),
+            )),
+            shutdown.clone(),
+        )
+        .await;
+        list
+    }
+}

@@ -141,7 +141,11 @@ impl<S: PresenceStore> DeviceSession<S> {
 
     /// Keeps the session alive for another TTL from `now_ms` (the stream is still open).
     pub async fn refresh(&self, now_ms: u64) -> Result<()> {
-        let key = [(self.user_id.clone(), self.session.session_id.clone())];
+        let key = [crate::store::Live {
+            user_id: self.user_id.clone(),
+            session_id: self.session.session_id.clone(),
+            role: self.session.role,
+        }];
         let expires = now_ms.saturating_add(self.ttl.as_millis() as u64);
         Ok(self.store.touch(&key, expires).await?)
     }
@@ -160,7 +164,11 @@ impl<S: PresenceStore> DeviceSession<S> {
         let fate = fate(ending, self.grace, now_ms);
         match fate {
             Fate::LingerUntil(until) => {
-                let key = [(self.user_id.clone(), self.session.session_id.clone())];
+                let key = [crate::store::Live {
+                    user_id: self.user_id.clone(),
+                    session_id: self.session.session_id.clone(),
+                    role: self.session.role,
+                }];
                 self.store.touch(&key, until).await?;
             }
             Fate::Drop => {

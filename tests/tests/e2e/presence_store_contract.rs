@@ -9,7 +9,7 @@ use switchboard_common::shutdown::CancellationToken;
 use switchboard_presence::model::{Change, Session, State};
 use switchboard_presence::store::memory::MemoryStore;
 use switchboard_presence::store::redis::RedisStore;
-use switchboard_presence::store::{PresenceStore, user_channel};
+use switchboard_presence::store::{Live, PresenceStore, user_channel};
 use switchboard_proto::presence::v1 as pb;
 use switchboard_tests::redis::RedisServer;
 
@@ -21,6 +21,14 @@ fn session(id: &str, state: State, started: u64) -> Session {
         started_at_ms: started,
         custom_text: format!("{id} text"),
         ..Default::default()
+    }
+}
+
+fn live(user: &str, session: &str) -> Live {
+    Live {
+        user_id: user.into(),
+        session_id: session.into(),
+        role: 2,
     }
 }
 
@@ -109,7 +117,7 @@ async fn contract(store: impl PresenceStore, bus: Arc<dyn Bus>) {
         .await
         .expect("put");
     store
-        .touch(&[("u2".into(), "b".into())], 20_000)
+        .touch(&[live("u2", "b")], 20_000)
         .await
         .expect("touch");
     assert_eq!(store.sweep(6_000, 100).await.expect("sweep"), 1);
@@ -118,7 +126,7 @@ async fn contract(store: impl PresenceStore, bus: Arc<dyn Bus>) {
     assert_eq!(rows[0].1.session_count, 1);
     // Touching a removed session does not bring it back.
     store
-        .touch(&[("u2".into(), "a".into())], 30_000)
+        .touch(&[live("u2", "a")], 30_000)
         .await
         .expect("touch gone");
     assert_eq!(store.sweep(25_000, 100).await.expect("sweep"), 1);
@@ -145,4 +153,83 @@ async fn redis_engine_meets_the_contract() {
     let bus = RedisBus::start(client, conn.clone(), shutdown.clone());
     contract(RedisStore::new(conn), Arc::new(bus)).await;
     shutdown.cancel();
+}
+
+#[tokio::test]
+async fn cluster_engine_meets_the_contract() {
+    let cluster = switchboard_tests::redis::RedisCluster::spawn().expect("cluster");
+    let shutdown = CancellationToken::new();
+    let bus = cluster.bus(&shutdown);
+    contract(RedisStore::new(cluster.conn()), Arc::new(bus)).await;
+    shutdown.cancel();
+}
+
+/// The Redis indexes outside a user's slot mend what a crash or a race between two steps
+/// leaves: a role-set entry without sessions is left out and removed, a live user missing
+/// from its role set is back after its next refresh, and an expiry entry without a
+/// session is swept as nothing.
+async fn index_repair(store: RedisStore, conn: redis_conn::RedisConn) {
+    let mut raw = conn;
+    let _: () = redis::cmd("SADD")
+        .arg("sb:presence:online:2")
+        .arg("ghost")
+        .query_async(&mut raw)
+        .await
+        .expect("a stale entry");
+    store
+        .put_session("here", &session("s", State::Available, 1), 50_000, 1_000)
+        .await
+        .expect("put");
+    assert_eq!(store.online(2).await.expect("online"), ["here"]);
+    let left: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("sb:presence:online:2")
+        .query_async(&mut raw)
+        .await
+        .expect("members");
+    assert_eq!(left, ["here"], "the stale entry was not removed");
+
+    let _: () = redis::cmd("SREM")
+        .arg("sb:presence:online:2")
+        .arg("here")
+        .query_async(&mut raw)
+        .await
+        .expect("a racing drop's removal");
+    assert!(store.online(2).await.expect("online").is_empty());
+    store
+        .touch(&[live("here", "s")], 60_000)
+        .await
+        .expect("refresh");
+    assert_eq!(store.online(2).await.expect("online"), ["here"]);
+
+    let _: () = redis::cmd("ZADD")
+        .arg("sb:presence:expiry")
+        .arg(1)
+        .arg("nobody|s")
+        .query_async(&mut raw)
+        .await
+        .expect("an orphan expiry entry");
+    assert_eq!(store.sweep(2_000, 100).await.expect("sweep"), 0);
+    let orphans: Vec<String> = redis::cmd("ZRANGE")
+        .arg("sb:presence:expiry")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut raw)
+        .await
+        .expect("expiry");
+    assert_eq!(orphans, ["here|s"], "the orphan entry stayed");
+}
+
+#[tokio::test]
+async fn redis_indexes_repair_themselves() {
+    let redis = RedisServer::spawn().expect("redis");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let conn = redis_conn::node(&client).expect("manager");
+    index_repair(RedisStore::new(conn.clone()), conn).await;
+}
+
+#[tokio::test]
+async fn cluster_indexes_repair_themselves() {
+    let cluster = switchboard_tests::redis::RedisCluster::spawn().expect("cluster");
+    let conn = cluster.conn();
+    index_repair(RedisStore::new(conn.clone()), conn).await;
 }

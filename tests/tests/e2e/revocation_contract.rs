@@ -147,3 +147,95 @@ async fn redis_bus_reports_a_gap_after_reconnecting() {
     assert!(delivered, "no delivery after reconnect");
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn cluster_revocations_reach_every_instance_even_across_dropped_connections() {
+    let cluster = switchboard_tests::redis::RedisCluster::spawn().expect("cluster");
+    let shutdown = CancellationToken::new();
+    let mut lists = Vec::new();
+    for _ in 0..3 {
+        lists.push(cluster.revocation_follower(&shutdown).await);
+    }
+    let writer = RedisRevocations::new(cluster.conn());
+    writer.revoke("s1", now_secs() + 60).await.expect("revoke");
+    for list in &lists {
+        assert!(
+            revoked_soon(list, "s1").await,
+            "an instance missed a revocation"
+        );
+    }
+    let late = cluster.revocation_follower(&shutdown).await;
+    assert!(
+        late.is_revoked("s1", now_secs()),
+        "a new instance did not load earlier revocations"
+    );
+
+    // Every node drops its pub/sub connections (with RESP3 they carry commands too).
+    cluster
+        .kill_pubsub_clients()
+        .await
+        .expect("kill pub/sub clients");
+    writer.revoke("s2", now_secs() + 60).await.expect("revoke");
+    for list in lists.iter().chain([&late]) {
+        assert!(
+            revoked_soon(list, "s2").await,
+            "a revocation made while pub/sub was down was not reloaded after the reconnect"
+        );
+    }
+    writer.revoke("s3", now_secs() + 60).await.expect("revoke");
+    for list in lists.iter().chain([&late]) {
+        assert!(
+            revoked_soon(list, "s3").await,
+            "a revocation made after the reconnect did not arrive"
+        );
+    }
+    shutdown.cancel();
+}
+
+/// The next event of `sub`, waiting at most `limit`.
+async fn next_event(
+    sub: &mut switchboard_common::bus::Subscription,
+    limit: Duration,
+) -> Option<BusEvent> {
+    tokio::time::timeout(limit, sub.recv()).await.ok().flatten()
+}
+
+#[tokio::test]
+async fn cluster_bus_delivers_sharded_and_resubscribes_after_dropped_connections() {
+    let cluster = switchboard_tests::redis::RedisCluster::spawn().expect("cluster");
+    let shutdown = CancellationToken::new();
+    let (a, b) = (cluster.bus(&shutdown), cluster.bus(&shutdown));
+    let channel = "sb:test:{c:1}";
+    let mut sub = a.subscribe(channel).await.expect("subscribe");
+    b.publish(channel, b"one".to_vec()).await.expect("publish");
+    assert_eq!(
+        next_event(&mut sub, Duration::from_secs(5)).await,
+        Some(BusEvent::Message(Arc::from(&b"one"[..])))
+    );
+    cluster
+        .kill_pubsub_clients()
+        .await
+        .expect("kill pub/sub clients");
+    assert_eq!(
+        next_event(&mut sub, Duration::from_secs(5)).await,
+        Some(BusEvent::Gap),
+        "a dropped connection was not reported as a gap"
+    );
+    // Delivered again once subscribed again: publish until one arrives (50 tries, 200 ms
+    // each).
+    let mut delivered = false;
+    'tries: for _ in 0..50 {
+        if b.publish(channel, b"again".to_vec()).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        while let Some(event) = next_event(&mut sub, Duration::from_millis(200)).await {
+            if event == BusEvent::Message(Arc::from(&b"again"[..])) {
+                delivered = true;
+                break 'tries;
+            }
+        }
+    }
+    assert!(delivered, "no message after the reconnect");
+    shutdown.cancel();
+}

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use switchboard_common::bus::MemoryBus;
 use switchboard_proto::presence::v1 as pb;
 
-use super::{PresenceStore, StoreResult, role_channel, user_channel};
+use super::{Live, PresenceStore, StoreResult, role_channel, user_channel};
 use crate::model::{Change, Session, aggregate};
 
 #[derive(Default)]
@@ -120,11 +120,12 @@ impl PresenceStore for MemoryStore {
         Ok(presence)
     }
 
-    async fn touch(&self, sessions: &[(String, String)], expires_at_ms: u64) -> StoreResult<()> {
+    async fn touch(&self, sessions: &[Live], expires_at_ms: u64) -> StoreResult<()> {
         self.with(|s| {
-            for (user, session) in sessions {
-                if s.expiry_of.contains_key(&(user.clone(), session.clone())) {
-                    set_expiry(s, user, session, expires_at_ms);
+            for live in sessions {
+                let key = (live.user_id.clone(), live.session_id.clone());
+                if s.expiry_of.contains_key(&key) {
+                    set_expiry(s, &live.user_id, &live.session_id, expires_at_ms);
                 }
             }
         });

@@ -40,6 +40,17 @@ pub fn role_channel(role: i32) -> String {
     format!("sb:presence:role:{role}")
 }
 
+/// A live session, as a refresh names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
+    /// Its user.
+    pub user_id: String,
+    /// The session.
+    pub session_id: String,
+    /// The user's role (wire value).
+    pub role: i32,
+}
+
 /// Presence's storage contract.
 pub trait PresenceStore: Send + Sync + 'static {
     /// Adds or updates a session that lives until `expires_at_ms`; publishes and returns
@@ -54,7 +65,7 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// Pushes the expiry of live sessions forward (no change is published).
     fn touch(
         &self,
-        sessions: &[(String, String)],
+        sessions: &[Live],
         expires_at_ms: u64,
     ) -> impl Future<Output = StoreResult<()>> + Send;
     /// Removes a session; publishes and returns the presence after, or `None` if the

@@ -1,43 +1,52 @@
 //! The Redis engine.
 //!
 //! Keys: `sb:presence:{u:<id>}:sessions` (hash: session id → encoded session) and
-//! `…:meta` (hash: version, last_seen, role) share the user's hash tag; `sb:presence:expiry`
-//! is a sorted set of `<user>|<session>` by expiry (the sweep reads it); and
-//! `sb:presence:online:<role>` sets hold users with live sessions.
+//! `…:meta` (hash: version, last_seen, role) share the user's hash tag, so a user's
+//! change is one script on one Redis Cluster slot. Two indexes live in slots of their own:
+//! `sb:presence:expiry`, a sorted set of `<user>|<session>` by expiry (the sweep reads it),
+//! and `sb:presence:online:<role>` sets of users with live sessions (role watches read
+//! them). They are written in separate steps, ordered so that a crash between two steps
+//! leaves only what is repaired:
+//! - a session is indexed for expiry *before* it is stored, and unindexed after it is
+//!   dropped, so every stored session is swept in time (an index entry without a session
+//!   is dropped by the sweep as a no-op);
+//! - a user joins the role set before the session is stored and leaves it after the last
+//!   one is dropped. A drop racing a new session elsewhere can take the user out while it
+//!   is online; every refresh of a live session (each [`touch`](PresenceStore::touch))
+//!   adds it back, and a read of the set leaves out (and removes) users without sessions.
 
-use switchboard_common::redis_conn::RedisConn;
+use switchboard_common::redis_conn::{Batch, RedisConn};
 use switchboard_proto::presence::v1 as pb;
 
-use super::{PresenceStore, StoreError, StoreResult, role_channel, user_channel};
+use super::{Live, PresenceStore, StoreError, StoreResult, role_channel, user_channel};
 use crate::model::{Change, Session, aggregate};
 
 const EXPIRY: &str = "sb:presence:expiry";
 
-/// Adds or updates a session. KEYS: sessions, meta, expiry, online.
-/// ARGV: session id, encoded session, expires at, expiry member, user id, role.
+/// Adds or updates a session (the user's keys only). KEYS: sessions, meta.
+/// ARGV: session id, encoded session, role.
 const PUT: &str = r#"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-redis.call('SADD', KEYS[4], ARGV[5])
-redis.call('HSET', KEYS[2], 'role', ARGV[6])
+redis.call('HSET', KEYS[2], 'role', ARGV[3])
 local v = redis.call('HINCRBY', KEYS[2], 'version', 1)
-return {v, redis.call('HGET', KEYS[2], 'last_seen') or '', redis.call('HVALS', KEYS[1]), ARGV[6]}
+return {v, redis.call('HGET', KEYS[2], 'last_seen') or '', redis.call('HVALS', KEYS[1]), ARGV[3]}
 "#;
 
-/// Removes a session if present. KEYS: sessions, meta, expiry.
-/// ARGV: session id, expiry member, user id, now.
+/// Removes a session if present (the user's keys only); the last one sets last seen.
+/// KEYS: sessions, meta. ARGV: session id, now.
 const DROP: &str = r#"
-redis.call('ZREM', KEYS[3], ARGV[2])
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return {0, '', {}, '0'} end
 local v = redis.call('HINCRBY', KEYS[2], 'version', 1)
 if redis.call('HLEN', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[2], 'last_seen', ARGV[4])
-  local role = redis.call('HGET', KEYS[2], 'role')
-  if role then redis.call('SREM', 'sb:presence:online:' .. role, ARGV[3]) end
+  redis.call('HSET', KEYS[2], 'last_seen', ARGV[2])
 end
 return {v, redis.call('HGET', KEYS[2], 'last_seen') or '', redis.call('HVALS', KEYS[1]),
   redis.call('HGET', KEYS[2], 'role') or '0'}
 "#;
+
+fn online_key(role: i32) -> String {
+    format!("sb:presence:online:{role}")
+}
 
 /// Presence in Redis.
 #[derive(Clone)]
@@ -63,23 +72,17 @@ impl RedisStore {
         version: u64,
         presence: &pb::UserPresence,
     ) -> StoreResult<()> {
-        let mut conn = self.conn.clone();
         let change = prost::Message::encode_to_vec(&Change {
             version,
             presence: Some(presence.clone()),
         });
-        let publish = self.conn.publish_command();
-        redis::pipe()
-            .cmd(publish)
-            .arg(user_channel(user_id))
-            .arg(&change)
-            .ignore()
-            .cmd(publish)
-            .arg(role_channel(presence.role))
-            .arg(&change)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await?;
+        let mut batch = Batch::new();
+        for channel in [user_channel(user_id), role_channel(presence.role)] {
+            let mut publish = redis::cmd(self.conn.publish_command());
+            publish.arg(&channel).arg(&change);
+            batch.add(&channel, publish);
+        }
+        batch.run(&self.conn).await?;
         Ok(())
     }
 }
@@ -122,18 +125,26 @@ impl PresenceStore for RedisStore {
         expires_at_ms: u64,
         now_ms: u64,
     ) -> StoreResult<pb::UserPresence> {
+        // The indexes first (see the module docs), in one round trip.
+        let mut batch = Batch::new();
+        let mut expiry = redis::cmd("ZADD");
+        expiry
+            .arg(EXPIRY)
+            .arg(expires_at_ms)
+            .arg(member(user_id, &session.session_id));
+        batch.add(EXPIRY, expiry);
+        let online = online_key(session.role);
+        let mut join = redis::cmd("SADD");
+        join.arg(&online).arg(user_id);
+        batch.add(&online, join);
+        batch.run(&self.conn).await?;
         let mut conn = self.conn.clone();
         let reply: Reply = self
             .put
             .key(sessions_key(user_id))
             .key(meta_key(user_id))
-            .key(EXPIRY)
-            .key(format!("sb:presence:online:{}", session.role))
             .arg(&session.session_id)
             .arg(prost::Message::encode_to_vec(session))
-            .arg(expires_at_ms)
-            .arg(member(user_id, &session.session_id))
-            .arg(user_id)
             .arg(session.role)
             .invoke_async(&mut conn)
             .await?;
@@ -142,22 +153,24 @@ impl PresenceStore for RedisStore {
         Ok(presence)
     }
 
-    async fn touch(&self, sessions: &[(String, String)], expires_at_ms: u64) -> StoreResult<()> {
-        if sessions.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        for (user, session) in sessions {
+    /// Also puts each user back in its role set, which repairs a racing drop's removal.
+    async fn touch(&self, sessions: &[Live], expires_at_ms: u64) -> StoreResult<()> {
+        let mut batch = Batch::new();
+        for live in sessions {
             // XX: never resurrect a session another instance already swept.
-            pipe.cmd("ZADD")
+            let mut expiry = redis::cmd("ZADD");
+            expiry
                 .arg(EXPIRY)
                 .arg("XX")
                 .arg(expires_at_ms)
-                .arg(member(user, session))
-                .ignore();
+                .arg(member(&live.user_id, &live.session_id));
+            batch.add(EXPIRY, expiry);
+            let online = online_key(live.role);
+            let mut join = redis::cmd("SADD");
+            join.arg(&online).arg(&live.user_id);
+            batch.add(&online, join);
         }
-        pipe.query_async::<()>(&mut conn).await?;
+        batch.run(&self.conn).await?;
         Ok(())
     }
 
@@ -172,13 +185,22 @@ impl PresenceStore for RedisStore {
             .drop
             .key(sessions_key(user_id))
             .key(meta_key(user_id))
-            .key(EXPIRY)
             .arg(session_id)
-            .arg(member(user_id, session_id))
-            .arg(user_id)
             .arg(now_ms)
             .invoke_async(&mut conn)
             .await?;
+        // Then the indexes (see the module docs).
+        let mut batch = Batch::new();
+        let mut unexpire = redis::cmd("ZREM");
+        unexpire.arg(EXPIRY).arg(member(user_id, session_id));
+        batch.add(EXPIRY, unexpire);
+        if reply.0 != 0 && reply.2.is_empty() {
+            let online = online_key(reply.3);
+            let mut leave = redis::cmd("SREM");
+            leave.arg(&online).arg(user_id);
+            batch.add(&online, leave);
+        }
+        batch.run(&self.conn).await?;
         if reply.0 == 0 {
             return Ok(None);
         }
@@ -195,17 +217,22 @@ impl PresenceStore for RedisStore {
         if user_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for id in user_ids {
-            pipe.hvals(sessions_key(id));
-            pipe.cmd("HMGET")
-                .arg(meta_key(id))
+            let sessions = sessions_key(id);
+            let mut all = redis::cmd("HVALS");
+            all.arg(&sessions);
+            batch.add(&sessions, all);
+            let meta = meta_key(id);
+            let mut fields = redis::cmd("HMGET");
+            fields
+                .arg(&meta)
                 .arg("version")
                 .arg("last_seen")
                 .arg("role");
+            batch.add(&meta, fields);
         }
-        let rows: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let rows: Vec<redis::Value> = batch.run(&self.conn).await?;
         let mut out = Vec::with_capacity(user_ids.len());
         for (id, pair) in user_ids.iter().zip(rows.chunks(2)) {
             let raw: Vec<Vec<u8>> = redis::from_redis_value(pair[0].clone())
@@ -250,13 +277,35 @@ impl PresenceStore for RedisStore {
         Ok(removed)
     }
 
+    /// The role set, less (and without, from now on) users who have no session left.
     async fn online(&self, role: i32) -> StoreResult<Vec<String>> {
         let mut conn = self.conn.clone();
-        let mut ids: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(format!("sb:presence:online:{role}"))
+        let online = online_key(role);
+        let listed: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&online)
             .query_async(&mut conn)
             .await?;
+        let mut batch = Batch::new();
+        for id in &listed {
+            let sessions = sessions_key(id);
+            let mut count = redis::cmd("HLEN");
+            count.arg(&sessions);
+            batch.add(&sessions, count);
+        }
+        let counts: Vec<u64> = batch.run_as(&self.conn).await?;
+        let (mut ids, gone): (Vec<(String, u64)>, Vec<(String, u64)>) = listed
+            .into_iter()
+            .zip(counts)
+            .partition(|(_, sessions)| *sessions > 0);
+        if !gone.is_empty() {
+            let stale: Vec<String> = gone.into_iter().map(|(id, _)| id).collect();
+            let _: i64 = redis::cmd("SREM")
+                .arg(&online)
+                .arg(&stale)
+                .query_async(&mut conn)
+                .await?;
+        }
         ids.sort();
-        Ok(ids)
+        Ok(ids.into_iter().map(|(id, _)| id).collect())
     }
 }
