@@ -293,12 +293,16 @@ impl PresenceStore for RedisStore {
             batch.add(&sessions, count);
         }
         let counts: Vec<u64> = batch.run_as(&self.conn).await?;
-        let (mut ids, gone): (Vec<(String, u64)>, Vec<(String, u64)>) = listed
-            .into_iter()
-            .zip(counts)
-            .partition(|(_, sessions)| *sessions > 0);
-        if !gone.is_empty() {
-            let stale: Vec<String> = gone.into_iter().map(|(id, _)| id).collect();
+        let mut ids = Vec::with_capacity(listed.len());
+        let mut stale = Vec::new();
+        for (id, sessions) in listed.into_iter().zip(counts) {
+            if sessions > 0 {
+                ids.push(id);
+            } else {
+                stale.push(id);
+            }
+        }
+        if !stale.is_empty() {
             let _: i64 = redis::cmd("SREM")
                 .arg(&online)
                 .arg(&stale)
@@ -306,6 +310,6 @@ impl PresenceStore for RedisStore {
                 .await?;
         }
         ids.sort();
-        Ok(ids.into_iter().map(|(id, _)| id).collect())
+        Ok(ids)
     }
 }
