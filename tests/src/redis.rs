@@ -286,3 +286,19 @@ impl RedisCluster {
         list
     }
 }
+
+impl RedisCluster {
+    /// Empties every master (`FLUSHALL`; replicas follow), so one cluster can serve
+    /// several contracts in a row.
+    pub async fn flush(&self) -> anyhow::Result<()> {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let client = redis::Client::open(node.url())?;
+            let mut c = client.get_multiplexed_async_connection().await?;
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await?;
+            if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+                let () = redis::cmd("FLUSHALL").query_async(&mut c).await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -343,6 +343,9 @@ impl<S: MessagingStore> Messaging<S> {
             .await?
             .into_iter()
             .flatten()
+            // An index entry may outlive a membership by a crash between two steps; a
+            // conversation is listed only to its members.
+            .filter(|s| s.record.is_member(user))
             .collect();
         let support = |s: &Summary| self.support.is_some() && s.record.kind == Kind::Support;
         let support_ids: Vec<String> = summaries

@@ -143,6 +143,7 @@ const UNSET_ON_PURPOSE: &[&str] = &[
     "TLS_CERT_FILE",
     "TLS_KEY_FILE",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "REDIS_CLUSTER_URLS",
 ];
 
 #[test]

@@ -766,9 +766,9 @@ async fn redis_engine_ranks_conversations() {
     // The wide ones took the wide path: in the users' wide sets, not their ranked lists.
     let mut raw = conn;
     let (wide, ranked, newcomer): (Vec<String>, Vec<String>, Vec<String>) = redis::pipe()
-        .smembers("sb:msg:user:u:wide")
-        .zrange("sb:msg:user:u:convs", 0, -1)
-        .zrange("sb:msg:user:x01:convs", 0, -1)
+        .smembers("sb:msg:user:{u:u}:wide")
+        .zrange("sb:msg:user:{u:u}:convs", 0, -1)
+        .zrange("sb:msg:user:{u:x01}:convs", 0, -1)
         .query_async(&mut raw)
         .await
         .expect("read the lists");
@@ -939,4 +939,57 @@ async fn redis_engine_stores_a_batch_in_order_even_after_losing_its_scripts() {
             .expect("script flush");
     })
     .await;
+}
+
+/// Every messaging contract on one Redis Cluster (three masters, three replicas), one
+/// after the other on a flushed cluster, since starting a cluster is the slow part.
+#[tokio::test]
+async fn cluster_engine_meets_every_contract_and_refuses_the_desk_by_saying_so() {
+    let cluster = switchboard_tests::redis::RedisCluster::spawn().expect("cluster");
+    let shutdown = CancellationToken::new();
+    let bus = cluster.bus(&shutdown);
+    contract(RedisStore::new(cluster.conn(), 100), Arc::new(bus), 100).await;
+    shutdown.cancel();
+
+    cluster.flush().await.expect("flush");
+    ranking_contract(RedisStore::new(cluster.conn(), 100)).await;
+
+    cluster.flush().await.expect("flush");
+    let urls = cluster.urls();
+    batch_contract(RedisStore::new(cluster.conn(), 100), async move || {
+        // Every node forgets its scripts, as after a restart.
+        for url in &urls {
+            let client = redis::Client::open(url.as_str()).expect("client");
+            let mut node = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("node");
+            let () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut node)
+                .await
+                .expect("script flush");
+        }
+    })
+    .await;
+
+    cluster.flush().await.expect("flush");
+    let store = RedisStore::new(cluster.conn(), 100);
+    let (conversation, consultation) = support("s1", "cust", 100);
+    let refused = store
+        .open(
+            &conversation,
+            &consultation,
+            &outgoing("s1", "cust", "k1", "help"),
+        )
+        .await
+        .expect_err("the desk on a cluster");
+    assert!(
+        matches!(
+            &refused,
+            switchboard_messaging::error::Error::FailedPrecondition(m) if m.contains("Redis Cluster")
+        ),
+        "{refused:?}"
+    );
+    assert!(store.queue(10).await.is_err());
 }

@@ -398,6 +398,28 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
     );
 }
 
+#[test]
+fn one_redis_or_a_cluster_is_configured_never_both_nor_a_bad_seed() {
+    assert_bad_config_exits_64(
+        "switchboard-presence",
+        &[
+            ("REDIS_URL", "redis://127.0.0.1:1/"),
+            ("REDIS_CLUSTER_URLS", "redis://127.0.0.1:2/"),
+        ],
+        &["REDIS_URL and REDIS_CLUSTER_URLS: set one of them"],
+    );
+    assert_bad_config_exits_64(
+        "switchboard-presence",
+        &[("REDIS_CLUSTER_URLS", "redis://127.0.0.1:2/, nonsense")],
+        &["REDIS_CLUSTER_URLS: URL 2 of 2 is not a Redis URL"],
+    );
+    assert_bad_config_exits_64(
+        "switchboard-presence",
+        &[("REDIS_CLUSTER_URLS", " , ")],
+        &["REDIS_CLUSTER_URLS: no URL given"],
+    );
+}
+
 #[tokio::test]
 async fn logout_ends_device_sessions_and_the_user_goes_offline() {
     let stack = presence_stack(2, (Duration::from_secs(30), SECOND, SECOND)).await;

@@ -155,13 +155,17 @@ async fn redis_engine_meets_the_contract() {
     shutdown.cancel();
 }
 
+/// Both on one cluster, one after the other (starting a cluster is the slow part).
 #[tokio::test]
-async fn cluster_engine_meets_the_contract() {
+async fn cluster_engine_meets_the_contract_and_its_indexes_repair_themselves() {
     let cluster = switchboard_tests::redis::RedisCluster::spawn().expect("cluster");
     let shutdown = CancellationToken::new();
     let bus = cluster.bus(&shutdown);
     contract(RedisStore::new(cluster.conn()), Arc::new(bus)).await;
     shutdown.cancel();
+    cluster.flush().await.expect("flush");
+    let conn = cluster.conn();
+    index_repair(RedisStore::new(conn.clone()), conn).await;
 }
 
 /// The Redis indexes outside a user's slot mend what a crash or a race between two steps
@@ -224,12 +228,5 @@ async fn redis_indexes_repair_themselves() {
     let redis = RedisServer::spawn().expect("redis");
     let client = redis::Client::open(redis.url()).expect("client");
     let conn = redis_conn::node(&client).expect("manager");
-    index_repair(RedisStore::new(conn.clone()), conn).await;
-}
-
-#[tokio::test]
-async fn cluster_indexes_repair_themselves() {
-    let cluster = switchboard_tests::redis::RedisCluster::spawn().expect("cluster");
-    let conn = cluster.conn();
     index_repair(RedisStore::new(conn.clone()), conn).await;
 }

@@ -9,23 +9,38 @@
 //! - `idem:<sender>:<client_msg_id>` → `<seq>|<message id>|<sent at>` for 24 hours.
 //!
 //! Outside the slot: `sb:msg:direct:<a>|<b>` → id (one direct conversation per pair), and
-//! each user's list, in two parts:
-//! - `sb:msg:user:<id>:convs`, a sorted set of the user's conversations of at most
-//!   [`WIDE_MEMBERS`] members, scored by rank ([`Ranked`]): joining adds
-//!   the conversation at the join time and the send script raises every member's score to
-//!   the message's time (`ZADD GT`), so a page is one range read;
-//! - `sb:msg:user:<id>:wide`, a set of the user's *wide* conversations (more members;
+//! each user's list, in two parts that share the user's hash tag `{u:<id>}`:
+//! - `sb:msg:user:{u:<id>}:convs`, a sorted set of the user's conversations of at most
+//!   [`WIDE_MEMBERS`] members, scored by rank ([`Ranked`]): joining adds the conversation
+//!   at the join time and each message raises every member's score to its time
+//!   (`ZADD GT`), so a page is one range read;
+//! - `sb:msg:user:{u:<id>}:wide`, a set of the user's *wide* conversations (more members;
 //!   meta `wide` = 1). A send there touches no member's list (its work stays constant
 //!   whatever the group's size); a page reads each wide conversation's `activity` instead
 //!   and merges. A conversation turns wide once, when it grows past the limit, and stays so.
 //!
-//! The send script and the member-adding script write users' list keys they do not
-//! declare: fine on one Redis, not in a Redis Cluster (a later change moves them out).
+//! What is atomic, and why the rest is safe (the same on one Redis and on a cluster, but
+//! for the first point):
+//! - a send (idempotency, membership, seq, history, read position, publish) is one script
+//!   on the conversation's slot. On one Redis it also raises the members' ranks; on a
+//!   cluster their lists are in other slots, so the script returns the members and the
+//!   store raises them next (`ZADD GT`: repeatable, never backwards). A crash between
+//!   leaves ranks behind until the next message;
+//! - a conversation is created in its members' lists first, then stored (one transaction
+//!   on its slot): a crash between leaves list entries without a conversation, which pages
+//!   skip;
+//! - members are added by one script per 1,000 on the conversation's slot, then listed; a
+//!   crash between leaves new members unlisted until the next message (narrow) lists them;
+//! - a member leaves their lists first, then the conversation: never a listed
+//!   conversation one is not in (pages also list a conversation only to its members).
+//!
+//! The support desk's steps (`redis_desk.rs`) still span the desk-wide keys and the
+//! conversation in one script: they run on one Redis only, and refuse on a cluster.
 
 use std::collections::HashMap;
 
 use redis::AsyncCommands;
-use switchboard_common::redis_conn::RedisConn;
+use switchboard_common::redis_conn::{Batch, RedisConn};
 use switchboard_proto::messaging::v1 as pb;
 
 use super::{
@@ -48,7 +63,9 @@ pub const WIDE_MEMBERS: usize = 16;
 /// when narrow. KEYS: meta, members, seq, log, idem, reads, activity. ARGV: sender, message
 /// bytes, retention, "<id>|<sent at>", idem ttl, channel, envelope, sent at (ms),
 /// conversation id, list key prefix, list key suffix, the wide limit, the publish command
-/// (`SPUBLISH` on a cluster: the channel is in the conversation's slot).
+/// (`SPUBLISH` on a cluster: the channel is in the conversation's slot), and `1` to raise
+/// the members' ranks here (one Redis) or `0` to return the members after the seq instead
+/// (a cluster, where their lists are in other slots: the store raises them next).
 const SEND: &str = r#"
 local dup = redis.call('GET', KEYS[5])
 if dup then return {'dup', dup} end
@@ -61,41 +78,39 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', ARGV[2])
 redis.call('SET', KEYS[5], seq .. '|' .. ARGV[4], 'EX', ARGV[5])
 redis.call('HSET', KEYS[6], ARGV[1], seq)
 local narrow = meta[3] == '0' or (not meta[3] and redis.call('HLEN', KEYS[2]) <= tonumber(ARGV[12]))
+local reply = {'ok', tostring(seq)}
 if narrow then
   redis.call('SET', KEYS[7], ARGV[8])
   for _, user in ipairs(redis.call('HKEYS', KEYS[2])) do
-    redis.call('ZADD', ARGV[10] .. user .. ARGV[11], 'GT', ARGV[8], ARGV[9])
+    if ARGV[14] == '1' then
+      redis.call('ZADD', ARGV[10] .. user .. ARGV[11], 'GT', ARGV[8], ARGV[9])
+    else
+      reply[#reply + 1] = user
+    end
   end
 elseif tonumber(ARGV[8]) > tonumber(redis.call('GET', KEYS[7]) or '0') then
   redis.call('SET', KEYS[7], ARGV[8])
 end
 redis.call(ARGV[13], ARGV[6], '1M' .. seq .. '\n' .. ARGV[7])
-return {'ok', tostring(seq)}
+return reply
 "#;
 
-/// Adds members (existing ones keep their join time) and lists the conversation for
-/// them; turns the conversation wide when it grows past the limit. KEYS: meta, members.
-/// ARGV: conversation id, now (ms), the wide limit, list key prefix, narrow suffix, wide
-/// suffix, then the users. Returns 0 if there is no such conversation.
+/// Adds members (existing ones keep their join time) and turns the conversation wide
+/// when it grows past the limit; the conversation's keys only (the members' lists are the
+/// caller's next step). KEYS: meta, members. ARGV: now (ms), the wide limit, then the
+/// users. Returns {0} if there is no such conversation, else {1} (narrow), {3} (wide),
+/// or {2, every member} (it turned wide now), each with a list (empty but for 2).
 const ADD_MEMBERS: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local wide = redis.call('HGET', KEYS[1], 'wide') == '1'
-for i = 7, #ARGV do
-  redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[2])
-  if wide then
-    redis.call('SADD', ARGV[4] .. ARGV[i] .. ARGV[6], ARGV[1])
-  else
-    redis.call('ZADD', ARGV[4] .. ARGV[i] .. ARGV[5], 'NX', ARGV[2], ARGV[1])
-  end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, {}} end
+for i = 3, #ARGV do
+  redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[1])
 end
-if not wide and redis.call('HLEN', KEYS[2]) > tonumber(ARGV[3]) then
+if redis.call('HGET', KEYS[1], 'wide') == '1' then return {3, {}} end
+if redis.call('HLEN', KEYS[2]) > tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'wide', '1')
-  for _, user in ipairs(redis.call('HKEYS', KEYS[2])) do
-    redis.call('ZREM', ARGV[4] .. user .. ARGV[5], ARGV[1])
-    redis.call('SADD', ARGV[4] .. user .. ARGV[6], ARGV[1])
-  end
+  return {2, redis.call('HKEYS', KEYS[2])}
 end
-return 1
+return {1, {}}
 "#;
 
 /// Users one member-adding script takes, so Redis serves others between chunks.
@@ -133,7 +148,89 @@ impl RedisStore {
         }
     }
 
-    /// The send script's call for `o`.
+    /// Lists a new conversation in its members' lists (in their slots), before it is
+    /// stored: a crash between leaves list entries of a conversation that does not exist,
+    /// which pages skip, never a conversation missing from its members' lists.
+    pub(super) async fn list_for_members(&self, c: &ConversationRecord) -> Result<()> {
+        let wide = c.members.len() > WIDE_MEMBERS;
+        let mut batch = Batch::new();
+        for m in &c.members {
+            if wide {
+                let list = user_wide(&m.user_id);
+                let mut join = redis::cmd("SADD");
+                join.arg(&list).arg(&c.id);
+                batch.add(&list, join);
+            } else {
+                let list = user_index(&m.user_id);
+                let mut join = redis::cmd("ZADD");
+                join.arg(&list).arg(m.joined_at_ms).arg(&c.id);
+                batch.add(&list, join);
+            }
+        }
+        batch.run(&self.conn).await?;
+        Ok(())
+    }
+
+    /// Raises conversation `id` to `at_ms` in each of `members`' lists (`ZADD GT`, so
+    /// it never moves back and a repeat changes nothing): on a cluster, the send step's
+    /// second half. A crash before it leaves the ranks behind until the next message.
+    async fn raise(&self, id: &str, members: &[String], at_ms: u64) -> Result<()> {
+        let mut batch = Batch::new();
+        for user in members {
+            let list = user_index(user);
+            let mut up = redis::cmd("ZADD");
+            up.arg(&list).arg("GT").arg(at_ms).arg(id);
+            batch.add(&list, up);
+        }
+        batch.run(&self.conn).await?;
+        Ok(())
+    }
+
+    /// `batch` (on one slot) as one pipeline of the send script, in order; if Redis lost
+    /// the script, the sends from the first refusal on go again with its source.
+    async fn send_in_order(&self, batch: &[Outgoing]) -> Vec<Result<(Sent, Vec<String>)>> {
+        let mut conn = self.conn.clone();
+        let mut results: Vec<Result<(Sent, Vec<String>)>> = Vec::with_capacity(batch.len());
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for o in batch {
+            pipe.invoke_script(&self.send_invocation(o));
+        }
+        let replies: Vec<redis::RedisResult<Vec<String>>> = match pipe.query_async(&mut conn).await
+        {
+            Ok(r) => r,
+            Err(e) => return fail_rest(results, batch.len(), &e.to_string()),
+        };
+        for reply in replies {
+            if reply.as_ref().is_err_and(|e| {
+                e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+            }) {
+                break;
+            }
+            results.push(reply.map_err(Error::from).and_then(send_outcome));
+        }
+        if results.len() < batch.len() {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for o in &batch[results.len()..] {
+                self.send_eval(&mut pipe, o);
+            }
+            let replies: Vec<redis::RedisResult<Vec<String>>> =
+                match pipe.query_async(&mut conn).await {
+                    Ok(r) => r,
+                    Err(e) => return fail_rest(results, batch.len(), &e.to_string()),
+                };
+            for reply in replies {
+                results.push(reply.map_err(Error::from).and_then(send_outcome));
+            }
+        }
+        fail_rest(
+            results,
+            batch.len(),
+            "redis answered fewer replies than sends",
+        )
+    }
+
     /// The send script's keys and arguments for `o`.
     fn send_parts(&self, o: &Outgoing) -> (Vec<String>, Vec<Vec<u8>>) {
         use redis::ToRedisArgs;
@@ -161,6 +258,7 @@ impl RedisStore {
         args.extend(NARROW_SUFFIX.to_redis_args());
         args.extend(WIDE_MEMBERS.to_redis_args());
         args.extend(self.conn.publish_command().to_redis_args());
+        args.extend(if self.conn.is_cluster() { "0" } else { "1" }.to_redis_args());
         (keys, args)
     }
 
@@ -190,35 +288,44 @@ impl RedisStore {
 }
 
 /// `results`, completed to `len` with storage errors saying `cause`.
-fn fail_rest(mut results: Vec<Result<Sent>>, len: usize, cause: &str) -> Vec<Result<Sent>> {
+fn fail_rest<T>(mut results: Vec<Result<T>>, len: usize, cause: &str) -> Vec<Result<T>> {
     results.resize_with(len, || Err(Error::storage(cause)));
     results
 }
 
 /// What the send script answered.
 pub(super) fn send_reply(reply: Vec<String>) -> Result<Sent> {
+    Ok(send_outcome(reply)?.0)
+}
+
+/// What the send script answered, with the members whose ranks the caller must raise (on
+/// a cluster, for a narrow conversation).
+fn send_outcome(reply: Vec<String>) -> Result<(Sent, Vec<String>)> {
     let bad = || Error::Internal(format!("send script answered {reply:?}"));
-    match reply.first().map(String::as_str) {
-        Some("ok") => Ok(Sent::Stored(
-            reply.get(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?,
-        )),
+    let sent = match reply.first().map(String::as_str) {
+        Some("ok") => {
+            let seq = reply.get(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            let members = reply.get(2..).unwrap_or_default().to_vec();
+            return Ok((Sent::Stored(seq), members));
+        }
         Some("dup") => {
             let raw = reply.get(1).ok_or_else(bad)?;
             let mut parts = raw.splitn(3, '|');
             let seq = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
             let message_id = parts.next().ok_or_else(bad)?.to_owned();
             let sent_at_ms = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-            Ok(Sent::Duplicate {
+            Sent::Duplicate {
                 seq,
                 message_id,
                 sent_at_ms,
-            })
+            }
         }
-        Some("nf") => Ok(Sent::NotFound),
-        Some("nm") => Ok(Sent::NotMember),
-        Some("ro") => Ok(Sent::ReadOnly),
-        _ => Err(bad()),
-    }
+        Some("nf") => Sent::NotFound,
+        Some("nm") => Sent::NotMember,
+        Some("ro") => Sent::ReadOnly,
+        _ => return Err(bad()),
+    };
+    Ok((sent, Vec::new()))
 }
 
 /// Channels one pipeline publishes to.
@@ -228,9 +335,9 @@ pub(super) fn key(id: &str, part: &str) -> String {
     format!("sb:msg:{{c:{id}}}:{part}")
 }
 
-const USER_PREFIX: &str = "sb:msg:user:";
-const NARROW_SUFFIX: &str = ":convs";
-const WIDE_SUFFIX: &str = ":wide";
+const USER_PREFIX: &str = "sb:msg:user:{u:";
+const NARROW_SUFFIX: &str = "}:convs";
+const WIDE_SUFFIX: &str = "}:wide";
 
 /// The user's narrow conversations by rank.
 pub(super) fn user_index(user: &str) -> String {
@@ -285,7 +392,8 @@ fn parse_record(
     }))
 }
 
-/// Adds the writes that store `c` and index it for its members to `pipe`.
+/// Adds the writes that store `c` (its own keys, one slot) to `pipe`; the members' lists
+/// are written first, by `RedisStore::list_for_members`.
 pub(super) fn write_conversation(pipe: &mut redis::Pipeline, c: &ConversationRecord) {
     let wide = c.members.len() > WIDE_MEMBERS;
     pipe.hset_multiple(
@@ -313,14 +421,6 @@ pub(super) fn write_conversation(pipe: &mut redis::Pipeline, c: &ConversationRec
         .arg(c.created_at_ms)
         .arg("NX")
         .ignore();
-    for m in &c.members {
-        if wide {
-            pipe.sadd(user_wide(&m.user_id), &c.id).ignore();
-        } else {
-            pipe.zadd(user_index(&m.user_id), &c.id, m.joined_at_ms)
-                .ignore();
-        }
-    }
 }
 
 /// A sorted-set range read WITHSCORES: (member, score) pairs.
@@ -357,7 +457,10 @@ fn seq_of(id: &str) -> u64 {
 }
 
 impl MessagingStore for RedisStore {
+    /// The members' lists first, then the conversation: a crash between leaves list
+    /// entries of a conversation that does not exist, which pages skip.
     async fn create(&self, c: &ConversationRecord) -> Result<()> {
+        self.list_for_members(c).await?;
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -418,8 +521,11 @@ impl MessagingStore for RedisStore {
         Ok(epoch.map(|epoch| Membership { member, epoch }))
     }
 
-    /// One pipeline of the member-adding script, 1,000 users each (by its source,
-    /// so a flushed script cache does not matter); each chunk is atomic.
+    /// The member-adding script in chunks of 1,000 users (one pipeline on the
+    /// conversation's slot, by its source, so a flushed script cache does not matter; each
+    /// chunk atomic), then the members' lists (idempotent: a crash between the two leaves
+    /// members missing from their lists until the next message puts them back, in a narrow
+    /// conversation).
     async fn add_members(
         &self,
         id: &str,
@@ -434,21 +540,54 @@ impl MessagingStore for RedisStore {
                 .arg(2)
                 .arg(key(id, "meta"))
                 .arg(key(id, "members"))
-                .arg(id)
                 .arg(now_ms)
                 .arg(WIDE_MEMBERS)
-                .arg(USER_PREFIX)
-                .arg(NARROW_SUFFIX)
-                .arg(WIDE_SUFFIX)
                 .arg(chunk);
         }
-        let found: Vec<u8> = pipe.query_async(&mut conn).await?;
-        if found.contains(&0) {
+        let replies: Vec<(u8, Vec<String>)> = pipe.query_async(&mut conn).await?;
+        if replies.iter().any(|(found, _)| *found == 0) {
             return Ok(None);
         }
+        let mut batch = Batch::new();
+        match replies.into_iter().find(|(state, _)| *state != 1) {
+            // Narrow still: the new members join their lists at the join time.
+            None => {
+                for user in users {
+                    let list = user_index(user);
+                    let mut join = redis::cmd("ZADD");
+                    join.arg(&list).arg("NX").arg(now_ms).arg(id);
+                    batch.add(&list, join);
+                }
+            }
+            // Wide now: every member's entry moves to the wide set.
+            Some((2, members)) => {
+                for user in &members {
+                    let (list, wide) = (user_index(user), user_wide(user));
+                    let mut leave = redis::cmd("ZREM");
+                    leave.arg(&list).arg(id);
+                    batch.add(&list, leave);
+                    let mut join = redis::cmd("SADD");
+                    join.arg(&wide).arg(id);
+                    batch.add(&wide, join);
+                }
+            }
+            // Wide already.
+            Some(_) => {
+                for user in users {
+                    let wide = user_wide(user);
+                    let mut join = redis::cmd("SADD");
+                    join.arg(&wide).arg(id);
+                    batch.add(&wide, join);
+                }
+            }
+        }
+        batch.run(&self.conn).await?;
         self.conversation(id).await
     }
 
+    /// Off the member's lists first, then out of the conversation: a crash between the
+    /// two leaves a member who does not see the conversation listed until its next message,
+    /// never a listed conversation one is not in.
     async fn remove_member(
         &self,
         id: &str,
@@ -456,13 +595,15 @@ impl MessagingStore for RedisStore {
         new_owner: Option<&str>,
     ) -> Result<Option<ConversationRecord>> {
         let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.hdel(key(id, "members"), user)
-            .ignore()
+        let () = redis::pipe()
             .zrem(user_index(user), id)
             .ignore()
             .srem(user_wide(user), id)
-            .ignore();
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic().hdel(key(id, "members"), user).ignore();
         if let Some(owner) = new_owner {
             pipe.hset(key(id, "meta"), "owner_id", owner).ignore();
         }
@@ -484,52 +625,67 @@ impl MessagingStore for RedisStore {
     async fn send(&self, o: &Outgoing) -> Result<Sent> {
         let mut conn = self.conn.clone();
         let reply: Vec<String> = self.send_invocation(o).invoke_async(&mut conn).await?;
-        send_reply(reply)
+        let (sent, members) = send_outcome(reply)?;
+        self.raise(&o.conversation_id, &members, o.sent_at_ms)
+            .await?;
+        Ok(sent)
     }
 
     /// One round trip for the whole batch: a pipeline of the send script, run by Redis in
     /// order. If Redis has lost the script (a restart), it runs none of them from the
-    /// first refusal on; those are sent again, in order, once the script is loaded.
+    /// first refusal on; those are sent again, in order, with the script's source. On a
+    /// cluster, one such pipeline per conversation, all at once (each conversation's sends
+    /// keep their order), then the narrow conversations' ranks in one more round trip.
     async fn send_batch(&self, batch: &[Outgoing]) -> Vec<Result<Sent>> {
-        let mut conn = self.conn.clone();
-        let invocations: Vec<_> = batch.iter().map(|o| self.send_invocation(o)).collect();
-        let mut results: Vec<Result<Sent>> = Vec::with_capacity(batch.len());
-        let no_script = |r: &redis::RedisResult<Vec<String>>| {
-            r.as_ref().is_err_and(|e| {
-                e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-            })
-        };
-        // The second round only after loading the script, and only for the sends from the
-        // first refusal on.
-        for round in 0..2 {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for invocation in &invocations[results.len()..] {
-                pipe.invoke_script(invocation);
-            }
-            let replies: Vec<redis::RedisResult<Vec<String>>> =
-                match pipe.query_async(&mut conn).await {
-                    Ok(r) => r,
-                    Err(e) => return fail_rest(results, batch.len(), &e.to_string()),
-                };
-            for reply in replies {
-                if round == 0 && no_script(&reply) {
-                    break;
-                }
-                results.push(reply.map_err(Error::from).and_then(send_reply));
-            }
-            if results.len() == batch.len() {
-                break;
-            }
-            if let Err(e) = self.send.load_async(&mut conn).await {
-                return fail_rest(results, batch.len(), &e.to_string());
+        if !self.conn.is_cluster() {
+            return self
+                .send_in_order(batch)
+                .await
+                .into_iter()
+                .map(|r| r.map(|(sent, _)| sent))
+                .collect();
+        }
+        let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, o) in batch.iter().enumerate() {
+            groups
+                .entry(o.conversation_id.as_str())
+                .or_default()
+                .push(i);
+        }
+        let groups: Vec<Vec<usize>> = groups.into_values().collect();
+        let outcomes = futures::future::join_all(groups.iter().map(|indices| {
+            let sends: Vec<Outgoing> = indices.iter().map(|&i| batch[i].clone()).collect();
+            async move { self.send_in_order(&sends).await }
+        }))
+        .await;
+        let mut results: Vec<Option<Result<Sent>>> = (0..batch.len()).map(|_| None).collect();
+        let mut ranks = Batch::new();
+        for (indices, outcome) in groups.iter().zip(outcomes) {
+            for (&i, r) in indices.iter().zip(outcome) {
+                results[i] = Some(r.map(|(sent, members)| {
+                    let o = &batch[i];
+                    for user in &members {
+                        let list = user_index(user);
+                        let mut up = redis::cmd("ZADD");
+                        up.arg(&list)
+                            .arg("GT")
+                            .arg(o.sent_at_ms)
+                            .arg(&o.conversation_id);
+                        ranks.add(&list, up);
+                    }
+                    sent
+                }));
             }
         }
-        fail_rest(
-            results,
-            batch.len(),
-            "redis answered fewer replies than sends",
-        )
+        if let Err(e) = ranks.run(&self.conn).await {
+            // The messages are stored and published; only their ranks lag (until the next
+            // message), so the sends still succeed.
+            tracing::warn!(error = %e, "raising conversations in their members' lists failed");
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::storage("a send got no result"))))
+            .collect()
     }
 
     async fn history(&self, id: &str, range: Range, limit: usize) -> Result<History> {
@@ -589,35 +745,47 @@ impl MessagingStore for RedisStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for id in ids {
-            pipe.get(key(id, "seq"));
+            let seq = key(id, "seq");
+            let mut get = redis::cmd("GET");
+            get.arg(&seq);
+            batch.add(&seq, get);
         }
-        let seqs: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        let seqs: Vec<Option<u64>> = batch.run_as(&self.conn).await?;
         Ok(seqs.into_iter().map(|s| s.unwrap_or(0)).collect())
     }
 
-    /// One pipeline for the whole page: five commands per conversation.
+    /// One round trip for the whole page (one pipeline per slot on a cluster): five
+    /// commands per conversation.
     async fn summaries(&self, ids: &[String], user: &str) -> Result<Vec<Option<super::Summary>>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for id in ids {
-            pipe.hgetall(key(id, "meta"))
-                .hgetall(key(id, "members"))
-                .cmd("XREVRANGE")
+            // The five share the conversation's slot: one pipeline per slot on a cluster.
+            let slot = key(id, "meta");
+            let mut meta = redis::cmd("HGETALL");
+            meta.arg(&slot);
+            let mut members = redis::cmd("HGETALL");
+            members.arg(key(id, "members"));
+            let mut latest = redis::cmd("XREVRANGE");
+            latest
                 .arg(key(id, "log"))
                 .arg("+")
                 .arg("-")
                 .arg("COUNT")
-                .arg(1)
-                .get(key(id, "seq"))
-                .hget(key(id, "reads"), user);
+                .arg(1);
+            let mut seq = redis::cmd("GET");
+            seq.arg(key(id, "seq"));
+            let mut read = redis::cmd("HGET");
+            read.arg(key(id, "reads")).arg(user);
+            for cmd in [meta, members, latest, seq, read] {
+                batch.add(&slot, cmd);
+            }
         }
-        let values: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let values: Vec<redis::Value> = batch.run(&self.conn).await?;
         let mut out = Vec::with_capacity(ids.len());
         let parse = |e: redis::ParsingError| Error::storage(format!("a summary reply: {e}"));
         for (id, v) in ids.iter().zip(values.chunks(5)) {
@@ -689,11 +857,21 @@ impl MessagingStore for RedisStore {
             all.extend(ties.into_iter().map(|(id, at)| (at, id)));
         }
         if !wide.is_empty() {
-            let mut pipe = redis::pipe();
+            let mut batch = Batch::new();
             for id in &wide {
-                pipe.get(key(id, "activity")).hget(key(id, "members"), user);
+                let (activity, members) = (key(id, "activity"), key(id, "members"));
+                let mut active = redis::cmd("GET");
+                active.arg(&activity);
+                batch.add(&activity, active);
+                let mut joined = redis::cmd("HGET");
+                joined.arg(&members).arg(user);
+                batch.add(&members, joined);
             }
-            let found: Vec<(Option<u64>, Option<u64>)> = pipe.query_async(&mut conn).await?;
+            let values: Vec<Option<u64>> = batch.run_as(&self.conn).await?;
+            let found: Vec<(Option<u64>, Option<u64>)> = values
+                .chunks(2)
+                .map(|p| (p[0], p.get(1).copied().flatten()))
+                .collect();
             // A conversation the user has left since is not theirs.
             all.extend(
                 wide.into_iter()
@@ -732,16 +910,14 @@ impl MessagingStore for RedisStore {
 
     /// In pipelines of `PUBLISH_BATCH` (500): one round trip per batch, not per channel.
     async fn publish_many(&self, channels: &[String], payload: Vec<u8>) -> Result<()> {
-        let mut conn = self.conn.clone();
         for chunk in channels.chunks(PUBLISH_BATCH) {
-            let mut pipe = redis::pipe();
+            let mut batch = Batch::new();
             for channel in chunk {
-                pipe.cmd(self.conn.publish_command())
-                    .arg(channel)
-                    .arg(payload.as_slice())
-                    .ignore();
+                let mut publish = redis::cmd(self.conn.publish_command());
+                publish.arg(channel).arg(payload.as_slice());
+                batch.add(channel, publish);
             }
-            let () = pipe.query_async(&mut conn).await?;
+            batch.run(&self.conn).await?;
         }
         Ok(())
     }

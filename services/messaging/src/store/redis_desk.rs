@@ -131,6 +131,20 @@ fn step(reply: Vec<String>) -> Result<Step> {
     }
 }
 
+impl RedisStore {
+    /// The desk's steps span the queue, the loads and the conversation in one script, which
+    /// a Redis Cluster refuses (their keys are in different slots): until the desk is
+    /// redesigned for slots (issue 16), on a cluster it refuses every step by saying so.
+    fn desk_on_one_redis(&self) -> Result<()> {
+        if self.conn.is_cluster() {
+            return Err(Error::FailedPrecondition(
+                "the support desk does not run on a Redis Cluster yet; run messaging on one Redis (REDIS_URL) to use it".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl DeskStore for RedisStore {
     async fn open(
         &self,
@@ -138,6 +152,8 @@ impl DeskStore for RedisStore {
         r: &ConsultationRecord,
         first: &Outgoing,
     ) -> Result<Sent> {
+        self.desk_on_one_redis()?;
+        self.list_for_members(c).await?;
         let mut conn = self.conn.clone();
         // One transaction: the records, the queue entry and the send step (by its source,
         // so a Redis that lost its script cache still runs it) apply together or not at all.
@@ -162,6 +178,7 @@ impl DeskStore for RedisStore {
     }
 
     async fn consultation(&self, id: &str) -> Result<Option<ConsultationRecord>> {
+        self.desk_on_one_redis()?;
         let mut conn = self.conn.clone();
         let h: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(key(id, "consultation"))
@@ -172,6 +189,7 @@ impl DeskStore for RedisStore {
 
     /// One pipeline: the record and the queue rank of each.
     async fn consultations(&self, ids: &[String]) -> Result<Vec<Option<Found>>> {
+        self.desk_on_one_redis()?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -199,6 +217,7 @@ impl DeskStore for RedisStore {
     }
 
     async fn queue_position(&self, id: &str) -> Result<Option<u32>> {
+        self.desk_on_one_redis()?;
         let mut conn = self.conn.clone();
         let rank: Option<u32> = redis::cmd("ZRANK")
             .arg(QUEUE)
@@ -209,6 +228,7 @@ impl DeskStore for RedisStore {
     }
 
     async fn queue(&self, limit: usize) -> Result<Vec<ConsultationRecord>> {
+        self.desk_on_one_redis()?;
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -244,6 +264,7 @@ impl DeskStore for RedisStore {
         capacity: u32,
         now_ms: u64,
     ) -> Result<Routed> {
+        self.desk_on_one_redis()?;
         let mut conn = self.conn.clone();
         // Another instance may take the head between the read and the script; the script
         // then says 'gone' and the next head is tried (a bounded number of times).
@@ -291,6 +312,7 @@ impl DeskStore for RedisStore {
     }
 
     async fn accept(&self, id: &str, agent: &str, now_ms: u64) -> Result<Step> {
+        self.desk_on_one_redis()?;
         let mut conn = self.conn.clone();
         let reply: Vec<String> = ACCEPT_SCRIPT
             .key(QUEUE)
@@ -314,6 +336,7 @@ impl DeskStore for RedisStore {
         note: &str,
         now_ms: u64,
     ) -> Result<Step> {
+        self.desk_on_one_redis()?;
         let mut conn = self.conn.clone();
         let reply: Vec<String> = TRANSFER_SCRIPT
             .key(LOAD)
@@ -332,6 +355,7 @@ impl DeskStore for RedisStore {
     }
 
     async fn close(&self, id: &str, resolution: &str, now_ms: u64) -> Result<Step> {
+        self.desk_on_one_redis()?;
         let mut conn = self.conn.clone();
         let reply: Vec<String> = CLOSE_SCRIPT
             .key(QUEUE)
@@ -347,6 +371,7 @@ impl DeskStore for RedisStore {
     }
 
     async fn loads(&self, agents: &[String]) -> Result<Vec<u32>> {
+        self.desk_on_one_redis()?;
         if agents.is_empty() {
             return Ok(Vec::new());
         }
