@@ -128,11 +128,11 @@ impl Default for AuthOptions {
     }
 }
 
-/// Redis at `redis`, or the embedded engine with `None`.
 /// The service token every in-process instance shares (messaging → presence).
 pub const SERVICE_TOKEN: &str = "test-service-token-0123456789abcdef0123456789";
 
-fn engine(redis: Option<&RedisServer>) -> Engine {
+/// Redis at `redis`, or the embedded engine with `None`.
+pub fn engine(redis: Option<&RedisServer>) -> Engine {
     match redis {
         Some(r) => Engine::Redis(Secret::new(r.url())),
         None => Engine::Memory,
@@ -144,7 +144,11 @@ pub async fn spawn_auth(
     redis: Option<&RedisServer>,
     options: AuthOptions,
 ) -> anyhow::Result<InProcess> {
-    let engine = engine(redis);
+    spawn_auth_on(engine(redis), options).await
+}
+
+/// An in-process auth instance on `engine`.
+pub async fn spawn_auth_on(engine: Engine, options: AuthOptions) -> anyhow::Result<InProcess> {
     InProcess::start(move |listener, shutdown| {
         let mut config = switchboard_auth::Config::for_tests(
             listener
@@ -217,7 +221,15 @@ pub async fn spawn_messaging(
     auth: SocketAddr,
     options: MessagingOptions,
 ) -> anyhow::Result<InProcess> {
-    let engine = engine(redis);
+    spawn_messaging_on(engine(redis), auth, options).await
+}
+
+/// An in-process messaging instance on `engine` (see [`spawn_messaging`]).
+pub async fn spawn_messaging_on(
+    engine: Engine,
+    auth: SocketAddr,
+    options: MessagingOptions,
+) -> anyhow::Result<InProcess> {
     InProcess::start(move |listener, shutdown| {
         let addr = listener
             .local_addr()
@@ -271,7 +283,17 @@ pub async fn spawn_presence_with(
     grace: Duration,
     tweak: impl FnOnce(&mut switchboard_presence::Config) + Send + 'static,
 ) -> anyhow::Result<InProcess> {
-    let engine = engine(redis);
+    spawn_presence_on(engine(redis), auth, (ttl, sweep, grace), tweak).await
+}
+
+/// An in-process presence instance on `engine` with (TTL, sweep interval, reconnect
+/// grace), `tweak` applied to the configuration last.
+pub async fn spawn_presence_on(
+    engine: Engine,
+    auth: SocketAddr,
+    (ttl, sweep, grace): (Duration, Duration, Duration),
+    tweak: impl FnOnce(&mut switchboard_presence::Config) + Send + 'static,
+) -> anyhow::Result<InProcess> {
     InProcess::start(move |listener, shutdown| {
         let addr = listener
             .local_addr()

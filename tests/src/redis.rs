@@ -302,3 +302,40 @@ impl RedisCluster {
         Ok(())
     }
 }
+
+/// What a test's services store on: one Redis or a Redis Cluster.
+pub enum Backing {
+    /// One `redis-server`.
+    One(RedisServer),
+    /// Three masters and three replicas.
+    Cluster(RedisCluster),
+}
+
+impl Backing {
+    /// The engine the services are configured with (REDIS_URL or REDIS_CLUSTER_URLS).
+    pub fn engine(&self) -> switchboard_common::config::Engine {
+        use switchboard_common::config::{Engine, Secret};
+        match self {
+            Self::One(r) => Engine::Redis(Secret::new(r.url())),
+            Self::Cluster(c) => {
+                Engine::RedisCluster(c.urls().into_iter().map(Secret::new).collect())
+            }
+        }
+    }
+
+    /// The one server; panics on a cluster (for tests that are about one Redis).
+    pub fn one(&self) -> &RedisServer {
+        match self {
+            Self::One(r) => r,
+            Self::Cluster(_) => panic!("this test needs one Redis, not a cluster"),
+        }
+    }
+
+    /// [`one`](Self::one), to stop and start it.
+    pub fn one_mut(&mut self) -> &mut RedisServer {
+        match self {
+            Self::One(r) => r,
+            Self::Cluster(_) => panic!("this test needs one Redis, not a cluster"),
+        }
+    }
+}

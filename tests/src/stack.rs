@@ -1,5 +1,5 @@
-//! A whole Switchboard for one test: a private Redis and the instances of each service the
-//! test asks for, in the test's process, each configured from explicit defaults (never the
+//! A whole Switchboard for one test: a private Redis (or Redis Cluster) and the instances
+//! of each service the test asks for, in the test's process, each configured from explicit defaults (never the
 //! environment). Messaging instance `i` routes the desk with presence instance `i` (modulo
 //! how many there are), with the shared service token.
 
@@ -13,10 +13,10 @@ use tonic::transport::Channel;
 
 use crate::auth::{Person, first_admin, person};
 use crate::instance::{
-    AuthOptions, InProcess, MessagingOptions, auth_client, spawn_auth, spawn_messaging,
-    spawn_presence,
+    AuthOptions, InProcess, MessagingOptions, auth_client, spawn_auth_on, spawn_messaging_on,
+    spawn_presence_on,
 };
-use crate::redis::RedisServer;
+use crate::redis::{Backing, RedisCluster, RedisServer};
 
 /// What to start.
 #[derive(Clone)]
@@ -24,6 +24,8 @@ pub struct StackOptions {
     /// Whether Redis keeps an append-only file, so a test can stop and start it without
     /// losing data.
     pub durable_redis: bool,
+    /// A Redis Cluster (three masters, three replicas) instead of one Redis.
+    pub cluster: bool,
     /// Auth's settings. `admin` here creates the first admin.
     pub auth: AuthOptions,
     /// Auth instances (at least one).
@@ -42,6 +44,7 @@ impl Default for StackOptions {
     fn default() -> Self {
         Self {
             durable_redis: false,
+            cluster: false,
             auth: AuthOptions::default(),
             auth_instances: 1,
             presence: 0,
@@ -58,8 +61,8 @@ impl Default for StackOptions {
 
 /// The running stack; everything stops when it is dropped.
 pub struct Stack {
-    /// The private Redis.
-    pub redis: RedisServer,
+    /// The private Redis, or Redis Cluster.
+    pub redis: Backing,
     /// Auth instances; the others verify tokens with the first.
     pub auth: Vec<InProcess>,
     /// Presence instances.
@@ -73,11 +76,15 @@ pub struct Stack {
 impl Stack {
     /// Starts it (panics with the cause if a part cannot start: a test cannot go on then).
     pub async fn start(options: StackOptions) -> Self {
-        let redis = RedisServer::spawn_with(options.durable_redis).expect("redis");
+        let redis = if options.cluster {
+            Backing::Cluster(RedisCluster::spawn().expect("redis cluster"))
+        } else {
+            Backing::One(RedisServer::spawn_with(options.durable_redis).expect("redis"))
+        };
         let mut auth = Vec::new();
         for _ in 0..options.auth_instances.max(1) {
             auth.push(
-                spawn_auth(Some(&redis), options.auth.clone())
+                spawn_auth_on(redis.engine(), options.auth.clone())
                     .await
                     .expect("auth"),
             );
@@ -87,7 +94,7 @@ impl Stack {
         let (ttl, sweep, grace) = options.presence_timing;
         for _ in 0..options.presence {
             presence.push(
-                spawn_presence(Some(&redis), verifier, ttl, sweep, grace)
+                spawn_presence_on(redis.engine(), verifier, (ttl, sweep, grace), |_| {})
                     .await
                     .expect("presence"),
             );
@@ -99,7 +106,7 @@ impl Stack {
                 o.presence = Some(presence[i % presence.len()].addr);
             }
             messaging.push(
-                spawn_messaging(Some(&redis), verifier, o)
+                spawn_messaging_on(redis.engine(), verifier, o)
                     .await
                     .expect("messaging"),
             );

@@ -622,7 +622,7 @@ async fn a_consultation_opens_with_its_first_message_or_not_at_all() {
     let desk = desk().await;
     // An instance with a send burst of one: a customer's second open exceeds it.
     let strict = spawn_messaging(
-        Some(&desk.redis),
+        Some(desk.redis.one()),
         desk.auth[0].addr,
         MessagingOptions {
             presence: Some(desk.presence[0].addr),

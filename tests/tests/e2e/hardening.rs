@@ -545,7 +545,7 @@ async fn a_failed_key_fetch_keeps_answering_unavailable() {
         [127, 0, 0, 1],
         switchboard_tests::free_port().expect("port"),
     ));
-    let m = spawn_messaging(Some(&stack.redis), dead, MessagingOptions::default())
+    let m = spawn_messaging(Some(stack.redis.one()), dead, MessagingOptions::default())
         .await
         .expect("messaging");
     let mut c = messaging_client(&m);
@@ -997,7 +997,7 @@ async fn streams_per_user_are_capped_on_each_instance() {
 
     // Presence: device and watch streams together.
     let p = switchboard_tests::instance::spawn_presence_with(
-        Some(&stack.redis),
+        Some(stack.redis.one()),
         auth.addr,
         Duration::from_secs(30),
         Duration::from_secs(1),

@@ -32,6 +32,11 @@ struct User {
 
 impl Cluster {
     async fn start(options: MessagingOptions) -> Self {
+        Self::start_on(options, false).await
+    }
+
+    /// [`start`](Self::start) on a Redis Cluster with `redis_cluster`.
+    async fn start_on(options: MessagingOptions, redis_cluster: bool) -> Self {
         let key_pem = generate_pem().expect("key");
         let stack = Stack::start(StackOptions {
             auth: AuthOptions {
@@ -40,6 +45,7 @@ impl Cluster {
             },
             messaging: 2,
             messaging_options: options,
+            cluster: redis_cluster,
             ..StackOptions::default()
         })
         .await;
@@ -81,16 +87,30 @@ fn ids(users: &[User]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_clients_over_two_instances_each_receive_all_5000_once_in_order() {
+    fifty_clients_over_two_instances_each_receive_all_5000_once_in_order_on(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_over_two_instances_each_receive_all_5000_once_in_order_on_a_redis_cluster() {
+    fifty_clients_over_two_instances_each_receive_all_5000_once_in_order_on(true).await;
+}
+
+async fn fifty_clients_over_two_instances_each_receive_all_5000_once_in_order_on(
+    redis_cluster: bool,
+) {
     const CLIENTS: usize = 50;
     const EACH: usize = 100;
     // Every client writes its 100 sends at once and the server stores each stream's queued
     // sends in one round trip, so each stream gets the whole 5,000 in a burst before its
     // client starts reading: the queue holds them all here. Cutting off a stream whose
     // queue overflows (and the lossless resume) has its own test below.
-    let cluster = Cluster::start(MessagingOptions {
-        outbound_queue: 8192,
-        ..MessagingOptions::default()
-    })
+    let cluster = Cluster::start_on(
+        MessagingOptions {
+            outbound_queue: 8192,
+            ..MessagingOptions::default()
+        },
+        redis_cluster,
+    )
     .await;
     let users = cluster.users("fan", CLIENTS).await;
     let group = create_group(
@@ -162,7 +182,19 @@ async fn fifty_clients_over_two_instances_each_receive_all_5000_once_in_order() 
 
 #[tokio::test]
 async fn resume_on_the_other_instance_gets_exactly_the_missing_messages_then_live_ones() {
-    let cluster = Cluster::start(MessagingOptions::default()).await;
+    resume_on_the_other_instance_gets_exactly_the_missing_messages_then_live_ones_on(false).await;
+}
+
+#[tokio::test]
+async fn resume_on_the_other_instance_gets_exactly_the_missing_messages_then_live_ones_on_a_redis_cluster()
+ {
+    resume_on_the_other_instance_gets_exactly_the_missing_messages_then_live_ones_on(true).await;
+}
+
+async fn resume_on_the_other_instance_gets_exactly_the_missing_messages_then_live_ones_on(
+    redis_cluster: bool,
+) {
+    let cluster = Cluster::start_on(MessagingOptions::default(), redis_cluster).await;
     let users = cluster.users("resume", 2).await;
     let (alice, bob) = (&users[0], &users[1]);
     let mut m1 = messaging_client(&cluster.stack.messaging[1]);
@@ -977,7 +1009,16 @@ async fn streams_end_when_the_token_expires_unless_refreshed_and_on_logout() {
 
 #[tokio::test]
 async fn direct_pairs_are_unique_and_members_hear_about_new_conversations() {
-    let cluster = Cluster::start(MessagingOptions::default()).await;
+    direct_pairs_are_unique_and_members_hear_about_new_conversations_on(false).await;
+}
+
+#[tokio::test]
+async fn direct_pairs_are_unique_and_members_hear_about_new_conversations_on_a_redis_cluster() {
+    direct_pairs_are_unique_and_members_hear_about_new_conversations_on(true).await;
+}
+
+async fn direct_pairs_are_unique_and_members_hear_about_new_conversations_on(redis_cluster: bool) {
+    let cluster = Cluster::start_on(MessagingOptions::default(), redis_cluster).await;
     let users = cluster.users("direct", 2).await;
     let (a, b) = (&users[0], &users[1]);
     let mut b_conn = Connection::open(cluster.stack.messaging[1].channel(), &b.token)
@@ -1060,7 +1101,16 @@ async fn direct_pairs_are_unique_and_members_hear_about_new_conversations() {
 
 #[tokio::test]
 async fn receipts_and_typing_reach_members_on_the_other_instance() {
-    let cluster = Cluster::start(MessagingOptions::default()).await;
+    receipts_and_typing_reach_members_on_the_other_instance_on(false).await;
+}
+
+#[tokio::test]
+async fn receipts_and_typing_reach_members_on_the_other_instance_on_a_redis_cluster() {
+    receipts_and_typing_reach_members_on_the_other_instance_on(true).await;
+}
+
+async fn receipts_and_typing_reach_members_on_the_other_instance_on(redis_cluster: bool) {
+    let cluster = Cluster::start_on(MessagingOptions::default(), redis_cluster).await;
     let users = cluster.users("rt", 2).await;
     let (a, b) = (&users[0], &users[1]);
     let group = create_group(

@@ -89,7 +89,7 @@ async fn killing_an_instance_mid_burst_loses_no_acknowledged_message_and_duplica
     let mut doomed = ChildService::spawn(
         "switchboard-messaging",
         &[
-            ("REDIS_URL", stack.redis.url()),
+            ("REDIS_URL", stack.redis.one().url()),
             ("AUTH_URL", format!("http://{}", auth.addr)),
             ("MESSAGING_SEND_BURST", "100000".into()),
         ],
@@ -244,12 +244,12 @@ async fn a_redis_restart_fails_sends_with_unavailable_then_everything_recovers()
         );
     }
 
-    stack.redis.stop();
+    stack.redis.one_mut().stop();
     let err = send(&mut sender, &sender_token, &group.id, "during", "during")
         .await
         .expect_err("send during outage");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    stack.redis.start().expect("redis back");
+    stack.redis.one_mut().start().expect("redis back");
 
     // The services recover without a restart.
     let mut k = 0;

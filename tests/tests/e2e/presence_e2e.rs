@@ -32,10 +32,20 @@ const SECOND: Duration = Duration::from_secs(1);
 
 /// Auth and `n` presence instances on one Redis, with (TTL, sweep interval, reconnect grace).
 async fn presence_stack(n: usize, timing: (Duration, Duration, Duration)) -> Stack {
+    presence_stack_on(n, timing, false).await
+}
+
+/// [`presence_stack`] on a Redis Cluster with `redis_cluster`.
+async fn presence_stack_on(
+    n: usize,
+    timing: (Duration, Duration, Duration),
+    redis_cluster: bool,
+) -> Stack {
     Stack::start(StackOptions {
         presence: n,
         presence_timing: timing,
         messaging: 0,
+        cluster: redis_cluster,
         ..Default::default()
     })
     .await
@@ -88,7 +98,24 @@ async fn watch(channel: Channel, token: &str, ids: Vec<String>) -> Streaming<pb:
 
 #[tokio::test]
 async fn a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggregate() {
-    let stack = presence_stack(2, (Duration::from_secs(30), MS500, Duration::from_secs(1))).await;
+    a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggregate_on(false).await;
+}
+
+#[tokio::test]
+async fn a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggregate_on_a_redis_cluster()
+ {
+    a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggregate_on(true).await;
+}
+
+async fn a_watcher_on_one_instance_follows_a_user_on_the_other_and_devices_aggregate_on(
+    redis_cluster: bool,
+) {
+    let stack = presence_stack_on(
+        2,
+        (Duration::from_secs(30), MS500, Duration::from_secs(1)),
+        redis_cluster,
+    )
+    .await;
     let (auth, a, b) = (&stack.auth[0], &stack.presence[0], &stack.presence[1]);
     let (bob, bob_token) = user(auth, "pbob").await;
     let (_, watcher_token) = user(auth, "pwatcher").await;
@@ -226,7 +253,7 @@ async fn sessions_of_a_killed_instance_expire_and_watchers_elsewhere_see_it() {
     let mut doomed = ChildService::spawn(
         "switchboard-presence",
         &[
-            ("REDIS_URL", stack.redis.url()),
+            ("REDIS_URL", stack.redis.one().url()),
             ("AUTH_URL", format!("http://{}", auth.addr)),
             ("PRESENCE_TTL_SECS", "2".into()),
             ("PRESENCE_SWEEP_INTERVAL_MS", "200".into()),
@@ -422,7 +449,17 @@ fn one_redis_or_a_cluster_is_configured_never_both_nor_a_bad_seed() {
 
 #[tokio::test]
 async fn logout_ends_device_sessions_and_the_user_goes_offline() {
-    let stack = presence_stack(2, (Duration::from_secs(30), SECOND, SECOND)).await;
+    logout_ends_device_sessions_and_the_user_goes_offline_on(false).await;
+}
+
+#[tokio::test]
+async fn logout_ends_device_sessions_and_the_user_goes_offline_on_a_redis_cluster() {
+    logout_ends_device_sessions_and_the_user_goes_offline_on(true).await;
+}
+
+async fn logout_ends_device_sessions_and_the_user_goes_offline_on(redis_cluster: bool) {
+    let stack =
+        presence_stack_on(2, (Duration::from_secs(30), SECOND, SECOND), redis_cluster).await;
     let (auth, a, b) = (&stack.auth[0], &stack.presence[0], &stack.presence[1]);
     let (dave, dave_token) = user(auth, "pdave").await;
     let (_, watcher_token) = user(auth, "pwatch3").await;
@@ -479,9 +516,18 @@ async fn collect(
 
 #[tokio::test]
 async fn a_device_that_reconnects_within_the_grace_never_looks_offline() {
+    a_device_that_reconnects_within_the_grace_never_looks_offline_on(false).await;
+}
+
+#[tokio::test]
+async fn a_device_that_reconnects_within_the_grace_never_looks_offline_on_a_redis_cluster() {
+    a_device_that_reconnects_within_the_grace_never_looks_offline_on(true).await;
+}
+
+async fn a_device_that_reconnects_within_the_grace_never_looks_offline_on(redis_cluster: bool) {
     let grace = Duration::from_millis(1500);
     let sweep = Duration::from_millis(200);
-    let stack = presence_stack(2, (Duration::from_secs(30), sweep, grace)).await;
+    let stack = presence_stack_on(2, (Duration::from_secs(30), sweep, grace), redis_cluster).await;
     let (auth, a, b) = (&stack.auth[0], &stack.presence[0], &stack.presence[1]);
     let (bob, bob_token) = user(auth, "flapbob").await;
     let (_, watcher_token) = user(auth, "flapwatch").await;
@@ -536,6 +582,15 @@ async fn a_device_that_reconnects_within_the_grace_never_looks_offline() {
 
 #[tokio::test]
 async fn a_role_watch_sees_agents_come_online_change_and_leave() {
+    a_role_watch_sees_agents_come_online_change_and_leave_on(false).await;
+}
+
+#[tokio::test]
+async fn a_role_watch_sees_agents_come_online_change_and_leave_on_a_redis_cluster() {
+    a_role_watch_sees_agents_come_online_change_and_leave_on(true).await;
+}
+
+async fn a_role_watch_sees_agents_come_online_change_and_leave_on(redis_cluster: bool) {
     let stack = Stack::start(StackOptions {
         auth: AuthOptions {
             admin: Some(("padmin".into(), "admin password".into())),
@@ -544,6 +599,7 @@ async fn a_role_watch_sees_agents_come_online_change_and_leave() {
         presence: 2,
         presence_timing: (Duration::from_secs(30), MS500, Duration::ZERO),
         messaging: 0,
+        cluster: redis_cluster,
         ..Default::default()
     })
     .await;
