@@ -198,6 +198,8 @@ pub struct MessagingOptions {
     pub history_retention: usize,
     /// Connect streams per user (`None`: no limit).
     pub max_streams_per_user: Option<usize>,
+    /// Replicas a send waits for, and how long (REDIS_ACK_REPLICAS).
+    pub ack_replicas: Option<(u32, Duration)>,
 }
 
 impl Default for MessagingOptions {
@@ -210,6 +212,7 @@ impl Default for MessagingOptions {
             send_burst: 10_000.0,
             history_retention: 10_000,
             max_streams_per_user: Some(100),
+            ack_replicas: None,
         }
     }
 }
@@ -243,6 +246,7 @@ pub async fn spawn_messaging_on(
         config.service_token = Some(Secret::new(SERVICE_TOKEN));
         config.agent_capacity = options.agent_capacity;
         config.max_streams_per_user = options.max_streams_per_user;
+        config.ack_replicas = options.ack_replicas;
         // Without a presence instance, a closed port: never someone else's presence.
         config.presence_url = match options.presence {
             Some(presence) => format!("http://{presence}"),

@@ -91,7 +91,10 @@ impl RedisServer {
             cmd.args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", "nodes.conf"])
                 .args(["--cluster-port", &bus.to_string()])
-                .args(["--cluster-node-timeout", "1000"]);
+                .args(["--cluster-node-timeout", "1000"])
+                // A replica takes over however long ago it last heard from its master: with
+                // the default (10) an idle replica of a killed master may refuse to.
+                .args(["--cluster-replica-validity-factor", "0"]);
         }
         if self.appendonly {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
@@ -208,13 +211,15 @@ impl RedisCluster {
         &mut self.nodes
     }
 
-    /// Waits until every live node says the cluster is ok and sees six known nodes.
+    /// Waits until every live node says the cluster is ok and every live replica's link to
+    /// its master is up.
     pub fn wait_until_ok(&self, limit: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
         loop {
             let ready = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
                 n.cluster_info()
                     .is_some_and(|i| i.contains("cluster_state:ok"))
+                    && n.replica_in_sync_or_master()
             });
             if ready {
                 return Ok(());
@@ -228,6 +233,21 @@ impl RedisCluster {
 }
 
 impl RedisServer {
+    /// Whether this node is a master, or a replica whose link to its master is up (so a
+    /// write can be confirmed by `WAIT`).
+    fn replica_in_sync_or_master(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
+            return false;
+        };
+        let Ok(info) = redis::cmd("INFO").arg("replication").query::<String>(&mut c) else {
+            return false;
+        };
+        info.contains("role:master") || info.contains("master_link_status:up")
+    }
+
     /// `CLUSTER INFO`, if the node answers.
     fn cluster_info(&self) -> Option<String> {
         let client = redis::Client::open(self.url()).ok()?;
@@ -336,6 +356,61 @@ impl Backing {
         match self {
             Self::One(r) => r,
             Self::Cluster(_) => panic!("this test needs one Redis, not a cluster"),
+        }
+    }
+}
+
+impl RedisCluster {
+    /// The index (in [`nodes`](Self::nodes)) of the live master serving `key`'s slot.
+    pub fn master_of(&self, key: &str) -> anyhow::Result<usize> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .context("no live node")?;
+        let client = redis::Client::open(node.url())?;
+        let mut c = client.get_connection_with_timeout(Duration::from_secs(1))?;
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut c)?;
+        let table: String = redis::cmd("CLUSTER").arg("NODES").query(&mut c)?;
+        for line in table.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(address), Some(flags)) = (fields.get(1), fields.get(2)) else {
+                continue;
+            };
+            if !flags.contains("master") || flags.contains("fail") {
+                continue;
+            }
+            let serves = fields.iter().skip(8).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+            });
+            if !serves {
+                continue;
+            }
+            let port: u16 = address
+                .split(['@', ':'])
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .context("a node address without a port")?;
+            return self
+                .nodes
+                .iter()
+                .position(|n| n.port == port)
+                .context("the master is not one of ours");
+        }
+        bail!("no live master serves slot {slot}")
+    }
+}
+
+impl Backing {
+    /// The cluster; panics on one Redis (for tests that are about a cluster).
+    pub fn cluster_mut(&mut self) -> &mut RedisCluster {
+        match self {
+            Self::Cluster(c) => c,
+            Self::One(_) => panic!("this test needs a Redis Cluster"),
         }
     }
 }

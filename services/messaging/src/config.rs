@@ -30,6 +30,10 @@ pub mod env {
     pub const MAX_STREAMS_PER_USER: &str = "MESSAGING_MAX_STREAMS_PER_USER";
     /// Most members of a group, owner included.
     pub const MAX_GROUP_MEMBERS: &str = "MESSAGING_MAX_GROUP_MEMBERS";
+    /// Replicas that must have a send before it is acknowledged.
+    pub const ACK_REPLICAS: &str = "REDIS_ACK_REPLICAS";
+    /// How long a send waits for them.
+    pub const ACK_TIMEOUT_MS: &str = "REDIS_ACK_TIMEOUT_MS";
 }
 
 /// `switchboard-messaging`: conversations, history and the real-time Connect stream.
@@ -97,6 +101,16 @@ pub struct Args {
     /// O(1) whatever the size; creating or listing a group's members is linear in it.
     #[arg(long, env = env::MAX_GROUP_MEMBERS, default_value_t = crate::conversation::DEFAULT_MAX_GROUP_MEMBERS)]
     pub max_group_members: usize,
+    /// Replicas of the master that stores a send which must have it (Redis `WAIT`) before
+    /// the send is acknowledged, so that a failover cannot lose an acknowledged message
+    /// (Redis replicates asynchronously). 0: acknowledged once the master has it. If they
+    /// do not confirm in time, the send answers UNAVAILABLE; it is stored, and a retry with
+    /// the same client_msg_id is safe.
+    #[arg(long, env = env::ACK_REPLICAS, default_value_t = 0)]
+    pub redis_ack_replicas: u32,
+    /// How long a send waits for REDIS_ACK_REPLICAS replicas, in milliseconds.
+    #[arg(long, env = env::ACK_TIMEOUT_MS, default_value_t = 1000)]
+    pub redis_ack_timeout_ms: u64,
 }
 
 /// Validated messaging settings.
@@ -126,6 +140,8 @@ pub struct Config {
     pub max_streams_per_user: Option<usize>,
     /// Most members of a group.
     pub max_group_members: usize,
+    /// Replicas a send waits for, and how long (`None`: none).
+    pub ack_replicas: Option<(u32, Duration)>,
 }
 
 impl Args {
@@ -147,6 +163,15 @@ impl Args {
         }
         if !(2..=1_000_000).contains(&self.max_group_members) {
             problems.add(format!("{}: must be 2 to 1000000", env::MAX_GROUP_MEMBERS));
+        }
+        if self.redis_ack_replicas > 0 && matches!(engine, Engine::Memory) {
+            problems.add(format!(
+                "{}: needs Redis (REDIS_URL or REDIS_CLUSTER_URLS); the embedded engine has no replicas",
+                env::ACK_REPLICAS
+            ));
+        }
+        if !(1..=60_000).contains(&self.redis_ack_timeout_ms) {
+            problems.add(format!("{}: must be 1 to 60000", env::ACK_TIMEOUT_MS));
         }
         if !(16..=1_000_000).contains(&self.outbound_queue) {
             problems.add(format!("{}: must be 16 to 1000000", env::OUTBOUND_QUEUE));
@@ -179,6 +204,12 @@ impl Args {
             max_streams_per_user: (self.max_streams_per_user > 0)
                 .then_some(self.max_streams_per_user),
             max_group_members: self.max_group_members,
+            ack_replicas: (self.redis_ack_replicas > 0).then(|| {
+                (
+                    self.redis_ack_replicas,
+                    Duration::from_millis(self.redis_ack_timeout_ms),
+                )
+            }),
         })
     }
 }

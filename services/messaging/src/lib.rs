@@ -89,10 +89,10 @@ pub async fn run_on(
             serve(config, listener, shutdown, store, backend).await
         }
         Link::Redis(conn) => {
-            let store = Arc::new(store::redis::RedisStore::new(
-                conn.clone(),
-                config.history_retention,
-            ));
+            let store = Arc::new(
+                store::redis::RedisStore::new(conn.clone(), config.history_retention)
+                    .with_ack(config.ack_replicas),
+            );
             serve(config, listener, shutdown, store, backend).await
         }
     }

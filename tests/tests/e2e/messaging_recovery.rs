@@ -306,3 +306,150 @@ async fn a_redis_restart_fails_sends_with_unavailable_then_everything_recovers()
     }
     assert_eq!(got, acked);
 }
+
+/// Redis Cluster failover: the master holding a busy conversation is killed with SIGKILL
+/// mid-burst and its replica takes over. With REDIS_ACK_REPLICAS=1 every acknowledged send
+/// is in history afterwards, once, at its seq; the seqs are gapless and a subscriber on the
+/// other instance sees each exactly once, in order. Prints how long sends were refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_mid_burst_loses_no_acknowledged_message_with_ack_replicas() {
+    const N: usize = 200;
+    let mut stack = Stack::start(StackOptions {
+        cluster: true,
+        messaging_options: switchboard_tests::instance::MessagingOptions {
+            ack_replicas: Some((1, Duration::from_millis(1000))),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let (_, sender_token) = user(&stack.auth[0], "failover_sender").await;
+    let (receiver_id, receiver_token) = user(&stack.auth[0], "failover_receiver").await;
+    let group = create_group(
+        &mut messaging_client(&stack.messaging[0]),
+        &sender_token,
+        "failover",
+        &[receiver_id],
+    )
+    .await
+    .expect("group");
+    let doomed = stack
+        .redis
+        .cluster_mut()
+        .master_of(&format!("sb:msg:{{c:{}}}:seq", group.id))
+        .expect("the conversation's master");
+
+    let (subscribed, ready) = tokio::sync::oneshot::channel();
+    let receiving = tokio::spawn(receive_all(
+        vec![stack.messaging[1].channel(), stack.messaging[0].channel()],
+        receiver_token,
+        group.id.clone(),
+        N as u64,
+        subscribed,
+    ));
+    tokio::time::timeout(Duration::from_secs(10), ready)
+        .await
+        .expect("the receiver subscribes within 10 s")
+        .expect("the receiver subscribed");
+
+    let mut client = messaging_client(&stack.messaging[0]);
+    let mut acked = Vec::new();
+    let mut killed_at = None;
+    let mut restarted = false;
+    // When sends were first refused after the kill, and when one was acknowledged again.
+    let mut refused = (None, None);
+    let mut refused_before_the_kill = 0;
+    for k in 0..N {
+        if k == N / 3 {
+            stack.redis.cluster_mut().nodes()[doomed].stop();
+            killed_at = Some(tokio::time::Instant::now());
+        }
+        let key = format!("failover-{k}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let message = loop {
+            let body = format!("body {k}");
+            match send(&mut client, &sender_token, &group.id, &key, &body).await {
+                Ok(m) => break m,
+                Err(e) => {
+                    assert_eq!(e.code(), Code::Unavailable, "send {k}: {e:?}");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "send {k} still refused after 30 s: {e:?}"
+                    );
+                    if killed_at.is_some() {
+                        refused.0.get_or_insert_with(tokio::time::Instant::now);
+                    } else {
+                        // Before the kill only while replicas are still catching up.
+                        refused_before_the_kill += 1;
+                    }
+                    // The promoted replica has no replica of its own, so no send can be
+                    // confirmed until the killed node is back (as its replica), as an
+                    // operator or Kubernetes would bring it back.
+                    if !restarted
+                        && killed_at.is_some_and(|at| at.elapsed() > Duration::from_secs(4))
+                    {
+                        stack.redis.cluster_mut().nodes()[doomed]
+                            .start()
+                            .expect("the killed node restarts");
+                        restarted = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        if refused.0.is_some() && refused.1.is_none() {
+            refused.1 = Some(tokio::time::Instant::now());
+        }
+        acked.push((key, message.seq));
+    }
+    if let (Some(killed), Some(back)) = (killed_at, refused.1) {
+        eprintln!(
+            "failover: from the kill to the next acknowledged send {:?} (sends refused from {:?} after it; the killed node restarted 4 s after it: {restarted}; {refused_before_the_kill} refusals before the kill)",
+            back - killed,
+            refused.0.map(|from| from - killed)
+        );
+    }
+    let seqs = tokio::time::timeout(Duration::from_secs(90), receiving)
+        .await
+        .expect("receiver finished")
+        .expect("receiver");
+    assert_eq!(
+        seqs,
+        (1..=N as u64).collect::<Vec<_>>(),
+        "receiver saw a gap or a duplicate"
+    );
+    let mut history = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = messaging_client(&stack.messaging[1])
+            .list_messages(authed(
+                pb::ListMessagesRequest {
+                    conversation_id: group.id.clone(),
+                    after_seq: Some(after),
+                    limit: 200,
+                    ..Default::default()
+                },
+                &sender_token,
+            ))
+            .await
+            .expect("history")
+            .into_inner();
+        if page.messages.is_empty() {
+            break;
+        }
+        after = page.messages.last().map(|m| m.seq).unwrap_or(after);
+        history.extend(page.messages);
+    }
+    assert_eq!(
+        history.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=N as u64).collect::<Vec<_>>(),
+        "history is not gapless 1..={N}"
+    );
+    for (key, seq) in &acked {
+        assert_eq!(
+            history[(*seq - 1) as usize].client_msg_id,
+            *key,
+            "acked {key} is not at seq {seq}"
+        );
+    }
+}

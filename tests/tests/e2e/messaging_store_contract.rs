@@ -993,3 +993,49 @@ async fn cluster_engine_meets_every_contract_and_refuses_the_desk_by_saying_so()
     );
     assert!(store.queue(10).await.is_err());
 }
+
+/// With replicas to wait for and none there, a send is stored but answers UNAVAILABLE
+/// saying so, and so does its retry; without the setting the same store acknowledges.
+#[tokio::test]
+async fn redis_sends_wait_for_replicas_when_asked_and_say_so_when_they_do_not_come() {
+    let redis = RedisServer::spawn().expect("redis");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let conn = redis_conn::node(&client).expect("manager");
+    let store = RedisStore::new(conn.clone(), 100).with_ack(Some((1, Duration::from_millis(50))));
+    store
+        .create(&group("acked", &["a", "b"]))
+        .await
+        .expect("create");
+    for attempt in 0..2 {
+        let refused = store
+            .send(&outgoing("acked", "a", "k1", "hello"))
+            .await
+            .expect_err("no replica confirmed it");
+        assert!(
+            matches!(
+                &refused,
+                switchboard_messaging::error::Error::Unavailable { cause, .. }
+                    if cause.contains("0 of 1") && cause.contains("same client_msg_id")
+            ),
+            "attempt {attempt}: {refused:?}"
+        );
+    }
+    let refused = store
+        .send_batch(&[outgoing("acked", "a", "k2", "two")])
+        .await;
+    assert!(refused[0].is_err(), "{refused:?}");
+    let plain = RedisStore::new(conn, 100);
+    let h = plain
+        .history("acked", Range::Latest, 10)
+        .await
+        .expect("history");
+    assert_eq!(
+        h.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [1, 2],
+        "stored once each, retries included"
+    );
+    assert!(matches!(
+        plain.send(&outgoing("acked", "a", "k1", "hello")).await,
+        Ok(Sent::Duplicate { seq: 1, .. })
+    ));
+}

@@ -135,6 +135,8 @@ pub struct RedisStore {
     retention: usize,
     send: redis::Script,
     mark_read: redis::Script,
+    /// Replicas a send waits for (`WAIT`), and how long.
+    ack: Option<(u32, std::time::Duration)>,
 }
 
 impl RedisStore {
@@ -145,6 +147,46 @@ impl RedisStore {
             retention: retention.max(1),
             send: redis::Script::new(SEND),
             mark_read: redis::Script::new(MARK_READ),
+            ack: None,
+        }
+    }
+
+    /// Sends acknowledged only once `replicas` replicas have them, waiting at most
+    /// `timeout` (`None`: once the master has them).
+    pub fn with_ack(mut self, ack: Option<(u32, std::time::Duration)>) -> Self {
+        self.ack = ack.filter(|(n, _)| *n > 0);
+        self
+    }
+
+    /// Appends `WAIT` to a pipeline of sends on one slot (so it goes to the same master,
+    /// after them, and covers them all), when sends wait for replicas.
+    fn add_wait(&self, pipe: &mut redis::Pipeline) {
+        if let Some((replicas, timeout)) = self.ack {
+            pipe.cmd("WAIT")
+                .arg(replicas)
+                .arg(timeout.as_millis() as u64);
+        }
+    }
+
+    /// Turns stored (and duplicate) sends into UNAVAILABLE when fewer than the required
+    /// replicas confirmed them (`confirmed` is WAIT's reply): stored, maybe lost by a
+    /// failover, safe to retry.
+    fn unconfirmed<T>(&self, results: &mut [Result<(Sent, T)>], confirmed: Option<i64>) {
+        let Some((replicas, timeout)) = self.ack else {
+            return;
+        };
+        let got = confirmed.unwrap_or(0);
+        if got >= i64::from(replicas) {
+            return;
+        }
+        for r in results.iter_mut() {
+            // A duplicate too: its first copy may be the very write that is not replicated.
+            if matches!(r, Ok((Sent::Stored(_) | Sent::Duplicate { .. }, _))) {
+                *r = Err(Error::storage(format!(
+                    "stored, but only {got} of {replicas} Redis replicas confirmed it within {} ms (REDIS_ACK_REPLICAS); retry with the same client_msg_id",
+                    timeout.as_millis()
+                )));
+            }
         }
     }
 
@@ -187,41 +229,55 @@ impl RedisStore {
     }
 
     /// `batch` (on one slot) as one pipeline of the send script, in order; if Redis lost
-    /// the script, the sends from the first refusal on go again with its source.
+    /// the script, the sends from the first refusal on go again with its source. With
+    /// REDIS_ACK_REPLICAS, each pipeline ends with `WAIT`, and stored sends whose pipeline
+    /// was not confirmed by enough replicas answer UNAVAILABLE.
     async fn send_in_order(&self, batch: &[Outgoing]) -> Vec<Result<(Sent, Vec<String>)>> {
         let mut conn = self.conn.clone();
         let mut results: Vec<Result<(Sent, Vec<String>)>> = Vec::with_capacity(batch.len());
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for o in batch {
-            pipe.invoke_script(&self.send_invocation(o));
-        }
-        let replies: Vec<redis::RedisResult<Vec<String>>> = match pipe.query_async(&mut conn).await
-        {
-            Ok(r) => r,
-            Err(e) => return fail_rest(results, batch.len(), &e.to_string()),
-        };
-        for reply in replies {
-            if reply.as_ref().is_err_and(|e| {
+        let no_script = |r: &redis::RedisResult<redis::Value>| {
+            r.as_ref().is_err_and(|e| {
                 e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-            }) {
-                break;
-            }
-            results.push(reply.map_err(Error::from).and_then(send_outcome));
-        }
-        if results.len() < batch.len() {
+            })
+        };
+        for round in 0..2 {
+            let rest = &batch[results.len()..];
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            for o in &batch[results.len()..] {
-                self.send_eval(&mut pipe, o);
+            for o in rest {
+                if round == 0 {
+                    pipe.invoke_script(&self.send_invocation(o));
+                } else {
+                    self.send_eval(&mut pipe, o);
+                }
             }
-            let replies: Vec<redis::RedisResult<Vec<String>>> =
+            self.add_wait(&mut pipe);
+            let mut replies: Vec<redis::RedisResult<redis::Value>> =
                 match pipe.query_async(&mut conn).await {
                     Ok(r) => r,
                     Err(e) => return fail_rest(results, batch.len(), &e.to_string()),
                 };
+            let confirmed = match self.ack {
+                Some(_) => replies
+                    .pop()
+                    .and_then(|r| r.ok())
+                    .and_then(|v| redis::from_redis_value::<i64>(v).ok()),
+                None => None,
+            };
+            let first = results.len();
             for reply in replies {
-                results.push(reply.map_err(Error::from).and_then(send_outcome));
+                if round == 0 && no_script(&reply) {
+                    break;
+                }
+                results.push(reply.map_err(Error::from).and_then(|v| {
+                    let reply: Vec<String> = redis::from_redis_value(v)
+                        .map_err(|e| Error::Internal(format!("send script answered {e}")))?;
+                    send_outcome(reply)
+                }));
+            }
+            self.unconfirmed(&mut results[first..], confirmed);
+            if results.len() == batch.len() {
+                break;
             }
         }
         fail_rest(
@@ -623,9 +679,11 @@ impl MessagingStore for RedisStore {
     }
 
     async fn send(&self, o: &Outgoing) -> Result<Sent> {
-        let mut conn = self.conn.clone();
-        let reply: Vec<String> = self.send_invocation(o).invoke_async(&mut conn).await?;
-        let (sent, members) = send_outcome(reply)?;
+        let (sent, members) = self
+            .send_in_order(std::slice::from_ref(o))
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(Error::storage("a send got no result")))?;
         self.raise(&o.conversation_id, &members, o.sent_at_ms)
             .await?;
         Ok(sent)
