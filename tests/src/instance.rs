@@ -200,6 +200,8 @@ pub struct MessagingOptions {
     pub max_streams_per_user: Option<usize>,
     /// Replicas a send waits for, and how long (REDIS_ACK_REPLICAS).
     pub ack_replicas: Option<(u32, Duration)>,
+    /// A Connect stream's age limit (MESSAGING_MAX_STREAM_AGE_SECS).
+    pub max_stream_age: Option<Duration>,
 }
 
 impl Default for MessagingOptions {
@@ -213,6 +215,7 @@ impl Default for MessagingOptions {
             history_retention: 10_000,
             max_streams_per_user: Some(100),
             ack_replicas: None,
+            max_stream_age: None,
         }
     }
 }
@@ -247,6 +250,7 @@ pub async fn spawn_messaging_on(
         config.agent_capacity = options.agent_capacity;
         config.max_streams_per_user = options.max_streams_per_user;
         config.ack_replicas = options.ack_replicas;
+        config.max_stream_age = options.max_stream_age;
         // Without a presence instance, a closed port: never someone else's presence.
         config.presence_url = match options.presence {
             Some(presence) => format!("http://{presence}"),

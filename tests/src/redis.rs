@@ -242,7 +242,10 @@ impl RedisServer {
         let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
             return false;
         };
-        let Ok(info) = redis::cmd("INFO").arg("replication").query::<String>(&mut c) else {
+        let Ok(info) = redis::cmd("INFO")
+            .arg("replication")
+            .query::<String>(&mut c)
+        else {
             return false;
         };
         info.contains("role:master") || info.contains("master_link_status:up")

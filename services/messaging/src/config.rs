@@ -30,6 +30,8 @@ pub mod env {
     pub const MAX_STREAMS_PER_USER: &str = "MESSAGING_MAX_STREAMS_PER_USER";
     /// Most members of a group, owner included.
     pub const MAX_GROUP_MEMBERS: &str = "MESSAGING_MAX_GROUP_MEMBERS";
+    /// Seconds after which a Connect stream ends so the client reconnects (rebalancing).
+    pub const MAX_STREAM_AGE_SECS: &str = "MESSAGING_MAX_STREAM_AGE_SECS";
     /// Replicas that must have a send before it is acknowledged.
     pub const ACK_REPLICAS: &str = "REDIS_ACK_REPLICAS";
     /// How long a send waits for them.
@@ -111,6 +113,11 @@ pub struct Args {
     /// How long a send waits for REDIS_ACK_REPLICAS replicas, in milliseconds.
     #[arg(long, env = env::ACK_TIMEOUT_MS, default_value_t = 1000)]
     pub redis_ack_timeout_ms: u64,
+    /// Seconds (± 10 % at random) after which a Connect stream ends with UNAVAILABLE
+    /// (reason RECONNECT), so that clients spread over instances added since they
+    /// connected; they resume from their last seq with nothing lost. 0: streams live on.
+    #[arg(long, env = env::MAX_STREAM_AGE_SECS, default_value_t = 0)]
+    pub max_stream_age_secs: u64,
 }
 
 /// Validated messaging settings.
@@ -142,6 +149,8 @@ pub struct Config {
     pub max_group_members: usize,
     /// Replicas a send waits for, and how long (`None`: none).
     pub ack_replicas: Option<(u32, Duration)>,
+    /// A Connect stream's longest life, before jitter (`None`: unlimited).
+    pub max_stream_age: Option<Duration>,
 }
 
 impl Args {
@@ -172,6 +181,12 @@ impl Args {
         }
         if !(1..=60_000).contains(&self.redis_ack_timeout_ms) {
             problems.add(format!("{}: must be 1 to 60000", env::ACK_TIMEOUT_MS));
+        }
+        if self.max_stream_age_secs > 31 * 24 * 3600 {
+            problems.add(format!(
+                "{}: at most 2678400 (31 days), or 0 for none",
+                env::MAX_STREAM_AGE_SECS
+            ));
         }
         if !(16..=1_000_000).contains(&self.outbound_queue) {
             problems.add(format!("{}: must be 16 to 1000000", env::OUTBOUND_QUEUE));
@@ -204,6 +219,8 @@ impl Args {
             max_streams_per_user: (self.max_streams_per_user > 0)
                 .then_some(self.max_streams_per_user),
             max_group_members: self.max_group_members,
+            max_stream_age: (self.max_stream_age_secs > 0)
+                .then(|| Duration::from_secs(self.max_stream_age_secs)),
             ack_replicas: (self.redis_ack_replicas > 0).then(|| {
                 (
                     self.redis_ack_replicas,

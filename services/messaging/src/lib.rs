@@ -156,6 +156,7 @@ async fn serve<S: DeskStore>(
         queue: config.outbound_queue,
         shutdown: drain.clone(),
         per_user: switchboard_common::limits::PerUser::new(config.max_streams_per_user),
+        max_age: config.max_stream_age,
     });
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(tune!(

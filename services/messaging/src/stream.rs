@@ -63,6 +63,8 @@ pub struct Streams<S> {
     pub shutdown: CancellationToken,
     /// Open streams per user, capped.
     pub per_user: Arc<PerUser>,
+    /// A stream's longest life before jitter (`None`: unlimited).
+    pub max_age: Option<Duration>,
 }
 
 /// The response stream handed to tonic: frames, then (if the stream ended on an error)
@@ -272,6 +274,11 @@ impl<S: MessagingStore> Session<S> {
         let mut armed = self.caller.expires_at;
         let expiry = tokio::time::sleep_until(deadline(armed));
         tokio::pin!(expiry);
+        // Streams end at their age so clients spread over instances added since; the
+        // jitter keeps those that connected together from all reconnecting together.
+        let ages = self.ctx.max_age.is_some();
+        let aged = tokio::time::sleep(self.ctx.max_age.map_or(Duration::MAX, jittered));
+        tokio::pin!(aged);
         loop {
             if self.caller.expires_at != armed {
                 armed = self.caller.expires_at;
@@ -283,6 +290,9 @@ impl<S: MessagingStore> Session<S> {
                 _ = overflow.cancelled() => Err(self.overflowed()),
                 _ = outlet.sender().closed() => Err(End::Gone),
                 _ = &mut expiry => Err(Error::Token(TokenError::Expired).into()),
+                _ = &mut aged, if ages => Err(Error::Reconnect(
+                    "this stream reached its age limit (MESSAGING_MAX_STREAM_AGE_SECS); reconnect and resume from your last seq".into(),
+                ).into()),
                 r = revoked.recv() => match r {
                     Ok(sid) if sid == self.caller.session_id => Err(Error::Token(TokenError::Revoked).into()),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_))
@@ -740,4 +750,12 @@ impl<S: MessagingStore> Session<S> {
             }
         }
     }
+}
+
+/// `age` ± 10 %, at random.
+fn jittered(age: Duration) -> Duration {
+    use rand_core::RngCore;
+    // A fraction in [0.9, 1.1).
+    let unit = (rand_core::OsRng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    age.mul_f64(0.9 + 0.2 * unit)
 }

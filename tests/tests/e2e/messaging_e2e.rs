@@ -1267,3 +1267,70 @@ async fn sending_too_fast_gets_resource_exhausted_with_a_retry_hint() {
         .await
         .expect("after the wait");
 }
+
+/// With MESSAGING_MAX_STREAM_AGE_SECS a stream ends at its age (± 10 %) with UNAVAILABLE,
+/// reason RECONNECT, so clients spread over new instances; the client resumes on the
+/// other instance with everything sent meanwhile.
+#[tokio::test]
+async fn a_stream_past_its_age_is_told_to_reconnect_and_resumes_without_loss() {
+    let cluster = Cluster::start(MessagingOptions {
+        max_stream_age: Some(Duration::from_secs(1)),
+        ..MessagingOptions::default()
+    })
+    .await;
+    let users = cluster.users("aged", 2).await;
+    let (alice, bob) = (&users[0], &users[1]);
+    let mut m0 = messaging_client(&cluster.stack.messaging[0]);
+    let group = create_group(&mut m0, &alice.token, "aged", std::slice::from_ref(&bob.id))
+        .await
+        .expect("group");
+    let opened = tokio::time::Instant::now();
+    let mut stream =
+        Connection::following(cluster.stack.messaging[0].channel(), &bob.token, &group.id)
+            .await
+            .expect("connect");
+    send(&mut m0, &alice.token, &group.id, "a1", "before")
+        .await
+        .expect("send");
+    let mut seen = Vec::new();
+    let ended = loop {
+        match stream.next(Duration::from_secs(5)).await {
+            Ok(Some(Out::Message(m))) => seen.push(m.seq),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert!(
+        opened.elapsed() >= Duration::from_millis(900),
+        "ended after {:?}, before 90 % of its age",
+        opened.elapsed()
+    );
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert_eq!(
+        switchboard_common::status::reason_of(&ended).as_deref(),
+        Some("RECONNECT"),
+        "{ended:?}"
+    );
+    assert!(
+        ended.message().contains("MESSAGING_MAX_STREAM_AGE_SECS"),
+        "{ended:?}"
+    );
+    assert_eq!(seen, [1]);
+    send(&mut m0, &alice.token, &group.id, "a2", "while away")
+        .await
+        .expect("send");
+    let mut again = Connection::open(cluster.stack.messaging[1].channel(), &bob.token)
+        .await
+        .expect("reconnect");
+    again.subscribe(&group.id, 1).await.expect("resume");
+    let mut resumed = Vec::new();
+    while resumed.len() < 1 {
+        match again.next(Duration::from_secs(5)).await {
+            Ok(Some(Out::Message(m))) => resumed.push(m.seq),
+            Ok(Some(_)) => {}
+            other => panic!("resume: {other:?}"),
+        }
+    }
+    assert_eq!(resumed, [2]);
+}
