@@ -1325,7 +1325,7 @@ async fn a_stream_past_its_age_is_told_to_reconnect_and_resumes_without_loss() {
         .expect("reconnect");
     again.subscribe(&group.id, 1).await.expect("resume");
     let mut resumed = Vec::new();
-    while resumed.len() < 1 {
+    while resumed.is_empty() {
         match again.next(Duration::from_secs(5)).await {
             Ok(Some(Out::Message(m))) => resumed.push(m.seq),
             Ok(Some(_)) => {}
