@@ -417,3 +417,74 @@ impl Backing {
         }
     }
 }
+
+impl RedisCluster {
+    /// Moves `key`'s slot, keys and all, from its master to the master `to` (an index into
+    /// [`nodes`](Self::nodes)) the way `redis-cli --cluster reshard` does: IMPORTING and
+    /// MIGRATING, MIGRATE of every key in batches, then the new owner announced to every
+    /// master. Returns the slot.
+    pub fn move_slot(&self, key: &str, to: usize) -> anyhow::Result<u16> {
+        let from = self.master_of(key)?;
+        anyhow::ensure!(from != to, "the slot is already on node {to}");
+        let connect = |i: usize| -> anyhow::Result<redis::Connection> {
+            let client = redis::Client::open(self.nodes[i].url())?;
+            Ok(client.get_connection_with_timeout(Duration::from_secs(2))?)
+        };
+        let id = |c: &mut redis::Connection| -> anyhow::Result<String> {
+            Ok(redis::cmd("CLUSTER").arg("MYID").query(c)?)
+        };
+        let (mut source, mut target) = (connect(from)?, connect(to)?);
+        let (source_id, target_id) = (id(&mut source)?, id(&mut target)?);
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut source)?;
+        let () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("IMPORTING")
+            .arg(&source_id)
+            .query(&mut target)?;
+        let () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("MIGRATING")
+            .arg(&target_id)
+            .query(&mut source)?;
+        for _ in 0..10_000 {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query(&mut source)?;
+            if keys.is_empty() {
+                break;
+            }
+            let () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(self.nodes[to].port)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query(&mut source)?;
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.child.is_none() {
+                continue;
+            }
+            let mut c = connect(i)?;
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut c)?;
+            if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+                let () = redis::cmd("CLUSTER")
+                    .arg("SETSLOT")
+                    .arg(slot)
+                    .arg("NODE")
+                    .arg(&target_id)
+                    .query(&mut c)?;
+            }
+        }
+        Ok(slot)
+    }
+}

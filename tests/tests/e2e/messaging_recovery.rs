@@ -453,3 +453,116 @@ async fn a_master_killed_mid_burst_loses_no_acknowledged_message_with_ack_replic
         );
     }
 }
+
+/// Redis Cluster slot migration: the slot of a busy conversation moves to another master
+/// while messages flow. Every acknowledged send is in history once at its seq, history is
+/// gapless, and a subscriber on the other instance (whose sharded subscription the old
+/// node drops when the slot leaves it) sees every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_whose_slot_moves_mid_burst_stays_gapless() {
+    const N: usize = 200;
+    let stack = Stack::start(StackOptions {
+        cluster: true,
+        ..Default::default()
+    })
+    .await;
+    let (_, sender_token) = user(&stack.auth[0], "migrating_sender").await;
+    let (receiver_id, receiver_token) = user(&stack.auth[0], "migrating_receiver").await;
+    let group = create_group(
+        &mut messaging_client(&stack.messaging[0]),
+        &sender_token,
+        "migrating",
+        &[receiver_id],
+    )
+    .await
+    .expect("group");
+    let key = format!("sb:msg:{{c:{}}}:seq", group.id);
+    let cluster = match &stack.redis {
+        switchboard_tests::redis::Backing::Cluster(c) => c,
+        switchboard_tests::redis::Backing::One(_) => unreachable!("a cluster stack"),
+    };
+    let from = cluster.master_of(&key).expect("the conversation's master");
+    // Another master: `redis-cli --cluster create` makes the first three nodes masters.
+    let to = (0..3).find(|&i| i != from).expect("another master");
+
+    let (subscribed, ready) = tokio::sync::oneshot::channel();
+    let receiving = tokio::spawn(receive_all(
+        vec![stack.messaging[1].channel(), stack.messaging[0].channel()],
+        receiver_token,
+        group.id.clone(),
+        N as u64,
+        subscribed,
+    ));
+    tokio::time::timeout(Duration::from_secs(10), ready)
+        .await
+        .expect("the receiver subscribes within 10 s")
+        .expect("the receiver subscribed");
+
+    let mut client = messaging_client(&stack.messaging[0]);
+    let mut acked = Vec::new();
+    let mut retries = 0;
+    for k in 0..N {
+        if k == N / 3 {
+            let slot = cluster.move_slot(&key, to).expect("move the slot");
+            eprintln!("slot {slot} moved from node {from} to node {to} after {k} sends");
+        }
+        let id = format!("migrating-{k}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let message = loop {
+            let body = format!("body {k}");
+            match send(&mut client, &sender_token, &group.id, &id, &body).await {
+                Ok(m) => break m,
+                Err(e) => {
+                    assert_eq!(e.code(), Code::Unavailable, "send {k}: {e:?}");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "send {k} still refused after 30 s: {e:?}"
+                    );
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        acked.push((id, message.seq));
+    }
+    eprintln!("slot migration: {retries} sends retried");
+    assert_eq!(
+        cluster.master_of(&key).expect("the new master"),
+        to,
+        "the slot did not move"
+    );
+    let seqs = tokio::time::timeout(Duration::from_secs(90), receiving)
+        .await
+        .expect("receiver finished")
+        .expect("receiver");
+    assert_eq!(
+        seqs,
+        (1..=N as u64).collect::<Vec<_>>(),
+        "receiver saw a gap or a duplicate"
+    );
+    let page = messaging_client(&stack.messaging[1])
+        .list_messages(authed(
+            pb::ListMessagesRequest {
+                conversation_id: group.id.clone(),
+                after_seq: Some(0),
+                limit: 200,
+                ..Default::default()
+            },
+            &sender_token,
+        ))
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=N as u64).collect::<Vec<_>>(),
+        "history is not gapless"
+    );
+    for (id, seq) in &acked {
+        assert_eq!(
+            page.messages[(*seq - 1) as usize].client_msg_id,
+            *id,
+            "acked {id} is not at seq {seq}"
+        );
+    }
+}
