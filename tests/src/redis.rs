@@ -488,3 +488,34 @@ impl RedisCluster {
         Ok(slot)
     }
 }
+
+impl RedisCluster {
+    /// The indexes of the live replicas of master `master`.
+    pub fn replicas_of(&self, master: usize) -> anyhow::Result<Vec<usize>> {
+        let client = redis::Client::open(self.nodes[master].url())?;
+        let mut c = client.get_connection_with_timeout(Duration::from_secs(1))?;
+        let id: String = redis::cmd("CLUSTER").arg("MYID").query(&mut c)?;
+        let table: String = redis::cmd("CLUSTER").arg("NODES").query(&mut c)?;
+        let mut out = Vec::new();
+        for line in table.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(address), Some(flags), Some(of)) =
+                (fields.get(1), fields.get(2), fields.get(3))
+            else {
+                continue;
+            };
+            if !flags.contains("slave") || *of != id || flags.contains("fail") {
+                continue;
+            }
+            let port: u16 = address
+                .split(['@', ':'])
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .context("a node address without a port")?;
+            if let Some(i) = self.nodes.iter().position(|n| n.port == port) {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -566,3 +566,85 @@ async fn a_conversation_whose_slot_moves_mid_burst_stays_gapless() {
         );
     }
 }
+
+/// With REDIS_ACK_REPLICAS a message is published only once a replica has it: a send its
+/// master cannot get confirmed (the replica is down) answers UNAVAILABLE and reaches no
+/// subscriber; its retry, once the replica is back, is confirmed and delivered, as stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ack_replicas_only_confirmed_messages_are_published() {
+    let mut stack = Stack::start(StackOptions {
+        cluster: true,
+        messaging_options: switchboard_tests::instance::MessagingOptions {
+            ack_replicas: Some((1, Duration::from_millis(300))),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let (_, sender_token) = user(&stack.auth[0], "confirmed_sender").await;
+    let (receiver_id, receiver_token) = user(&stack.auth[0], "confirmed_receiver").await;
+    let group = create_group(
+        &mut messaging_client(&stack.messaging[0]),
+        &sender_token,
+        "confirmed",
+        &[receiver_id],
+    )
+    .await
+    .expect("group");
+    let mut receiver =
+        Connection::following(stack.messaging[1].channel(), &receiver_token, &group.id)
+            .await
+            .expect("follow");
+    let cluster = stack.redis.cluster_mut();
+    let master = cluster
+        .master_of(&format!("sb:msg:{{c:{}}}:seq", group.id))
+        .expect("the conversation's master");
+    let replicas = cluster.replicas_of(master).expect("its replicas");
+    assert_eq!(replicas.len(), 1, "one replica per master");
+    cluster.nodes()[replicas[0]].stop();
+
+    let mut sender = messaging_client(&stack.messaging[0]);
+    let refused = send(&mut sender, &sender_token, &group.id, "c1", "one")
+        .await
+        .expect_err("no replica to confirm it");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    // Nothing reaches the subscriber (bounded wait for an absence).
+    match receiver.next(Duration::from_secs(1)).await {
+        Ok(Some(Out::Message(m))) => panic!("an unconfirmed message was published: {m:?}"),
+        Ok(Some(_)) | Err(_) => {}
+        Ok(None) => panic!("the stream ended"),
+    }
+
+    let cluster = stack.redis.cluster_mut();
+    cluster.nodes()[replicas[0]]
+        .start()
+        .expect("the replica restarts");
+    cluster
+        .wait_until_ok(Duration::from_secs(20))
+        .expect("the replica is back in sync");
+    // The retry: stored before, confirmed now, delivered as stored.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        match send(&mut sender, &sender_token, &group.id, "c1", "one").await {
+            Ok(m) => break m,
+            Err(e) if e.code() == Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("the retry: {e:?}"),
+        }
+    };
+    assert_eq!(first.seq, 1, "stored once, by the first attempt");
+    let second = send(&mut sender, &sender_token, &group.id, "c2", "two")
+        .await
+        .expect("confirmed");
+    assert_eq!(second.seq, 2);
+    let mut delivered = Vec::new();
+    while delivered.len() < 2 {
+        match receiver.next(Duration::from_secs(10)).await {
+            Ok(Some(Out::Message(m))) => delivered.push((m.seq, m.body)),
+            Ok(Some(_)) => {}
+            other => panic!("after {delivered:?}: {other:?}"),
+        }
+    }
+    assert_eq!(delivered, [(1, "one".to_owned()), (2, "two".to_owned())]);
+}

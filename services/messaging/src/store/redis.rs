@@ -63,7 +63,8 @@ pub const WIDE_MEMBERS: usize = 16;
 /// when narrow. KEYS: meta, members, seq, log, idem, reads, activity. ARGV: sender, message
 /// bytes, retention, "<id>|<sent at>", idem ttl, channel, envelope, sent at (ms),
 /// conversation id, list key prefix, list key suffix, the wide limit, the publish command
-/// (`SPUBLISH` on a cluster: the channel is in the conversation's slot), and `1` to raise
+/// (`SPUBLISH` on a cluster: the channel is in the conversation's slot; empty when sends
+/// wait for replicas, which publish only what the replicas confirmed), and `1` to raise
 /// the members' ranks here (one Redis) or `0` to return the members after the seq instead
 /// (a cluster, where their lists are in other slots: the store raises them next).
 const SEND: &str = r#"
@@ -91,7 +92,7 @@ if narrow then
 elseif tonumber(ARGV[8]) > tonumber(redis.call('GET', KEYS[7]) or '0') then
   redis.call('SET', KEYS[7], ARGV[8])
 end
-redis.call(ARGV[13], ARGV[6], '1M' .. seq .. '\n' .. ARGV[7])
+if ARGV[13] ~= '' then redis.call(ARGV[13], ARGV[6], '1M' .. seq .. '\n' .. ARGV[7]) end
 return reply
 "#;
 
@@ -166,6 +167,49 @@ impl RedisStore {
                 .arg(replicas)
                 .arg(timeout.as_millis() as u64);
         }
+    }
+
+    /// Publishes the messages of `sends` that replicas confirmed (`results`, in order):
+    /// a stored one with its envelope, a duplicate as stored (its first attempt may have
+    /// been refused unpublished), re-read from history. A message published twice is
+    /// dropped by subscribers (they go by seq).
+    async fn publish_confirmed<T>(
+        &self,
+        sends: &[Outgoing],
+        results: &[Result<(Sent, T)>],
+    ) -> Result<()> {
+        let mut batch = Batch::new();
+        for (o, r) in sends.iter().zip(results) {
+            let channel = conversation_channel(&o.conversation_id);
+            let payload = match r {
+                Ok((Sent::Stored(seq), _)) => {
+                    let mut payload = crate::message::message_header(*seq);
+                    payload.extend_from_slice(&o.envelope);
+                    payload
+                }
+                Ok((Sent::Duplicate { seq, .. }, _)) => {
+                    let stored = self
+                        .history(&o.conversation_id, Range::After(seq - 1), 1)
+                        .await?;
+                    let Some(message) = stored.messages.into_iter().find(|m| m.seq == *seq) else {
+                        continue;
+                    };
+                    let envelope = crate::message::Envelope {
+                        message: Some(message),
+                        ..Default::default()
+                    };
+                    let mut payload = crate::message::message_header(*seq);
+                    payload.extend_from_slice(&prost::Message::encode_to_vec(&envelope));
+                    payload
+                }
+                _ => continue,
+            };
+            let mut publish = redis::cmd(self.conn.publish_command());
+            publish.arg(&channel).arg(payload);
+            batch.add(&channel, publish);
+        }
+        batch.run(&self.conn).await?;
+        Ok(())
     }
 
     /// Turns stored (and duplicate) sends into UNAVAILABLE when fewer than the required
@@ -276,6 +320,15 @@ impl RedisStore {
                 }));
             }
             self.unconfirmed(&mut results[first..], confirmed);
+            if self.ack.is_some()
+                && let Err(e) = self
+                    .publish_confirmed(&batch[first..results.len()], &results[first..])
+                    .await
+            {
+                // Stored and replicated, but not announced: subscribers get them with the
+                // conversation's next message (the gap rule), so the sends stand.
+                tracing::warn!(error = %e, "publishing confirmed messages failed");
+            }
             if results.len() == batch.len() {
                 break;
             }
@@ -313,7 +366,14 @@ impl RedisStore {
         args.extend(USER_PREFIX.to_redis_args());
         args.extend(NARROW_SUFFIX.to_redis_args());
         args.extend(WIDE_MEMBERS.to_redis_args());
-        args.extend(self.conn.publish_command().to_redis_args());
+        // Waiting for replicas, a message is published once they have it (see `confirmed`):
+        // never one that a failover could still take back.
+        let publish = if self.ack.is_some() {
+            ""
+        } else {
+            self.conn.publish_command()
+        };
+        args.extend(publish.to_redis_args());
         args.extend(if self.conn.is_cluster() { "0" } else { "1" }.to_redis_args());
         (keys, args)
     }
