@@ -355,7 +355,9 @@ async fn a_master_killed_mid_burst_loses_no_acknowledged_message_with_ack_replic
     let mut client = messaging_client(&stack.messaging[0]);
     let mut acked = Vec::new();
     let mut killed_at = None;
-    let mut restarted = false;
+    // When the replica was seen promoted; the killed node restarts then.
+    let mut promoted_at = None;
+    let seq_key = format!("sb:msg:{{c:{}}}:seq", group.id);
     // When sends were first refused after the kill, and when one was acknowledged again.
     let mut refused = (None, None);
     let mut refused_before_the_kill = 0;
@@ -384,14 +386,15 @@ async fn a_master_killed_mid_burst_loses_no_acknowledged_message_with_ack_replic
                     }
                     // The promoted replica has no replica of its own, so no send can be
                     // confirmed until the killed node is back (as its replica), as an
-                    // operator or Kubernetes would bring it back.
-                    if !restarted
-                        && killed_at.is_some_and(|at| at.elapsed() > Duration::from_secs(4))
-                    {
-                        stack.redis.cluster_mut().nodes()[doomed]
-                            .start()
-                            .expect("the killed node restarts");
-                        restarted = true;
+                    // operator or Kubernetes would bring it back: once the promotion shows.
+                    if killed_at.is_some() && promoted_at.is_none() {
+                        let cluster = stack.redis.cluster_mut();
+                        if cluster.master_of(&seq_key).is_ok_and(|m| m != doomed) {
+                            promoted_at = Some(tokio::time::Instant::now());
+                            cluster.nodes()[doomed]
+                                .start()
+                                .expect("the killed node restarts");
+                        }
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -404,7 +407,8 @@ async fn a_master_killed_mid_burst_loses_no_acknowledged_message_with_ack_replic
     }
     if let (Some(killed), Some(back)) = (killed_at, refused.1) {
         eprintln!(
-            "failover: from the kill to the next acknowledged send {:?} (sends refused from {:?} after it; the killed node restarted 4 s after it: {restarted}; {refused_before_the_kill} refusals before the kill)",
+            "failover: replica promoted {:?} after the kill (the killed node restarted then); next acknowledged send {:?} after the kill; sends refused from {:?}; {refused_before_the_kill} refusals before the kill",
+            promoted_at.map(|at| at - killed),
             back - killed,
             refused.0.map(|from| from - killed)
         );
