@@ -17,9 +17,9 @@ use switchboard_proto::messaging::v1::connect_response::Frame as Out;
 use tokio::sync::Semaphore;
 
 use crate::auth::{authed, register_and_login};
-use crate::instance::{AuthOptions, ChildService, InProcess, auth_client, spawn_auth};
+use crate::instance::{AuthOptions, ChildService, InProcess, auth_client, spawn_auth_on};
 use crate::messaging::Connection;
-use crate::redis::RedisServer;
+use crate::redis::{Backing, RedisCluster, RedisServer};
 
 /// Fan-out parameters (BENCH.md names).
 #[derive(Debug, Clone)]
@@ -43,6 +43,14 @@ pub struct Fanout {
     /// result is the `send_ack` line, not the fanout line (one more delivery stream would
     /// change BENCH.md's workload).
     pub ack_probe: bool,
+    /// Conversations (1: BENCH.md's `fanout`; more: `fanout_sharded`): subscriber `i`
+    /// follows conversation `i % conversations`, every publisher is in all of them and
+    /// sends to them in turn.
+    pub conversations: usize,
+    /// A 3-master Redis Cluster (3 replicas) instead of one Redis.
+    pub cluster: bool,
+    /// REDIS_ACK_REPLICAS for the messaging instances (0: off).
+    pub ack_replicas: u32,
 }
 
 const PAYLOAD_BYTES: usize = 100;
@@ -154,11 +162,20 @@ async fn users(auth: &InProcess, prefix: &str, n: usize) -> anyhow::Result<Vec<(
     out.into_iter().map(|u| u.context("missing user")).collect()
 }
 
-fn messaging_process(redis: &RedisServer, auth: &InProcess) -> anyhow::Result<ChildService> {
+fn messaging_process(
+    redis: &Backing,
+    auth: &InProcess,
+    ack_replicas: u32,
+) -> anyhow::Result<ChildService> {
+    let store = match redis {
+        Backing::One(r) => ("REDIS_URL", r.url()),
+        Backing::Cluster(c) => ("REDIS_CLUSTER_URLS", c.urls().join(",")),
+    };
     ChildService::spawn(
         "switchboard-messaging",
         &[
-            ("REDIS_URL", redis.url()),
+            store,
+            ("REDIS_ACK_REPLICAS", ack_replicas.to_string()),
             ("AUTH_URL", format!("http://{}", auth.addr)),
             (
                 "RUST_LOG",
@@ -172,12 +189,19 @@ fn messaging_process(redis: &RedisServer, auth: &InProcess) -> anyhow::Result<Ch
 
 /// Runs the fan-out workload and returns its JSON line.
 pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
-    if p.instances == 0 || p.publishers == 0 || p.subscribers == 0 {
-        bail!("instances, publishers and subscribers must be at least 1");
+    if p.instances == 0 || p.publishers == 0 || p.subscribers == 0 || p.conversations == 0 {
+        bail!("instances, publishers, subscribers and conversations must be at least 1");
     }
-    let redis = RedisServer::spawn()?;
-    let auth = spawn_auth(
-        Some(&redis),
+    if p.subscribers % p.conversations != 0 {
+        bail!("subscribers must be a multiple of conversations");
+    }
+    let redis = if p.cluster {
+        Backing::Cluster(RedisCluster::spawn()?)
+    } else {
+        Backing::One(RedisServer::spawn()?)
+    };
+    let auth = spawn_auth_on(
+        redis.engine(),
         AuthOptions {
             per_peer: u64::MAX,
             ..AuthOptions::default()
@@ -186,7 +210,7 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
     .await?;
     let mut servers = Vec::new();
     for _ in 0..p.instances {
-        servers.push(messaging_process(&redis, &auth)?);
+        servers.push(messaging_process(&redis, &auth, p.ack_replicas)?);
     }
     eprintln!(
         "fanout: {} subscribers, {} publishers on {} instances",
@@ -194,17 +218,24 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
     );
     let pubs = users(&auth, "pub", p.publishers).await?;
     let subs = users(&auth, "sub", p.subscribers).await?;
-    let members: Vec<String> = pubs
-        .iter()
-        .skip(1)
-        .chain(subs.iter())
-        .map(|(id, _)| id.clone())
-        .collect();
     let mut client =
         switchboard_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(
             servers[0].channel(),
         );
-    let group = crate::messaging::create_group(&mut client, &pubs[0].1, "fanout", &members).await?;
+    let mut groups = Vec::with_capacity(p.conversations);
+    for c in 0..p.conversations {
+        let members: Vec<String> = pubs
+            .iter()
+            .skip(1)
+            .chain(subs.iter().skip(c).step_by(p.conversations))
+            .map(|(id, _)| id.clone())
+            .collect();
+        groups.push(
+            crate::messaging::create_group(&mut client, &pubs[0].1, "fanout", &members)
+                .await?
+                .id,
+        );
+    }
 
     // Measurement window in microseconds since the epoch; set once warm-up is over.
     let window_start = Arc::new(AtomicU64::new(u64::MAX));
@@ -215,15 +246,15 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
     let stop = tokio_util::sync::CancellationToken::new();
     for (i, (_, token)) in subs.iter().enumerate() {
         let channel = servers[i % p.instances].channel();
+        let group_id = groups[i % p.conversations].clone();
         let mut conn = Connection::open(channel.clone(), token).await?;
-        conn.subscribe(&group.id, 0).await?;
-        conn.recovered(&group.id).await?;
-        let (start, end, stop, token, group_id) = (
+        conn.subscribe(&group_id, 0).await?;
+        conn.recovered(&group_id).await?;
+        let (start, end, stop, token) = (
             window_start.clone(),
             window_end.clone(),
             stop.clone(),
             token.clone(),
-            group.id.clone(),
         );
         subscriber_tasks.spawn(async move {
             let mut hist =
@@ -280,14 +311,15 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
         let conn = Connection::open(servers[i % p.instances].channel(), token).await?;
         let probe = p.ack_probe && !p.max_mode && i == 0;
         if probe {
-            conn.subscribe(&group.id, 0).await?;
+            conn.subscribe(&groups[0], 0).await?;
         }
-        let (group_id, start, end, sent_in_window) = (
-            group.id.clone(),
+        let (groups, start, end, sent_in_window) = (
+            groups.clone(),
             window_start.clone(),
             window_end.clone(),
             sent_in_window.clone(),
         );
+        let publishers = p.publishers;
         let (max_mode, window) = (p.max_mode, p.window);
         publisher_tasks.spawn(async move {
             let mut conn = conn;
@@ -356,6 +388,8 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
                 {
                     pending.insert(client_msg_id.clone(), Instant::now());
                 }
+                // Publisher i's k-th send: conversations in turn, publishers interleaved.
+                let group_id = &groups[(i + k as usize * publishers) % groups.len()];
                 conn.send(In::Send(pb::Send {
                     conversation_id: group_id.clone(),
                     client_msg_id,
@@ -405,6 +439,11 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
         .iter()
         .map(|s| cpu_seconds(s.pid()).unwrap_or(0.0))
         .sum();
+    let redis_pids = redis.pids();
+    let redis0: Vec<f64> = redis_pids
+        .iter()
+        .map(|&pid| cpu_seconds(pid).unwrap_or(0.0))
+        .collect();
     // The bench's own CPU over the same window: on a small machine it shares the cores
     // with the servers, and it can become the limit in `max` mode.
     let client0 = cpu_seconds(std::process::id()).unwrap_or(0.0);
@@ -436,7 +475,7 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
         }
     }
     let sent = sent_in_window.load(Ordering::Relaxed);
-    let expected = sent * p.subscribers as u64;
+    let expected = sent * (p.subscribers / p.conversations) as u64;
     // Let in-flight deliveries land (bounded).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let cpu1: f64 = servers
@@ -444,6 +483,13 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
         .map(|s| cpu_seconds(s.pid()).unwrap_or(0.0))
         .sum();
     let client1 = cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let redis_cpu: Vec<f64> = redis_pids
+        .iter()
+        .zip(&redis0)
+        .map(|(&pid, before)| {
+            ((cpu_seconds(pid).unwrap_or(0.0) - before).max(0.0) * 100.0).round() / 100.0
+        })
+        .collect();
     stop.cancel();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut delivered = 0u64;
@@ -480,7 +526,7 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
             },
         }));
     }
-    Ok(json!({
+    let mut line = json!({
         "system": "switchboard",
         "mode": if p.max_mode { "max" } else { "fixed" },
         "instances": p.instances,
@@ -509,22 +555,31 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
         // Beyond BENCH.md's keys: the benchmark process's own CPU in the same window
         // (subscribers, publishers and auth together).
         "client_cpu_s": ((client1 - client0).max(0.0) * 100.0).round() / 100.0,
-    }))
+    });
+    if p.conversations > 1 || p.cluster || p.ack_replicas > 0 {
+        line["bench"] = json!("fanout_sharded");
+        line["conversations"] = json!(p.conversations);
+        line["engine"] = json!(if p.cluster { "redis_cluster" } else { "redis" });
+        line["ack_replicas"] = json!(p.ack_replicas);
+        // Each Redis process's CPU in the window, masters and replicas alike.
+        line["redis_cpu_s"] = json!(redis_cpu);
+    }
+    Ok(line)
 }
 
 /// Runs the idle-connections workload (`concurrency` streams opening at once) and returns
 /// its JSON line.
 pub async fn connections(streams: usize, concurrency: usize) -> anyhow::Result<serde_json::Value> {
-    let redis = RedisServer::spawn()?;
-    let auth = spawn_auth(
-        Some(&redis),
+    let redis = Backing::One(RedisServer::spawn()?);
+    let auth = spawn_auth_on(
+        redis.engine(),
         AuthOptions {
             per_peer: u64::MAX,
             ..AuthOptions::default()
         },
     )
     .await?;
-    let server = messaging_process(&redis, &auth)?;
+    let server = messaging_process(&redis, &auth, 0)?;
     let peer = users(&auth, "peer", 1).await?.remove(0);
     eprintln!("connections: creating {streams} users and direct conversations");
     let people = users(&auth, "idle", streams).await?;

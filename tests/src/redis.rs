@@ -335,6 +335,18 @@ pub enum Backing {
 }
 
 impl Backing {
+    /// The process ids of its `redis-server`s (live ones).
+    pub fn pids(&self) -> Vec<u32> {
+        let nodes: Vec<&RedisServer> = match self {
+            Self::One(r) => vec![r],
+            Self::Cluster(c) => c.nodes.iter().collect(),
+        };
+        nodes
+            .into_iter()
+            .filter_map(|n| n.child.as_ref().map(|c| c.id()))
+            .collect()
+    }
+
     /// The engine the services are configured with (REDIS_URL or REDIS_CLUSTER_URLS).
     pub fn engine(&self) -> switchboard_common::config::Engine {
         use switchboard_common::config::{Engine, Secret};

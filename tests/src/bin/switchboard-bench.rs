@@ -75,6 +75,16 @@ enum Workload {
         /// on a publisher stream that also receives every delivery (`fixed` mode only).
         #[arg(long)]
         send_ack: bool,
+        /// Conversations; subscribers are split over them and publishers send to each in
+        /// turn. More than 1 prints a `fanout_sharded` line.
+        #[arg(long, default_value_t = 1)]
+        conversations: usize,
+        /// Run on a 3-master Redis Cluster (3 replicas) instead of one Redis.
+        #[arg(long)]
+        cluster: bool,
+        /// REDIS_ACK_REPLICAS for the messaging instances (needs --cluster for replicas).
+        #[arg(long, default_value_t = 0)]
+        ack_replicas: u32,
     },
     /// Presence: state changes per second, and watch fan-out latency with many watchers
     /// across two instances.
@@ -259,6 +269,9 @@ fn main() -> anyhow::Result<()> {
             window,
             instances,
             send_ack,
+            conversations,
+            cluster,
+            ack_replicas,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -272,6 +285,9 @@ fn main() -> anyhow::Result<()> {
                 window,
                 instances,
                 ack_probe: send_ack,
+                conversations,
+                cluster,
+                ack_replicas,
             };
             println!("{}", rt.block_on(switchboard_tests::bench::fanout(params))?);
         }
