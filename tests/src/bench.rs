@@ -192,7 +192,7 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
     if p.instances == 0 || p.publishers == 0 || p.subscribers == 0 || p.conversations == 0 {
         bail!("instances, publishers, subscribers and conversations must be at least 1");
     }
-    if p.subscribers % p.conversations != 0 {
+    if !p.subscribers.is_multiple_of(p.conversations) {
         bail!("subscribers must be a multiple of conversations");
     }
     let redis = if p.cluster {
