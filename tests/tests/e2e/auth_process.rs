@@ -116,6 +116,7 @@ fn help_lists_every_setting_with_its_environment_variable() {
             "LISTEN_ADDR",
             "METRICS_ADDR",
             "REDIS_URL",
+            "REDIS_CLUSTER_URLS",
             "TLS_CERT_FILE",
             "TLS_KEY_FILE",
             "MAX_MESSAGE_BYTES",

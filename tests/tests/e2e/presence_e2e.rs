@@ -403,6 +403,7 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
             "LISTEN_ADDR",
             "METRICS_ADDR",
             "REDIS_URL",
+            "REDIS_CLUSTER_URLS",
             "AUTH_URL",
             "PRESENCE_TTL_SECS",
             "PRESENCE_SWEEP_INTERVAL_MS",

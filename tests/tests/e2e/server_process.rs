@@ -171,6 +171,7 @@ fn help_and_bad_configuration() {
             "MESSAGING_ADDR",
             "METRICS_ADDR",
             "REDIS_URL",
+            "REDIS_CLUSTER_URLS",
         ],
     );
     // The services' own variables are checked too, all at once.
