@@ -147,8 +147,7 @@ impl RedisServer {
     }
 
     fn ping(&self) -> bool {
-        redis::Client::open(self.url())
-            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+        self.connect(Duration::from_millis(200))
             .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
             .is_ok()
     }
@@ -236,31 +235,31 @@ impl RedisServer {
     /// Whether this node is a master, or a replica whose link to its master is up (so a
     /// write can be confirmed by `WAIT`).
     fn replica_in_sync_or_master(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
-            return false;
-        };
-        let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
-            return false;
-        };
-        let Ok(info) = redis::cmd("INFO")
-            .arg("replication")
-            .query::<String>(&mut c)
-        else {
-            return false;
-        };
-        info.contains("role:master") || info.contains("master_link_status:up")
+        self.replication()
+            .is_some_and(|i| i.contains("role:master") || i.contains("master_link_status:up"))
+    }
+
+    /// Whether this node answers as a master.
+    fn is_master(&self) -> bool {
+        self.replication()
+            .is_some_and(|i| i.contains("role:master"))
+    }
+
+    /// `INFO replication`, if the node answers.
+    fn replication(&self) -> Option<String> {
+        let mut c = self.connect(Duration::from_millis(200)).ok()?;
+        redis::cmd("INFO").arg("replication").query(&mut c).ok()
     }
 
     /// `CLUSTER INFO`, if the node answers.
     fn cluster_info(&self) -> Option<String> {
-        let client = redis::Client::open(self.url()).ok()?;
-        let mut c = client
-            .get_connection_with_timeout(Duration::from_millis(200))
-            .ok()?;
-        redis::cmd("CLUSTER")
-            .arg("INFO")
-            .query::<String>(&mut c)
-            .ok()
+        let mut c = self.connect(Duration::from_millis(200)).ok()?;
+        redis::cmd("CLUSTER").arg("INFO").query(&mut c).ok()
+    }
+
+    /// A blocking connection, connecting within `timeout`.
+    fn connect(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(self.url())?.get_connection_with_timeout(timeout)
     }
 }
 
@@ -314,13 +313,14 @@ impl RedisCluster {
     /// Empties every master (`FLUSHALL`; replicas follow), so one cluster can serve
     /// several contracts in a row.
     pub async fn flush(&self) -> anyhow::Result<()> {
-        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+        for node in self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some() && n.is_master())
+        {
             let client = redis::Client::open(node.url())?;
             let mut c = client.get_multiplexed_async_connection().await?;
-            let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await?;
-            if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
-                let () = redis::cmd("FLUSHALL").query_async(&mut c).await?;
-            }
+            let () = redis::cmd("FLUSHALL").query_async(&mut c).await?;
         }
         Ok(())
     }
@@ -383,8 +383,7 @@ impl RedisCluster {
             .iter()
             .find(|n| n.child.is_some())
             .context("no live node")?;
-        let client = redis::Client::open(node.url())?;
-        let mut c = client.get_connection_with_timeout(Duration::from_secs(1))?;
+        let mut c = node.connect(Duration::from_secs(1))?;
         let slot: u16 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(key)
@@ -405,11 +404,7 @@ impl RedisCluster {
             if !serves {
                 continue;
             }
-            let port: u16 = address
-                .split(['@', ':'])
-                .nth(1)
-                .and_then(|p| p.parse().ok())
-                .context("a node address without a port")?;
+            let port = port_of(address)?;
             return self
                 .nodes
                 .iter()
@@ -438,10 +433,7 @@ impl RedisCluster {
     pub fn move_slot(&self, key: &str, to: usize) -> anyhow::Result<u16> {
         let from = self.master_of(key)?;
         anyhow::ensure!(from != to, "the slot is already on node {to}");
-        let connect = |i: usize| -> anyhow::Result<redis::Connection> {
-            let client = redis::Client::open(self.nodes[i].url())?;
-            Ok(client.get_connection_with_timeout(Duration::from_secs(2))?)
-        };
+        let connect = |i: usize| self.nodes[i].connect(Duration::from_secs(2));
         let id = |c: &mut redis::Connection| -> anyhow::Result<String> {
             Ok(redis::cmd("CLUSTER").arg("MYID").query(c)?)
         };
@@ -482,20 +474,18 @@ impl RedisCluster {
                 .arg(&keys)
                 .query(&mut source)?;
         }
-        for (i, node) in self.nodes.iter().enumerate() {
-            if node.child.is_none() {
-                continue;
-            }
-            let mut c = connect(i)?;
-            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut c)?;
-            if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
-                let () = redis::cmd("CLUSTER")
-                    .arg("SETSLOT")
-                    .arg(slot)
-                    .arg("NODE")
-                    .arg(&target_id)
-                    .query(&mut c)?;
-            }
+        for node in self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some() && n.is_master())
+        {
+            let mut c = node.connect(Duration::from_secs(2))?;
+            let () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg("NODE")
+                .arg(&target_id)
+                .query(&mut c)?;
         }
         Ok(slot)
     }
@@ -504,8 +494,7 @@ impl RedisCluster {
 impl RedisCluster {
     /// The indexes of the live replicas of master `master`.
     pub fn replicas_of(&self, master: usize) -> anyhow::Result<Vec<usize>> {
-        let client = redis::Client::open(self.nodes[master].url())?;
-        let mut c = client.get_connection_with_timeout(Duration::from_secs(1))?;
+        let mut c = self.nodes[master].connect(Duration::from_secs(1))?;
         let id: String = redis::cmd("CLUSTER").arg("MYID").query(&mut c)?;
         let table: String = redis::cmd("CLUSTER").arg("NODES").query(&mut c)?;
         let mut out = Vec::new();
@@ -519,15 +508,20 @@ impl RedisCluster {
             if !flags.contains("slave") || *of != id || flags.contains("fail") {
                 continue;
             }
-            let port: u16 = address
-                .split(['@', ':'])
-                .nth(1)
-                .and_then(|p| p.parse().ok())
-                .context("a node address without a port")?;
+            let port = port_of(address)?;
             if let Some(i) = self.nodes.iter().position(|n| n.port == port) {
                 out.push(i);
             }
         }
         Ok(out)
     }
+}
+
+/// The port of a `CLUSTER NODES` address, `ip:port@cport`.
+fn port_of(address: &str) -> anyhow::Result<u16> {
+    address
+        .split(['@', ':'])
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .context("a node address without a port")
 }

@@ -268,6 +268,23 @@ enum Command {
     Resubscribe(String),
 }
 
+/// Publishes `payload` on `channel` with the deployment's command (`PUBLISH` on one
+/// Redis, `SPUBLISH` on a cluster).
+async fn publish_through(
+    conn: &RedisConn,
+    channel: &str,
+    payload: Vec<u8>,
+) -> Result<(), BusError> {
+    let mut conn = conn.clone();
+    redis::cmd(conn.publish_command())
+        .arg(channel)
+        .arg(payload)
+        .query_async::<i64>(&mut conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| BusError::Unavailable(e.to_string()))
+}
+
 /// The Redis bus: one pub/sub connection per process, reconnected with backoff.
 #[derive(Clone)]
 pub struct RedisBus {
@@ -298,16 +315,7 @@ impl Bus for RedisBus {
         channel: &'a str,
         payload: Vec<u8>,
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        Box::pin(async move {
-            let mut conn = self.publisher.clone();
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(payload)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map(|_| ())
-                .map_err(|e| BusError::Unavailable(e.to_string()))
-        })
+        Box::pin(publish_through(&self.publisher, channel, payload))
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Subscription, BusError>> {
@@ -430,7 +438,10 @@ async fn run_pubsub(
 pub struct ClusterBus {
     registry: Arc<Registry>,
     commands: mpsc::Sender<Command>,
+    /// For subscriptions.
     conn: redis::cluster_async::ClusterConnection,
+    /// The same connection, for publishing.
+    publisher: RedisConn,
 }
 
 impl ClusterBus {
@@ -460,6 +471,7 @@ impl ClusterBus {
         Ok(Self {
             registry,
             commands,
+            publisher: RedisConn::Cluster(conn.clone()),
             conn,
         })
     }
@@ -533,16 +545,7 @@ impl Bus for ClusterBus {
         channel: &'a str,
         payload: Vec<u8>,
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        Box::pin(async move {
-            let mut conn = self.conn.clone();
-            redis::cmd("SPUBLISH")
-                .arg(channel)
-                .arg(payload)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map(|_| ())
-                .map_err(|e| BusError::Unavailable(e.to_string()))
-        })
+        Box::pin(publish_through(&self.publisher, channel, payload))
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Subscription, BusError>> {

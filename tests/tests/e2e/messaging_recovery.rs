@@ -28,6 +28,47 @@ async fn user(auth: &switchboard_tests::instance::InProcess, name: &str) -> (Str
     (me.user.expect("user").id, t.access_token)
 }
 
+/// Every message of `conversation` in history, oldest first, page by page.
+async fn whole_history(
+    instance: &switchboard_tests::instance::InProcess,
+    token: &str,
+    conversation: &str,
+) -> Vec<pb::Message> {
+    let mut history: Vec<pb::Message> = Vec::new();
+    for _ in 0..1000 {
+        let after = history.last().map_or(0, |m| m.seq);
+        let page = messaging_client(instance)
+            .list_messages(authed(
+                pb::ListMessagesRequest {
+                    conversation_id: conversation.to_owned(),
+                    after_seq: Some(after),
+                    limit: 200,
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .expect("history")
+            .into_inner();
+        if page.messages.is_empty() {
+            return history;
+        }
+        history.extend(page.messages);
+    }
+    panic!("history of {conversation} does not end");
+}
+
+/// Each acknowledged `(client_msg_id, seq)` is at its seq in `history` (which starts at 1).
+fn assert_acked_in_place(history: &[pb::Message], acked: &[(String, u64)]) {
+    for (key, seq) in acked {
+        assert_eq!(
+            history[(*seq - 1) as usize].client_msg_id,
+            *key,
+            "acked {key} is not at seq {seq}"
+        );
+    }
+}
+
 /// Reads messages of `conversation` until seq `until`, reconnecting through `channels` (in
 /// order) whenever the stream fails; returns every seq received. `subscribed` fires once
 /// the first subscription has taken effect (its `Recovered` frame).
@@ -166,28 +207,7 @@ async fn killing_an_instance_mid_burst_loses_no_acknowledged_message_and_duplica
     assert_eq!(acked_seqs.len(), N, "two sends got the same seq");
 
     // History holds every acknowledged message exactly once.
-    let mut history = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = messaging_client(survivor)
-            .list_messages(authed(
-                pb::ListMessagesRequest {
-                    conversation_id: group.id.clone(),
-                    after_seq: Some(after),
-                    limit: 200,
-                    ..Default::default()
-                },
-                &sender_token,
-            ))
-            .await
-            .expect("history")
-            .into_inner();
-        if page.messages.is_empty() {
-            break;
-        }
-        after = page.messages.last().map(|m| m.seq).unwrap_or(after);
-        history.extend(page.messages);
-    }
+    let history = whole_history(survivor, &sender_token, &group.id).await;
     let keys: Vec<&str> = history.iter().map(|m| m.client_msg_id.as_str()).collect();
     assert_eq!(
         keys.len(),
@@ -195,13 +215,7 @@ async fn killing_an_instance_mid_burst_loses_no_acknowledged_message_and_duplica
         "history has {} messages for {N} sends",
         keys.len()
     );
-    for (key, seq) in &acked {
-        assert_eq!(
-            history[(*seq - 1) as usize].client_msg_id,
-            *key,
-            "acked {key} is not at seq {seq}"
-        );
-    }
+    assert_acked_in_place(&history, &acked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,40 +436,13 @@ async fn a_master_killed_mid_burst_loses_no_acknowledged_message_with_ack_replic
         (1..=N as u64).collect::<Vec<_>>(),
         "receiver saw a gap or a duplicate"
     );
-    let mut history = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = messaging_client(&stack.messaging[1])
-            .list_messages(authed(
-                pb::ListMessagesRequest {
-                    conversation_id: group.id.clone(),
-                    after_seq: Some(after),
-                    limit: 200,
-                    ..Default::default()
-                },
-                &sender_token,
-            ))
-            .await
-            .expect("history")
-            .into_inner();
-        if page.messages.is_empty() {
-            break;
-        }
-        after = page.messages.last().map(|m| m.seq).unwrap_or(after);
-        history.extend(page.messages);
-    }
+    let history = whole_history(&stack.messaging[1], &sender_token, &group.id).await;
     assert_eq!(
         history.iter().map(|m| m.seq).collect::<Vec<_>>(),
         (1..=N as u64).collect::<Vec<_>>(),
         "history is not gapless 1..={N}"
     );
-    for (key, seq) in &acked {
-        assert_eq!(
-            history[(*seq - 1) as usize].client_msg_id,
-            *key,
-            "acked {key} is not at seq {seq}"
-        );
-    }
+    assert_acked_in_place(&history, &acked);
 }
 
 /// Redis Cluster slot migration: the slot of a busy conversation moves to another master
@@ -544,31 +531,13 @@ async fn a_conversation_whose_slot_moves_mid_burst_stays_gapless() {
         (1..=N as u64).collect::<Vec<_>>(),
         "receiver saw a gap or a duplicate"
     );
-    let page = messaging_client(&stack.messaging[1])
-        .list_messages(authed(
-            pb::ListMessagesRequest {
-                conversation_id: group.id.clone(),
-                after_seq: Some(0),
-                limit: 200,
-                ..Default::default()
-            },
-            &sender_token,
-        ))
-        .await
-        .expect("history")
-        .into_inner();
+    let history = whole_history(&stack.messaging[1], &sender_token, &group.id).await;
     assert_eq!(
-        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        history.iter().map(|m| m.seq).collect::<Vec<_>>(),
         (1..=N as u64).collect::<Vec<_>>(),
         "history is not gapless"
     );
-    for (id, seq) in &acked {
-        assert_eq!(
-            page.messages[(*seq - 1) as usize].client_msg_id,
-            *id,
-            "acked {id} is not at seq {seq}"
-        );
-    }
+    assert_acked_in_place(&history, &acked);
 }
 
 /// With REDIS_ACK_REPLICAS a message is published only once a replica has it: a send its

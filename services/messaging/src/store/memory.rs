@@ -366,7 +366,7 @@ impl MessagingStore for MemoryStore {
         limit: usize,
     ) -> Result<(Vec<Ranked>, bool)> {
         Ok(self.with(|s| {
-            let mut all: Vec<Ranked> = s
+            let all: Vec<Ranked> = s
                 .by_user
                 .get(user)
                 .into_iter()
@@ -377,11 +377,7 @@ impl MessagingStore for MemoryStore {
                     Some((c.activity_ms.max(*joined), id.clone()))
                 })
                 .collect();
-            all.sort_unstable_by(|a, b| b.cmp(a));
-            let start = after.map_or(0, |cursor| all.partition_point(|e| e >= cursor));
-            let more = all.len() > start.saturating_add(limit);
-            let page = all.into_iter().skip(start).take(limit).collect();
-            (page, more)
+            super::page_of(all, after, limit)
         }))
     }
 

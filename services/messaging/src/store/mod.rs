@@ -113,6 +113,24 @@ pub struct Summary {
 /// to comes first, as does one just written in.
 pub type Ranked = (u64, String);
 
+/// The page of `candidates` (in any order, repeats allowed) after `after` in list order,
+/// at most `limit` long, and whether more follow: what every engine's
+/// [`MessagingStore::ranked`] returns once it has its candidates.
+pub fn page_of(
+    mut candidates: Vec<Ranked>,
+    after: Option<&Ranked>,
+    limit: usize,
+) -> (Vec<Ranked>, bool) {
+    if let Some(cursor) = after {
+        candidates.retain(|entry| entry < cursor);
+    }
+    candidates.sort_unstable_by(|a, b| b.cmp(a));
+    candidates.dedup();
+    let more = candidates.len() > limit;
+    candidates.truncate(limit);
+    (candidates, more)
+}
+
 /// Which part of history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Range {

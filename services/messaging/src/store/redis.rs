@@ -999,14 +999,7 @@ impl MessagingStore for RedisStore {
                     }),
             );
         }
-        if let Some(cursor) = after {
-            all.retain(|entry| entry < cursor);
-        }
-        all.sort_unstable_by(|a, b| b.cmp(a));
-        all.dedup();
-        let more = all.len() > limit;
-        all.truncate(limit);
-        Ok((all, more))
+        Ok(super::page_of(all, after, limit))
     }
 
     async fn mark_read(&self, id: &str, user: &str, seq: u64) -> Result<u64> {
