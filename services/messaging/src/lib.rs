@@ -134,14 +134,7 @@ async fn serve<S: DeskStore>(
         config.agent_capacity,
     ));
     // Routing needs presence, which needs the token: without it there is nothing to run.
-    // Nor on a Redis Cluster, where the desk's steps are refused for now.
-    let on_cluster = matches!(&backend.link, Link::Redis(conn) if conn.is_cluster());
-    if on_cluster {
-        tracing::warn!(
-            "on a Redis Cluster the support desk is not available yet: its calls answer FAILED_PRECONDITION"
-        );
-    }
-    if config.service_token.is_some() && !on_cluster {
+    if config.service_token.is_some() {
         switchboard_common::shutdown::spawn(
             desk.clone()
                 .dispatch(config.queue_recheck, shutdown.clone()),

@@ -2,9 +2,12 @@
 //! behind [`DeskStore`], implemented by both engines next to their conversations (a
 //! consultation is a SUPPORT conversation plus its record).
 //!
-//! Every change of a consultation's state is one atomic step that also moves the queue,
-//! the agents' loads and the conversation's members, so several messaging instances can
-//! route at once: a consultation is assigned at most once, and loads never drift.
+//! Every change of a consultation's state is one atomic step, so several messaging
+//! instances can route at once: a consultation is assigned at most once, and an agent is
+//! never given more than their capacity. In memory and on one Redis that step also moves
+//! the queue, the agents' loads and the conversation's members; on a Redis Cluster those
+//! follow it in an order that leaves only entries too many after a crash, which
+//! [`DeskStore::repair`] drops.
 
 use std::future::Future;
 
@@ -96,4 +99,11 @@ pub trait DeskStore: MessagingStore {
     ) -> impl Future<Output = Result<Step>> + Send;
     /// Assigned consultations per agent, in the order asked.
     fn loads(&self, agents: &[String]) -> impl Future<Output = Result<Vec<u32>>> + Send;
+    /// The safety pass's repair: drops desk-wide entries that no consultation backs any
+    /// more and that are old enough (at `now_ms`) not to belong to a step in flight.
+    /// Returns how many it dropped; engines whose steps are atomic have none.
+    fn repair(&self, now_ms: u64) -> impl Future<Output = Result<usize>> + Send {
+        let _ = now_ms;
+        async { Ok(0) }
+    }
 }

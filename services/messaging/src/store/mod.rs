@@ -15,6 +15,7 @@ use switchboard_proto::messaging::v1 as pb;
 use crate::conversation::ConversationRecord;
 use crate::error::Result;
 
+pub mod cluster_desk;
 pub mod desk;
 pub mod memory;
 mod memory_desk;

@@ -34,8 +34,9 @@
 //! - a member leaves their lists first, then the conversation: never a listed
 //!   conversation one is not in (pages also list a conversation only to its members).
 //!
-//! The support desk's steps (`redis_desk.rs`) still span the desk-wide keys and the
-//! conversation in one script: they run on one Redis only, and refuse on a cluster.
+//! The support desk's steps span the desk-wide keys and the conversation: one script on
+//! one Redis (`redis_desk.rs`), a sequence of single-slot steps on a cluster
+//! (`cluster_desk.rs`, which says why each order is safe).
 
 use std::collections::HashMap;
 
@@ -260,7 +261,7 @@ impl RedisStore {
     /// Raises conversation `id` to `at_ms` in each of `members`' lists (`ZADD GT`, so
     /// it never moves back and a repeat changes nothing): on a cluster, the send step's
     /// second half. A crash before it leaves the ranks behind until the next message.
-    async fn raise(&self, id: &str, members: &[String], at_ms: u64) -> Result<()> {
+    pub(super) async fn raise(&self, id: &str, members: &[String], at_ms: u64) -> Result<()> {
         let mut batch = Batch::new();
         for user in members {
             let list = user_index(user);
@@ -392,7 +393,7 @@ impl RedisStore {
 
     /// The send step as one command of a transaction `pipe`: EVAL with the script's
     /// source, so it runs whether or not Redis has it cached; its reply is the pipeline's
-    /// (read it with [`send_reply`]).
+    /// (read it with [`send_outcome`]).
     pub(super) fn send_eval(&self, pipe: &mut redis::Pipeline, o: &Outgoing) {
         let (keys, args) = self.send_parts(o);
         pipe.cmd("EVAL")
@@ -409,14 +410,9 @@ fn fail_rest<T>(mut results: Vec<Result<T>>, len: usize, cause: &str) -> Vec<Res
     results
 }
 
-/// What the send script answered.
-pub(super) fn send_reply(reply: Vec<String>) -> Result<Sent> {
-    Ok(send_outcome(reply)?.0)
-}
-
 /// What the send script answered, with the members whose ranks the caller must raise (on
 /// a cluster, for a narrow conversation).
-fn send_outcome(reply: Vec<String>) -> Result<(Sent, Vec<String>)> {
+pub(super) fn send_outcome(reply: Vec<String>) -> Result<(Sent, Vec<String>)> {
     let bad = || Error::Internal(format!("send script answered {reply:?}"));
     let sent = match reply.first().map(String::as_str) {
         Some("ok") => {

@@ -1,14 +1,19 @@
 //! The desk in Redis.
 //!
 //! A consultation is the hash `sb:msg:{c:<id>}:consultation` next to its conversation's
-//! keys. Desk-wide: `sb:support:queue`, a sorted set of queued consultation ids by opening
-//! time, and `sb:support:load`, a hash of agent id → assigned consultations. Each state
-//! change is one Lua script over the consultation, the queue, the loads and the members.
+//! keys. Desk-wide on one Redis: `sb:support:queue`, a sorted set of queued consultation
+//! ids by opening time, and `sb:support:load`, a hash of agent id → assigned
+//! consultations. Each state change is one Lua script over the consultation, the queue,
+//! the loads and the members. On a Redis Cluster those keys are in different slots, and
+//! the steps are the ones of `cluster_desk.rs` (which says what stays atomic there); the
+//! reads here serve both.
 
 use std::collections::HashMap;
 
 use super::desk::{ConsultationRecord, ConsultationState, DeskStore, Found, Routed, Step};
-use super::redis::{RedisStore, key, send_reply, user_index, write_conversation};
+use switchboard_common::redis_conn::Batch;
+
+use super::redis::{RedisStore, key, send_outcome, user_index, write_conversation};
 use super::{Outgoing, Sent};
 use crate::conversation::ConversationRecord;
 use crate::error::{Error, Result};
@@ -118,7 +123,7 @@ fn parse_consultation(
 }
 
 /// A script's reply as a [`Step`].
-fn step(reply: Vec<String>) -> Result<Step> {
+pub(super) fn step(reply: Vec<String>) -> Result<Step> {
     let arg = || reply.get(1).cloned().unwrap_or_default();
     match reply.first().map(String::as_str) {
         Some("ok") => Ok(Step::Done(arg())),
@@ -131,17 +136,29 @@ fn step(reply: Vec<String>) -> Result<Step> {
     }
 }
 
+/// The consultation's record, as one command of `pipe`.
+pub(super) fn write_consultation(pipe: &mut redis::Pipeline, r: &ConsultationRecord) {
+    pipe.hset_multiple(
+        key(&r.id, "consultation"),
+        &[
+            ("customer_id", r.customer_id.clone()),
+            ("agent_id", r.agent_id.clone()),
+            ("topic", r.topic.clone()),
+            ("state", r.state.as_str().to_owned()),
+            ("opened_at_ms", r.opened_at_ms.to_string()),
+        ],
+    )
+    .ignore();
+}
+
 impl RedisStore {
-    /// The desk's steps span the queue, the loads and the conversation in one script, which
-    /// a Redis Cluster refuses (their keys are in different slots): until the desk is
-    /// redesigned for slots (issue 16), on a cluster it refuses every step by saying so.
-    fn desk_on_one_redis(&self) -> Result<()> {
+    /// The queue's key: desk-wide on one Redis, in the desk's slot on a cluster.
+    fn queue_key(&self) -> &'static str {
         if self.conn.is_cluster() {
-            return Err(Error::FailedPrecondition(
-                "the support desk does not run on a Redis Cluster yet; run messaging on one Redis (REDIS_URL) to use it".into(),
-            ));
+            super::cluster_desk::QUEUE
+        } else {
+            QUEUE
         }
-        Ok(())
     }
 }
 
@@ -152,7 +169,9 @@ impl DeskStore for RedisStore {
         r: &ConsultationRecord,
         first: &Outgoing,
     ) -> Result<Sent> {
-        self.desk_on_one_redis()?;
+        if self.conn.is_cluster() {
+            return self.open_sharded(c, r, first).await;
+        }
         self.list_for_members(c).await?;
         let mut conn = self.conn.clone();
         // One transaction: the records, the queue entry and the send step (by its source,
@@ -160,25 +179,14 @@ impl DeskStore for RedisStore {
         let mut pipe = redis::pipe();
         pipe.atomic();
         write_conversation(&mut pipe, c);
-        pipe.hset_multiple(
-            key(&r.id, "consultation"),
-            &[
-                ("customer_id", r.customer_id.clone()),
-                ("agent_id", r.agent_id.clone()),
-                ("topic", r.topic.clone()),
-                ("state", r.state.as_str().to_owned()),
-                ("opened_at_ms", r.opened_at_ms.to_string()),
-            ],
-        )
-        .ignore();
+        write_consultation(&mut pipe, r);
         pipe.zadd(QUEUE, &r.id, r.opened_at_ms).ignore();
         self.send_eval(&mut pipe, first);
         let (reply,): (Vec<String>,) = pipe.query_async(&mut conn).await?;
-        send_reply(reply)
+        Ok(send_outcome(reply)?.0)
     }
 
     async fn consultation(&self, id: &str) -> Result<Option<ConsultationRecord>> {
-        self.desk_on_one_redis()?;
         let mut conn = self.conn.clone();
         let h: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(key(id, "consultation"))
@@ -187,66 +195,71 @@ impl DeskStore for RedisStore {
         parse_consultation(id, h)
     }
 
-    /// One pipeline: the record and the queue rank of each.
+    /// One round trip (per slot, all at once, on a cluster): the record and the queue
+    /// rank of each.
     async fn consultations(&self, ids: &[String]) -> Result<Vec<Option<Found>>> {
-        self.desk_on_one_redis()?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
+        let queue = self.queue_key();
+        let mut batch = Batch::new();
         for id in ids {
-            pipe.cmd("HGETALL")
-                .arg(key(id, "consultation"))
-                .cmd("ZRANK")
-                .arg(QUEUE)
-                .arg(id);
+            let record = key(id, "consultation");
+            let mut get = redis::cmd("HGETALL");
+            get.arg(&record);
+            batch.add(&record, get);
+            let mut rank = redis::cmd("ZRANK");
+            rank.arg(queue).arg(id);
+            batch.add(queue, rank);
         }
-        let rows: Vec<(HashMap<String, String>, Option<u32>)> = pipe.query_async(&mut conn).await?;
-        ids.iter()
-            .zip(rows)
-            .map(|(id, (h, rank))| {
-                Ok(parse_consultation(id, h)?.map(|r| {
-                    let position = rank
-                        .filter(|_| r.state == ConsultationState::Queued)
-                        .map(|rank| rank + 1);
-                    (r, position)
-                }))
-            })
-            .collect()
+        let mut replies = batch.run(&self.conn).await?.into_iter();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let (Some(h), Some(rank)) = (replies.next(), replies.next()) else {
+                return Err(Error::storage("redis answered fewer replies than lookups"));
+            };
+            let h: HashMap<String, String> =
+                redis::from_redis_value(h).map_err(redis::RedisError::from)?;
+            let rank: Option<u32> =
+                redis::from_redis_value(rank).map_err(redis::RedisError::from)?;
+            out.push(parse_consultation(id, h)?.map(|r| {
+                let position = rank
+                    .filter(|_| r.state == ConsultationState::Queued)
+                    .map(|rank| rank + 1);
+                (r, position)
+            }));
+        }
+        Ok(out)
     }
 
     async fn queue_position(&self, id: &str) -> Result<Option<u32>> {
-        self.desk_on_one_redis()?;
         let mut conn = self.conn.clone();
         let rank: Option<u32> = redis::cmd("ZRANK")
-            .arg(QUEUE)
+            .arg(self.queue_key())
             .arg(id)
             .query_async(&mut conn)
             .await?;
         Ok(rank.map(|r| r + 1))
     }
 
+    /// The queue's first `limit` ids, then their records in one more round trip; entries
+    /// whose consultation is not queued (a cluster's step cut short) are left out.
     async fn queue(&self, limit: usize) -> Result<Vec<ConsultationRecord>> {
-        self.desk_on_one_redis()?;
         if limit == 0 {
             return Ok(Vec::new());
         }
         let mut conn = self.conn.clone();
         let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(QUEUE)
+            .arg(self.queue_key())
             .arg(0)
             .arg(limit - 1)
             .query_async(&mut conn)
             .await?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for id in &ids {
-            pipe.cmd("HGETALL").arg(key(id, "consultation"));
+            let record = key(id, "consultation");
+            let mut get = redis::cmd("HGETALL");
+            get.arg(&record);
+            batch.add(&record, get);
         }
-        let rows: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        let rows: Vec<HashMap<String, String>> = batch.run_as(&self.conn).await?;
         let mut out = Vec::with_capacity(ids.len());
         for (id, h) in ids.iter().zip(rows) {
             if let Some(r) = parse_consultation(id, h)?
@@ -264,7 +277,9 @@ impl DeskStore for RedisStore {
         capacity: u32,
         now_ms: u64,
     ) -> Result<Routed> {
-        self.desk_on_one_redis()?;
+        if self.conn.is_cluster() {
+            return self.route_sharded(candidates, capacity, now_ms).await;
+        }
         let mut conn = self.conn.clone();
         // Another instance may take the head between the read and the script; the script
         // then says 'gone' and the next head is tried (a bounded number of times).
@@ -312,7 +327,9 @@ impl DeskStore for RedisStore {
     }
 
     async fn accept(&self, id: &str, agent: &str, now_ms: u64) -> Result<Step> {
-        self.desk_on_one_redis()?;
+        if self.conn.is_cluster() {
+            return self.accept_sharded(id, agent, now_ms).await;
+        }
         let mut conn = self.conn.clone();
         let reply: Vec<String> = ACCEPT_SCRIPT
             .key(QUEUE)
@@ -336,7 +353,9 @@ impl DeskStore for RedisStore {
         note: &str,
         now_ms: u64,
     ) -> Result<Step> {
-        self.desk_on_one_redis()?;
+        if self.conn.is_cluster() {
+            return self.transfer_sharded(id, from, to, note, now_ms).await;
+        }
         let mut conn = self.conn.clone();
         let reply: Vec<String> = TRANSFER_SCRIPT
             .key(LOAD)
@@ -355,7 +374,9 @@ impl DeskStore for RedisStore {
     }
 
     async fn close(&self, id: &str, resolution: &str, now_ms: u64) -> Result<Step> {
-        self.desk_on_one_redis()?;
+        if self.conn.is_cluster() {
+            return self.close_sharded(id, resolution, now_ms).await;
+        }
         let mut conn = self.conn.clone();
         let reply: Vec<String> = CLOSE_SCRIPT
             .key(QUEUE)
@@ -371,9 +392,11 @@ impl DeskStore for RedisStore {
     }
 
     async fn loads(&self, agents: &[String]) -> Result<Vec<u32>> {
-        self.desk_on_one_redis()?;
         if agents.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.conn.is_cluster() {
+            return self.loads_sharded(agents).await;
         }
         let mut conn = self.conn.clone();
         let loads: Vec<Option<u32>> = redis::cmd("HMGET")
@@ -382,5 +405,13 @@ impl DeskStore for RedisStore {
             .query_async(&mut conn)
             .await?;
         Ok(loads.into_iter().map(|l| l.unwrap_or(0)).collect())
+    }
+
+    /// On one Redis every step is one script, and there is nothing to repair.
+    async fn repair(&self, now_ms: u64) -> Result<usize> {
+        if self.conn.is_cluster() {
+            return self.repair_desk(now_ms).await;
+        }
+        Ok(0)
     }
 }
