@@ -383,8 +383,10 @@ pub fn policy_problems(docs: &[Yaml]) -> Vec<String> {
             }
             Some(_) => {}
         }
+        // A run-to-completion pod (a Job's) is watched by its Job, not by probes.
+        let runs_once = matches!(c.object["kind"].as_str(), Some("Job" | "CronJob"));
         for probe in ["livenessProbe", "readinessProbe"] {
-            if c.container[probe].is_badvalue() {
+            if !runs_once && c.container[probe].is_badvalue() {
                 p.push(format!("{name}: no {probe}"));
             }
         }

@@ -173,18 +173,10 @@ impl RedisCluster {
     /// Starts six nodes and forms the cluster (`redis-cli --cluster create`), then waits
     /// until every node reports `cluster_state:ok` and knows all six.
     pub fn spawn() -> anyhow::Result<Self> {
-        let nodes = (0..6)
-            .map(|_| RedisServer::spawn_node(false, true))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let cluster = Self { nodes };
-        let addresses: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
+        let cluster = Self::spawn_unformed()?;
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
-            .args(&addresses)
+            .args(cluster.addresses())
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
@@ -198,6 +190,23 @@ impl RedisCluster {
         }
         cluster.wait_until_ok(Duration::from_secs(20))?;
         Ok(cluster)
+    }
+
+    /// Six nodes in cluster mode that do not know each other yet (for a test that forms
+    /// them its own way, then calls [`wait_until_ok`](Self::wait_until_ok)).
+    pub fn spawn_unformed() -> anyhow::Result<Self> {
+        let nodes = (0..6)
+            .map(|_| RedisServer::spawn_node(false, true))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self { nodes })
+    }
+
+    /// Every node's `127.0.0.1:<port>`, in the order they were started.
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect()
     }
 
     /// Every node's `redis://127.0.0.1:<port>/`, masters and replicas.

@@ -13,7 +13,7 @@ use switchboard_tests::deploy::{
 };
 use yaml_rust2::Yaml;
 
-const OVERLAYS: &[&str] = &["dev", "prod"];
+const OVERLAYS: &[&str] = &["dev", "prod", "cluster"];
 
 fn rendered(overlay: &str) -> (String, Vec<Yaml>) {
     let text = render(overlay).expect("render the overlay");
@@ -143,8 +143,10 @@ const UNSET_ON_PURPOSE: &[&str] = &[
     "TLS_CERT_FILE",
     "TLS_KEY_FILE",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    "REDIS_CLUSTER_URLS",
 ];
+
+/// The two ways to name the Redis: each service gets exactly one of them.
+const REDIS_CHOICE: [&str; 2] = ["REDIS_URL", "REDIS_CLUSTER_URLS"];
 
 #[test]
 fn manifests_set_every_setting_and_only_settings_the_services_read() {
@@ -167,10 +169,20 @@ fn manifests_set_every_setting_and_only_settings_the_services_read() {
                 .reads()
                 .into_iter()
                 .filter(|v| !env.contains_key(v) && !UNSET_ON_PURPOSE.contains(&v.as_str()))
+                .filter(|v| !REDIS_CHOICE.contains(&v.as_str()))
                 .collect();
             assert!(
                 missing.is_empty(),
                 "{overlay} {service:?} does not set {missing:?}"
+            );
+            let redis: Vec<&str> = REDIS_CHOICE
+                .into_iter()
+                .filter(|v| env.contains_key(*v))
+                .collect();
+            assert_eq!(
+                redis.len(),
+                1,
+                "{overlay} {service:?} names its Redis by {redis:?}"
             );
         }
         // A misspelt setting is caught (it would be silently ignored by the service).
@@ -239,6 +251,160 @@ fn secret_template_names_every_key_the_pods_read_and_holds_no_secret() {
             );
         }
     }
+}
+
+/// The cluster overlay: six Redis nodes in cluster mode and the Job that forms them, the
+/// services on REDIS_CLUSTER_URLS naming those nodes, messaging waiting for a replica, and
+/// the network paths the cluster needs (and no more).
+#[test]
+fn the_cluster_overlay_runs_six_redis_nodes_formed_by_a_job() {
+    let (_, docs) = rendered("cluster");
+    assert!(
+        object(&docs, "StatefulSet", "redis").is_none(),
+        "one Redis is gone"
+    );
+    assert!(object(&docs, "Service", "redis").is_none());
+    let nodes = object(&docs, "StatefulSet", "redis-cluster").expect("the cluster's nodes");
+    assert_eq!(nodes["spec"]["replicas"].as_i64(), Some(6));
+    let args: Vec<&str> = nodes["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_vec()
+        .expect("args")
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| *a == name)
+            .and_then(|i| args.get(i + 1).copied())
+    };
+    assert_eq!(flag("--cluster-enabled"), Some("yes"));
+    assert_eq!(flag("--cluster-config-file"), Some("/data/nodes.conf"));
+    assert_eq!(flag("--appendonly"), Some("yes"));
+    let service = nodes["spec"]["serviceName"].as_str().expect("serviceName");
+    assert!(
+        object(&docs, "Service", service).is_some(),
+        "headless {service}"
+    );
+    let job = object(&docs, "Job", "redis-cluster-create").expect("the forming Job");
+    let script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+        .as_str()
+        .expect("script");
+    assert!(
+        script.contains("redis-cli --cluster create") && script.contains("--cluster-replicas 1"),
+        "{script}"
+    );
+    let env = &job["spec"]["template"]["spec"]["containers"][0]["env"];
+    let nodes_to_form = env
+        .as_vec()
+        .and_then(|e| e.iter().find(|v| v["name"].as_str() == Some("REDIS_NODES")))
+        .and_then(|v| v["value"].as_str())
+        .expect("the Job's REDIS_NODES");
+    let expected: Vec<String> = (0..6)
+        .map(|i| format!("redis-cluster-{i}.{service}:6379"))
+        .collect();
+    assert_eq!(
+        nodes_to_form.split_whitespace().collect::<Vec<_>>(),
+        expected,
+        "the Job forms every node of the StatefulSet"
+    );
+    for c in containers(&docs) {
+        let Some(svc) = c.service() else { continue };
+        let env = environment(&docs, &c).expect("environment");
+        let urls = env
+            .get("REDIS_CLUSTER_URLS")
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| panic!("{svc:?} has no REDIS_CLUSTER_URLS"));
+        for url in urls.split(',') {
+            let host = url
+                .trim_start_matches("redis://")
+                .split(':')
+                .next()
+                .unwrap_or_default();
+            let (pod, svc_name) = host.split_once('.').expect("pod.service");
+            assert_eq!(svc_name, service, "{url} names a node of the StatefulSet");
+            let n: u32 = pod
+                .strip_prefix("redis-cluster-")
+                .and_then(|n| n.parse().ok())
+                .expect("a node's name");
+            assert!(n < 6, "{url}");
+        }
+        if svc == Service::Messaging {
+            assert_eq!(
+                env.get("REDIS_ACK_REPLICAS").cloned().flatten().as_deref(),
+                Some("1")
+            );
+        }
+    }
+    let pod = |kind: &str, name: &str| {
+        let labels = pod_labels(&docs, kind, name);
+        assert!(!labels.is_empty(), "{name} has pod labels");
+        labels
+    };
+    let redis = pod("StatefulSet", "redis-cluster");
+    let former = pod("Job", "redis-cluster-create");
+    let [auth, presence, messaging] =
+        ["auth", "presence", "messaging"].map(|n| pod("Deployment", n));
+    let outside: Option<&BTreeMap<String, String>> = None;
+    for (path, from, to, port) in [
+        ("auth -> node", Some(&auth), Some(&redis), 6379),
+        ("presence -> node", Some(&presence), Some(&redis), 6379),
+        ("messaging -> node", Some(&messaging), Some(&redis), 6379),
+        ("node -> node", Some(&redis), Some(&redis), 6379),
+        ("node -> node, bus", Some(&redis), Some(&redis), 16379),
+        ("Job -> node", Some(&former), Some(&redis), 6379),
+    ] {
+        assert!(
+            allows(&docs, from, to, port),
+            "{path} :{port} must be allowed"
+        );
+    }
+    for (path, from, to, port) in [
+        ("client -> node", outside, Some(&redis), 6379),
+        ("messaging -> bus", Some(&messaging), Some(&redis), 16379),
+        ("Job -> bus", Some(&former), Some(&redis), 16379),
+        ("Job -> auth", Some(&former), Some(&auth), 50051),
+        ("node -> outside", Some(&redis), outside, 6379),
+    ] {
+        assert!(
+            !allows(&docs, from, to, port),
+            "{path} :{port} must be denied"
+        );
+    }
+}
+
+/// The forming Job's own script, run against six fresh local nodes: it forms a healthy
+/// cluster of three masters with a replica each, and run again it changes nothing.
+#[test]
+fn the_cluster_forming_job_forms_six_nodes_once() {
+    let (_, docs) = rendered("cluster");
+    let job = object(&docs, "Job", "redis-cluster-create").expect("the forming Job");
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    let script = container["args"][0].as_str().expect("script");
+    let cluster = switchboard_tests::redis::RedisCluster::spawn_unformed().expect("six nodes");
+    let run = || {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("REDIS_NODES", cluster.addresses().join(" "))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("sh");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "the Job's script failed:\n{text}");
+        text
+    };
+    let first = run();
+    assert!(first.contains("All 16384 slots covered"), "{first}");
+    cluster
+        .wait_until_ok(Duration::from_secs(20))
+        .expect("a healthy cluster");
+    let again = run();
+    assert!(again.contains("formed already"), "{again}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The support desk end to end: auth, two presence and two messaging instances on one real
-//! Redis, real gRPC. Routing asks presence over gRPC with the service token.
+//! Redis (and, for the `_on_a_redis_cluster` twins, on a Redis Cluster of three masters and
+//! three replicas), real gRPC. Routing asks presence over gRPC with the service token.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,7 +21,13 @@ use tonic::transport::Channel;
 
 /// Auth with an admin, two presence and two messaging instances on one Redis.
 async fn desk() -> Stack {
+    desk_on(false).await
+}
+
+/// [`desk`] on one Redis or a Redis Cluster.
+async fn desk_on(redis_cluster: bool) -> Stack {
     Stack::start(StackOptions {
+        cluster: redis_cluster,
         auth: AuthOptions {
             admin: Some(("deskadmin".into(), "admin password".into())),
             ..AuthOptions::default()
@@ -135,7 +142,19 @@ async fn subscribe_all(stream: &mut Connection) {
 
 #[tokio::test]
 async fn six_customers_two_agents_balanced_once_each_and_presence_steers_routing() {
-    let desk = desk().await;
+    six_customers_two_agents_balanced_once_each_and_presence_steers_routing_on(false).await;
+}
+
+#[tokio::test]
+async fn six_customers_two_agents_balanced_once_each_and_presence_steers_routing_on_a_redis_cluster()
+ {
+    six_customers_two_agents_balanced_once_each_and_presence_steers_routing_on(true).await;
+}
+
+async fn six_customers_two_agents_balanced_once_each_and_presence_steers_routing_on(
+    redis_cluster: bool,
+) {
+    let desk = desk_on(redis_cluster).await;
     let agents = [
         desk.person("agent_ann", auth_pb::Role::Agent).await,
         desk.person("agent_ben", auth_pb::Role::Agent).await,
@@ -259,7 +278,18 @@ async fn six_customers_two_agents_balanced_once_each_and_presence_steers_routing
 
 #[tokio::test]
 async fn queued_until_an_agent_comes_online_then_transfer_close_and_refusals() {
-    let desk = desk().await;
+    queued_until_an_agent_comes_online_then_transfer_close_and_refusals_on(false).await;
+}
+
+#[tokio::test]
+async fn queued_until_an_agent_comes_online_then_transfer_close_and_refusals_on_a_redis_cluster() {
+    queued_until_an_agent_comes_online_then_transfer_close_and_refusals_on(true).await;
+}
+
+async fn queued_until_an_agent_comes_online_then_transfer_close_and_refusals_on(
+    redis_cluster: bool,
+) {
+    let desk = desk_on(redis_cluster).await;
     let carol = desk.person("carol", auth_pb::Role::Customer).await;
     let dave = desk.person("dave", auth_pb::Role::Customer).await;
     let eve = desk.person("agent_eve", auth_pb::Role::Agent).await;
@@ -527,7 +557,19 @@ async fn queued_until_an_agent_comes_online_then_transfer_close_and_refusals() {
 
 #[tokio::test]
 async fn a_consultation_queued_on_an_instance_that_is_gone_is_routed_by_another() {
-    let mut desk = desk().await;
+    a_consultation_queued_on_an_instance_that_is_gone_is_routed_by_another_on(false).await;
+}
+
+#[tokio::test]
+async fn a_consultation_queued_on_an_instance_that_is_gone_is_routed_by_another_on_a_redis_cluster()
+{
+    a_consultation_queued_on_an_instance_that_is_gone_is_routed_by_another_on(true).await;
+}
+
+async fn a_consultation_queued_on_an_instance_that_is_gone_is_routed_by_another_on(
+    redis_cluster: bool,
+) {
+    let mut desk = desk_on(redis_cluster).await;
     let gus = desk.person("gus", auth_pb::Role::Customer).await;
     let hal = desk.person("agent_hal", auth_pb::Role::Agent).await;
     let waiting = open(desk.support(0), &gus, "lost parcel")
