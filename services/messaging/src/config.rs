@@ -92,7 +92,9 @@ pub struct Args {
     pub support_agent_capacity: u32,
     /// Seconds between safety passes over the support queue. Routing is driven by events
     /// (new consultations, agents becoming available, closes); this pass only catches
-    /// what a crashed instance or a lost event left waiting.
+    /// what a crashed instance or a lost event left waiting. On a Redis Cluster a repair
+    /// pass runs as often, dropping the queue entries and agent reservations a crashed
+    /// step left behind (once they are two minutes old).
     #[arg(long, env = env::QUEUE_RECHECK_SECS, default_value_t = 10)]
     pub support_recheck_secs: u64,
     /// Connect streams one user may have open on this instance; one more is refused with

@@ -133,6 +133,10 @@ async fn serve<S: DeskStore>(
         presence,
         config.agent_capacity,
     ));
+    switchboard_common::shutdown::spawn(
+        desk.clone()
+            .repair_every(config.queue_recheck, shutdown.clone()),
+    );
     // Routing needs presence, which needs the token: without it there is nothing to run.
     if config.service_token.is_some() {
         switchboard_common::shutdown::spawn(

@@ -1156,7 +1156,9 @@ async fn cluster_engine_meets_every_contract() {
     .await;
 
     cluster.flush().await.expect("flush");
-    desk_contract(RedisStore::new(cluster.conn(), 100)).await;
+    // Waiting for a replica, as the cluster overlay runs it: every open is confirmed.
+    desk_contract(RedisStore::new(cluster.conn(), 100).with_ack(Some((1, Duration::from_secs(2)))))
+        .await;
 
     cluster.flush().await.expect("flush");
     // Three instances' stores, each on its own cluster connection.
@@ -1215,4 +1217,23 @@ async fn redis_sends_wait_for_replicas_when_asked_and_say_so_when_they_do_not_co
         plain.send(&outgoing("acked", "a", "k1", "hello")).await,
         Ok(Sent::Duplicate { seq: 1, .. })
     ));
+
+    // A consultation has no idempotency key: unconfirmed, it says so by its id, so the
+    // customer looks for it rather than opening a second one.
+    let (c, r) = support("waited", "cust", 100);
+    let refused = store
+        .open(&c, &r, &outgoing("waited", "cust", "first", "help"))
+        .await
+        .expect_err("no replica confirmed the consultation");
+    assert!(
+        matches!(
+            &refused,
+            switchboard_messaging::error::Error::Unavailable { cause, .. }
+                if cause.contains("'waited'") && cause.contains("0 of 1") && cause.contains("before opening another")
+        ),
+        "{refused:?}"
+    );
+    let stored = plain.consultation("waited").await.expect("get");
+    assert_eq!(stored.map(|r| r.state), Some(ConsultationState::Queued));
+    assert_eq!(plain.queue_position("waited").await.expect("pos"), Some(1));
 }

@@ -28,8 +28,8 @@ use std::sync::LazyLock;
 use switchboard_common::redis_conn::Batch;
 
 use super::desk::{ConsultationRecord, ConsultationState, Routed, Step};
-use super::redis::{RedisStore, key, send_outcome, user_index, write_conversation};
-use super::redis_desk::{step, write_consultation};
+use super::redis::{RedisStore, key, user_index};
+use super::redis_desk::step;
 use super::{Outgoing, Sent};
 use crate::conversation::ConversationRecord;
 use crate::error::{Error, Result};
@@ -258,15 +258,7 @@ impl RedisStore {
             .arg(&r.id)
             .query_async(&mut conn)
             .await?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        write_conversation(&mut pipe, c);
-        write_consultation(&mut pipe, r);
-        self.send_eval(&mut pipe, first);
-        let (reply,): (Vec<String>,) = pipe.query_async(&mut conn).await?;
-        let (sent, members) = send_outcome(reply)?;
-        self.raise(&c.id, &members, first.sent_at_ms).await?;
-        Ok(sent)
+        self.open_transaction(c, r, first, None).await
     }
 
     /// Routing on a cluster: the first queue entries' states in one round trip (dropping

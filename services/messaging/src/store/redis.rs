@@ -138,7 +138,7 @@ pub struct RedisStore {
     send: redis::Script,
     mark_read: redis::Script,
     /// Replicas a send waits for (`WAIT`), and how long.
-    ack: Option<(u32, std::time::Duration)>,
+    pub(super) ack: Option<(u32, std::time::Duration)>,
 }
 
 impl RedisStore {
@@ -162,7 +162,7 @@ impl RedisStore {
 
     /// Appends `WAIT` to a pipeline of sends on one slot (so it goes to the same master,
     /// after them, and covers them all), when sends wait for replicas.
-    fn add_wait(&self, pipe: &mut redis::Pipeline) {
+    pub(super) fn add_wait(&self, pipe: &mut redis::Pipeline) {
         if let Some((replicas, timeout)) = self.ack {
             pipe.cmd("WAIT")
                 .arg(replicas)

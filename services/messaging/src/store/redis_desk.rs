@@ -152,6 +152,67 @@ pub(super) fn write_consultation(pipe: &mut redis::Pipeline, r: &ConsultationRec
 }
 
 impl RedisStore {
+    /// One transaction on the conversation's slot: the records, the queue entry (`queue`,
+    /// on one Redis; a cluster queues first) and the send step (by its source, so a Redis
+    /// that lost its script cache still runs it) apply together or not at all. With
+    /// REDIS_ACK_REPLICAS, `WAIT` follows on the same node; a consultation the replicas
+    /// did not confirm answers UNAVAILABLE naming it, so the customer looks for it
+    /// before opening another (an open has no idempotency key).
+    pub(super) async fn open_transaction(
+        &self,
+        c: &ConversationRecord,
+        r: &ConsultationRecord,
+        first: &Outgoing,
+        queue: Option<&str>,
+    ) -> Result<Sent> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("MULTI").ignore();
+        write_conversation(&mut pipe, c);
+        write_consultation(&mut pipe, r);
+        if let Some(queue) = queue {
+            pipe.zadd(queue, &r.id, r.opened_at_ms).ignore();
+        }
+        self.send_eval(&mut pipe, first);
+        pipe.ignore();
+        pipe.cmd("EXEC");
+        self.add_wait(&mut pipe);
+        let mut replies: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
+        let confirmed = match self.ack {
+            Some(_) => replies.pop(),
+            None => None,
+        };
+        let applied: Vec<redis::Value> = replies
+            .pop()
+            .map(redis::from_redis_value)
+            .transpose()
+            .map_err(redis::RedisError::from)?
+            .ok_or_else(|| Error::storage("the consultation's transaction did not apply"))?;
+        let reply: Vec<String> = applied
+            .into_iter()
+            .next_back()
+            .map(redis::from_redis_value)
+            .transpose()
+            .map_err(redis::RedisError::from)?
+            .ok_or_else(|| Error::storage("the consultation's transaction answered nothing"))?;
+        let (sent, members) = send_outcome(reply)?;
+        self.raise(&c.id, &members, first.sent_at_ms).await?;
+        if let Some((replicas, timeout)) = self.ack {
+            let got: i64 = confirmed
+                .map(redis::from_redis_value)
+                .transpose()
+                .map_err(redis::RedisError::from)?
+                .unwrap_or(0);
+            if got < i64::from(replicas) {
+                return Err(Error::storage(format!(
+                    "consultation '{}' was stored, but only {got} of {replicas} Redis replicas confirmed it within {} ms (REDIS_ACK_REPLICAS); look for it (GetConversation) before opening another",
+                    r.id,
+                    timeout.as_millis()
+                )));
+            }
+        }
+        Ok(sent)
+    }
+
     /// The queue's key: desk-wide on one Redis, in the desk's slot on a cluster.
     fn queue_key(&self) -> &'static str {
         if self.conn.is_cluster() {
@@ -173,17 +234,7 @@ impl DeskStore for RedisStore {
             return self.open_sharded(c, r, first).await;
         }
         self.list_for_members(c).await?;
-        let mut conn = self.conn.clone();
-        // One transaction: the records, the queue entry and the send step (by its source,
-        // so a Redis that lost its script cache still runs it) apply together or not at all.
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        write_conversation(&mut pipe, c);
-        write_consultation(&mut pipe, r);
-        pipe.zadd(QUEUE, &r.id, r.opened_at_ms).ignore();
-        self.send_eval(&mut pipe, first);
-        let (reply,): (Vec<String>,) = pipe.query_async(&mut conn).await?;
-        Ok(send_outcome(reply)?.0)
+        self.open_transaction(c, r, first, Some(QUEUE)).await
     }
 
     async fn consultation(&self, id: &str) -> Result<Option<ConsultationRecord>> {

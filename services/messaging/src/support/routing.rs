@@ -4,8 +4,8 @@
 //! a tight poll: a new consultation routes at once; the agents' presence is watched
 //! ([`AgentDirectory::watch`](super::agents::AgentDirectory::watch)) and routing runs when
 //! one becomes available; closes and transfers free room and route again; a slow safety
-//! pass catches what a crashed instance or a lost event left waiting (and first lets the
-//! store repair what a crashed step left behind, [`DeskStore::repair`]). Whenever the queue
+//! pass catches what a crashed instance or a lost event left waiting; a repair pass of its own
+//! lets the store drop what a crashed step left behind ([`DeskStore::repair`]). Whenever the queue
 //! moves, the first [`QUEUE_NOTICES`] waiting customers hear their place.
 
 use std::sync::Arc;
@@ -110,14 +110,23 @@ impl<S: DeskStore> Desk<S> {
         }
     }
 
-    /// The store's repair of what crashed steps left behind (on a Redis Cluster), in a
-    /// trace of its own.
-    async fn repair_logged(&self) {
-        let span = tracing::info_span!(parent: None, "repair the desk");
-        match self.store().repair(now_ms()).instrument(span).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(dropped = n, "desk repair dropped stale entries"),
-            Err(e) => tracing::warn!(error = %e, "desk repair failed"),
+    /// Every `every` until shutdown, the store's repair of what crashed steps left behind
+    /// ([`DeskStore::repair`]; work only on a Redis Cluster), each in a trace of its own.
+    /// Apart from routing, so it runs without presence or a service token too.
+    pub async fn repair_every(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
+        let mut pass = tokio::time::interval(every);
+        pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = pass.tick() => {}
+            }
+            let span = tracing::info_span!(parent: None, "repair the desk");
+            match self.store().repair(now_ms()).instrument(span).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(dropped = n, "desk repair dropped stale entries"),
+                Err(e) => tracing::warn!(error = %e, "desk repair failed"),
+            }
         }
     }
 
@@ -137,10 +146,7 @@ impl<S: DeskStore> Desk<S> {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = self.wake.notified() => self.route_logged("room freed").await,
-                        _ = pass.tick() => {
-                            self.repair_logged().await;
-                            self.route_logged("safety pass").await;
-                        }
+                        _ = pass.tick() => self.route_logged("safety pass").await,
                         m = watch.next() => match m {
                             Some(()) => {
                                 retry = Duration::from_millis(200);
