@@ -24,7 +24,7 @@ for tool in kubernetes-validate hadolint; do
 done
 [ -x "$KUSTOMIZE" ] || { echo "kustomize is missing ($KUSTOMIZE): run make deps" >&2; exit 1; }
 
-for overlay in dev prod cluster; do
+for overlay in dev prod cluster managed-cluster; do
   "$KUSTOMIZE" build "deploy/k8s/$overlay" > "$OUT/$overlay.yaml"
   if command -v kubectl >/dev/null; then
     kubectl kustomize "deploy/k8s/$overlay" > "$OUT/$overlay.kubectl.yaml"
@@ -43,8 +43,9 @@ fi
 
 for version in $K8S_VERSIONS; do
   kubernetes-validate --strict --quiet -k "$version" \
-    "$OUT/dev.yaml" "$OUT/prod.yaml" "$OUT/cluster.yaml" deploy/k8s/secret.template.yaml
-  echo "valid against Kubernetes $version (strict): dev, prod, cluster, secret template"
+    "$OUT/dev.yaml" "$OUT/prod.yaml" "$OUT/cluster.yaml" "$OUT/managed-cluster.yaml" \
+    deploy/k8s/secret.template.yaml
+  echo "valid against Kubernetes $version (strict): dev, prod, cluster, managed-cluster, secret template"
 done
 
 if docker compose version >/dev/null 2>&1; then

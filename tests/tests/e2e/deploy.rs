@@ -13,7 +13,7 @@ use switchboard_tests::deploy::{
 };
 use yaml_rust2::Yaml;
 
-const OVERLAYS: &[&str] = &["dev", "prod", "cluster"];
+const OVERLAYS: &[&str] = &["dev", "prod", "cluster", "managed-cluster"];
 
 fn rendered(overlay: &str) -> (String, Vec<Yaml>) {
     let text = render(overlay).expect("render the overlay");
@@ -369,6 +369,53 @@ fn the_cluster_overlay_runs_six_redis_nodes_formed_by_a_job() {
         assert!(
             !allows(&docs, from, to, port),
             "{path} :{port} must be denied"
+        );
+    }
+}
+
+/// The managed-cluster overlay: no Redis of its own, every service on REDIS_CLUSTER_URLS
+/// from the Secret, messaging waiting for a replica, and the way out to the cluster open.
+#[test]
+fn the_managed_cluster_overlay_reads_its_urls_from_the_secret() {
+    let (_, docs) = rendered("managed-cluster");
+    assert!(
+        object(&docs, "StatefulSet", "redis").is_none(),
+        "no Redis pods"
+    );
+    assert!(object(&docs, "Service", "redis").is_none());
+    for c in containers(&docs) {
+        let Some(svc) = c.service() else { continue };
+        let from_secret = c.container["env"].as_vec().and_then(|e| {
+            e.iter()
+                .find(|v| v["name"].as_str() == Some("REDIS_CLUSTER_URLS"))
+                .map(|v| &v["valueFrom"]["secretKeyRef"])
+        });
+        let key = from_secret.and_then(|r| r["key"].as_str());
+        assert_eq!(key, Some("redis-cluster-urls"), "{svc:?}");
+        let env = environment(&docs, &c).expect("environment");
+        assert!(
+            !env.contains_key("REDIS_URL"),
+            "{svc:?} still names one Redis"
+        );
+        if svc == Service::Messaging {
+            assert_eq!(
+                env.get("REDIS_ACK_REPLICAS").cloned().flatten().as_deref(),
+                Some("1")
+            );
+        }
+    }
+    let outside: Option<&BTreeMap<String, String>> = None;
+    for name in ["auth", "presence", "messaging"] {
+        let pod = pod_labels(&docs, "Deployment", name);
+        for port in [6379, 6380] {
+            assert!(
+                allows(&docs, Some(&pod), outside, port),
+                "{name} -> cluster :{port}"
+            );
+        }
+        assert!(
+            !allows(&docs, Some(&pod), outside, 443),
+            "{name} -> outside :443"
         );
     }
 }
