@@ -93,6 +93,21 @@ pub async fn run_on(
                 store::redis::RedisStore::new(conn.clone(), config.history_retention)
                     .with_ack(config.ack_replicas),
             );
+            // Lists written by builds before the cluster engine move to their new names.
+            let (migrating, stop) = (store.clone(), shutdown.clone());
+            switchboard_common::shutdown::spawn(async move {
+                let moved = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    m = migrating.migrate_user_lists() => m,
+                };
+                match moved {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(lists = n, "moved user lists to their tagged names"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "moving user lists to their tagged names failed; it runs again at the next start")
+                    }
+                }
+            });
             serve(config, listener, shutdown, store, backend).await
         }
     }

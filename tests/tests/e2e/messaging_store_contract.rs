@@ -619,6 +619,58 @@ async fn redis_engine_meets_the_desk_contract() {
     desk_race_contract(instances).await;
 }
 
+/// Lists under the untagged names of earlier builds move to the tagged ones, merged with
+/// what the new ones hold already (the later rank wins); a second run finds nothing.
+#[tokio::test]
+async fn redis_engine_moves_user_lists_of_earlier_builds_to_their_tagged_names() {
+    let redis = RedisServer::spawn().expect("redis");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let conn = redis_conn::node(&client).expect("manager");
+    let store = RedisStore::new(conn.clone(), 100);
+    store.create(&group("c2", &["old"])).await.expect("create");
+    let mut raw = conn.clone();
+    let () = redis::pipe()
+        .zadd("sb:msg:user:old:convs", "c1", 100)
+        .ignore()
+        .zadd("sb:msg:user:old:convs", "c2", 5000)
+        .ignore()
+        .sadd("sb:msg:user:old:wide", "w1")
+        .ignore()
+        .zadd("sb:msg:user:other:convs", "c3", 300)
+        .ignore()
+        .set("sb:msg:user:unrelated", "x")
+        .ignore()
+        .query_async(&mut raw)
+        .await
+        .expect("old lists");
+    assert_eq!(store.migrate_user_lists().await.expect("migrate"), 3);
+    let mut lists = store.user_conversations("old").await.expect("lists");
+    lists.sort();
+    assert_eq!(lists, ["c1", "c2", "w1"]);
+    assert_eq!(
+        store.user_conversations("other").await.expect("lists"),
+        ["c3"]
+    );
+    let rank: Option<u64> = redis::cmd("ZSCORE")
+        .arg("sb:msg:user:{u:old}:convs")
+        .arg("c2")
+        .query_async(&mut raw)
+        .await
+        .expect("rank");
+    assert_eq!(rank, Some(5000), "the later rank of the two");
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("sb:msg:user:*")
+        .query_async(&mut raw)
+        .await
+        .expect("keys");
+    assert!(
+        left.iter()
+            .all(|k| k.starts_with("sb:msg:user:{u:") || k == "sb:msg:user:unrelated"),
+        "{left:?}"
+    );
+    assert_eq!(store.migrate_user_lists().await.expect("again"), 0);
+}
+
 #[tokio::test]
 async fn memory_engine_routes_at_once_without_double_assignment() {
     let store = Arc::new(MemoryStore::new(MemoryBus::new(), 100));

@@ -115,6 +115,25 @@ end
 return {1, {}}
 "#;
 
+/// Moves one user list of the earlier, untagged name (`sb:msg:user:<id>:convs` or
+/// `:wide`) to its tagged name, merged with what the new one already holds (a rank keeps
+/// the later time), and drops the old key; nothing if it is gone (another instance moved
+/// it). One Redis only: the two names are in different slots. KEYS: old, new. ARGV: `z`
+/// (the sorted list) or `s` (the wide set).
+const MIGRATE_LIST: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] == 'z' then
+  redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1], 'AGGREGATE', 'MAX')
+else
+  redis.call('SUNIONSTORE', KEYS[2], KEYS[2], KEYS[1])
+end
+redis.call('DEL', KEYS[1])
+return 1
+"#;
+
+/// Keys one `SCAN` step of the list migration asks for.
+const MIGRATE_SCAN: usize = 1000;
+
 /// Users one member-adding script takes, so Redis serves others between chunks.
 const ADD_CHUNK: usize = 1000;
 
@@ -232,6 +251,54 @@ impl RedisStore {
                     timeout.as_millis()
                 )));
             }
+        }
+    }
+
+    /// Moves every user list stored under the untagged names of builds before the cluster
+    /// engine to the tagged ones (see [`MIGRATE_LIST`]); returns how many it moved. Safe
+    /// to run on several instances at once and again; a page read meanwhile may miss a
+    /// user's older conversations until their list is moved. One Redis only (a cluster
+    /// never held the old names).
+    pub async fn migrate_user_lists(&self) -> Result<usize> {
+        if self.conn.is_cluster() {
+            return Ok(0);
+        }
+        let script = redis::Script::new(MIGRATE_LIST);
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut moved = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("sb:msg:user:*")
+                .arg("COUNT")
+                .arg(MIGRATE_SCAN)
+                .query_async(&mut conn)
+                .await?;
+            for old in keys.iter().filter(|k| !k.starts_with(USER_PREFIX)) {
+                let Some(rest) = old.strip_prefix("sb:msg:user:") else {
+                    continue;
+                };
+                let (new, kind) = if let Some(user) = rest.strip_suffix(":convs") {
+                    (user_index(user), "z")
+                } else if let Some(user) = rest.strip_suffix(":wide") {
+                    (user_wide(user), "s")
+                } else {
+                    continue;
+                };
+                let done: i64 = script
+                    .key(old)
+                    .key(&new)
+                    .arg(kind)
+                    .invoke_async(&mut conn)
+                    .await?;
+                moved += done as usize;
+            }
+            if next == 0 {
+                return Ok(moved);
+            }
+            cursor = next;
         }
     }
 
