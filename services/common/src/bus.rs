@@ -471,7 +471,7 @@ impl ClusterBus {
         Ok(Self {
             registry,
             commands,
-            publisher: RedisConn::Cluster(conn.clone()),
+            publisher: RedisConn::on_cluster(conn.clone()),
             conn,
         })
     }

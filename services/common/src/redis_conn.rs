@@ -8,12 +8,13 @@
 //! that owns it), and a pipeline's commands go each to their own node.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::Slot;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 /// How long connecting to a node may take.
@@ -26,14 +27,65 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum RedisConn {
     /// One node, through a reconnecting connection manager.
     Node(ConnectionManager),
-    /// A cluster, through a connection per node that follows the slot map.
-    Cluster(ClusterConnection),
+    /// A cluster, through a connection per node that follows the slot map, with the
+    /// slots' masters as last read (for grouping a [`Batch`] by node).
+    Cluster(ClusterConnection, Arc<Owners>),
 }
 
 impl RedisConn {
+    /// The store connection over a cluster connection.
+    pub fn on_cluster(conn: ClusterConnection) -> Self {
+        Self::Cluster(conn, Arc::default())
+    }
+
+    /// For each key, the master serving it as last read (an index; `None` on one node,
+    /// or while the masters are unknown), reading them first when the last read is old:
+    /// keys with the same index can share one pipeline ([`pipeline_on`](Self::pipeline_on)).
+    pub async fn masters_of(&self, keys: &[&[u8]]) -> Vec<Option<usize>> {
+        let Self::Cluster(cluster, owners) = self else {
+            return vec![None; keys.len()];
+        };
+        if !owners.is_fresh()
+            && let Err(e) = owners.refresh(&mut cluster.clone()).await
+        {
+            tracing::debug!(error = %e, "cannot read the cluster's slots; grouping by slot");
+        }
+        keys.iter()
+            .map(|k| owners.node_of(Slot::for_key(k)))
+            .collect()
+    }
+
+    /// Sends `pipe` (of `count` commands, on keys of any slots the master of `key`'s slot
+    /// serves) to that master, as one pipeline; each command's reply as it came, errors
+    /// included. A redirect makes the client send the whole pipeline again (so only
+    /// commands safe to repeat belong here) and, if it keeps failing, an error: then
+    /// [`forget_masters`](Self::forget_masters) and send by slot. On one node: the node.
+    pub async fn pipeline_on(
+        &self,
+        pipe: Pipeline,
+        count: usize,
+        key: &[u8],
+    ) -> redis::RedisResult<Vec<Value>> {
+        match self {
+            Self::Node(c) => c.clone().req_packed_commands(&pipe, 0, count).await,
+            Self::Cluster(c, _) => {
+                let route =
+                    SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master));
+                c.clone().route_pipeline(pipe, 0, count, route).await
+            }
+        }
+    }
+
+    /// Drops the masters last read, after a pipeline sent by them failed.
+    pub fn forget_masters(&self) {
+        if let Self::Cluster(_, owners) = self {
+            owners.forget();
+        }
+    }
+
     /// Whether this is a cluster (pub/sub is then sharded: `SPUBLISH`).
     pub fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
+        matches!(self, Self::Cluster(..))
     }
 
     /// The publish command for this deployment: `SPUBLISH` on a cluster (delivered by the
@@ -75,15 +127,100 @@ pub fn cluster(urls: &[String]) -> redis::RedisResult<RedisConn> {
     let config = redis::cluster::ClusterConfig::new()
         .set_connection_timeout(CONNECT_TIMEOUT)
         .set_response_timeout(RESPONSE_TIMEOUT);
-    Ok(RedisConn::Cluster(
+    Ok(RedisConn::on_cluster(
         client.get_pending_async_connection_with_config(config),
     ))
 }
 
+/// Slots of a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// How long a read of the slots' masters serves for grouping before it is read again.
+const OWNERS_TTL: Duration = Duration::from_secs(5);
+
+/// Which master serves each slot, as `CLUSTER SLOTS` said last: only to group a
+/// [`Batch`]'s commands by node. The client's own slot map still routes every pipeline,
+/// so a stale read costs a retry, never a command on the wrong node.
+#[derive(Default)]
+pub struct Owners {
+    /// When it was read, and each slot's master (by the client's own slot routes, so a
+    /// key's slot is computed by the client alone) as an index into the masters' ids.
+    read: RwLock<Option<(Instant, HashMap<Route, usize>)>>,
+}
+
+impl Owners {
+    /// The index of `slot`'s master, if the last read is fresh and covers it.
+    fn node_of(&self, slot: Slot) -> Option<usize> {
+        let read = self.read.read().ok()?;
+        let (at, masters) = read.as_ref()?;
+        if at.elapsed() > OWNERS_TTL {
+            return None;
+        }
+        masters
+            .get(&Route::with_slot(slot, SlotAddr::Master))
+            .copied()
+    }
+
+    fn is_fresh(&self) -> bool {
+        self.read
+            .read()
+            .is_ok_and(|r| r.as_ref().is_some_and(|(at, _)| at.elapsed() <= OWNERS_TTL))
+    }
+
+    /// Forgets the last read (after a failed grouped pipeline).
+    fn forget(&self) {
+        if let Ok(mut read) = self.read.write() {
+            *read = None;
+        }
+    }
+
+    /// Reads the masters again (`CLUSTER SLOTS`: start, end, then the master's host, port
+    /// and id first of each entry).
+    async fn refresh(&self, conn: &mut ClusterConnection) -> redis::RedisResult<()> {
+        let entries: Vec<Vec<Value>> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+        let mut ids: Vec<String> = Vec::new();
+        let mut masters: HashMap<Route, usize> = HashMap::with_capacity(SLOTS as usize);
+        for entry in entries {
+            let mut fields = entry.into_iter();
+            let (Some(start), Some(end), Some(master)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            let start: u16 = redis::from_redis_value(start).map_err(redis::RedisError::from)?;
+            let end: u16 = redis::from_redis_value(end).map_err(redis::RedisError::from)?;
+            let master: Vec<Value> =
+                redis::from_redis_value(master).map_err(redis::RedisError::from)?;
+            // host, port, id: the id names the node whatever address it announces.
+            let Some(id) = master.into_iter().nth(2) else {
+                continue;
+            };
+            let id: String = redis::from_redis_value(id).map_err(redis::RedisError::from)?;
+            let node = match ids.iter().position(|known| *known == id) {
+                Some(n) => n,
+                None => {
+                    ids.push(id);
+                    ids.len() - 1
+                }
+            };
+            for slot in start..=end.min(SLOTS - 1) {
+                masters.insert(Route::new(slot, SlotAddr::Master), node);
+            }
+        }
+        if let Ok(mut read) = self.read.write() {
+            *read = Some((Instant::now(), masters));
+        }
+        Ok(())
+    }
+}
+
 /// Commands on keys of any slots, sent together: one pipeline on one node; on a cluster
-/// (whose pipelines must stay within one slot), one pipeline per slot, all at once.
-/// Replies come back in the order the commands were added. Not atomic: use a script or a
-/// transaction on one slot for that.
+/// (whose pipelines the client keeps within one slot), one pipeline per master, routed to
+/// it explicitly, all at once (one per slot while the masters are unknown, or for a group
+/// that failed: a redirect during a slot move or a failover). Replies come back in the
+/// order the commands were added. Not atomic (use a script or a transaction on one slot
+/// for that), and a command may run twice when its group is sent again after a redirect:
+/// only idempotent commands, reads or publishes belong in a batch.
 #[derive(Default)]
 pub struct Batch {
     cmds: Vec<(Vec<u8>, redis::Cmd)>,
@@ -136,19 +273,21 @@ impl Batch {
             }
             return pipe.query_async(&mut conn).await;
         }
-        let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
-        for (i, (key, _)) in self.cmds.iter().enumerate() {
-            by_slot.entry(Slot::for_key(key)).or_default().push(i);
+        let keys: Vec<&[u8]> = self.cmds.iter().map(|(key, _)| key.as_slice()).collect();
+        let masters = conn.masters_of(&keys).await;
+        let mut by_node: HashMap<Group, Vec<usize>> = HashMap::new();
+        for (i, (key, master)) in keys.iter().zip(masters).enumerate() {
+            let group = match master {
+                Some(node) => Group::Node(node),
+                // Unknown masters only cost grouping: one pipeline per slot then.
+                None => Group::Slot(Slot::for_key(key)),
+            };
+            by_node.entry(group).or_default().push(i);
         }
-        let groups: Vec<Vec<usize>> = by_slot.into_values().collect();
-        let replies = futures::future::try_join_all(groups.iter().map(|indices| {
-            let mut pipe = redis::pipe();
-            for &i in indices {
-                pipe.add_command(self.cmds[i].1.clone());
-            }
-            let mut conn = conn.clone();
-            async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
-        }))
+        let groups: Vec<Vec<usize>> = by_node.into_values().collect();
+        let replies = futures::future::try_join_all(
+            groups.iter().map(|indices| self.run_group(&conn, indices)),
+        )
         .await?;
         let mut out: Vec<Option<Value>> = vec![None; self.cmds.len()];
         for (indices, values) in groups.iter().zip(replies) {
@@ -169,11 +308,85 @@ impl Batch {
     }
 }
 
+/// Where a batch's commands go together.
+#[derive(Hash, PartialEq, Eq)]
+enum Group {
+    /// The master of this index in the last read.
+    Node(usize),
+    /// Whoever serves this slot.
+    Slot(Slot),
+}
+
+impl Batch {
+    /// One group of a cluster batch (`indices` into its commands): one pipeline routed to
+    /// the master of its first command's slot; when that fails, one pipeline per slot,
+    /// which the client routes and redirects by itself.
+    async fn run_group(
+        &self,
+        conn: &RedisConn,
+        indices: &[usize],
+    ) -> redis::RedisResult<Vec<Value>> {
+        let pipeline = |indices: &[usize]| {
+            let mut pipe = redis::pipe();
+            for &i in indices {
+                pipe.add_command(self.cmds[i].1.clone());
+            }
+            pipe
+        };
+        let slot_of = |i: usize| Slot::for_key(&self.cmds[i].0);
+        let Some(first) = indices.first().map(|&i| slot_of(i)) else {
+            return Ok(Vec::new());
+        };
+        if indices.iter().all(|&i| slot_of(i) == first) {
+            return pipeline(indices).query_async(&mut conn.clone()).await;
+        }
+        let grouped = conn
+            .pipeline_on(pipeline(indices), indices.len(), &self.cmds[indices[0]].0)
+            .await
+            .and_then(|values| {
+                values
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::ServerError(e) => Err(redis::RedisError::from(e)),
+                        v => Ok(v),
+                    })
+                    .collect::<redis::RedisResult<Vec<Value>>>()
+            });
+        match grouped {
+            Ok(values) if values.len() == indices.len() => return Ok(values),
+            Ok(_) => conn.forget_masters(),
+            Err(e) => {
+                tracing::debug!(error = %e, "a batch's node pipeline failed; sending it by slot");
+                conn.forget_masters();
+            }
+        }
+        let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
+        for (at, &i) in indices.iter().enumerate() {
+            by_slot.entry(slot_of(i)).or_default().push(at);
+        }
+        let slots: Vec<Vec<usize>> = by_slot.into_values().collect();
+        let replies = futures::future::try_join_all(slots.iter().map(|ats| {
+            let cmds: Vec<usize> = ats.iter().map(|&at| indices[at]).collect();
+            let pipe = pipeline(&cmds);
+            let mut conn = conn.clone();
+            async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
+        }))
+        .await?;
+        let mut out: Vec<Value> = vec![Value::Nil; indices.len()];
+        for (ats, values) in slots.iter().zip(replies) {
+            for (&at, v) in ats.iter().zip(values) {
+                out[at] = v;
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Node(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(c, _) => c.req_packed_command(cmd),
         }
     }
 
@@ -185,14 +398,14 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Node(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c, _) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Node(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(c, _) => c.get_db(),
         }
     }
 }

@@ -22,6 +22,7 @@ mod observability_e2e;
 mod outside_clients;
 mod presence_e2e;
 mod presence_store_contract;
+mod redis_batch;
 mod revocation_contract;
 mod server_process;
 mod verifier_remote;

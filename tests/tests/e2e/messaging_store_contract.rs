@@ -750,6 +750,51 @@ async fn desk_race_contract<S: DeskStore + Send + Sync + 'static>(stores: Vec<Ar
     );
 }
 
+/// A batch over conversations of every master, right after one conversation's slot moved
+/// to another master (the store's read of the masters is stale then): every send is
+/// stored once, in order, with its own seq.
+async fn sends_right_after_a_slot_moved(cluster: &switchboard_tests::redis::RedisCluster) {
+    let store = RedisStore::new(cluster.conn(), 100);
+    let ids: Vec<String> = (0..9).map(|c| format!("moving{c}")).collect();
+    for id in &ids {
+        store.create(&group(id, &["a", "b"])).await.expect("create");
+    }
+    let round = |n: usize| -> Vec<Outgoing> {
+        ids.iter()
+            .map(|id| outgoing(id, "a", &format!("{id}-{n}"), &format!("{n}")))
+            .collect()
+    };
+    for r in store.send_batch(&round(1)).await {
+        assert_eq!(r.expect("stored"), Sent::Stored(1));
+    }
+    let meta = |id: &str| format!("sb:msg:{{c:{id}}}:meta");
+    let from = cluster.master_of(&meta(&ids[0])).expect("master");
+    let to = ids
+        .iter()
+        .map(|id| cluster.master_of(&meta(id)).expect("master"))
+        .find(|&m| m != from)
+        .expect("conversations on another master");
+    cluster
+        .move_slot(&meta(&ids[0]), to)
+        .expect("move the slot");
+    for (i, r) in store.send_batch(&round(2)).await.into_iter().enumerate() {
+        let sent = r.expect("stored after the move");
+        assert!(
+            matches!(sent, Sent::Stored(2) | Sent::Duplicate { seq: 2, .. }),
+            "{}: {sent:?}",
+            ids[i]
+        );
+    }
+    for id in &ids {
+        let page = store
+            .history(id, Range::After(0), 10)
+            .await
+            .expect("history");
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [1, 2], "{id}");
+    }
+}
+
 /// What a crashed step leaves behind on a cluster (written here as the crash would have
 /// left it) is skipped, counts only against an agent's room, is kept while it could still
 /// be a step in flight, and is dropped by the repair after the grace.
@@ -1152,6 +1197,45 @@ async fn batch_contract(store: impl MessagingStore, flush: impl AsyncFnOnce()) {
         ["zero", "one", "three", "five"]
     );
     assert!(store.send_batch(&[]).await.is_empty());
+
+    // Many conversations in one batch (on a cluster: several per master, one pipeline
+    // each), interleaved: each keeps its own order and gapless seqs.
+    const SPREAD: usize = 12;
+    for c in 0..SPREAD {
+        store
+            .create(&group(&format!("spread{c}"), &["a", "b"]))
+            .await
+            .expect("create");
+    }
+    let interleaved: Vec<Outgoing> = (0..SPREAD * 3)
+        .map(|k| {
+            outgoing(
+                &format!("spread{}", k % SPREAD),
+                "a",
+                &format!("s{k}"),
+                &format!("m{k}"),
+            )
+        })
+        .collect();
+    let results = store.send_batch(&interleaved).await;
+    for (k, r) in results.into_iter().enumerate() {
+        assert_eq!(
+            r.expect("stored"),
+            Sent::Stored(1 + (k / SPREAD) as u64),
+            "send {k}"
+        );
+    }
+    for c in 0..SPREAD {
+        let page = store
+            .history(&format!("spread{c}"), Range::After(0), 10)
+            .await
+            .expect("history");
+        let bodies: Vec<String> = page.messages.into_iter().map(|m| m.body).collect();
+        let expected: Vec<String> = (0..3)
+            .map(|round| format!("m{}", round * SPREAD + c))
+            .collect();
+        assert_eq!(bodies, expected, "spread{c}");
+    }
 }
 
 #[tokio::test]
@@ -1206,6 +1290,9 @@ async fn cluster_engine_meets_every_contract() {
         }
     })
     .await;
+
+    cluster.flush().await.expect("flush");
+    sends_right_after_a_slot_moved(&cluster).await;
 
     cluster.flush().await.expect("flush");
     // Waiting for a replica, as the cluster overlay runs it: every open is confirmed.

@@ -344,9 +344,24 @@ impl RedisStore {
     /// the script, the sends from the first refusal on go again with its source. With
     /// REDIS_ACK_REPLICAS, each pipeline ends with `WAIT`, and stored sends whose pipeline
     /// was not confirmed by enough replicas answer UNAVAILABLE.
-    async fn send_in_order(&self, batch: &[Outgoing]) -> Vec<Result<(Sent, Vec<String>)>> {
+    async fn send_in_order(&self, batch: &[Outgoing]) -> Vec<SendOutcome> {
+        self.send_in_order_on(batch, None)
+            .await
+            .unwrap_or_else(|(results, e)| fail_rest(results, batch.len(), &e.to_string()))
+    }
+
+    /// [`send_in_order`](Self::send_in_order) for sends on one slot (`master: None`) or on
+    /// any slots of the cluster master serving the slot of key `master` (one pipeline
+    /// routed there: every send is safe to repeat, its idempotency key answers a repeat as
+    /// a duplicate). A pipeline that fails as a whole answers the results so far and the
+    /// error.
+    async fn send_in_order_on(
+        &self,
+        batch: &[Outgoing],
+        master: Option<&[u8]>,
+    ) -> std::result::Result<Vec<SendOutcome>, SendsCut> {
         let mut conn = self.conn.clone();
-        let mut results: Vec<Result<(Sent, Vec<String>)>> = Vec::with_capacity(batch.len());
+        let mut results: Vec<SendOutcome> = Vec::with_capacity(batch.len());
         let no_script = |r: &redis::RedisResult<redis::Value>| {
             r.as_ref().is_err_and(|e| {
                 e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
@@ -364,11 +379,23 @@ impl RedisStore {
                 }
             }
             self.add_wait(&mut pipe);
-            let mut replies: Vec<redis::RedisResult<redis::Value>> =
-                match pipe.query_async(&mut conn).await {
-                    Ok(r) => r,
-                    Err(e) => return fail_rest(results, batch.len(), &e.to_string()),
-                };
+            let count = rest.len() + usize::from(self.ack.is_some());
+            let replies: redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> = match master {
+                None => pipe.query_async(&mut conn).await,
+                Some(key) => self.conn.pipeline_on(pipe, count, key).await.map(|values| {
+                    values
+                        .into_iter()
+                        .map(|v| match v {
+                            redis::Value::ServerError(e) => Err(e.into()),
+                            v => Ok(v),
+                        })
+                        .collect()
+                }),
+            };
+            let mut replies = match replies {
+                Ok(r) => r,
+                Err(e) => return Err((results, e)),
+            };
             let confirmed = match self.ack {
                 Some(_) => replies
                     .pop()
@@ -401,11 +428,46 @@ impl RedisStore {
                 break;
             }
         }
-        fail_rest(
+        Ok(fail_rest(
             results,
             batch.len(),
             "redis answered fewer replies than sends",
-        )
+        ))
+    }
+
+    /// Sends of any conversations one master serves (`master`: a key of its): one routed
+    /// pipeline when they span conversations; if it fails as a whole (a slot moved since
+    /// the masters were read), the masters are read again and each conversation's sends
+    /// go as their own pipeline (a send the failed pipeline stored answers as a duplicate
+    /// of itself, with its seq).
+    async fn send_on_master(&self, sends: &[Outgoing], master: Option<&[u8]>) -> Vec<SendOutcome> {
+        let one_conversation = sends
+            .iter()
+            .all(|o| Some(&o.conversation_id) == sends.first().map(|f| &f.conversation_id));
+        if one_conversation {
+            return self.send_in_order(sends).await;
+        }
+        match self.send_in_order_on(sends, master).await {
+            Ok(results) => return results,
+            Err((_, e)) => {
+                tracing::debug!(error = %e, "a master's pipeline of sends failed; sending per conversation");
+                self.conn.forget_masters();
+            }
+        }
+        let mut by_conversation: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, o) in sends.iter().enumerate() {
+            by_conversation
+                .entry(o.conversation_id.as_str())
+                .or_default()
+                .push(i);
+        }
+        let parts: Vec<Vec<usize>> = by_conversation.into_values().collect();
+        let outcomes = futures::future::join_all(parts.iter().map(|indices| {
+            let part: Vec<Outgoing> = indices.iter().map(|&i| sends[i].clone()).collect();
+            async move { self.send_in_order(&part).await }
+        }))
+        .await;
+        gather(sends.len(), &parts, outcomes)
     }
 
     /// The send script's keys and arguments for `o`.
@@ -471,6 +533,27 @@ impl RedisStore {
     }
 }
 
+/// A send's result, with the members whose ranks the caller must raise (on a cluster).
+type SendOutcome = Result<(Sent, Vec<String>)>;
+
+/// Each part's outcomes (`parts[n]` holds indices into `len` sends, `outcomes[n]` their
+/// results in the same order) back in the sends' order; a send without one failed.
+fn gather(len: usize, parts: &[Vec<usize>], outcomes: Vec<Vec<SendOutcome>>) -> Vec<SendOutcome> {
+    let mut results: Vec<Option<SendOutcome>> = (0..len).map(|_| None).collect();
+    for (indices, outcome) in parts.iter().zip(outcomes) {
+        for (&i, r) in indices.iter().zip(outcome) {
+            results[i] = Some(r);
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::storage("a send got no result"))))
+        .collect()
+}
+
+/// The sends' results so far, and why the pipeline failed as a whole.
+type SendsCut = (Vec<SendOutcome>, redis::RedisError);
+
 /// `results`, completed to `len` with storage errors saying `cause`.
 fn fail_rest<T>(mut results: Vec<Result<T>>, len: usize, cause: &str) -> Vec<Result<T>> {
     results.resize_with(len, || Err(Error::storage(cause)));
@@ -479,7 +562,7 @@ fn fail_rest<T>(mut results: Vec<Result<T>>, len: usize, cause: &str) -> Vec<Res
 
 /// What the send script answered, with the members whose ranks the caller must raise (on
 /// a cluster, for a narrow conversation).
-pub(super) fn send_outcome(reply: Vec<String>) -> Result<(Sent, Vec<String>)> {
+pub(super) fn send_outcome(reply: Vec<String>) -> SendOutcome {
     let bad = || Error::Internal(format!("send script answered {reply:?}"));
     let sent = match reply.first().map(String::as_str) {
         Some("ok") => {
@@ -826,25 +909,34 @@ impl MessagingStore for RedisStore {
                 .map(|r| r.map(|(sent, _)| sent))
                 .collect();
         }
-        let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, o) in batch.iter().enumerate() {
-            groups
-                .entry(o.conversation_id.as_str())
-                .or_default()
-                .push(i);
+        // One pipeline per master (the masters as last read), the sends in batch order, so
+        // each conversation's keep theirs; per conversation while the masters are unknown.
+        let metas: Vec<String> = batch
+            .iter()
+            .map(|o| key(&o.conversation_id, "meta"))
+            .collect();
+        let masters = self
+            .conn
+            .masters_of(&metas.iter().map(|k| k.as_bytes()).collect::<Vec<_>>())
+            .await;
+        let mut groups: HashMap<Result<usize, &str>, Vec<usize>> = HashMap::new();
+        for (i, (o, master)) in batch.iter().zip(masters).enumerate() {
+            let group = master.ok_or(o.conversation_id.as_str());
+            groups.entry(group).or_default().push(i);
         }
         let groups: Vec<Vec<usize>> = groups.into_values().collect();
         let outcomes = futures::future::join_all(groups.iter().map(|indices| {
             let sends: Vec<Outgoing> = indices.iter().map(|&i| batch[i].clone()).collect();
-            async move { self.send_in_order(&sends).await }
+            let master = indices.first().map(|&i| metas[i].as_bytes());
+            async move { self.send_on_master(&sends, master).await }
         }))
         .await;
-        let mut results: Vec<Option<Result<Sent>>> = (0..batch.len()).map(|_| None).collect();
         let mut ranks = Batch::new();
-        for (indices, outcome) in groups.iter().zip(outcomes) {
-            for (&i, r) in indices.iter().zip(outcome) {
-                results[i] = Some(r.map(|(sent, members)| {
-                    let o = &batch[i];
+        let results: Vec<Result<Sent>> = gather(batch.len(), &groups, outcomes)
+            .into_iter()
+            .zip(batch)
+            .map(|(r, o)| {
+                r.map(|(sent, members)| {
                     for user in &members {
                         let list = user_index(user);
                         let mut up = redis::cmd("ZADD");
@@ -855,18 +947,15 @@ impl MessagingStore for RedisStore {
                         ranks.add(&list, up);
                     }
                     sent
-                }));
-            }
-        }
+                })
+            })
+            .collect();
         if let Err(e) = ranks.run(&self.conn).await {
             // The messages are stored and published; only their ranks lag (until the next
             // message), so the sends still succeed.
             tracing::warn!(error = %e, "raising conversations in their members' lists failed");
         }
         results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::storage("a send got no result"))))
-            .collect()
     }
 
     async fn history(&self, id: &str, range: Range, limit: usize) -> Result<History> {
