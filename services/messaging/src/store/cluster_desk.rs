@@ -17,8 +17,8 @@
 //!   the change (a racing loser removes only the reservation it wrote itself). A crash
 //!   between leaves one entry too many, never one too few: a stale queue entry is skipped
 //!   by routing and listing, a stale reservation keeps an agent below capacity (never
-//!   above it), and the safety pass ([`RedisStore::repair_desk`]) drops both once they
-//!   are older than [`GRACE_MS`].
+//!   above it), and the repair pass ([`DeskStore::repair`](super::DeskStore::repair))
+//!   drops both once they are older than [`GRACE_MS`].
 //! - **The agent's conversation list** gets the consultation before the agent becomes a
 //!   member, as for every conversation (pages list a conversation only to its members).
 

@@ -255,7 +255,7 @@ impl RedisStore {
     }
 
     /// Moves every user list stored under the untagged names of builds before the cluster
-    /// engine to the tagged ones (see [`MIGRATE_LIST`]); returns how many it moved. Safe
+    /// engine to the tagged ones (one script per list, merged); returns how many it moved. Safe
     /// to run on several instances at once and again; a page read meanwhile may miss a
     /// user's older conversations until their list is moved. One Redis only (a cluster
     /// never held the old names).
