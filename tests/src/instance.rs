@@ -110,6 +110,8 @@ pub struct AuthOptions {
     pub registrations_per_peer: u64,
     /// Overload limits of the server.
     pub limits: switchboard_common::config::ServerLimits,
+    /// Web origins allowed to call with gRPC-Web (CORS_ALLOWED_ORIGINS).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for AuthOptions {
@@ -124,6 +126,7 @@ impl Default for AuthOptions {
             tls: None,
             registrations_per_peer: 0,
             limits: switchboard_common::config::ServerLimits::default(),
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -166,6 +169,11 @@ pub async fn spawn_auth_on(engine: Engine, options: AuthOptions) -> anyhow::Resu
         }
         config.server.max_message_bytes = options.max_message_bytes;
         config.server.limits = options.limits;
+        config.server.cors_allowed_origins = options
+            .cors_allowed_origins
+            .iter()
+            .filter_map(|o| http::HeaderValue::from_str(o).ok())
+            .collect();
         config.limits.registrations_per_peer =
             (options.registrations_per_peer > 0).then_some(options.registrations_per_peer);
         config.server.tls = options

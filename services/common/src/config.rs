@@ -43,6 +43,8 @@ pub mod env {
     pub const MAX_CONCURRENT_REQUESTS: &str = "MAX_CONCURRENT_REQUESTS";
     /// HTTP/2 streams one connection may have open at once.
     pub const MAX_STREAMS_PER_CONNECTION: &str = "MAX_STREAMS_PER_CONNECTION";
+    /// Web origins allowed to call with gRPC-Web (CORS).
+    pub const CORS_ALLOWED_ORIGINS: &str = "CORS_ALLOWED_ORIGINS";
     /// Longest a unary call may run, in milliseconds.
     pub const UNARY_TIMEOUT_MS: &str = "UNARY_TIMEOUT_MS";
     /// Longest a new connection may take to send its first bytes (HTTP/2 preface or TLS
@@ -334,6 +336,12 @@ pub struct ServerArgs {
     /// Bounds what one connection can hold on an instance. 1 to 1000000.
     #[arg(long, env = env::MAX_STREAMS_PER_CONNECTION, default_value_t = 1000, value_name = "N")]
     pub max_streams_per_connection: u32,
+    /// Web origins whose pages may call this server with gRPC-Web (CORS), comma-separated,
+    /// each `scheme://host[:port]` (e.g. `https://shop.example,http://localhost:8080`).
+    /// Unset or empty: none (gRPC-Web still answers callers that are not browsers, and
+    /// native gRPC is unaffected).
+    #[arg(long, env = env::CORS_ALLOWED_ORIGINS, value_name = "ORIGINS", default_value = "")]
+    pub cors_allowed_origins: String,
 }
 
 /// Validated server settings.
@@ -353,6 +361,8 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// The overload limits of the server.
     pub limits: ServerLimits,
+    /// Origins allowed to call with gRPC-Web from a browser (CORS); empty: none.
+    pub cors_allowed_origins: Vec<http::HeaderValue>,
 }
 
 /// Limits a public server needs; `None` is off.
@@ -447,6 +457,7 @@ impl ServerArgs {
                 env::MAX_STREAMS_PER_CONNECTION
             ));
         }
+        let cors_allowed_origins = cors_origins(&self.cors_allowed_origins, problems);
         if metrics_addr
             .0
             .is_some_and(|m| m.port() != 0 && m == listen_addr)
@@ -471,8 +482,34 @@ impl ServerArgs {
                 handshake_timeout: millis(self.handshake_timeout_ms),
                 max_streams_per_connection: self.max_streams_per_connection,
             },
+            cors_allowed_origins,
         }
     }
+}
+
+/// The origins of CORS_ALLOWED_ORIGINS, each `http://` or `https://` then a host and an
+/// optional port, nothing after (a browser's `Origin` never has a path); problems go to
+/// `problems`.
+fn cors_origins(list: &str, problems: &mut Problems) -> Vec<http::HeaderValue> {
+    let mut origins = Vec::new();
+    for origin in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let host = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        let valid = host.is_some_and(|h| {
+            !h.is_empty()
+                && !h.contains(['/', '?', '#', '@'])
+                && h.parse::<http::uri::Authority>().is_ok()
+        });
+        match http::HeaderValue::from_str(origin) {
+            Ok(value) if valid => origins.push(value),
+            _ => problems.add(format!(
+                "{}: '{origin}' is not an origin; expected scheme://host[:port], e.g. https://shop.example",
+                env::CORS_ALLOWED_ORIGINS
+            )),
+        }
+    }
+    origins
 }
 
 impl ServerConfig {
@@ -487,6 +524,7 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
             limits: ServerLimits::default(),
+            cors_allowed_origins: Vec::new(),
         }
     }
 }

@@ -424,6 +424,29 @@ pub struct Assembly {
     pub drain: CancellationToken,
 }
 
+/// The CORS policy for gRPC-Web from `origins`: POST from those origins only, with the
+/// request headers gRPC-Web clients send and the gRPC status headers readable by the page.
+/// No origins: no browser page may call.
+fn cors(origins: &[http::HeaderValue]) -> tower_http::cors::CorsLayer {
+    use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName};
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::AllowOrigin::list(origins.iter().cloned()))
+        .allow_methods([http::Method::POST])
+        .allow_headers([
+            CONTENT_TYPE,
+            AUTHORIZATION,
+            HeaderName::from_static("x-grpc-web"),
+            HeaderName::from_static("x-user-agent"),
+            HeaderName::from_static("grpc-timeout"),
+        ])
+        .expose_headers([
+            HeaderName::from_static("grpc-status"),
+            HeaderName::from_static("grpc-message"),
+            HeaderName::from_static("grpc-status-details-bin"),
+        ])
+        .max_age(std::time::Duration::from_secs(600))
+}
+
 /// Time between health turning `NOT_SERVING` and open streams being ended, so clients and
 /// load balancers watching health learn of the drain before their streams end.
 const DRAIN_NOTICE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -464,7 +487,9 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let mut builder = Server::builder();
+    // Browsers: gRPC-Web over HTTP/1.1 or HTTP/2 on the same port, and CORS for the
+    // origins allowed (none by default: a page elsewhere cannot call, other clients can).
+    let mut builder = Server::builder().accept_http1(true);
     if let Some(tls) = &config.tls {
         builder = builder.tls_config(
             ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem)),
@@ -476,7 +501,11 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         // tonic's default is no bound at all.
         .max_concurrent_streams(Some(config.limits.max_streams_per_connection))
-        // Outermost: one span per call continuing the caller's trace (OpenTelemetry RPC
+        // Outermost: CORS answers a browser's preflight and marks allowed responses, then
+        // gRPC-Web calls become gRPC calls for everything inside.
+        .layer(cors(&config.cors_allowed_origins))
+        .layer(tonic_web::GrpcWebLayer::new())
+        // Then one span per call continuing the caller's trace (OpenTelemetry RPC
         // conventions) and the call metrics, so they see every call and its final status.
         .layer(crate::rpc::ServerTraceLayer::new(assembly.long_lived))
         // Then give the client's own faults (oversize, undecodable) their precise status,

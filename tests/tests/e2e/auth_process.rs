@@ -78,6 +78,11 @@ fn bad_configuration_is_reported_all_at_once_with_exit_code_64() {
         // Values that do not even parse are reported with the rest, by variable name.
         .env("AUTH_HASH_QUEUE", "many")
         .env("LOG_FORMAT", "xml")
+        // An origin needs its scheme, and nothing after the host and port.
+        .env(
+            "CORS_ALLOWED_ORIGINS",
+            "http://localhost:8080,shop.example,https://a.example/path",
+        )
         .env_remove("TLS_KEY_FILE")
         .env_remove("AUTH_ADMIN_PASSWORD")
         .env_remove("REDIS_URL")
@@ -96,9 +101,15 @@ fn bad_configuration_is_reported_all_at_once_with_exit_code_64() {
         "AUTH_ADMIN_PASSWORD",
         "AUTH_HASH_QUEUE=\"many\"",
         "LOG_FORMAT=\"xml\": expected one of: text, json",
+        "CORS_ALLOWED_ORIGINS: 'shop.example' is not an origin",
+        "CORS_ALLOWED_ORIGINS: 'https://a.example/path' is not an origin",
     ] {
         assert!(stderr.contains(named), "{named} not reported in:\n{stderr}");
     }
+    assert!(
+        !stderr.contains("'http://localhost:8080'"),
+        "a good origin refused:\n{stderr}"
+    );
 
     let out = switchboard_tests::instance::command("switchboard-auth")
         .expect("binary")

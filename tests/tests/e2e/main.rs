@@ -13,6 +13,7 @@ mod auth_transport;
 mod cli;
 mod deploy;
 mod desk_e2e;
+mod grpc_web;
 mod hardening;
 mod messaging_e2e;
 mod messaging_process;
