@@ -36,15 +36,15 @@ use crate::error::{Error, Result};
 
 /// Queued consultation ids by opening time.
 pub(super) const QUEUE: &str = "sb:support:{desk}:queue";
-/// Agents that have (or had) reservations, for the safety pass.
+/// Agents that have (or had) reservations, for the repair pass.
 const AGENTS: &str = "sb:support:{desk}:agents";
 
 /// How old a queue entry without its consultation, or a reservation its consultation does
-/// not back, must be before the safety pass drops it: far longer than one step takes, so
+/// not back, must be before the repair pass drops it: far longer than one step takes, so
 /// an opening or an assignment in flight is never mistaken for a crashed one.
 pub const GRACE_MS: u64 = 120_000;
 
-/// Most entries of each kind one safety pass looks at.
+/// Most entries of each kind one repair pass looks at.
 const REPAIR_LIMIT: isize = 1000;
 
 /// Queue entries one routing attempt looks at.
@@ -242,7 +242,7 @@ impl RedisStore {
 
     /// The queue entry first, then the records and the first message in one transaction
     /// on the conversation's slot: a crash between leaves an entry without a consultation,
-    /// which routing and listing skip and the safety pass drops.
+    /// which routing and listing skip and the repair pass drops.
     pub(super) async fn open_sharded(
         &self,
         c: &ConversationRecord,
@@ -429,7 +429,7 @@ impl RedisStore {
         Ok(pipe.query_async(&mut self.conn.clone()).await?)
     }
 
-    /// The safety pass on a cluster: drops queue entries their consultations no longer
+    /// The repair pass on a cluster: drops queue entries their consultations no longer
     /// back (closed, assigned, or never stored and older than [`GRACE_MS`]) and
     /// reservations older than that which their consultations do not back (not assigned
     /// to that agent), at most [`REPAIR_LIMIT`] of each per queue and agent. Returns how

@@ -99,7 +99,7 @@ pub trait DeskStore: MessagingStore {
     ) -> impl Future<Output = Result<Step>> + Send;
     /// Assigned consultations per agent, in the order asked.
     fn loads(&self, agents: &[String]) -> impl Future<Output = Result<Vec<u32>>> + Send;
-    /// The safety pass's repair: drops desk-wide entries that no consultation backs any
+    /// The repair pass: drops desk-wide entries that no consultation backs any
     /// more and that are old enough (at `now_ms`) not to belong to a step in flight.
     /// Returns how many it dropped; engines whose steps are atomic have none.
     fn repair(&self, now_ms: u64) -> impl Future<Output = Result<usize>> + Send {
