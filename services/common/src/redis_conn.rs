@@ -50,9 +50,7 @@ impl RedisConn {
         {
             tracing::debug!(error = %e, "cannot read the cluster's slots; grouping by slot");
         }
-        keys.iter()
-            .map(|k| owners.node_of(Slot::for_key(k)))
-            .collect()
+        owners.masters_of(keys)
     }
 
     /// Sends `pipe` (of `count` commands, on keys of any slots the master of `key`'s slot
@@ -150,15 +148,22 @@ pub struct Owners {
 
 impl Owners {
     /// The index of `slot`'s master, if the last read is fresh and covers it.
-    fn node_of(&self, slot: Slot) -> Option<usize> {
-        let read = self.read.read().ok()?;
-        let (at, masters) = read.as_ref()?;
-        if at.elapsed() > OWNERS_TTL {
-            return None;
-        }
-        masters
-            .get(&Route::with_slot(slot, SlotAddr::Master))
-            .copied()
+    /// Each key's master index, under one look at the last read; all `None` when it is
+    /// missing or old.
+    fn masters_of(&self, keys: &[&[u8]]) -> Vec<Option<usize>> {
+        let read = self.read.read().ok();
+        let fresh = read
+            .as_ref()
+            .and_then(|r| r.as_ref())
+            .filter(|(at, _)| at.elapsed() <= OWNERS_TTL);
+        keys.iter()
+            .map(|k| {
+                let (_, masters) = fresh?;
+                masters
+                    .get(&Route::with_slot(Slot::for_key(k), SlotAddr::Master))
+                    .copied()
+            })
+            .collect()
     }
 
     fn is_fresh(&self) -> bool {

@@ -426,10 +426,14 @@ pub struct Assembly {
 
 /// The CORS policy for gRPC-Web from `origins`: POST from those origins only, with the
 /// request headers gRPC-Web clients send and the gRPC status headers readable by the page.
-/// No origins: no browser page may call.
-fn cors(origins: &[http::HeaderValue]) -> tower_http::cors::CorsLayer {
+/// No origins: no layer at all (a browser then finds no allowed origin, as it would from
+/// a policy that allows none), so calls pay for CORS only where a page may call.
+fn cors(origins: &[http::HeaderValue]) -> Option<tower_http::cors::CorsLayer> {
     use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName};
-    tower_http::cors::CorsLayer::new()
+    if origins.is_empty() {
+        return None;
+    }
+    let layer = tower_http::cors::CorsLayer::new()
         .allow_origin(tower_http::cors::AllowOrigin::list(origins.iter().cloned()))
         .allow_methods([http::Method::POST])
         .allow_headers([
@@ -444,7 +448,8 @@ fn cors(origins: &[http::HeaderValue]) -> tower_http::cors::CorsLayer {
             HeaderName::from_static("grpc-message"),
             HeaderName::from_static("grpc-status-details-bin"),
         ])
-        .max_age(std::time::Duration::from_secs(600))
+        .max_age(std::time::Duration::from_secs(600));
+    Some(layer)
 }
 
 /// Time between health turning `NOT_SERVING` and open streams being ended, so clients and
@@ -503,7 +508,9 @@ pub async fn serve(
         .max_concurrent_streams(Some(config.limits.max_streams_per_connection))
         // Outermost: CORS answers a browser's preflight and marks allowed responses, then
         // gRPC-Web calls become gRPC calls for everything inside.
-        .layer(cors(&config.cors_allowed_origins))
+        .layer(tower::util::option_layer(cors(
+            &config.cors_allowed_origins,
+        )))
         .layer(tonic_web::GrpcWebLayer::new())
         // Then one span per call continuing the caller's trace (OpenTelemetry RPC
         // conventions) and the call metrics, so they see every call and its final status.

@@ -58,6 +58,35 @@ async fn whole_history(
     panic!("history of {conversation} does not end");
 }
 
+/// The start of the cluster recovery tests: a stack on a Redis Cluster whose sends wait
+/// for `ack` replicas, a sender and a receiver (`<name>_sender`, `<name>_receiver`), and
+/// their group titled `name`. Returns the stack, both tokens and the group.
+async fn cluster_pair(
+    name: &str,
+    ack: Option<(u32, Duration)>,
+) -> (Stack, String, String, pb::Conversation) {
+    let stack = Stack::start(StackOptions {
+        cluster: true,
+        messaging_options: switchboard_tests::instance::MessagingOptions {
+            ack_replicas: ack,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let (_, sender_token) = user(&stack.auth[0], &format!("{name}_sender")).await;
+    let (receiver_id, receiver_token) = user(&stack.auth[0], &format!("{name}_receiver")).await;
+    let group = create_group(
+        &mut messaging_client(&stack.messaging[0]),
+        &sender_token,
+        name,
+        &[receiver_id],
+    )
+    .await
+    .expect("group");
+    (stack, sender_token, receiver_token, group)
+}
+
 /// Each acknowledged `(client_msg_id, seq)` is at its seq in `history` (which starts at 1).
 fn assert_acked_in_place(history: &[pb::Message], acked: &[(String, u64)]) {
     for (key, seq) in acked {
@@ -328,25 +357,8 @@ async fn a_redis_restart_fails_sends_with_unavailable_then_everything_recovers()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_mid_burst_loses_no_acknowledged_message_with_ack_replicas() {
     const N: usize = 200;
-    let mut stack = Stack::start(StackOptions {
-        cluster: true,
-        messaging_options: switchboard_tests::instance::MessagingOptions {
-            ack_replicas: Some((1, Duration::from_millis(1000))),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
-    let (_, sender_token) = user(&stack.auth[0], "failover_sender").await;
-    let (receiver_id, receiver_token) = user(&stack.auth[0], "failover_receiver").await;
-    let group = create_group(
-        &mut messaging_client(&stack.messaging[0]),
-        &sender_token,
-        "failover",
-        &[receiver_id],
-    )
-    .await
-    .expect("group");
+    let (mut stack, sender_token, receiver_token, group) =
+        cluster_pair("failover", Some((1, Duration::from_millis(1000)))).await;
     let doomed = stack
         .redis
         .cluster_mut()
@@ -452,21 +464,7 @@ async fn a_master_killed_mid_burst_loses_no_acknowledged_message_with_ack_replic
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_whose_slot_moves_mid_burst_stays_gapless() {
     const N: usize = 200;
-    let stack = Stack::start(StackOptions {
-        cluster: true,
-        ..Default::default()
-    })
-    .await;
-    let (_, sender_token) = user(&stack.auth[0], "migrating_sender").await;
-    let (receiver_id, receiver_token) = user(&stack.auth[0], "migrating_receiver").await;
-    let group = create_group(
-        &mut messaging_client(&stack.messaging[0]),
-        &sender_token,
-        "migrating",
-        &[receiver_id],
-    )
-    .await
-    .expect("group");
+    let (stack, sender_token, receiver_token, group) = cluster_pair("migrating", None).await;
     let key = format!("sb:msg:{{c:{}}}:seq", group.id);
     let cluster = match &stack.redis {
         switchboard_tests::redis::Backing::Cluster(c) => c,
@@ -545,25 +543,8 @@ async fn a_conversation_whose_slot_moves_mid_burst_stays_gapless() {
 /// subscriber; its retry, once the replica is back, is confirmed and delivered, as stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_ack_replicas_only_confirmed_messages_are_published() {
-    let mut stack = Stack::start(StackOptions {
-        cluster: true,
-        messaging_options: switchboard_tests::instance::MessagingOptions {
-            ack_replicas: Some((1, Duration::from_millis(300))),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
-    let (_, sender_token) = user(&stack.auth[0], "confirmed_sender").await;
-    let (receiver_id, receiver_token) = user(&stack.auth[0], "confirmed_receiver").await;
-    let group = create_group(
-        &mut messaging_client(&stack.messaging[0]),
-        &sender_token,
-        "confirmed",
-        &[receiver_id],
-    )
-    .await
-    .expect("group");
+    let (mut stack, sender_token, receiver_token, group) =
+        cluster_pair("confirmed", Some((1, Duration::from_millis(300)))).await;
     let mut receiver =
         Connection::following(stack.messaging[1].channel(), &receiver_token, &group.id)
             .await

@@ -337,15 +337,18 @@ impl RedisStore {
 
     /// Accept on a cluster: room reserved for `agent` whatever their load, then assigned.
     pub(super) async fn accept_sharded(&self, id: &str, agent: &str, now_ms: u64) -> Result<Step> {
-        let Some((agent, score)) = self
-            .reserve(id, std::slice::from_ref(&agent.to_owned()), 0, now_ms)
-            .await?
-        else {
-            return Err(Error::Internal(
+        let score = self.reserve_for(id, agent, now_ms).await?;
+        self.assign_reserved(id, agent, score, now_ms).await
+    }
+
+    /// Room for `id` with `agent` whatever their load (accept, transfer): the score.
+    async fn reserve_for(&self, id: &str, agent: &str, now_ms: u64) -> Result<u64> {
+        match self.reserve(id, &[agent.to_owned()], 0, now_ms).await? {
+            Some((_, score)) => Ok(score),
+            None => Err(Error::Internal(
                 "a reservation without capacity was full".into(),
-            ));
-        };
-        self.assign_reserved(id, &agent, score, now_ms).await
+            )),
+        }
     }
 
     /// Transfer on a cluster: `to`'s room and list first, the record, then `from`'s
@@ -358,30 +361,23 @@ impl RedisStore {
         note: &str,
         now_ms: u64,
     ) -> Result<Step> {
-        let Some((to, score)) = self
-            .reserve(id, std::slice::from_ref(&to.to_owned()), 0, now_ms)
-            .await?
-        else {
-            return Err(Error::Internal(
-                "a reservation without capacity was full".into(),
-            ));
-        };
-        self.list_for(id, &to, now_ms).await?;
+        let score = self.reserve_for(id, to, now_ms).await?;
+        self.list_for(id, to, now_ms).await?;
         let reply: Vec<String> = TRANSFER_SCRIPT
             .key(key(id, "consultation"))
             .key(key(id, "members"))
             .arg(now_ms)
             .arg(from)
-            .arg(&to)
+            .arg(to)
             .arg(note)
             .invoke_async(&mut self.conn.clone())
             .await?;
         if refused(&reply) {
-            self.unreserve(id, &to, score).await?;
+            self.unreserve(id, to, score).await?;
             return step(reply);
         }
         let () = redis::pipe()
-            .zadd(reservations(&to), id, score)
+            .zadd(reservations(to), id, score)
             .ignore()
             .zrem(reservations(from), id)
             .ignore()
@@ -456,7 +452,11 @@ impl RedisStore {
                 .arg(REPAIR_LIMIT - 1)
                 .arg("WITHSCORES");
         }
-        let held: Vec<Vec<(String, u64)>> = held.query_async(&mut conn).await?;
+        let held: Vec<Vec<(String, u64)>> = if agents.is_empty() {
+            Vec::new()
+        } else {
+            held.query_async(&mut conn).await?
+        };
 
         // Every consultation named, once: its state and holder.
         let mut names: Vec<&str> = queue.iter().map(|(id, _)| id.as_str()).collect();
