@@ -210,6 +210,8 @@ pub struct MessagingOptions {
     pub ack_replicas: Option<(u32, Duration)>,
     /// A Connect stream's age limit (MESSAGING_MAX_STREAM_AGE_SECS).
     pub max_stream_age: Option<Duration>,
+    /// A Subscribe stream's keep-alive period (MESSAGING_STREAM_KEEPALIVE_SECS).
+    pub stream_keepalive: Duration,
 }
 
 impl Default for MessagingOptions {
@@ -224,6 +226,7 @@ impl Default for MessagingOptions {
             max_streams_per_user: Some(100),
             ack_replicas: None,
             max_stream_age: None,
+            stream_keepalive: Duration::from_secs(25),
         }
     }
 }
@@ -259,6 +262,7 @@ pub async fn spawn_messaging_on(
         config.max_streams_per_user = options.max_streams_per_user;
         config.ack_replicas = options.ack_replicas;
         config.max_stream_age = options.max_stream_age;
+        config.stream_keepalive = options.stream_keepalive;
         // Without a presence instance, a closed port: never someone else's presence.
         config.presence_url = match options.presence {
             Some(presence) => format!("http://{presence}"),

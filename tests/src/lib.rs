@@ -65,3 +65,11 @@ pub async fn ended<T>(stream: &mut tonic::Streaming<T>, limit: Duration) -> toni
         }
     }
 }
+
+/// The field a status's BadRequest details name first.
+pub fn bad_field(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt as _;
+    status
+        .get_details_bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+}

@@ -1,4 +1,5 @@
-//! Helpers for messaging tests: a Connect stream client with typed frame helpers.
+//! Helpers for messaging tests: a Connect or Subscribe stream client with typed frame
+//! helpers, over native gRPC or gRPC-Web (HTTP/1.1, as a browser sends it).
 
 use std::time::Duration;
 
@@ -13,10 +14,41 @@ use tonic::transport::Channel;
 
 use crate::auth::authed;
 
-/// An open Connect stream.
+/// An open Connect stream, or a Subscribe stream (which takes no client frames).
 pub struct Connection {
-    tx: mpsc::Sender<pb::ConnectRequest>,
+    tx: Option<mpsc::Sender<pb::ConnectRequest>>,
     rx: Streaming<pb::ConnectResponse>,
+}
+
+/// A messaging client speaking gRPC-Web over HTTP/1.1 to one address, as a browser's
+/// connect-web transport does.
+pub type WebClient = MessagingServiceClient<
+    tonic_web::GrpcWebClientService<
+        hyper_util::client::legacy::Client<
+            hyper_util::client::legacy::connect::HttpConnector,
+            tonic_web::GrpcWebCall<tonic::body::Body>,
+        >,
+    >,
+>;
+
+/// A [`WebClient`] for the server at `addr`.
+pub fn web_client(addr: std::net::SocketAddr) -> anyhow::Result<WebClient> {
+    let http1 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let origin = format!("http://{addr}").parse()?;
+    Ok(
+        MessagingServiceClient::with_origin(tonic_web::GrpcWebClientService::new(http1), origin)
+            .max_decoding_message_size(64 * 1024 * 1024),
+    )
+}
+
+/// A Subscribe entry for `conversation` after `since`.
+pub fn from(conversation: &str, since: u64) -> pb::Subscribe {
+    pb::Subscribe {
+        conversation_id: conversation.into(),
+        since_seq: since,
+        ..Default::default()
+    }
 }
 
 impl Connection {
@@ -27,7 +59,32 @@ impl Connection {
         let mut client =
             MessagingServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
         let rx = client.connect(authed(outbound, token)).await?.into_inner();
-        Ok(Self { tx, rx })
+        Ok(Self { tx: Some(tx), rx })
+    }
+
+    /// Opens a Subscribe stream on `channel` with `token` holding `subscriptions`.
+    pub async fn subscribed(
+        channel: Channel,
+        token: &str,
+        subscriptions: Vec<pb::Subscribe>,
+    ) -> Result<Self, tonic::Status> {
+        let mut client =
+            MessagingServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+        let request = authed(pb::SubscribeRequest { subscriptions }, token);
+        let rx = client.subscribe(request).await?.into_inner();
+        Ok(Self { tx: None, rx })
+    }
+
+    /// [`subscribed`](Self::subscribed) over gRPC-Web (HTTP/1.1) to the server at `addr`.
+    pub async fn subscribed_web(
+        addr: std::net::SocketAddr,
+        token: &str,
+        subscriptions: Vec<pb::Subscribe>,
+    ) -> Result<Self, tonic::Status> {
+        let mut client = web_client(addr).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let request = authed(pb::SubscribeRequest { subscriptions }, token);
+        let rx = client.subscribe(request).await?.into_inner();
+        Ok(Self { tx: None, rx })
     }
 
     /// Opens a stream on `channel` with `token`, subscribed to `conversation` from the
@@ -45,7 +102,7 @@ impl Connection {
 
     /// Sends a client frame.
     pub async fn send(&self, frame: In) -> anyhow::Result<()> {
-        self.tx
+        self.sender()?
             .send(pb::ConnectRequest { frame: Some(frame) })
             .await
             .context("stream closed")
@@ -53,10 +110,16 @@ impl Connection {
 
     /// Sends an empty (malformed) frame.
     pub async fn send_empty(&self) -> anyhow::Result<()> {
-        self.tx
+        self.sender()?
             .send(pb::ConnectRequest { frame: None })
             .await
             .context("stream closed")
+    }
+
+    fn sender(&self) -> anyhow::Result<&mpsc::Sender<pb::ConnectRequest>> {
+        self.tx
+            .as_ref()
+            .context("a Subscribe stream takes no client frames")
     }
 
     /// Subscribes to `conversation` after `since`.

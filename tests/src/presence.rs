@@ -92,3 +92,25 @@ impl Device {
         assert_eq!(seen, Ok(true), "the device never became {state:?}");
     }
 }
+
+/// Opens a `Session` stream (Connect's server-streaming twin) in `state` and waits for
+/// its Connected frame: the session's id and the rest of the stream.
+pub async fn session(
+    channel: Channel,
+    token: &str,
+    state: pb::SetState,
+) -> Result<(String, Streaming<pb::ConnectResponse>), tonic::Status> {
+    let mut stream = PresenceServiceClient::new(channel)
+        .session(authed(pb::SessionRequest { state: Some(state) }, token))
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("no Connected frame within 5 s"))??;
+    match first.and_then(|f| f.frame) {
+        Some(pb::connect_response::Frame::Connected(c)) => Ok((c.session_id, stream)),
+        other => Err(tonic::Status::internal(format!(
+            "the first frame is not Connected: {other:?}"
+        ))),
+    }
+}

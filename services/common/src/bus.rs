@@ -57,12 +57,14 @@ pub enum BusError {
 
 /// Publish and subscribe by channel name.
 pub trait Bus: Send + Sync + 'static {
-    /// Publishes `payload` to every subscriber of `channel` on every instance.
+    /// Publishes `payload` to every subscriber of `channel` on every instance; how many
+    /// processes were subscribed (on a cluster: those subscribed on the channel's node,
+    /// which is every one that subscribed through this bus).
     fn publish<'a>(
         &'a self,
         channel: &'a str,
         payload: Vec<u8>,
-    ) -> BoxFuture<'a, Result<(), BusError>>;
+    ) -> BoxFuture<'a, Result<u64, BusError>>;
     /// Subscribes to `channel`; events published after this returns are delivered.
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Subscription, BusError>>;
     /// Whether this is sharded pub/sub (a Redis Cluster): a channel lives in one slot,
@@ -194,11 +196,16 @@ impl Registry {
         (subscription, first)
     }
 
-    fn deliver(&self, channel: &str, event: BusEvent) {
-        if let Some(sinks) = lock(&self.channels).get_mut(channel) {
-            for sink in sinks {
-                sink.offer(event.clone());
+    /// Offers `event` to the subscribers of `channel`; how many there were.
+    fn deliver(&self, channel: &str, event: BusEvent) -> usize {
+        match lock(&self.channels).get_mut(channel) {
+            Some(sinks) => {
+                for sink in sinks.iter_mut() {
+                    sink.offer(event.clone());
+                }
+                sinks.len()
             }
+            None => 0,
         }
     }
 
@@ -212,7 +219,7 @@ impl Registry {
 
     /// Tells the subscribers of `channel` that they may have missed something.
     fn gap(&self, channel: &str) {
-        self.deliver(channel, BusEvent::Gap);
+        let _ = self.deliver(channel, BusEvent::Gap);
     }
 
     fn gap_all(&self) {
@@ -239,7 +246,8 @@ impl MemoryBus {
     /// Delivers `payload` to this process's subscribers of `channel` before returning (so a
     /// caller holding a lock publishes in its own order).
     pub fn publish_now(&self, channel: &str, payload: Vec<u8>) {
-        self.registry
+        let _ = self
+            .registry
             .deliver(channel, BusEvent::Message(payload.into()));
     }
 }
@@ -249,10 +257,12 @@ impl Bus for MemoryBus {
         &'a self,
         channel: &'a str,
         payload: Vec<u8>,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
-        self.registry
+    ) -> BoxFuture<'a, Result<u64, BusError>> {
+        // Subscribers of one process: at most one, as one Redis connection of an instance.
+        let reached = self
+            .registry
             .deliver(channel, BusEvent::Message(payload.into()));
-        Box::pin(async { Ok(()) })
+        Box::pin(async move { Ok(u64::from(reached > 0)) })
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Subscription, BusError>> {
@@ -274,14 +284,13 @@ async fn publish_through(
     conn: &RedisConn,
     channel: &str,
     payload: Vec<u8>,
-) -> Result<(), BusError> {
+) -> Result<u64, BusError> {
     let mut conn = conn.clone();
     redis::cmd(conn.publish_command())
         .arg(channel)
         .arg(payload)
-        .query_async::<i64>(&mut conn)
+        .query_async::<u64>(&mut conn)
         .await
-        .map(|_| ())
         .map_err(|e| BusError::Unavailable(e.to_string()))
 }
 
@@ -314,7 +323,7 @@ impl Bus for RedisBus {
         &'a self,
         channel: &'a str,
         payload: Vec<u8>,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
+    ) -> BoxFuture<'a, Result<u64, BusError>> {
         Box::pin(publish_through(&self.publisher, channel, payload))
     }
 
@@ -415,7 +424,9 @@ async fn run_pubsub(
                     Some(Command::Resubscribe(_)) => {}
                 },
                 msg = stream.next() => match msg {
-                    Some(msg) => registry.deliver(msg.get_channel_name(), BusEvent::Message(msg.get_payload_bytes().into())),
+                    Some(msg) => {
+                        let _ = registry.deliver(msg.get_channel_name(), BusEvent::Message(msg.get_payload_bytes().into()));
+                    }
                     None => {
                         tracing::warn!("redis pub/sub connection lost; reconnecting");
                         break;
@@ -544,7 +555,7 @@ impl Bus for ClusterBus {
         &'a self,
         channel: &'a str,
         payload: Vec<u8>,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
+    ) -> BoxFuture<'a, Result<u64, BusError>> {
         Box::pin(publish_through(&self.publisher, channel, payload))
     }
 

@@ -116,6 +116,8 @@ reasons! {
     Reconnect = "RECONNECT" => Unavailable,
     /// A bug; details are in the server's log, never in the answer.
     Internal = "INTERNAL" => Internal,
+    /// No live presence session of the caller's with that id.
+    SessionNotFound = "SESSION_NOT_FOUND" => NotFound,
 }
 
 /// A request field that is wrong: which one, and what is wrong with it, for a person.

@@ -32,6 +32,8 @@ pub mod env {
     pub const MAX_GROUP_MEMBERS: &str = "MESSAGING_MAX_GROUP_MEMBERS";
     /// Seconds after which a Connect stream ends so the client reconnects (rebalancing).
     pub const MAX_STREAM_AGE_SECS: &str = "MESSAGING_MAX_STREAM_AGE_SECS";
+    /// Seconds between the keep-alive Pongs of a Subscribe stream.
+    pub const STREAM_KEEPALIVE_SECS: &str = "MESSAGING_STREAM_KEEPALIVE_SECS";
     /// Replicas that must have a send before it is acknowledged.
     pub const ACK_REPLICAS: &str = "REDIS_ACK_REPLICAS";
     /// How long a send waits for them.
@@ -120,6 +122,11 @@ pub struct Args {
     /// connected; they resume from their last seq with nothing lost. 0: streams live on.
     #[arg(long, env = env::MAX_STREAM_AGE_SECS, default_value_t = 0)]
     pub max_stream_age_secs: u64,
+    /// Seconds between the Pong frames (nonce 0) a Subscribe stream sends, so that
+    /// proxies and load balancers in front of browsers do not close a quiet stream, and a
+    /// vanished client is found by the failed write. 1 to 3600.
+    #[arg(long, env = env::STREAM_KEEPALIVE_SECS, default_value_t = 25)]
+    pub stream_keepalive_secs: u64,
 }
 
 /// Validated messaging settings.
@@ -153,6 +160,8 @@ pub struct Config {
     pub ack_replicas: Option<(u32, Duration)>,
     /// A Connect stream's longest life, before jitter (`None`: unlimited).
     pub max_stream_age: Option<Duration>,
+    /// Time between a Subscribe stream's keep-alive Pongs.
+    pub stream_keepalive: Duration,
 }
 
 impl Args {
@@ -190,6 +199,9 @@ impl Args {
                 env::MAX_STREAM_AGE_SECS
             ));
         }
+        if !(1..=3600).contains(&self.stream_keepalive_secs) {
+            problems.add(format!("{}: must be 1 to 3600", env::STREAM_KEEPALIVE_SECS));
+        }
         if !(16..=1_000_000).contains(&self.outbound_queue) {
             problems.add(format!("{}: must be 16 to 1000000", env::OUTBOUND_QUEUE));
         }
@@ -223,6 +235,7 @@ impl Args {
             max_group_members: self.max_group_members,
             max_stream_age: (self.max_stream_age_secs > 0)
                 .then(|| Duration::from_secs(self.max_stream_age_secs)),
+            stream_keepalive: Duration::from_secs(self.stream_keepalive_secs),
             ack_replicas: (self.redis_ack_replicas > 0).then(|| {
                 (
                     self.redis_ack_replicas,

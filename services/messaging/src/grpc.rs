@@ -185,6 +185,18 @@ impl<S: MessagingStore> MessagingService for MessagingGrpc<S> {
         Ok(Response::new(pb::MarkReadResponse { read_seq }))
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn send_typing(
+        &self,
+        req: Request<pb::SendTypingRequest>,
+    ) -> Result<Response<pb::SendTypingResponse>, Status> {
+        let c = caller(&req)?;
+        self.messaging
+            .typing(&c, &req.into_inner().conversation_id)
+            .await?;
+        Ok(Response::new(pb::SendTypingResponse {}))
+    }
+
     type ConnectStream = Outbound;
 
     #[tracing::instrument(skip_all)]
@@ -193,8 +205,83 @@ impl<S: MessagingStore> MessagingService for MessagingGrpc<S> {
         req: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let c = caller(&req)?;
+        let slot = self.stream_slot(&c)?;
+        Ok(Response::new(crate::stream::open(
+            self.streams.clone(),
+            c,
+            slot,
+            req.into_inner(),
+            false,
+        )))
+    }
+
+    type SubscribeStream = Outbound;
+
+    #[tracing::instrument(skip_all)]
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let c = caller(&req)?;
+        let subscriptions = subscriptions(req.into_inner().subscriptions)?;
+        let slot = self.stream_slot(&c)?;
+        // The same session as Connect's, fed the subscriptions as if they were the
+        // client's frames, after which the client side is closed.
+        let frames = futures::stream::iter(subscriptions.into_iter().map(|s| {
+            Ok(pb::ConnectRequest {
+                frame: Some(pb::connect_request::Frame::Subscribe(s)),
+            })
+        }));
+        Ok(Response::new(crate::stream::open(
+            self.streams.clone(),
+            c,
+            slot,
+            frames,
+            true,
+        )))
+    }
+}
+
+/// Most subscriptions one Subscribe call may hold.
+pub const MAX_SUBSCRIPTIONS: usize = 100;
+
+/// The subscriptions of a Subscribe call: 1 to [`MAX_SUBSCRIPTIONS`], each naming a
+/// conversation by a well-formed id unless it asks for all of them. Whether the caller
+/// may read each one is the stream's to say (a FrameError each), as on Connect.
+fn subscriptions(subs: Vec<pb::Subscribe>) -> Result<Vec<pb::Subscribe>, Error> {
+    if subs.is_empty() || subs.len() > MAX_SUBSCRIPTIONS {
+        return Err(Error::invalid(
+            "subscriptions",
+            format!(
+                "subscriptions must hold 1 to {MAX_SUBSCRIPTIONS} entries, got {}",
+                subs.len()
+            ),
+        ));
+    }
+    for (i, s) in subs.iter().enumerate() {
+        if s.all_conversations {
+            if !s.conversation_id.is_empty() {
+                return Err(Error::invalid(
+                    format!("subscriptions[{i}].conversation_id"),
+                    "give either conversation_id or all_conversations, not both",
+                ));
+            }
+        } else {
+            switchboard_common::id::check(
+                &format!("subscriptions[{i}].conversation_id"),
+                &s.conversation_id,
+            )?;
+        }
+    }
+    Ok(subs)
+}
+
+impl<S> MessagingGrpc<S> {
+    /// A place for one more stream of the caller on this instance, unless it is shutting
+    /// down.
+    fn stream_slot(&self, c: &Caller) -> Result<switchboard_common::limits::StreamSlot, Error> {
         if self.streams.shutdown.is_cancelled() {
-            return Err(Error::ShuttingDown.into());
+            return Err(Error::ShuttingDown);
         }
         let slot = self
             .streams
@@ -202,12 +289,7 @@ impl<S: MessagingStore> MessagingService for MessagingGrpc<S> {
             .open(&c.user_id)
             .map_err(Error::TooManyStreams)?;
         tracing::debug!(user_id = %c.user_id, "stream opened");
-        Ok(Response::new(crate::stream::open(
-            self.streams.clone(),
-            c,
-            slot,
-            req.into_inner(),
-        )))
+        Ok(slot)
     }
 }
 

@@ -169,6 +169,7 @@ async fn serve<S: DeskStore>(
         shutdown: drain.clone(),
         per_user: switchboard_common::limits::PerUser::new(config.max_streams_per_user),
         max_age: config.max_stream_age,
+        keepalive: config.stream_keepalive,
     });
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(tune!(

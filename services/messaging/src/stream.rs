@@ -22,14 +22,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::{FutureExt as _, Stream};
+use futures::{FutureExt as _, Stream, StreamExt as _};
 use switchboard_common::token::{Caller, TokenError, Verifier, now_secs};
 use switchboard_proto::messaging::v1 as pb;
 use switchboard_proto::messaging::v1::connect_request::Frame as In;
 use switchboard_proto::messaging::v1::connect_response::Frame as Out;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use switchboard_common::limits::{PerUser, StreamSlot};
 use switchboard_common::rpc::SpanLink;
@@ -65,6 +65,10 @@ pub struct Streams<S> {
     pub per_user: Arc<PerUser>,
     /// A stream's longest life before jitter (`None`: unlimited).
     pub max_age: Option<Duration>,
+    /// How often a stream without client frames (`Subscribe`) sends a Pong (nonce 0), so
+    /// that proxies and browsers do not take a quiet stream for a dead one, and a dead
+    /// client is noticed by the failed write.
+    pub keepalive: Duration,
 }
 
 /// The response stream handed to tonic: frames, then (if the stream ended on an error)
@@ -133,13 +137,22 @@ struct Session<S> {
     setup: SpanLink,
 }
 
-/// Opens a stream for `caller` reading client frames from `inbound`.
-pub fn open<S: MessagingStore>(
+/// Opens a stream for `caller` reading client frames from `inbound`: the client's own
+/// stream for `Connect`, or the subscriptions of a `Subscribe` call (which then ends,
+/// like a client that half-closed its side and keeps listening). Every frame, from
+/// either, goes through the same session. With `keepalive`, the stream sends a Pong
+/// (nonce 0) every [`Streams::keepalive`].
+pub fn open<S, I>(
     ctx: Arc<Streams<S>>,
     caller: Caller,
     slot: StreamSlot,
-    inbound: Streaming<pb::ConnectRequest>,
-) -> Outbound {
+    inbound: I,
+    keepalive: bool,
+) -> Outbound
+where
+    S: MessagingStore,
+    I: Stream<Item = Result<pb::ConnectRequest, Status>> + Unpin + Send + 'static,
+{
     let (outlet, ends) = Outlet::new(&caller.user_id, ctx.queue);
     let OutletEnds {
         frames,
@@ -163,7 +176,8 @@ pub fn open<S: MessagingStore>(
             all: false,
             setup,
         };
-        if let End::Status(status) = session.run(inbound, inbox).await {
+        let keepalive = keepalive.then_some(session.ctx.keepalive);
+        if let End::Status(status) = session.run(inbound, inbox, keepalive).await {
             let _ = end_tx.send(status);
         }
     });
@@ -241,11 +255,15 @@ impl From<Error> for End {
 }
 
 impl<S: MessagingStore> Session<S> {
-    async fn run(
+    async fn run<I>(
         &mut self,
-        mut inbound: Streaming<pb::ConnectRequest>,
+        mut inbound: I,
         mut rx: mpsc::Receiver<Box<Routed>>,
-    ) -> End {
+        keepalive: Option<Duration>,
+    ) -> End
+    where
+        I: Stream<Item = Result<pb::ConnectRequest, Status>> + Unpin,
+    {
         let user_gate = self.user_gate.clone();
         // Boxed, here and below: the task lives as long as the stream, and an idle one should
         // hold the futures it waits on, not room for the largest it ever awaited.
@@ -279,6 +297,12 @@ impl<S: MessagingStore> Session<S> {
         let ages = self.ctx.max_age.is_some();
         let aged = tokio::time::sleep(self.ctx.max_age.map_or(Duration::MAX, jittered));
         tokio::pin!(aged);
+        // Only streams that asked for them have a timer: a Connect stream carries none.
+        let mut pings = keepalive.map(|every| {
+            let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            pings
+        });
         loop {
             if self.caller.expires_at != armed {
                 armed = self.caller.expires_at;
@@ -303,16 +327,19 @@ impl<S: MessagingStore> Session<S> {
                 // Deliveries before client frames: draining the inbox is what keeps a busy
                 // sender from being cut off as a slow consumer.
                 Some(routed) = rx.recv() => Box::pin(self.deliver(routed)).await,
-                frame = inbound.message(), if inbound_open => match frame {
+                frame = inbound.next(), if inbound_open => match frame {
                     // Boxed: client frames are rare next to deliveries, and the idle task
                     // then holds a pointer instead of space for the largest frame handler.
-                    Ok(Some(req)) => Box::pin(self.frames(req, &mut inbound, &mut inbound_open)).await,
-                    Ok(None) => {
+                    Some(Ok(req)) => Box::pin(self.frames(req, &mut inbound, &mut inbound_open)).await,
+                    None => {
                         inbound_open = false;
                         Ok(())
                     }
-                    Err(status) => Err(inbound_failed(&status)),
+                    Some(Err(status)) => Err(inbound_failed(&status)),
                 },
+                _ = async { if let Some(p) = pings.as_mut() { p.tick().await; } }, if pings.is_some() => {
+                    self.emit(Out::Pong(pb::Pong { nonce: 0 })).await
+                }
             };
             if let Err(end) = result {
                 return end;
@@ -352,12 +379,15 @@ impl<S: MessagingStore> Session<S> {
     /// Handles `first` and the frames the client has already queued behind it. Consecutive
     /// Send frames go to the store together (one round trip, in order), so a client that
     /// keeps several sends in flight is not held to one per round trip.
-    async fn frames(
+    async fn frames<I>(
         &mut self,
         first: pb::ConnectRequest,
-        inbound: &mut Streaming<pb::ConnectRequest>,
+        inbound: &mut I,
         inbound_open: &mut bool,
-    ) -> Result<(), End> {
+    ) -> Result<(), End>
+    where
+        I: Stream<Item = Result<pb::ConnectRequest, Status>> + Unpin,
+    {
         let mut next = Some(first);
         while let Some(req) = next.take() {
             let span = frame_span(&req);
@@ -368,19 +398,19 @@ impl<S: MessagingStore> Session<S> {
             let mut batch = vec![send];
             let mut failed = None;
             while batch.len() < SEND_BATCH {
-                match inbound.message().now_or_never() {
-                    Some(Ok(Some(pb::ConnectRequest {
+                match inbound.next().now_or_never() {
+                    Some(Some(Ok(pb::ConnectRequest {
                         frame: Some(In::Send(s)),
                     }))) => batch.push(s),
-                    Some(Ok(Some(other))) => {
+                    Some(Some(Ok(other))) => {
                         next = Some(other);
                         break;
                     }
-                    Some(Ok(None)) => {
+                    Some(None) => {
                         *inbound_open = false;
                         break;
                     }
-                    Some(Err(status)) => {
+                    Some(Some(Err(status))) => {
                         failed = Some(inbound_failed(&status));
                         break;
                     }

@@ -31,6 +31,11 @@ pub enum Error {
     /// The instance is draining.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// No live Session stream of the caller has this id.
+    #[error(
+        "you have no live Session stream with session_id {0} (it ended, or it was opened by Connect, whose stream sets its own state)"
+    )]
+    NoSuchSession(String),
 }
 
 /// Result of presence operations.
@@ -67,6 +72,7 @@ impl Error {
                 )
             }
             Error::ShuttingDown => Refusal::shutting_down(),
+            Error::NoSuchSession(_) => Refusal::new(Reason::SessionNotFound, self.to_string()),
         }
     }
 }

@@ -1,5 +1,7 @@
-//! The gRPC adapter and the two streams: a device session (`Connect`, whose lifecycle
-//! rules are [`crate::session`]'s) and `Watch` ([`crate::watch`]'s).
+//! The gRPC adapter and the streams: a device session (`Connect`, or its server-streaming
+//! twin `Session` steered by `SetSessionState` and `EndSession` over the bus; one loop
+//! runs both, and their lifecycle rules are [`crate::session`]'s) and `Watch`
+//! ([`crate::watch`]'s).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -144,30 +146,77 @@ fn valid_role(role: i32) -> Result<i32> {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
-    type ConnectStream = BoxStream<pb::ConnectResponse>;
+/// What a Session stream is told over the bus by SetSessionState and EndSession: a tag
+/// byte, then for a state change the `SetState` it applies (already validated).
+enum Command {
+    Set(pb::SetState),
+    End,
+}
 
-    #[tracing::instrument(skip_all)]
-    async fn connect(
+impl Command {
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Command::Set(set) => {
+                let mut out = vec![b'S'];
+                prost::Message::encode(set, &mut out).unwrap_or_default();
+                out
+            }
+            Command::End => vec![b'E'],
+        }
+    }
+
+    fn decode(payload: &[u8]) -> Option<Self> {
+        match payload.split_first() {
+            Some((b'S', set)) => prost::Message::decode(set).ok().map(Command::Set),
+            Some((b'E', [])) => Some(Command::End),
+            _ => None,
+        }
+    }
+}
+
+/// How a device stream is driven: by the client's frames (Connect), or by commands on
+/// its session's bus channel with the server sending keep-alives (Session).
+enum Driver<I> {
+    Frames(I, ClientCancel),
+    Commands(switchboard_common::bus::Subscription),
+}
+
+impl<S: PresenceStore> PresenceGrpc<S> {
+    /// The device stream behind both Connect and Session: registers the session (in
+    /// `initial`'s state), then keeps it alive, applies its state changes and ends it by
+    /// [`crate::session`]'s rules, whichever shape drives it.
+    async fn device<I>(
         &self,
-        req: Request<Streaming<pb::ConnectRequest>>,
-    ) -> std::result::Result<Response<Self::ConnectStream>, Status> {
-        let c = caller(&req)?;
-        let slot = self.slot(&c.user_id)?;
-        let cancel = req
-            .extensions()
-            .get::<ClientCancel>()
-            .cloned()
-            .unwrap_or_default();
-        let mut inbound = req.into_inner();
+        c: Caller,
+        slot: StreamSlot,
+        initial: Option<pb::SetState>,
+        driver: impl FnOnce(&str) -> futures::future::BoxFuture<'static, Result<Driver<I>>>,
+    ) -> Result<BoxStream<pb::ConnectResponse>>
+    where
+        I: Stream<Item = std::result::Result<pb::ConnectRequest, Status>> + Unpin + Send + 'static,
+    {
         let (out, rx) = mpsc::channel::<std::result::Result<pb::ConnectResponse, Status>>(8);
         let (store, ttl, grace) = (self.store.clone(), self.ttl, self.grace);
         let shutdown = self.shutdown.clone();
         let revocations = self.revocations.clone();
         let mut revoked = revocations.watch();
-        let (mut session, presence) =
-            DeviceSession::open(store, &c.user_id, c.role.to_proto(), ttl, grace, now_ms()).await?;
+        let (mut session, presence) = DeviceSession::open_in(
+            store,
+            &c.user_id,
+            c.role.to_proto(),
+            initial,
+            ttl,
+            grace,
+            now_ms(),
+        )
+        .await?;
+        let driver = match driver(session.id()).await {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = session.end(Ending::Refused, now_ms()).await;
+                return Err(e);
+            }
+        };
         let held =
             switchboard_common::metrics::Held::new(switchboard_common::metrics::PRESENCE_SESSIONS);
         switchboard_common::shutdown::spawn(async move {
@@ -184,6 +233,13 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
             let _ = out
                 .send(frame(pb::connect_response::Frame::Presence(presence)))
                 .await;
+            let (mut inbound, cancel, mut commands) = match driver {
+                Driver::Frames(inbound, cancel) => (Some(inbound), cancel, None),
+                Driver::Commands(sub) => (None, ClientCancel::default(), Some(sub)),
+            };
+            // The server's keep-alive on a Session stream: the client sends nothing, so a
+            // write is what finds a dead peer (and keeps proxies from idling it out).
+            let keepalive = commands.is_some();
             // While the stream is open this instance keeps the session alive; if it crashes,
             // the session expires after the TTL and any instance's sweep removes it.
             let mut refresh = tokio::time::interval(session.refresh_every());
@@ -205,29 +261,42 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                         if let Err(e) = session.refresh(now_ms()).await {
                             tracing::warn!(error = %e, "cannot refresh a presence session");
                         }
+                        // Dropped when the client is behind: the next one will do.
+                        if keepalive {
+                            let _ = out.try_send(frame(pb::connect_response::Frame::HeartbeatAck(pb::HeartbeatAck {})));
+                        }
                     }
-                    msg = inbound.message() => match msg {
-                        Ok(Some(pb::ConnectRequest { frame: Some(pb::connect_request::Frame::SetState(set)) })) => {
+                    cmd = next_command(&mut commands) => match cmd {
+                        Some(Command::Set(set)) => match session.set(set, now_ms()).await {
+                            Ok(p) => { let _ = out.send(frame(pb::connect_response::Frame::Presence(p))).await; }
+                            // SetSessionState validated it; only a stored state can fail.
+                            Err(e) => tracing::warn!(error = %e, "cannot apply SetSessionState"),
+                        },
+                        Some(Command::End) => break End::Closed,
+                        None => break End::Broken(Some(Error::ShuttingDown.into())),
+                    },
+                    msg = next_frame(&mut inbound) => match msg {
+                        Some(Ok(pb::ConnectRequest { frame: Some(pb::connect_request::Frame::SetState(set)) })) => {
                             match session.set(set, now_ms()).await {
                                 Ok(p) => { let _ = out.send(frame(pb::connect_response::Frame::Presence(p))).await; }
                                 Err(e @ Error::InvalidArgument(_)) => break End::Refused(e.into()),
                                 Err(e) => break End::Broken(Some(e.into())),
                             }
                         }
-                        Ok(Some(pb::ConnectRequest { frame: Some(pb::connect_request::Frame::Heartbeat(_)) })) => {
+                        Some(Ok(pb::ConnectRequest { frame: Some(pb::connect_request::Frame::Heartbeat(_)) })) => {
                             let _ = session.refresh(now_ms()).await;
                             let _ = out.send(frame(pb::connect_response::Frame::HeartbeatAck(pb::HeartbeatAck {}))).await;
                         }
-                        Ok(Some(pb::ConnectRequest { frame: None })) => {
+                        Some(Ok(pb::ConnectRequest { frame: None })) => {
                             break End::Refused(Error::invalid("frame", "empty frame: set set_state or heartbeat").into());
                         }
                         // tonic ends the request stream the same way for a half-close and
                         // for a cancel; only the half-close is a goodbye.
-                        Ok(None) if cancel.cancelled() => break End::Broken(None),
-                        Ok(None) => break End::Closed,
+                        None if cancel.cancelled() => break End::Broken(None),
+                        None => break End::Closed,
                         // The client's own fault (oversize, undecodable, a gzip bomb) is
                         // refused with its precise status; anything else is the transport.
-                        Err(status) => match client_fault(&status) {
+                        Some(Err(status)) => match client_fault(&status) {
                             Some(precise) => break End::Refused(precise),
                             None => break End::Broken(None),
                         },
@@ -243,7 +312,148 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
                 let _ = out.send(Err(status)).await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    /// Tells the caller's Session stream `session_id` to apply `command`.
+    async fn command(&self, c: &Caller, session_id: &str, command: Command) -> Result<()> {
+        switchboard_common::id::check("session_id", session_id)?;
+        let reached = self
+            .bus
+            .publish(
+                &crate::store::session_channel(&c.user_id, session_id),
+                command.encode(),
+            )
+            .await
+            .map_err(|e| Error::Bus(e.to_string()))?;
+        if reached == 0 {
+            return Err(Error::NoSuchSession(session_id.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+/// The next client frame of a Connect stream; never, for a Session stream.
+async fn next_frame<I>(
+    inbound: &mut Option<I>,
+) -> Option<std::result::Result<pb::ConnectRequest, Status>>
+where
+    I: Stream<Item = std::result::Result<pb::ConnectRequest, Status>> + Unpin,
+{
+    match inbound {
+        Some(inbound) => futures::StreamExt::next(inbound).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next command of a Session stream (`None`: the bus stopped); never, for Connect.
+/// Anything undecodable, and a gap (a command lost: its caller got OK, the state is
+/// simply not applied), is skipped.
+async fn next_command(
+    commands: &mut Option<switchboard_common::bus::Subscription>,
+) -> Option<Command> {
+    let Some(sub) = commands else {
+        return std::future::pending().await;
+    };
+    loop {
+        match sub.recv().await? {
+            switchboard_common::bus::BusEvent::Message(payload) => {
+                if let Some(c) = Command::decode(&payload) {
+                    return Some(c);
+                }
+            }
+            switchboard_common::bus::BusEvent::Gap => {}
+        }
+    }
+}
+
+/// A SetState that [`crate::session::apply`] accepts, or why not.
+fn valid_set(set: &pb::SetState) -> Result<()> {
+    crate::session::apply(&mut crate::model::Session::default(), set.clone())
+}
+
+#[tonic::async_trait]
+impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
+    type ConnectStream = BoxStream<pb::ConnectResponse>;
+
+    #[tracing::instrument(skip_all)]
+    async fn connect(
+        &self,
+        req: Request<Streaming<pb::ConnectRequest>>,
+    ) -> std::result::Result<Response<Self::ConnectStream>, Status> {
+        let c = caller(&req)?;
+        let slot = self.slot(&c.user_id)?;
+        let cancel = req
+            .extensions()
+            .get::<ClientCancel>()
+            .cloned()
+            .unwrap_or_default();
+        let inbound = req.into_inner();
+        let stream = self
+            .device(c, slot, None, move |_| {
+                Box::pin(async move { Ok(Driver::Frames(inbound, cancel)) })
+            })
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    type SessionStream = BoxStream<pb::ConnectResponse>;
+
+    #[tracing::instrument(skip_all)]
+    async fn session(
+        &self,
+        req: Request<pb::SessionRequest>,
+    ) -> std::result::Result<Response<Self::SessionStream>, Status> {
+        let c = caller(&req)?;
+        let mut initial = req.into_inner().state.unwrap_or_default();
+        if initial.state == pb::PresenceState::Unspecified as i32 {
+            initial.state = pb::PresenceState::Available as i32;
+        }
+        valid_set(&initial)?;
+        let slot = self.slot(&c.user_id)?;
+        let bus = self.bus.clone();
+        let user_id = c.user_id.clone();
+        let stream = self
+            .device::<futures::stream::Empty<_>>(c, slot, Some(initial), move |session_id| {
+                // Listening before the Connected frame names the session, so a
+                // SetSessionState right after it is heard.
+                let channel = crate::store::session_channel(&user_id, session_id);
+                Box::pin(async move {
+                    let sub = bus
+                        .subscribe(&channel)
+                        .await
+                        .map_err(|e| Error::Bus(e.to_string()))?;
+                    Ok(Driver::Commands(sub))
+                })
+            })
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_session_state(
+        &self,
+        req: Request<pb::SetSessionStateRequest>,
+    ) -> std::result::Result<Response<pb::SetSessionStateResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let set = r
+            .state
+            .ok_or_else(|| Error::invalid("state", "state is required: the SetState to apply"))?;
+        valid_set(&set)?;
+        self.command(&c, &r.session_id, Command::Set(set)).await?;
+        Ok(Response::new(pb::SetSessionStateResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn end_session(
+        &self,
+        req: Request<pb::EndSessionRequest>,
+    ) -> std::result::Result<Response<pb::EndSessionResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        self.command(&c, &r.session_id, Command::End).await?;
+        Ok(Response::new(pb::EndSessionResponse {}))
     }
 
     #[tracing::instrument(skip_all)]

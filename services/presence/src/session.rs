@@ -98,13 +98,33 @@ impl<S: PresenceStore> DeviceSession<S> {
         grace: Duration,
         now_ms: u64,
     ) -> Result<(Self, pb::UserPresence)> {
-        let session = Session {
+        Self::open_in(store, user_id, role, None, ttl, grace, now_ms).await
+    }
+
+    /// [`open`](Self::open), in the state `initial` sets (AVAILABLE where it leaves the
+    /// state unset); nothing is stored if it is invalid. Watchers see one change.
+    pub async fn open_in(
+        store: Arc<S>,
+        user_id: &str,
+        role: i32,
+        initial: Option<pb::SetState>,
+        ttl: Duration,
+        grace: Duration,
+        now_ms: u64,
+    ) -> Result<(Self, pb::UserPresence)> {
+        let mut session = Session {
             session_id: uuid::Uuid::now_v7().to_string(),
             state: State::Available.to_proto(),
             role,
             started_at_ms: now_ms,
             ..Default::default()
         };
+        if let Some(mut set) = initial {
+            if set.state == pb::PresenceState::Unspecified as i32 {
+                set.state = State::Available.to_proto();
+            }
+            apply(&mut session, set)?;
+        }
         let me = Self {
             store,
             user_id: user_id.to_owned(),

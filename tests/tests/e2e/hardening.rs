@@ -14,6 +14,7 @@ use switchboard_proto::messaging::v1::connect_response::Frame as Out;
 use switchboard_proto::presence::v1 as presence_pb;
 use switchboard_proto::presence::v1::presence_service_client::PresenceServiceClient;
 use switchboard_tests::auth::{Person, authed, login, person, register};
+use switchboard_tests::bad_field;
 use switchboard_tests::instance::{
     AuthOptions, InProcess, MessagingOptions, auth_client, messaging_client, spawn_auth,
     spawn_messaging,
@@ -36,13 +37,6 @@ async fn customer(auth: &InProcess, name: &str) -> Person {
     person(&auth_client(auth), name, auth_pb::Role::Customer, None)
         .await
         .unwrap_or_else(|e| panic!("person {name}: {e}"))
-}
-
-/// The field a status's BadRequest details name first.
-fn bad_field(status: &tonic::Status) -> Option<String> {
-    status
-        .get_details_bad_request()
-        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
 }
 
 /// Asserts `status` is `code` with ErrorInfo reason `reason`.

@@ -16,6 +16,8 @@ use switchboard_tests::messaging::{Connection, create_group, send};
 use switchboard_tests::stack::{Stack, StackOptions};
 use tonic::Code;
 
+mod subscribe;
+
 /// Two messaging instances (the default [`Stack`]), with auth's signing key known so a
 /// test can forge tokens.
 struct Cluster {

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use switchboard_common::status::reason_of;
 use switchboard_tests::auth::register_and_login;
 use switchboard_tests::instance::{
     AuthOptions, ChildService, assert_bad_config_exits_64, assert_help_lists, auth_client,
@@ -23,6 +24,7 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
             "REDIS_ACK_REPLICAS",
             "REDIS_ACK_TIMEOUT_MS",
             "MESSAGING_MAX_STREAM_AGE_SECS",
+            "MESSAGING_STREAM_KEEPALIVE_SECS",
             "AUTH_URL",
             "MAX_MESSAGE_BYTES",
             "SHUTDOWN_GRACE_SECS",
@@ -52,6 +54,7 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
             ("AUTH_URL", "nonsense"),
             ("PRESENCE_URL", "not a url"),
             ("REDIS_URL", "nope://x"),
+            ("MESSAGING_STREAM_KEEPALIVE_SECS", "0"),
         ],
         &[
             "MESSAGING_OUTBOUND_QUEUE",
@@ -61,6 +64,7 @@ fn help_lists_every_setting_and_bad_configuration_exits_64() {
             "AUTH_URL=\"nonsense\"",
             "PRESENCE_URL",
             "REDIS_URL",
+            "MESSAGING_STREAM_KEEPALIVE_SECS: must be 1 to 3600",
         ],
     );
     // A flag given on the command line is named as the flag.
@@ -100,6 +104,21 @@ async fn sigterm_ends_open_streams_with_unavailable_and_exits_zero() {
         .await
         .expect("ping");
     conn.next(Duration::from_secs(5)).await.expect("pong");
+    // Its server-streaming twin, with one subscription of a conversation the user lacks
+    // (refused on the stream, which stays open).
+    let mut sub = Connection::subscribed(
+        messaging.channel(),
+        &token,
+        vec![switchboard_tests::messaging::from(
+            &uuid::Uuid::now_v7().to_string(),
+            0,
+        )],
+    )
+    .await
+    .expect("subscribe");
+    sub.next(Duration::from_secs(5))
+        .await
+        .expect("refusal frame");
 
     let waiter = std::thread::spawn(move || {
         let status = messaging.terminate(Duration::from_secs(15));
@@ -112,6 +131,9 @@ async fn sigterm_ends_open_streams_with_unavailable_and_exits_zero() {
         .expect_err("stream should end with a status");
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     assert!(ended.message().contains("reconnect"), "{}", ended.message());
+    let ended = sub.ended(Duration::from_secs(10)).await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert_eq!(reason_of(&ended).as_deref(), Some("SHUTTING_DOWN"));
     let (exited, output) = waiter.join().expect("waiter");
     assert!(exited.expect("exits"), "non-zero exit; output:\n{output}");
     // Without SERVICE_TOKEN the desk cannot ask presence: said once at start, and nothing

@@ -660,3 +660,252 @@ async fn a_role_watch_sees_agents_come_online_change_and_leave_on(redis_cluster:
         "the role is reported, offline too: {seen:?}"
     );
 }
+
+#[tokio::test]
+async fn a_session_stream_is_steered_from_any_instance_and_ends_as_connect_does() {
+    a_session_stream_is_steered_from_any_instance_and_ends_as_connect_does_on(false).await;
+}
+
+#[tokio::test]
+async fn a_session_stream_is_steered_from_any_instance_and_ends_as_connect_does_on_a_redis_cluster()
+{
+    a_session_stream_is_steered_from_any_instance_and_ends_as_connect_does_on(true).await;
+}
+
+/// The next Presence or HeartbeatAck frame of a Session stream within `limit`.
+async fn session_frame(
+    stream: &mut Streaming<pb::ConnectResponse>,
+    limit: Duration,
+) -> pb::connect_response::Frame {
+    tokio::time::timeout(limit, stream.message())
+        .await
+        .expect("a frame in time")
+        .expect("the stream")
+        .and_then(|f| f.frame)
+        .expect("a frame, not the end")
+}
+
+fn set_state(state: pb::PresenceState, text: &str) -> pb::SetState {
+    pb::SetState {
+        state: state as i32,
+        custom_text: text.into(),
+        device_name: String::new(),
+    }
+}
+
+async fn a_session_stream_is_steered_from_any_instance_and_ends_as_connect_does_on(
+    redis_cluster: bool,
+) {
+    use pb::connect_response::Frame as F;
+    use switchboard_common::status::reason_of;
+    use switchboard_tests::bad_field;
+    use switchboard_tests::presence::session;
+
+    let ttl = Duration::from_secs(3);
+    let grace = Duration::from_secs(4);
+    let stack = presence_stack_on(2, (ttl, Duration::from_millis(200), grace), redis_cluster).await;
+    let (auth, a, b) = (&stack.auth[0], &stack.presence[0], &stack.presence[1]);
+    let (erin, erin_token) = user(auth, "serin").await;
+    let (_, other_token) = user(auth, "sother").await;
+    let mut w = watch(a.channel(), &other_token, vec![erin.clone()]).await;
+
+    // Opened on b in the state asked for: watchers see AWAY, never an AVAILABLE first.
+    let (id, mut stream) = session(
+        b.channel(),
+        &erin_token,
+        set_state(pb::PresenceState::Away, "lunch"),
+    )
+    .await
+    .expect("session");
+    match session_frame(&mut stream, SECOND * 5).await {
+        F::Presence(p) => assert_eq!(
+            (p.state, p.custom_text.as_str()),
+            (pb::PresenceState::Away as i32, "lunch")
+        ),
+        other => panic!("expected Presence, got {other:?}"),
+    }
+    let seen = collect(&mut w, Some(&erin), MS500).await;
+    assert!(
+        !seen.is_empty()
+            && seen
+                .iter()
+                .all(|p| p.state == pb::PresenceState::Offline as i32
+                    || p.state == pb::PresenceState::Away as i32),
+        "{seen:?}"
+    );
+
+    // Steered from the other instance; the stream hears of it.
+    let mut on_a = PresenceServiceClient::new(a.channel());
+    on_a.set_session_state(authed(
+        pb::SetSessionStateRequest {
+            session_id: id.clone(),
+            state: Some(set_state(pb::PresenceState::Busy, "call")),
+        },
+        &erin_token,
+    ))
+    .await
+    .expect("set from a");
+    let busy = loop {
+        match session_frame(&mut stream, SECOND * 5).await {
+            F::Presence(p) => break p,
+            F::HeartbeatAck(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(busy.state, pb::PresenceState::Busy as i32);
+    until_state(&mut w, &erin, pb::PresenceState::Busy, Some(1), SECOND * 5).await;
+
+    // The client sends nothing, yet the session outlives its TTL, and the server's
+    // keep-alive arrives every heartbeat interval (TTL / 3).
+    let mut acks = 0;
+    let until = tokio::time::Instant::now() + ttl + SECOND;
+    while tokio::time::Instant::now() < until {
+        if let F::HeartbeatAck(_) = session_frame(&mut stream, SECOND * 3).await {
+            acks += 1;
+        }
+    }
+    assert!(acks >= 2, "{acks} keep-alives in {:?}", ttl + SECOND);
+    let now = on_a
+        .get(authed(
+            pb::GetRequest {
+                user_ids: vec![erin.clone()],
+            },
+            &other_token,
+        ))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(now.presences[0].state, pb::PresenceState::Busy as i32);
+    assert_eq!(now.presences[0].session_count, 1);
+
+    // Refusals name the field, or say there is no such session of the caller's.
+    let refuse = |session_id: String, state: Option<pb::SetState>, token: String| {
+        let mut client = on_a.clone();
+        async move {
+            client
+                .set_session_state(authed(
+                    pb::SetSessionStateRequest { session_id, state },
+                    &token,
+                ))
+                .await
+                .expect_err("refused")
+        }
+    };
+    let e = refuse(
+        id.clone(),
+        Some(set_state(pb::PresenceState::Offline, "")),
+        erin_token.clone(),
+    )
+    .await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(bad_field(&e).as_deref(), Some("state"));
+    let e = refuse(id.clone(), None, erin_token.clone()).await;
+    assert_eq!(bad_field(&e).as_deref(), Some("state"));
+    let e = refuse(
+        id.clone(),
+        Some(set_state(pb::PresenceState::Away, &"t".repeat(129))),
+        erin_token.clone(),
+    )
+    .await;
+    assert_eq!(bad_field(&e).as_deref(), Some("custom_text"));
+    let e = refuse(
+        "x".repeat(5000),
+        Some(set_state(pb::PresenceState::Away, "")),
+        erin_token.clone(),
+    )
+    .await;
+    assert_eq!(bad_field(&e).as_deref(), Some("session_id"));
+    for (sid, token) in [
+        (uuid::Uuid::now_v7().to_string(), erin_token.clone()),
+        // Someone else's token with Erin's session id: not theirs to steer.
+        (id.clone(), other_token.clone()),
+    ] {
+        let e = refuse(sid, Some(set_state(pb::PresenceState::Away, "")), token).await;
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert_eq!(reason_of(&e).as_deref(), Some("SESSION_NOT_FOUND"));
+    }
+    let e = PresenceServiceClient::new(b.channel())
+        .session(authed(
+            pb::SessionRequest {
+                state: Some(pb::SetState {
+                    device_name: "d".repeat(65),
+                    ..Default::default()
+                }),
+            },
+            &erin_token,
+        ))
+        .await
+        .expect_err("bad session request");
+    assert_eq!(bad_field(&e).as_deref(), Some("device_name"));
+    // Nothing changed for the watcher through all of that.
+    assert_eq!(
+        collect(&mut w, Some(&erin), MS500).await,
+        Vec::<pb::UserPresence>::new()
+    );
+
+    // EndSession from the other instance is the goodbye: the stream ends without an
+    // error and the device is offline well before the grace would have let it go.
+    let ended_at = tokio::time::Instant::now();
+    on_a.end_session(authed(
+        pb::EndSessionRequest {
+            session_id: id.clone(),
+        },
+        &erin_token,
+    ))
+    .await
+    .expect("end");
+    let end = tokio::time::timeout(SECOND * 5, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    assert!(end.is_ok(), "ended with {end:?}");
+    until_state(&mut w, &erin, pb::PresenceState::Offline, Some(0), grace).await;
+    assert!(ended_at.elapsed() < grace, "{:?}", ended_at.elapsed());
+    let e = on_a
+        .end_session(authed(
+            pb::EndSessionRequest { session_id: id },
+            &erin_token,
+        ))
+        .await
+        .expect_err("ended already");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // A Session stream that breaks (the page goes away) lingers for the grace.
+    let proxy = Proxy::start(b.addr).await.expect("proxy");
+    let (_, _lost) = session(
+        proxy.channel(),
+        &erin_token,
+        set_state(pb::PresenceState::Available, ""),
+    )
+    .await
+    .expect("session");
+    until_state(
+        &mut w,
+        &erin,
+        pb::PresenceState::Available,
+        Some(1),
+        SECOND * 5,
+    )
+    .await;
+    let broke_at = tokio::time::Instant::now();
+    proxy.cut();
+    until_state(
+        &mut w,
+        &erin,
+        pb::PresenceState::Offline,
+        Some(0),
+        grace + SECOND * 5,
+    )
+    .await;
+    assert!(
+        broke_at.elapsed() >= grace - Duration::from_millis(100),
+        "offline after {:?}, before the grace of {grace:?}",
+        broke_at.elapsed()
+    );
+}

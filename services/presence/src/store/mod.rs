@@ -34,6 +34,12 @@ pub fn user_channel(user_id: &str) -> String {
     format!("sb:presence:{{u:{user_id}}}")
 }
 
+/// Pub/sub channel of one Session stream's commands (SetSessionState, EndSession). It
+/// names the user: a caller can reach only its own sessions.
+pub fn session_channel(user_id: &str, session_id: &str) -> String {
+    format!("sb:presence:{{u:{user_id}}}:session:{session_id}")
+}
+
 /// Pub/sub channel of every change of users with a role (wire value), for role watches
 /// such as the support desk's watch of agents.
 pub fn role_channel(role: i32) -> String {
