@@ -144,3 +144,25 @@ pub async fn person(
         token: tokens.access_token,
     })
 }
+
+/// A guest: a session from StartGuestSession shown to others as `display_name`.
+pub async fn guest(c: &AuthServiceClient<Channel>, display_name: &str) -> Result<Person, Status> {
+    let reply = c
+        .clone()
+        .start_guest_session(pb::StartGuestSessionRequest {
+            display_name: display_name.into(),
+        })
+        .await?
+        .into_inner();
+    let user = reply
+        .user
+        .ok_or_else(|| Status::internal("no user in the reply"))?;
+    let tokens = reply
+        .tokens
+        .ok_or_else(|| Status::internal("no tokens in the reply"))?;
+    Ok(Person {
+        id: user.id,
+        name: user.username,
+        token: tokens.access_token,
+    })
+}

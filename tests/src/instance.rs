@@ -112,6 +112,10 @@ pub struct AuthOptions {
     pub limits: switchboard_common::config::ServerLimits,
     /// Web origins allowed to call with gRPC-Web (CORS_ALLOWED_ORIGINS).
     pub cors_allowed_origins: Vec<String>,
+    /// Guest sessions per address per window (0: no limit, the harness default).
+    pub guests_per_peer: u64,
+    /// A guest session's life past its last refresh (AUTH_GUEST_SESSION_TTL_SECS).
+    pub guest_ttl: Duration,
 }
 
 impl Default for AuthOptions {
@@ -127,6 +131,8 @@ impl Default for AuthOptions {
             registrations_per_peer: 0,
             limits: switchboard_common::config::ServerLimits::default(),
             cors_allowed_origins: Vec::new(),
+            guests_per_peer: 0,
+            guest_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -176,6 +182,9 @@ pub async fn spawn_auth_on(engine: Engine, options: AuthOptions) -> anyhow::Resu
             .collect();
         config.limits.registrations_per_peer =
             (options.registrations_per_peer > 0).then_some(options.registrations_per_peer);
+        config.limits.guests_per_peer =
+            (options.guests_per_peer > 0).then_some(options.guests_per_peer);
+        config.guest_ttl = options.guest_ttl;
         config.server.tls = options
             .tls
             .map(|(cert_pem, key_pem)| switchboard_common::config::TlsFiles { cert_pem, key_pem });

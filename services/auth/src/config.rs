@@ -34,6 +34,10 @@ pub mod env {
     pub const FAILURE_WINDOW_SECS: &str = "AUTH_LOGIN_FAILURE_WINDOW_SECS";
     /// Registrations allowed per client address per window.
     pub const REGISTRATIONS_PER_PEER: &str = "AUTH_REGISTRATIONS_PER_PEER";
+    /// Guest sessions allowed per client address per window.
+    pub const GUESTS_PER_PEER: &str = "AUTH_GUESTS_PER_PEER";
+    /// Guest session lifetime without refresh.
+    pub const GUEST_SESSION_TTL_SECS: &str = "AUTH_GUEST_SESSION_TTL_SECS";
 }
 
 /// `switchboard-auth`: accounts, sessions and token keys for Switchboard.
@@ -106,6 +110,15 @@ pub struct Args {
     /// shares them; then RESOURCE_EXHAUSTED (reason RATE_LIMITED). 0: no limit.
     #[arg(long, env = env::REGISTRATIONS_PER_PEER, default_value_t = 20)]
     pub registrations_per_peer: u64,
+    /// Guest sessions (StartGuestSession, for chat widgets) allowed per client address
+    /// within the window of AUTH_LOGIN_FAILURE_WINDOW_SECS, counted in the store so every
+    /// instance shares them; then RESOURCE_EXHAUSTED (reason RATE_LIMITED). 0: no limit.
+    #[arg(long, env = env::GUESTS_PER_PEER, default_value_t = 30)]
+    pub guests_per_peer: u64,
+    /// How long a guest's session lasts past its last refresh, in seconds (at least
+    /// AUTH_ACCESS_TTL_SECS).
+    #[arg(long, env = env::GUEST_SESSION_TTL_SECS, default_value_t = 24 * 3600)]
+    pub guest_session_ttl_secs: u64,
 }
 
 /// Validated auth settings.
@@ -119,6 +132,8 @@ pub struct Config {
     pub access_ttl: Duration,
     /// Session lifetime without refresh.
     pub refresh_ttl: Duration,
+    /// A guest session's lifetime without refresh.
+    pub guest_ttl: Duration,
     /// PEM of the signing key, if configured.
     pub signing_key_pem: Option<Secret>,
     /// First admin's username and password.
@@ -153,6 +168,8 @@ pub struct LoginLimits {
     pub window: Duration,
     /// Registrations per client address per window (`None`: no limit).
     pub registrations_per_peer: Option<u64>,
+    /// Guest sessions per client address per window (`None`: no limit).
+    pub guests_per_peer: Option<u64>,
 }
 
 impl Args {
@@ -173,6 +190,13 @@ impl Args {
             problems.add(format!(
                 "{}: must not be shorter than {}",
                 env::REFRESH_TTL_SECS,
+                env::ACCESS_TTL_SECS
+            ));
+        }
+        if self.guest_session_ttl_secs < self.access_ttl_secs {
+            problems.add(format!(
+                "{}: must not be shorter than {}",
+                env::GUEST_SESSION_TTL_SECS,
                 env::ACCESS_TTL_SECS
             ));
         }
@@ -246,6 +270,7 @@ impl Args {
             engine,
             access_ttl: Duration::from_secs(self.access_ttl_secs),
             refresh_ttl: Duration::from_secs(self.refresh_ttl_secs),
+            guest_ttl: Duration::from_secs(self.guest_session_ttl_secs),
             signing_key_pem,
             admin,
             argon2: Argon2Cost {
@@ -260,6 +285,7 @@ impl Args {
                 window: Duration::from_secs(self.login_failure_window_secs),
                 registrations_per_peer: (self.registrations_per_peer > 0)
                     .then_some(self.registrations_per_peer),
+                guests_per_peer: (self.guests_per_peer > 0).then_some(self.guests_per_peer),
             },
         })
     }

@@ -60,6 +60,7 @@ pub struct Auth<S> {
     revocations: Arc<dyn RevocationStore>,
     limits: LoginLimits,
     refresh_ttl: Duration,
+    guest_ttl: Duration,
 }
 
 fn unix_ms() -> u64 {
@@ -79,6 +80,13 @@ fn new_secret() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// What starts the secret of a guest session's refresh tokens: a character base64url
+/// never has, so a guest's session keeps its own lifetime at every refresh.
+const GUEST_SECRET: char = '~';
+
+/// What starts every guest's username; Register refuses it.
+pub const GUEST_PREFIX: &str = "guest-";
+
 /// Splits `<session id>.<secret>`; `None` unless the session id is a UUID.
 fn split_refresh(token: &str) -> Option<(&str, &str)> {
     let (sid, secret) = token.trim().split_once('.')?;
@@ -94,6 +102,7 @@ impl<S: AuthStore> Auth<S> {
         revocations: Arc<dyn RevocationStore>,
         limits: LoginLimits,
         refresh_ttl: Duration,
+        guest_ttl: Duration,
     ) -> Self {
         Self {
             store,
@@ -102,6 +111,99 @@ impl<S: AuthStore> Auth<S> {
             revocations,
             limits,
             refresh_ttl,
+            guest_ttl,
+        }
+    }
+
+    /// Counts one attempt of `what` from `peer` against `limit` per window; refuses
+    /// (naming `setting`) once over it.
+    async fn count_peer(
+        &self,
+        what: &str,
+        peer: Option<IpAddr>,
+        limit: Option<u64>,
+        refusal: &str,
+    ) -> Result<()> {
+        if let (Some(limit), Some(ip)) = (limit, peer) {
+            let counts = self
+                .store
+                .hit(&[format!("{what}:{ip}")], self.limits.window)
+                .await?;
+            if let Some((n, ttl)) = counts.first().copied()
+                && n > limit
+            {
+                return Err(rate_limited(refusal, ttl));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a session for a new GUEST user (a website visitor without an account),
+    /// counted against the address's guest limit before any work.
+    pub async fn start_guest(
+        &self,
+        display_name: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<(Tokens, UserRecord)> {
+        self.count_peer(
+            "guest",
+            peer,
+            self.limits.guests_per_peer,
+            "too many guest sessions from this address (AUTH_GUESTS_PER_PEER)",
+        )
+        .await?;
+        let mut tag = [0u8; 8];
+        rand_core::OsRng.fill_bytes(&mut tag);
+        let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        let username = Username::parse(&format!("{GUEST_PREFIX}{hex}"))?;
+        let display = if display_name.trim().is_empty() {
+            "Guest".to_owned()
+        } else {
+            DisplayName::parse(display_name, &username)?
+                .as_str()
+                .to_owned()
+        };
+        let user = UserRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            username: username.as_str().to_owned(),
+            display_name: display,
+            role: Role::Guest,
+            // No password: a guest cannot log in (login checks the role first).
+            password_hash: String::new(),
+            created_at_ms: unix_ms(),
+        };
+        if !self.store.create_user(&user).await? {
+            return Err(Error::Internal("a random guest name was taken".into()));
+        }
+        let tokens = self.start_session(&user, true).await?;
+        Ok((tokens, user))
+    }
+
+    /// A new session of `user` and its first token pair.
+    async fn start_session(&self, user: &UserRecord, guest: bool) -> Result<Tokens> {
+        let session_id = uuid::Uuid::now_v7().to_string();
+        let secret = if guest {
+            format!("{GUEST_SECRET}{}", new_secret())
+        } else {
+            new_secret()
+        };
+        let ttl = self.session_ttl(guest);
+        self.store
+            .create_session(&NewSession {
+                id: session_id.clone(),
+                user_id: user.id.clone(),
+                refresh_hash: token_hash(&secret),
+                ttl,
+            })
+            .await?;
+        self.tokens(user, session_id, &secret, ttl)
+    }
+
+    fn session_ttl(&self, guest: bool) -> Duration {
+        if guest {
+            self.guest_ttl
+        } else {
+            self.refresh_ttl
         }
     }
 
@@ -114,21 +216,20 @@ impl<S: AuthStore> Auth<S> {
         display_name: &str,
         peer: Option<IpAddr>,
     ) -> Result<UserRecord> {
-        if let (Some(limit), Some(ip)) = (self.limits.registrations_per_peer, peer) {
-            let counts = self
-                .store
-                .hit(&[format!("register:{ip}")], self.limits.window)
-                .await?;
-            if let Some((n, ttl)) = counts.first().copied()
-                && n > limit
-            {
-                return Err(rate_limited(
-                    "too many registrations from this address (AUTH_REGISTRATIONS_PER_PEER)",
-                    ttl,
-                ));
-            }
-        }
+        self.count_peer(
+            "register",
+            peer,
+            self.limits.registrations_per_peer,
+            "too many registrations from this address (AUTH_REGISTRATIONS_PER_PEER)",
+        )
+        .await?;
         let username = Username::parse(username)?;
+        if username.as_str().starts_with(GUEST_PREFIX) {
+            return Err(Error::invalid(
+                "username",
+                format!("usernames starting with {GUEST_PREFIX:?} are reserved for guests"),
+            ));
+        }
         let password = Password::parse(password)?;
         let display_name = DisplayName::parse(display_name, &username)?;
         self.create(username, password, display_name, Role::Customer)
@@ -240,7 +341,12 @@ impl<S: AuthStore> Auth<S> {
                 ttl,
             ));
         }
-        let user = self.store.user_by_name(username.as_str()).await?;
+        // A guest has no password: it is checked against the decoy, as an unknown name.
+        let user = self
+            .store
+            .user_by_name(username.as_str())
+            .await?
+            .filter(|u| u.role != Role::Guest);
         let ok = self
             .hasher
             .verify(password, user.as_ref().map(|u| u.password_hash.as_str()))
@@ -253,21 +359,17 @@ impl<S: AuthStore> Auth<S> {
         if let Some(k) = &peer_key {
             self.store.release(k).await?;
         }
-        let session_id = uuid::Uuid::now_v7().to_string();
-        let secret = new_secret();
-        self.store
-            .create_session(&NewSession {
-                id: session_id.clone(),
-                user_id: user.id.clone(),
-                refresh_hash: token_hash(&secret),
-                ttl: self.refresh_ttl,
-            })
-            .await?;
-        let tokens = self.tokens(&user, session_id, &secret)?;
+        let tokens = self.start_session(&user, false).await?;
         Ok((tokens, user))
     }
 
-    fn tokens(&self, user: &UserRecord, session_id: String, secret: &str) -> Result<Tokens> {
+    fn tokens(
+        &self,
+        user: &UserRecord,
+        session_id: String,
+        secret: &str,
+        ttl: Duration,
+    ) -> Result<Tokens> {
         let now = now_secs();
         let (access_token, access_expires_at) =
             self.keyring.issue(&user.id, user.role, &session_id, now)?;
@@ -275,7 +377,7 @@ impl<S: AuthStore> Auth<S> {
             access_token,
             access_expires_at,
             refresh_token: format!("{session_id}.{secret}"),
-            refresh_expires_at: now + self.refresh_ttl.as_secs(),
+            refresh_expires_at: now + ttl.as_secs(),
             session_id,
         })
     }
@@ -286,15 +388,17 @@ impl<S: AuthStore> Auth<S> {
             return Err(Error::invalid("refresh_token", "refresh_token is required"));
         }
         let (sid, secret) = split_refresh(refresh_token).ok_or(Error::BadRefreshToken)?;
-        let next = new_secret();
+        // The mark is covered by the hash: changing it makes the token unknown.
+        let guest = secret.starts_with(GUEST_SECRET);
+        let next = if guest {
+            format!("{GUEST_SECRET}{}", new_secret())
+        } else {
+            new_secret()
+        };
+        let ttl = self.session_ttl(guest);
         match self
             .store
-            .rotate_refresh(
-                sid,
-                &token_hash(secret),
-                &token_hash(&next),
-                self.refresh_ttl,
-            )
+            .rotate_refresh(sid, &token_hash(secret), &token_hash(&next), ttl)
             .await?
         {
             Rotation::Rotated(user_id) => {
@@ -305,7 +409,7 @@ impl<S: AuthStore> Auth<S> {
                     .pop()
                     .flatten()
                     .ok_or(Error::BadRefreshToken)?;
-                self.tokens(&user, sid.to_owned(), &next)
+                self.tokens(&user, sid.to_owned(), &next, ttl)
             }
             Rotation::Reused => {
                 tracing::warn!(session_id = sid, "refresh token re-used; session revoked");
@@ -416,12 +520,24 @@ impl<S: AuthStore> Auth<S> {
                 "only admins may change roles".into(),
             ));
         }
-        let role =
-            role.ok_or_else(|| Error::invalid("role", "role must be CUSTOMER, AGENT or ADMIN"))?;
+        let role = role
+            .filter(|r| *r != Role::Guest)
+            .ok_or_else(|| Error::invalid("role", "role must be CUSTOMER, AGENT or ADMIN"))?;
         switchboard_common::id::check("user_id", user_id)?;
         if user_id == caller.user_id {
             return Err(Error::FailedPrecondition(
                 "admins cannot change their own role; ask another admin".into(),
+            ));
+        }
+        let target = self
+            .store
+            .users_by_id(&[user_id.to_owned()])
+            .await?
+            .pop()
+            .flatten();
+        if target.is_some_and(|u| u.role == Role::Guest) {
+            return Err(Error::FailedPrecondition(
+                "a guest has no account and keeps the GUEST role".into(),
             ));
         }
         self.store

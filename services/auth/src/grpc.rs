@@ -17,6 +17,7 @@ pub const PUBLIC_METHODS: &[&str] = &[
     "/switchboard.auth.v1.AuthService/Login",
     "/switchboard.auth.v1.AuthService/Refresh",
     "/switchboard.auth.v1.AuthService/GetJwks",
+    "/switchboard.auth.v1.AuthService/StartGuestSession",
 ];
 
 /// `switchboard.auth.v1.AuthService` over an [`Auth`].
@@ -105,6 +106,21 @@ impl<S: AuthStore> AuthService for AuthGrpc<S> {
         let (t, u) = outcome?;
         tracing::info!(user_id = %u.id, session_id = %t.session_id, "logged in");
         Ok(Response::new(pb::LoginResponse {
+            tokens: Some(tokens(t)),
+            user: Some(user(&u)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn start_guest_session(
+        &self,
+        req: Request<pb::StartGuestSessionRequest>,
+    ) -> Result<Response<pb::StartGuestSessionResponse>, Status> {
+        let peer = req.remote_addr().map(|a| a.ip());
+        let r = req.into_inner();
+        let (t, u) = self.auth.start_guest(&r.display_name, peer).await?;
+        tracing::info!(user_id = %u.id, session_id = %t.session_id, "guest session started");
+        Ok(Response::new(pb::StartGuestSessionResponse {
             tokens: Some(tokens(t)),
             user: Some(user(&u)),
         }))

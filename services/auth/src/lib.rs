@@ -97,6 +97,7 @@ async fn serve<S: AuthStore>(
         backend.revocations.clone(),
         config.limits,
         config.refresh_ttl,
+        config.guest_ttl,
     ));
 
     // A first-admin conflict stops the service: serving on would leave no admin, or worse.

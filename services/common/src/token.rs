@@ -42,6 +42,8 @@ pub enum Role {
     Agent,
     /// An administrator.
     Admin,
+    /// A website visitor without an account: consultations only.
+    Guest,
 }
 
 impl Role {
@@ -51,6 +53,7 @@ impl Role {
             Role::Customer => "customer",
             Role::Agent => "agent",
             Role::Admin => "admin",
+            Role::Guest => "guest",
         }
     }
 
@@ -60,6 +63,7 @@ impl Role {
             "customer" => Some(Role::Customer),
             "agent" => Some(Role::Agent),
             "admin" => Some(Role::Admin),
+            "guest" => Some(Role::Guest),
             _ => None,
         }
     }
@@ -71,6 +75,7 @@ impl Role {
             Role::Customer => P::Customer as i32,
             Role::Agent => P::Agent as i32,
             Role::Admin => P::Admin as i32,
+            Role::Guest => P::Guest as i32,
         }
     }
 
@@ -81,6 +86,7 @@ impl Role {
             P::Customer => Some(Role::Customer),
             P::Agent => Some(Role::Agent),
             P::Admin => Some(Role::Admin),
+            P::Guest => Some(Role::Guest),
             P::Unspecified => None,
         }
     }

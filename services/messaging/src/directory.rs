@@ -1,5 +1,6 @@
-//! Who exists: before member ids are stored (CreateConversation, AddMembers), messaging
-//! asks the user directory which of them belong to nobody, in batches, not one call per id.
+//! Who may be a member: before member ids are stored (CreateConversation, AddMembers),
+//! messaging asks the user directory which of them belong to nobody or to a guest (who
+//! takes part only in its own consultations), in batches, not one call per id.
 //!
 //! The directory is auth (`AuthService.GetUsers`), asked on behalf of the caller with the
 //! caller's own `authorization` value, so it works with or without `SERVICE_TOKEN`.
@@ -27,28 +28,45 @@ impl std::fmt::Debug for Credential {
     }
 }
 
-/// Answers which user ids exist.
+/// Why an id cannot be a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfit {
+    /// It belongs to no user.
+    Missing,
+    /// It belongs to a guest.
+    Guest,
+}
+
+/// Answers which user ids may be members.
 pub trait UserDirectory: Send + Sync + 'static {
-    /// The ids among `ids` that belong to no user (at most [`BATCH`] ids per call).
-    fn missing<'a>(
+    /// The ids among `ids` that may not be members, and why (at most [`BATCH`] ids per
+    /// call).
+    fn unfit<'a>(
         &'a self,
         ids: &'a [String],
         credential: &'a Credential,
-    ) -> BoxFuture<'a, Result<Vec<String>>>;
+    ) -> BoxFuture<'a, Result<Vec<(String, Unfit)>>>;
 }
 
-/// The first of `ids` that belongs to no user, with its index, asking `directory` in
-/// batches of [`BATCH`].
-pub async fn first_unknown(
+/// The first of `ids` that may not be a member, with its index and why, asking
+/// `directory` in batches of [`BATCH`].
+pub async fn first_unfit(
     directory: &dyn UserDirectory,
     ids: &[String],
     credential: &Credential,
-) -> Result<Option<(usize, String)>> {
+) -> Result<Option<(usize, String, Unfit)>> {
     for (n, batch) in ids.chunks(BATCH).enumerate() {
-        let missing = directory.missing(batch, credential).await?;
-        let missing: std::collections::HashSet<&str> = missing.iter().map(String::as_str).collect();
-        if let Some(i) = batch.iter().position(|id| missing.contains(id.as_str())) {
-            return Ok(Some((n * BATCH + i, batch[i].clone())));
+        let unfit: std::collections::HashMap<String, Unfit> = directory
+            .unfit(batch, credential)
+            .await?
+            .into_iter()
+            .collect();
+        if let Some((i, why)) = batch
+            .iter()
+            .enumerate()
+            .find_map(|(i, id)| unfit.get(id).map(|why| (i, *why)))
+        {
+            return Ok(Some((n * BATCH + i, batch[i].clone(), why)));
         }
     }
     Ok(None)
@@ -72,11 +90,11 @@ impl AuthDirectory {
 }
 
 impl UserDirectory for AuthDirectory {
-    fn missing<'a>(
+    fn unfit<'a>(
         &'a self,
         ids: &'a [String],
         credential: &'a Credential,
-    ) -> BoxFuture<'a, Result<Vec<String>>> {
+    ) -> BoxFuture<'a, Result<Vec<(String, Unfit)>>> {
         Box::pin(async move {
             let mut req = tonic::Request::new(auth_pb::GetUsersRequest {
                 user_ids: ids.to_vec(),
@@ -94,7 +112,18 @@ impl UserDirectory for AuthDirectory {
                         dependency: Dependency::Auth,
                         cause: format!("auth GetUsers: {:?}: {}", s.code(), s.message()),
                     })?;
-            Ok(reply.into_inner().missing_ids)
+            let reply = reply.into_inner();
+            let guests = reply
+                .users
+                .into_iter()
+                .filter(|u| u.role == auth_pb::Role::Guest as i32)
+                .map(|u| (u.id, Unfit::Guest));
+            Ok(reply
+                .missing_ids
+                .into_iter()
+                .map(|id| (id, Unfit::Missing))
+                .chain(guests)
+                .collect())
         })
     }
 }
@@ -108,11 +137,11 @@ pub(crate) mod testing {
     pub(crate) struct Everyone;
 
     impl UserDirectory for Everyone {
-        fn missing<'a>(
+        fn unfit<'a>(
             &'a self,
             _: &'a [String],
             _: &'a Credential,
-        ) -> BoxFuture<'a, Result<Vec<String>>> {
+        ) -> BoxFuture<'a, Result<Vec<(String, Unfit)>>> {
             Box::pin(async { Ok(Vec::new()) })
         }
     }
@@ -122,39 +151,54 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
 
-    /// A fixed set of users: the directory of unit tests.
+    /// A fixed set of users and guests: the directory of unit tests.
     #[derive(Default)]
-    struct KnownUsers(std::collections::HashSet<String>);
+    struct KnownUsers {
+        users: std::collections::HashSet<String>,
+        guests: std::collections::HashSet<String>,
+    }
 
     impl UserDirectory for KnownUsers {
-        fn missing<'a>(
+        fn unfit<'a>(
             &'a self,
             ids: &'a [String],
             _: &'a Credential,
-        ) -> BoxFuture<'a, Result<Vec<String>>> {
-            let missing = ids
+        ) -> BoxFuture<'a, Result<Vec<(String, Unfit)>>> {
+            let unfit = ids
                 .iter()
-                .filter(|id| !self.0.contains(*id))
-                .cloned()
+                .filter_map(|id| {
+                    if self.guests.contains(id) {
+                        Some((id.clone(), Unfit::Guest))
+                    } else if !self.users.contains(id) {
+                        Some((id.clone(), Unfit::Missing))
+                    } else {
+                        None
+                    }
+                })
                 .collect();
-            Box::pin(async move { Ok(missing) })
+            Box::pin(async move { Ok(unfit) })
         }
     }
 
     #[tokio::test]
-    async fn the_first_unknown_id_is_found_across_batches() {
+    async fn the_first_unfit_id_is_found_across_batches() {
         let ids: Vec<String> = (0..1200).map(|i| format!("u{i}")).collect();
         let mut known = KnownUsers::default();
-        known.0.extend(ids.iter().cloned());
-        let none = first_unknown(&known, &ids, &Credential::default())
+        known.users.extend(ids.iter().cloned());
+        let none = first_unfit(&known, &ids, &Credential::default())
             .await
             .expect("ok");
         assert_eq!(none, None);
-        known.0.remove("u777");
-        known.0.remove("u1100");
-        let found = first_unknown(&known, &ids, &Credential::default())
+        known.users.remove("u777");
+        known.users.remove("u1100");
+        let found = first_unfit(&known, &ids, &Credential::default())
             .await
             .expect("ok");
-        assert_eq!(found, Some((777, "u777".to_owned())));
+        assert_eq!(found, Some((777, "u777".to_owned(), Unfit::Missing)));
+        known.guests.insert("u600".into());
+        let found = first_unfit(&known, &ids, &Credential::default())
+            .await
+            .expect("ok");
+        assert_eq!(found, Some((600, "u600".to_owned(), Unfit::Guest)));
     }
 }

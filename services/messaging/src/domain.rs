@@ -210,12 +210,16 @@ impl<S: MessagingStore> Messaging<S> {
     /// NOT_FOUND naming the first of `ids` (from request field `field`) that belongs to no
     /// user; one directory call per [`directory::BATCH`] ids.
     async fn all_exist(&self, field: &str, ids: &[String], credential: &Credential) -> Result<()> {
-        match directory::first_unknown(self.users.as_ref(), ids, credential).await? {
+        match directory::first_unfit(self.users.as_ref(), ids, credential).await? {
             None => Ok(()),
-            Some((i, id)) => Err(Error::UserNotFound {
+            Some((i, id, directory::Unfit::Missing)) => Err(Error::UserNotFound {
                 field: format!("{field}[{i}]"),
                 id,
             }),
+            Some((i, id, directory::Unfit::Guest)) => Err(Error::invalid(
+                format!("{field}[{i}]"),
+                format!("user {id} is a guest; guests take part only in their own consultations"),
+            )),
         }
     }
 
@@ -244,6 +248,11 @@ impl<S: MessagingStore> Messaging<S> {
         title: &str,
         member_ids: &[String],
     ) -> Result<(pb::Conversation, bool)> {
+        if caller.role == switchboard_common::token::Role::Guest {
+            return Err(Error::PermissionDenied(
+                "guests only open consultations (SupportService.OpenConsultation) and talk in their own; register for direct conversations and groups".into(),
+            ));
+        }
         let new = NewConversation::parse(
             &caller.user_id,
             kind,

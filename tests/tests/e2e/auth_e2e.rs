@@ -630,3 +630,130 @@ async fn roles_first_admin_and_set_role() {
     assert_eq!(too_many.code(), Code::InvalidArgument);
     assert!(too_many.message().contains("500"));
 }
+
+#[tokio::test]
+async fn guests_are_limited_per_address_across_instances_and_cannot_log_in_or_take_roles() {
+    use switchboard_common::status::reason_of;
+    use switchboard_tests::bad_field;
+
+    let options = AuthOptions {
+        admin: Some(("groot".into(), "admin password".into())),
+        guests_per_peer: 3,
+        guest_ttl: Duration::from_secs(3600),
+        ..AuthOptions::default()
+    };
+    let pair = pair(options).await;
+    let (mut a, mut b) = (pair.accounts(0), pair.accounts(1));
+    let start = |c: &mut AuthServiceClient<Channel>, name: &str| {
+        let mut c = c.clone();
+        let name = name.to_owned();
+        async move {
+            c.start_guest_session(pb::StartGuestSessionRequest { display_name: name })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+
+    // No token needed; a GUEST user with a reserved name and the name it gave.
+    let first = start(&mut a, "  Visitor from the shop ")
+        .await
+        .expect("guest");
+    let user = first.user.expect("user");
+    let tokens = first.tokens.expect("tokens");
+    assert_eq!(user.role, pb::Role::Guest as i32);
+    assert!(user.username.starts_with("guest-"), "{}", user.username);
+    assert_eq!(user.display_name, "Visitor from the shop");
+    let me = whoami(&mut b, &tokens.access_token)
+        .await
+        .expect("the other instance knows the guest")
+        .user
+        .expect("user");
+    assert_eq!(
+        (me.id.as_str(), me.role),
+        (user.id.as_str(), pb::Role::Guest as i32)
+    );
+    // Its session lasts AUTH_GUEST_SESSION_TTL_SECS, at the start and after a refresh.
+    let in_an_hour = now_secs() as i64 + 3600;
+    let expiry = |t: &pb::TokenPair| {
+        t.refresh_token_expires_at
+            .as_ref()
+            .map(|e| e.seconds)
+            .unwrap_or(0)
+    };
+    assert!((expiry(&tokens) - in_an_hour).abs() <= 5, "{tokens:?}");
+    let refreshed = b
+        .refresh(pb::RefreshRequest {
+            refresh_token: tokens.refresh_token.clone(),
+        })
+        .await
+        .expect("refresh")
+        .into_inner()
+        .tokens
+        .expect("tokens");
+    assert!(
+        (expiry(&refreshed) - in_an_hour).abs() <= 5,
+        "{refreshed:?}"
+    );
+    let second = start(&mut b, "").await.expect("second guest");
+    assert_eq!(second.user.expect("user").display_name, "Guest");
+
+    // A guest cannot log in (it has no password), and its names are reserved.
+    let e = login(&mut a, &user.username, "any password at all")
+        .await
+        .expect_err("guest login");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(reason_of(&e).as_deref(), Some("BAD_CREDENTIALS"));
+    let e = register(&mut a, "guest-0123456789abcdef", "right password")
+        .await
+        .expect_err("reserved name");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(bad_field(&e).as_deref(), Some("username"));
+
+    // Nobody makes a guest an agent, or anyone a guest.
+    let admin = switchboard_tests::eventually(Duration::from_secs(5), || {
+        let mut a = a.clone();
+        async move { login(&mut a, "groot", "admin password").await.ok() }
+    })
+    .await
+    .expect("admin");
+    let e = a
+        .set_role(authed(
+            pb::SetRoleRequest {
+                user_id: user.id.clone(),
+                role: pb::Role::Agent as i32,
+            },
+            &admin.access_token,
+        ))
+        .await
+        .expect_err("guest promoted");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let customer = register(&mut a, "plainjo", "right password")
+        .await
+        .expect("register");
+    let e = a
+        .set_role(authed(
+            pb::SetRoleRequest {
+                user_id: customer.id,
+                role: pb::Role::Guest as i32,
+            },
+            &admin.access_token,
+        ))
+        .await
+        .expect_err("made a guest");
+    assert_eq!(bad_field(&e).as_deref(), Some("role"));
+
+    // Bad input costs an attempt like any other; the fourth from this address (counted in
+    // Redis, shared by both instances) is refused with a retry hint.
+    let e = start(&mut a, &"n".repeat(65)).await.expect_err("long name");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(bad_field(&e).as_deref(), Some("display_name"));
+    let e = start(&mut b, "one more").await.expect_err("over the limit");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(reason_of(&e).as_deref(), Some("RATE_LIMITED"));
+    assert!(
+        e.message().contains("AUTH_GUESTS_PER_PEER"),
+        "{}",
+        e.message()
+    );
+    assert!(e.metadata().get("retry-after-ms").is_some(), "{e:?}");
+}

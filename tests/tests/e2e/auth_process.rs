@@ -146,6 +146,8 @@ fn help_lists_every_setting_with_its_environment_variable() {
             "AUTH_LOGIN_MAX_FAILURES_PER_PEER",
             "AUTH_LOGIN_FAILURE_WINDOW_SECS",
             "AUTH_REGISTRATIONS_PER_PEER",
+            "AUTH_GUESTS_PER_PEER",
+            "AUTH_GUEST_SESSION_TTL_SECS",
             "MAX_CONCURRENT_REQUESTS",
             "UNARY_TIMEOUT_MS",
             "HANDSHAKE_TIMEOUT_MS",

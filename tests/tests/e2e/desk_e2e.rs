@@ -710,3 +710,109 @@ async fn a_consultation_opens_with_its_first_message_or_not_at_all() {
         "{queue:?}"
     );
 }
+
+#[tokio::test]
+async fn a_guest_opens_a_consultation_and_talks_in_it_and_nothing_else() {
+    let desk = desk().await;
+    let agent = desk.person("agent_gus", auth_pb::Role::Agent).await;
+    let carl = desk.person("carl", auth_pb::Role::Customer).await;
+    let visitor = switchboard_tests::auth::guest(&desk.accounts(0), "Visitor")
+        .await
+        .expect("guest session");
+    let _agent_device = connect(desk.presence[0].channel(), &agent.token).await;
+
+    // As a widget does: open, then follow the consultation on a Subscribe stream.
+    let opened = open(desk.support(1), &visitor, "where is my parcel")
+        .await
+        .expect("a guest opens a consultation");
+    let conversation = opened.conversation.expect("conversation");
+    let got = assigned(desk.chat(0), &visitor, &conversation.id).await;
+    assert_eq!(got.agent_id, agent.id);
+    let mut stream = Connection::subscribed(
+        desk.messaging[0].channel(),
+        &visitor.token,
+        vec![switchboard_tests::messaging::from(&conversation.id, 0)],
+    )
+    .await
+    .expect("subscribe");
+    let _ = stream.recovered(&conversation.id).await.expect("history");
+    switchboard_tests::messaging::send(
+        &mut desk.chat(1),
+        &agent.token,
+        &conversation.id,
+        "a1",
+        "on its way",
+    )
+    .await
+    .expect("agent answers");
+    let answer = stream
+        .until(Duration::from_secs(5), |f| match f {
+            Out::Message(m) => Some(m),
+            _ => None,
+        })
+        .await
+        .expect("the guest hears the answer");
+    assert_eq!(
+        (answer.seq, answer.sender_id.as_str()),
+        (2, agent.id.as_str())
+    );
+    switchboard_tests::messaging::send(
+        &mut desk.chat(1),
+        &visitor.token,
+        &conversation.id,
+        "g1",
+        "thanks",
+    )
+    .await
+    .expect("the guest talks in its own consultation");
+
+    // Nothing else: no conversations of its own, and nobody puts it in one.
+    let e = desk
+        .chat(0)
+        .create_conversation(authed(
+            pb::CreateConversationRequest {
+                kind: pb::ConversationKind::Direct as i32,
+                title: String::new(),
+                member_ids: vec![agent.id.clone()],
+            },
+            &visitor.token,
+        ))
+        .await
+        .expect_err("a guest starts a direct conversation");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("guests"), "{}", e.message());
+    for (kind, title, members, field) in [
+        (
+            pb::ConversationKind::Direct,
+            "",
+            vec![visitor.id.clone()],
+            "member_ids[0]",
+        ),
+        (
+            pb::ConversationKind::Group,
+            "with a guest",
+            vec![agent.id.clone(), visitor.id.clone()],
+            "member_ids[1]",
+        ),
+    ] {
+        let e = desk
+            .chat(1)
+            .create_conversation(authed(
+                pb::CreateConversationRequest {
+                    kind: kind as i32,
+                    title: title.into(),
+                    member_ids: members,
+                },
+                &carl.token,
+            ))
+            .await
+            .expect_err("a guest put in a conversation");
+        assert_eq!(e.code(), Code::InvalidArgument, "{kind:?}: {e:?}");
+        assert_eq!(
+            switchboard_tests::bad_field(&e).as_deref(),
+            Some(field),
+            "{kind:?}"
+        );
+        assert!(e.message().contains("guest"), "{}", e.message());
+    }
+}

@@ -130,9 +130,9 @@ impl<S: DeskStore> Desk<S> {
         topic: &str,
         first_message: String,
     ) -> Result<(pb::Consultation, pb::Conversation)> {
-        if caller.role != Role::Customer {
+        if !matches!(caller.role, Role::Customer | Role::Guest) {
             return Err(Error::PermissionDenied(format!(
-                "only customers open consultations; you are {} (agents take them with AcceptConsultation or by routing)",
+                "only customers and guests open consultations; you are {} (agents take them with AcceptConsultation or by routing)",
                 caller.role.as_str()
             )));
         }
