@@ -18,7 +18,7 @@ use crate::config::LoginLimits;
 use crate::error::{Error, Result};
 use crate::password::Hasher;
 use crate::signing::Keyring;
-use crate::store::{AuthStore, NewSession, Rotation};
+use crate::store::{AuthStore, NewSession, Rotation, Upgrade};
 
 /// How often an instance re-publishes its public key.
 pub const KEY_REPUBLISH: Duration = Duration::from_secs(60);
@@ -177,6 +177,74 @@ impl<S: AuthStore> Auth<S> {
         }
         let tokens = self.start_session(&user, true).await?;
         Ok((tokens, user))
+    }
+
+    /// The guest `caller` becomes a CUSTOMER account under the same id; a new session of
+    /// it, the guest's session ended everywhere.
+    pub async fn upgrade_guest(
+        &self,
+        caller: &Caller,
+        username: &str,
+        password: &str,
+        display_name: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<(Tokens, UserRecord)> {
+        if caller.role != Role::Guest {
+            return Err(Error::FailedPrecondition(format!(
+                "only a guest session upgrades to an account; this one is a {}'s, which has an account already",
+                caller.role.as_str()
+            )));
+        }
+        self.count_peer(
+            "register",
+            peer,
+            self.limits.registrations_per_peer,
+            "too many registrations from this address (AUTH_REGISTRATIONS_PER_PEER)",
+        )
+        .await?;
+        let name = Username::parse(username)?;
+        if name.as_str().starts_with(GUEST_PREFIX) {
+            return Err(Error::invalid(
+                "username",
+                format!("usernames starting with {GUEST_PREFIX:?} are reserved for guests"),
+            ));
+        }
+        let password = Password::parse(password)?;
+        let guest = self
+            .store
+            .users_by_id(std::slice::from_ref(&caller.user_id))
+            .await?
+            .pop()
+            .flatten()
+            .ok_or_else(|| Error::UserNotFound(caller.user_id.clone()))?;
+        let display = match display_name.trim() {
+            "" if guest.display_name != "Guest" => guest.display_name.clone(),
+            given => DisplayName::parse(given, &name)?.as_str().to_owned(),
+        };
+        if self.store.user_by_name(name.as_str()).await?.is_some() {
+            return Err(Error::UsernameTaken(name.as_str().to_owned()));
+        }
+        let account = UserRecord {
+            id: guest.id.clone(),
+            username: name.as_str().to_owned(),
+            display_name: display,
+            role: Role::Customer,
+            password_hash: self.hasher.hash(password).await?,
+            created_at_ms: guest.created_at_ms,
+        };
+        match self.store.upgrade_guest(&account, &guest.username).await? {
+            Upgrade::Done => {}
+            Upgrade::NameTaken => return Err(Error::UsernameTaken(account.username)),
+            Upgrade::NotAGuest => {
+                return Err(Error::FailedPrecondition(
+                    "this guest has become an account already".into(),
+                ));
+            }
+        }
+        self.store.revoke_session(&caller.session_id).await?;
+        self.announce_revocation(&caller.session_id).await?;
+        let tokens = self.start_session(&account, false).await?;
+        Ok((tokens, account))
     }
 
     /// A new session of `user` and its first token pair.

@@ -127,6 +127,25 @@ impl<S: AuthStore> AuthService for AuthGrpc<S> {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn upgrade_guest(
+        &self,
+        req: Request<pb::UpgradeGuestRequest>,
+    ) -> Result<Response<pb::UpgradeGuestResponse>, Status> {
+        let c = caller(&req)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let r = req.into_inner();
+        let (t, u) = self
+            .auth
+            .upgrade_guest(&c, &r.username, &r.password, &r.display_name, peer)
+            .await?;
+        tracing::info!(user_id = %u.id, session_id = %t.session_id, "guest upgraded to an account");
+        Ok(Response::new(pb::UpgradeGuestResponse {
+            tokens: Some(tokens(t)),
+            user: Some(user(&u)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn refresh(
         &self,
         req: Request<pb::RefreshRequest>,

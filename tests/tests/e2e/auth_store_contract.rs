@@ -5,7 +5,7 @@ use std::time::Duration;
 use switchboard_auth::account::UserRecord;
 use switchboard_auth::store::memory::MemoryStore;
 use switchboard_auth::store::redis::RedisStore;
-use switchboard_auth::store::{AuthStore, NewSession, Rotation};
+use switchboard_auth::store::{AuthStore, NewSession, Rotation, Upgrade};
 use switchboard_common::token::{PublicKey, Role};
 use switchboard_tests::redis::RedisServer;
 
@@ -208,6 +208,75 @@ async fn contract(store: impl AuthStore) {
     assert_eq!(live, vec![k1.clone()]);
     store.put_key(&k2, 3_000).await.expect("re-put");
     assert_eq!(store.keys(1_500).await.expect("keys").len(), 2);
+
+    // A guest becomes an account under its id; only a guest, only to a free name.
+    let guest = UserRecord {
+        role: Role::Guest,
+        password_hash: String::new(),
+        ..user("g1", "guest-00aa")
+    };
+    assert!(store.create_user(&guest).await.expect("create guest"));
+    let account = UserRecord {
+        role: Role::Customer,
+        display_name: "Gina".into(),
+        ..user("g1", "gina")
+    };
+    let taken = UserRecord {
+        username: "alice".into(),
+        ..account.clone()
+    };
+    assert_eq!(
+        store.upgrade_guest(&taken, "guest-00aa").await.expect("up"),
+        Upgrade::NameTaken
+    );
+    assert_eq!(
+        store.user_by_name("guest-00aa").await.expect("by name"),
+        Some(guest.clone()),
+        "a refused upgrade changes nothing"
+    );
+    let not_a_guest = UserRecord {
+        username: "notbob".into(),
+        ..user("u3", "notbob")
+    };
+    assert_eq!(
+        store.upgrade_guest(&not_a_guest, "bob").await.expect("up"),
+        Upgrade::NotAGuest
+    );
+    assert_eq!(
+        store.user_by_name("notbob").await.expect("by name"),
+        None,
+        "the name claimed for a refused upgrade is given back"
+    );
+    assert_eq!(
+        store
+            .upgrade_guest(&account, "guest-00aa")
+            .await
+            .expect("up"),
+        Upgrade::Done
+    );
+    assert_eq!(
+        store.user_by_name("gina").await.expect("by name"),
+        Some(account.clone())
+    );
+    assert_eq!(
+        store.users_by_id(&["g1".into()]).await.expect("by id"),
+        vec![Some(account.clone())]
+    );
+    assert_eq!(store.user_by_name("guest-00aa").await.expect("old"), None);
+    assert_eq!(
+        store
+            .upgrade_guest(
+                &UserRecord {
+                    username: "gina2".into(),
+                    ..account
+                },
+                "gina"
+            )
+            .await
+            .expect("again"),
+        Upgrade::NotAGuest,
+        "an account does not upgrade twice"
+    );
 }
 
 #[tokio::test]

@@ -712,7 +712,7 @@ async fn a_consultation_opens_with_its_first_message_or_not_at_all() {
 }
 
 #[tokio::test]
-async fn a_guest_opens_a_consultation_and_talks_in_it_and_nothing_else() {
+async fn a_guest_talks_in_its_own_consultation_only_and_keeps_it_as_an_account() {
     let desk = desk().await;
     let agent = desk.person("agent_gus", auth_pb::Role::Agent).await;
     let carl = desk.person("carl", auth_pb::Role::Customer).await;
@@ -815,4 +815,88 @@ async fn a_guest_opens_a_consultation_and_talks_in_it_and_nothing_else() {
         );
         assert!(e.message().contains("guest"), "{}", e.message());
     }
+
+    // The guest becomes an account under the same id, so the consultation and its
+    // history are its own still. Its guest session is over: the
+    // stream ends and the old token is refused.
+    let mut accounts = desk.accounts(0);
+    let e = accounts
+        .upgrade_guest(authed(
+            auth_pb::UpgradeGuestRequest {
+                username: "visitor_vera".into(),
+                password: "right password".into(),
+                display_name: String::new(),
+            },
+            &carl.token,
+        ))
+        .await
+        .expect_err("a customer upgrades");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = accounts
+        .upgrade_guest(authed(
+            auth_pb::UpgradeGuestRequest {
+                username: "carl".into(),
+                password: "right password".into(),
+                display_name: String::new(),
+            },
+            &visitor.token,
+        ))
+        .await
+        .expect_err("a taken name");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let upgraded = accounts
+        .upgrade_guest(authed(
+            auth_pb::UpgradeGuestRequest {
+                username: "Visitor_Vera".into(),
+                password: "right password".into(),
+                display_name: String::new(),
+            },
+            &visitor.token,
+        ))
+        .await
+        .expect("upgrade")
+        .into_inner();
+    let account = upgraded.user.expect("user");
+    assert_eq!(account.id, visitor.id);
+    assert_eq!(account.role, auth_pb::Role::Customer as i32);
+    assert_eq!(
+        (account.username.as_str(), account.display_name.as_str()),
+        ("visitor_vera", "Visitor"),
+        "the name the guest gave stays"
+    );
+    let ended = stream.ended(Duration::from_secs(5)).await;
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    let vera = switchboard_tests::auth::login(&mut accounts, "visitor_vera", "right password")
+        .await
+        .expect("the account logs in");
+    let history = desk
+        .chat(1)
+        .list_messages(authed(
+            pb::ListMessagesRequest {
+                conversation_id: conversation.id.clone(),
+                after_seq: Some(0),
+                ..Default::default()
+            },
+            &vera.access_token,
+        ))
+        .await
+        .expect("its history")
+        .into_inner()
+        .messages;
+    assert_eq!(
+        history.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
+        ["hello, where is my parcel", "on its way", "thanks"]
+    );
+    let e = switchboard_tests::eventually(Duration::from_secs(2), || {
+        let mut chat = desk.chat(0);
+        let token = visitor.token.clone();
+        async move {
+            chat.list_conversations(authed(pb::ListConversationsRequest::default(), &token))
+                .await
+                .err()
+        }
+    })
+    .await
+    .expect("the guest token is refused");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
 }

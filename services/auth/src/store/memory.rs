@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use switchboard_common::token::{PublicKey, Role};
 
-use super::{AuthStore, NewSession, Rotation, StoreResult};
+use super::{AuthStore, NewSession, Rotation, StoreResult, Upgrade};
 use crate::account::UserRecord;
 
 #[derive(Default)]
@@ -86,6 +86,30 @@ impl AuthStore for MemoryStore {
                 u.role = role;
                 u.clone()
             })
+        }))
+    }
+
+    async fn upgrade_guest(&self, account: &UserRecord, guest_name: &str) -> StoreResult<Upgrade> {
+        Ok(self.with(|s| {
+            if s.by_name.contains_key(&account.username) {
+                return Upgrade::NameTaken;
+            }
+            match s.users.get_mut(&account.id) {
+                Some(u) if u.role == Role::Guest => {
+                    let created_at_ms = u.created_at_ms;
+                    *u = UserRecord {
+                        created_at_ms,
+                        ..account.clone()
+                    };
+                }
+                _ => return Upgrade::NotAGuest,
+            }
+            s.by_name
+                .insert(account.username.clone(), account.id.clone());
+            if s.by_name.get(guest_name) == Some(&account.id) {
+                s.by_name.remove(guest_name);
+            }
+            Upgrade::Done
         }))
     }
 

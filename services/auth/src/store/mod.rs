@@ -45,6 +45,17 @@ pub enum Rotation {
     Unknown,
 }
 
+/// What [`AuthStore::upgrade_guest`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upgrade {
+    /// The guest is now the account given, under the same id.
+    Done,
+    /// The new username belongs to someone else; nothing changed.
+    NameTaken,
+    /// The id is not (or no longer) a guest's; nothing changed.
+    NotAGuest,
+}
+
 /// Auth's storage contract.
 pub trait AuthStore: Send + Sync + 'static {
     /// Creates `user`; `false` if the username is taken.
@@ -70,6 +81,14 @@ pub trait AuthStore: Send + Sync + 'static {
         id: &str,
         role: Role,
     ) -> impl Future<Output = StoreResult<Option<UserRecord>>> + Send;
+    /// Turns the guest `account.id` (known as `guest_name`) into `account` (its new
+    /// username, display name, password hash and role), keeping its id and so everything
+    /// it took part in. The new name is claimed first, as in `create_user`.
+    fn upgrade_guest(
+        &self,
+        account: &UserRecord,
+        guest_name: &str,
+    ) -> impl Future<Output = StoreResult<Upgrade>> + Send;
     /// Records a new session with its first refresh token.
     fn create_session(&self, session: &NewSession) -> impl Future<Output = StoreResult<()>> + Send;
     /// Atomically spends refresh token `presented` of `session_id` and makes `next`

@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use switchboard_common::redis_conn::{Batch, RedisConn};
 use switchboard_common::token::{PublicKey, Role};
 
-use super::{AuthStore, NewSession, Rotation, StoreResult};
+use super::{AuthStore, NewSession, Rotation, StoreResult, Upgrade};
 use crate::account::UserRecord;
 use crate::error::StoreError;
 
@@ -204,6 +204,49 @@ impl AuthStore for RedisStore {
         }
         let fields = conn.hgetall(user_key(id)).await?;
         parse_user(id, fields)
+    }
+
+    async fn upgrade_guest(&self, account: &UserRecord, guest_name: &str) -> StoreResult<Upgrade> {
+        let mut conn = self.conn.clone();
+        // The name first, as in create_user (a name and its user live in different slots
+        // on a cluster); given back if the user turns out not to be a guest.
+        let claimed = redis::cmd("SET")
+            .arg(name_key(&account.username))
+            .arg(&account.id)
+            .arg("NX")
+            .query_async::<Option<String>>(&mut conn)
+            .await?
+            .is_some();
+        if !claimed {
+            return Ok(Upgrade::NameTaken);
+        }
+        let upgraded: i64 = redis::Script::new(
+            "if redis.call('HGET', KEYS[1], 'role') ~= 'guest' then return 0 end \
+             redis.call('HSET', KEYS[1], 'username', ARGV[1], 'display_name', ARGV[2], 'role', ARGV[3], 'password_hash', ARGV[4]) \
+             return 1",
+        )
+        .key(user_key(&account.id))
+        .arg(&account.username)
+        .arg(&account.display_name)
+        .arg(account.role.as_str())
+        .arg(&account.password_hash)
+        .invoke_async(&mut conn)
+        .await?;
+        // Only a name that still points at this user is removed.
+        let release = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        );
+        let (done, name) = if upgraded == 1 {
+            (Upgrade::Done, guest_name)
+        } else {
+            (Upgrade::NotAGuest, account.username.as_str())
+        };
+        let _: i64 = release
+            .key(name_key(name))
+            .arg(&account.id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(done)
     }
 
     async fn create_session(&self, session: &NewSession) -> StoreResult<()> {
