@@ -73,6 +73,7 @@ test: deps lint build deploy-check
 	./target/debug/switchboard-bench auth --quick > /dev/null
 	./target/debug/switchboard-bench fanout --subscribers 10 --duration 1 > /dev/null
 	./target/debug/switchboard-bench fanout --subscribers 10 --duration 1 --send-ack > /dev/null
+	./target/debug/switchboard-bench fanout --subscribers 10 --duration 1 --web > /dev/null
 	./target/debug/switchboard-bench fanout --subscribers 20 --conversations 10 --rate 100 --duration 1 --cluster --ack-replicas 1 > /dev/null
 	./target/debug/switchboard-bench connections --streams 50 > /dev/null
 	./target/debug/switchboard-bench presence --watchers 20 --devices 4 --duration 1 > /dev/null
@@ -84,6 +85,8 @@ bench:
 	@./target/release/switchboard-bench fanout --mode fixed --subscribers 200 --rate 200
 	@./target/release/switchboard-bench fanout --mode max --subscribers 200
 	@./target/release/switchboard-bench fanout --mode fixed --subscribers 200 --rate 200 --send-ack
+	@./target/release/switchboard-bench fanout --mode fixed --subscribers 200 --rate 200 --web
+	@./target/release/switchboard-bench fanout --mode max --subscribers 200 --web
 	@./target/release/switchboard-bench fanout --mode fixed --subscribers 3000 --conversations 300 --rate 300
 	@./target/release/switchboard-bench fanout --mode fixed --subscribers 3000 --conversations 300 --rate 300 --cluster
 	@./target/release/switchboard-bench fanout --mode fixed --subscribers 3000 --conversations 300 --rate 300 --cluster --send-ack

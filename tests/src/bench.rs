@@ -51,6 +51,26 @@ pub struct Fanout {
     pub cluster: bool,
     /// REDIS_ACK_REPLICAS for the messaging instances (0: off).
     pub ack_replicas: u32,
+    /// Subscribers read `Subscribe` over gRPC-Web (HTTP/1.1) instead of `Connect`.
+    pub web: bool,
+}
+
+/// A subscriber's stream of `conversation` after `since`: `Connect` over HTTP/2, or
+/// `Subscribe` over gRPC-Web on HTTP/1.1 with `web`.
+async fn follow(
+    server: &ChildService,
+    token: &str,
+    conversation: &str,
+    since: u64,
+    web: bool,
+) -> anyhow::Result<Connection> {
+    if web {
+        let from = crate::messaging::from(conversation, since);
+        return Ok(Connection::subscribed_web(server.addr, token, vec![from]).await?);
+    }
+    let conn = Connection::open(server.channel(), token).await?;
+    conn.subscribe(conversation, since).await?;
+    Ok(conn)
 }
 
 const PAYLOAD_BYTES: usize = 100;
@@ -244,12 +264,13 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
     // Subscribers, split across instances; one histogram each, merged at the end.
     let mut subscriber_tasks = tokio::task::JoinSet::new();
     let stop = tokio_util::sync::CancellationToken::new();
+    let servers = Arc::new(servers);
     for (i, (_, token)) in subs.iter().enumerate() {
-        let channel = servers[i % p.instances].channel();
+        let server = i % p.instances;
         let group_id = groups[i % p.conversations].clone();
-        let mut conn = Connection::open(channel.clone(), token).await?;
-        conn.subscribe(&group_id, 0).await?;
+        let mut conn = follow(&servers[server], token, &group_id, 0, p.web).await?;
         conn.recovered(&group_id).await?;
+        let (servers, web) = (servers.clone(), p.web);
         let (start, end, stop, token) = (
             window_start.clone(),
             window_end.clone(),
@@ -284,13 +305,8 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
                     Err(_) => {
                         // Cut off as a slow consumer (or a hiccup): resume like a real client.
                         resumes += 1;
-                        match Connection::open(channel.clone(), &token).await {
-                            Ok(c) => {
-                                conn = c;
-                                if conn.subscribe(&group_id, last_seq).await.is_err() {
-                                    break;
-                                }
-                            }
+                        match follow(&servers[server], &token, &group_id, last_seq, web).await {
+                            Ok(c) => conn = c,
                             Err(_) => break,
                         }
                     }
@@ -570,6 +586,10 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
         "client_cpu_s": ((client1 - client0).max(0.0) * 100.0).round() / 100.0,
     });
     sharded(&mut line, "fanout_sharded");
+    if p.web {
+        line["bench"] = json!("fanout_web");
+        line["transport"] = json!("grpc-web");
+    }
     Ok(line)
 }
 

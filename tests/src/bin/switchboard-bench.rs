@@ -85,6 +85,10 @@ enum Workload {
         /// REDIS_ACK_REPLICAS for the messaging instances (needs --cluster for replicas).
         #[arg(long, default_value_t = 0)]
         ack_replicas: u32,
+        /// Subscribers read `Subscribe` over gRPC-Web on HTTP/1.1 (one connection each, as
+        /// browsers do) instead of `Connect` over HTTP/2; prints a `fanout_web` line.
+        #[arg(long)]
+        web: bool,
     },
     /// Presence: state changes per second, and watch fan-out latency with many watchers
     /// across two instances.
@@ -272,6 +276,7 @@ fn main() -> anyhow::Result<()> {
             conversations,
             cluster,
             ack_replicas,
+            web,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -288,6 +293,7 @@ fn main() -> anyhow::Result<()> {
                 conversations,
                 cluster,
                 ack_replicas,
+                web,
             };
             println!("{}", rt.block_on(switchboard_tests::bench::fanout(params))?);
         }
