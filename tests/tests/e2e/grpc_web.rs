@@ -1,8 +1,8 @@
 //! gRPC-Web on the same port as native gRPC: a call framed as a browser's gRPC-Web client
 //! frames it, over HTTP/1.1, gets the message and the status in trailers inside the body;
 //! CORS answers only the origins in CORS_ALLOWED_ORIGINS; and the JavaScript clients
-//! generated from proto/ (buf.gen.yaml) call a real server with connect-web's gRPC-Web
-//! transport, in Node.
+//! generated from proto/ (buf.gen.yaml) and the typed SDK over them (web/sdk) call real
+//! servers with connect-web's gRPC-Web transport, in Node.
 
 use std::time::Duration;
 
@@ -10,7 +10,9 @@ use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Full};
 use prost::Message;
 use switchboard_proto::auth::v1 as pb;
+use switchboard_proto::auth::v1 as auth_pb;
 use switchboard_tests::instance::{AuthOptions, InProcess, spawn_auth};
+use switchboard_tests::stack::{Stack, StackOptions};
 
 const ALLOWED: &str = "http://shop.example:8080";
 
@@ -240,38 +242,93 @@ async fn cors_answers_only_the_allowed_origins() {
 /// web/sdk/test/` against a real auth: the generated client reads the keys, and its errors
 /// carry the gRPC code and the server's message.
 #[tokio::test]
-async fn the_generated_web_client_calls_auth_over_grpc_web() {
+async fn the_web_sdk_and_the_generated_clients_call_real_servers_over_grpc_web() {
     let root = switchboard_tests::deploy::repo_root();
+    let web = root.join("web");
+    let bin = |tool: &str| web.join("node_modules/.bin").join(tool);
     let buf = root.join(".tools/node_modules/.bin/buf");
-    let plugin = root.join("web/node_modules/.bin/protoc-gen-es");
-    assert!(
-        buf.exists() && plugin.exists(),
-        "buf ({}) or protoc-gen-es ({}) is missing: run make deps",
-        buf.display(),
-        plugin.display()
-    );
-    let generated = tool(&buf, &["generate"], &root, None).await;
+    for needed in [
+        buf.clone(),
+        bin("protoc-gen-es"),
+        bin("esbuild"),
+        bin("tsc"),
+    ] {
+        assert!(
+            needed.exists(),
+            "{} is missing: run make deps",
+            needed.display()
+        );
+    }
+    let generated = tool(&buf, &["generate"], &root, &[]).await;
     assert!(generated.0, "buf generate:\n{}", generated.1);
-    let server = auth().await;
-    let url = format!("http://{}", server.addr);
+    // The SDK type-checks (strict) and builds, as `npm test` does it.
+    let checked = tool(&bin("tsc"), &["-p", "sdk"], &web, &[]).await;
+    assert!(checked.0, "tsc:\n{}", checked.1);
+    let built = tool(
+        &bin("esbuild"),
+        &[
+            "sdk/src/index.ts",
+            "--outdir=sdk/dist",
+            "--format=esm",
+            "--platform=neutral",
+            "--target=es2022",
+        ],
+        &web,
+        &[],
+    )
+    .await;
+    assert!(built.0, "esbuild:\n{}", built.1);
+
+    // A whole desk: auth, presence and two messaging instances, and an agent.
+    let stack = Stack::start(StackOptions {
+        auth: AuthOptions {
+            admin: Some(("webadmin".into(), "admin password".into())),
+            ..AuthOptions::default()
+        },
+        presence: 1,
+        messaging: 2,
+        ..StackOptions::default()
+    })
+    .await;
+    let agent = stack.person("agent_web", auth_pb::Role::Agent).await;
+    let url = |addr: std::net::SocketAddr| format!("http://{addr}");
+    let described = serde_json::json!({
+        "auth": url(stack.auth[0].addr),
+        "presence": url(stack.presence[0].addr),
+        "messaging": stack.messaging.iter().map(|m| url(m.addr)).collect::<Vec<_>>(),
+        "agent": { "username": agent.name, "password": "right password" },
+    })
+    .to_string();
+    let auth_url = url(stack.auth[0].addr);
     let (passed, report) = tool(
         std::path::Path::new("node"),
-        &["--test", "sdk/test/"],
-        &root.join("web"),
-        Some(("SWITCHBOARD_AUTH_URL", &url)),
+        &[
+            "--test",
+            "--test-timeout=60000",
+            "--test-force-exit",
+            "sdk/test/",
+        ],
+        &web,
+        &[
+            ("SWITCHBOARD_AUTH_URL", &auth_url),
+            ("SWITCHBOARD_STACK", &described),
+        ],
     )
     .await;
     assert!(passed, "node --test failed:\n{report}");
-    assert!(report.contains("# pass 3"), "three tests passed:\n{report}");
+    // The generated clients (3), the SDK's unit tests (6) and the SDK on the stack (1),
+    // none of them skipped.
+    assert!(report.contains("# pass 10"), "ten tests passed:\n{report}");
+    assert!(report.contains("# skipped 0"), "nothing skipped:\n{report}");
 }
 
-/// Runs `program args` in `dir` with only PATH, HOME and `var` set, within two minutes;
+/// Runs `program args` in `dir` with only PATH, HOME and `vars` set, within two minutes;
 /// whether it succeeded, and everything it printed.
 async fn tool(
     program: &std::path::Path,
     args: &[&str],
     dir: &std::path::Path,
-    var: Option<(&str, &str)>,
+    vars: &[(&str, &str)],
 ) -> (bool, String) {
     let mut command = tokio::process::Command::new(program);
     command
@@ -281,7 +338,7 @@ async fn tool(
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", std::env::var("HOME").unwrap_or_default())
         .kill_on_drop(true);
-    if let Some((name, value)) = var {
+    for (name, value) in vars {
         command.env(name, value);
     }
     let out = tokio::time::timeout(Duration::from_secs(120), command.output())

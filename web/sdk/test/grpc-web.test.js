@@ -9,13 +9,14 @@ import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { AuthService } from "../../gen/switchboard/auth/v1/auth_pb.js";
 
 const baseUrl = process.env.SWITCHBOARD_AUTH_URL;
+// Without it (a plain `npm test`) these are skipped; the Rust test insists nothing is.
+const skip = baseUrl === undefined && "needs SWITCHBOARD_AUTH_URL (run by the Rust test)";
 
 function auth() {
-  assert.ok(baseUrl, "SWITCHBOARD_AUTH_URL names the auth server to call");
   return createClient(AuthService, createGrpcWebTransport({ baseUrl }));
 }
 
-test("GetJwks answers the published signing keys", async () => {
+test("GetJwks answers the published signing keys", { skip }, async () => {
   const jwks = await auth().getJwks({});
   assert.ok(jwks.keys.length > 0, "at least one key");
   for (const key of jwks.keys) {
@@ -24,7 +25,7 @@ test("GetJwks answers the published signing keys", async () => {
   }
 });
 
-test("a call that needs a token fails with UNAUTHENTICATED and a message", async () => {
+test("a call that needs a token fails with UNAUTHENTICATED and a message", { skip }, async () => {
   await assert.rejects(auth().whoAmI({}), (e) => {
     assert.ok(e instanceof ConnectError, String(e));
     assert.equal(e.code, Code.Unauthenticated);
@@ -33,7 +34,7 @@ test("a call that needs a token fails with UNAUTHENTICATED and a message", async
   });
 });
 
-test("bad input gets INVALID_ARGUMENT naming the field", async () => {
+test("bad input gets INVALID_ARGUMENT naming the field", { skip }, async () => {
   await assert.rejects(auth().register({ username: "", password: "" }), (e) => {
     assert.equal(e.code, Code.InvalidArgument, e.message);
     assert.match(e.rawMessage, /username/);
