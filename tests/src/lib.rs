@@ -23,6 +23,7 @@ pub mod raw;
 pub mod redis;
 pub mod scrape;
 pub mod stack;
+pub mod web;
 
 use std::time::Duration;
 

@@ -245,39 +245,10 @@ async fn cors_answers_only_the_allowed_origins() {
 async fn the_web_sdk_and_the_generated_clients_call_real_servers_over_grpc_web() {
     let root = switchboard_tests::deploy::repo_root();
     let web = root.join("web");
-    let bin = |tool: &str| web.join("node_modules/.bin").join(tool);
-    let buf = root.join(".tools/node_modules/.bin/buf");
-    for needed in [
-        buf.clone(),
-        bin("protoc-gen-es"),
-        bin("esbuild"),
-        bin("tsc"),
-    ] {
-        assert!(
-            needed.exists(),
-            "{} is missing: run make deps",
-            needed.display()
-        );
+    // The generated clients, the SDK type-checked (strict) and built, as `npm test` does.
+    if let Err(e) = switchboard_tests::web::build() {
+        panic!("{e}");
     }
-    let generated = tool(&buf, &["generate"], &root, &[]).await;
-    assert!(generated.0, "buf generate:\n{}", generated.1);
-    // The SDK type-checks (strict) and builds, as `npm test` does it.
-    let checked = tool(&bin("tsc"), &["-p", "sdk"], &web, &[]).await;
-    assert!(checked.0, "tsc:\n{}", checked.1);
-    let built = tool(
-        &bin("esbuild"),
-        &[
-            "sdk/src/index.ts",
-            "--outdir=sdk/dist",
-            "--format=esm",
-            "--platform=neutral",
-            "--target=es2022",
-        ],
-        &web,
-        &[],
-    )
-    .await;
-    assert!(built.0, "esbuild:\n{}", built.1);
 
     // A whole desk: auth, presence and two messaging instances, and an agent.
     let stack = Stack::start(StackOptions {

@@ -10,6 +10,7 @@ mod auth_e2e;
 mod auth_process;
 mod auth_store_contract;
 mod auth_transport;
+mod browser;
 mod cli;
 mod deploy;
 mod desk_e2e;

@@ -251,6 +251,8 @@ fn start_make_run(ports: &[String; 3], env: &[(&str, &str)]) -> (std::process::C
         .env("AUTH_ADDR", &ports[0])
         .env("PRESENCE_ADDR", &ports[1])
         .env("MESSAGING_ADDR", &ports[2])
+        // The web pages' server, where they are built: never the default 8080 here.
+        .env("WEB_ADDR", free_port())
         .env("METRICS_ADDR", ANY_PORT)
         .envs(env.iter().copied())
         .spawn()
@@ -356,6 +358,10 @@ fn walk_through(banner: &str) -> Vec<(u32, Vec<String>)> {
         .find("First five minutes")
         .expect("a walk-through in the banner");
     for line in banner[started..].lines() {
+        // The browser pages close the banner: addresses to open, not commands to run.
+        if line.starts_with("The same desk in a browser") {
+            break;
+        }
         if let Some(cmd) = line.strip_prefix("  ") {
             block.push(cmd.to_owned());
             continue;

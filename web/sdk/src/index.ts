@@ -21,6 +21,9 @@ import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { AuthService } from "../../gen/switchboard/auth/v1/auth_pb.js";
 import type { TokenPair, User } from "../../gen/switchboard/auth/v1/auth_pb.js";
 import {
+  ConsultationState,
+  ConversationEventKind,
+  ConversationKind,
   MessagingService,
   SupportService,
 } from "../../gen/switchboard/messaging/v1/messaging_pb.js";
@@ -36,7 +39,7 @@ import type {
 import { PresenceService, PresenceState } from "../../gen/switchboard/presence/v1/presence_pb.js";
 import type { UserPresence } from "../../gen/switchboard/presence/v1/presence_pb.js";
 
-export { Code, ConnectError, PresenceState };
+export { Code, ConnectError, ConsultationState, ConversationEventKind, ConversationKind, PresenceState };
 export type { Consultation, Conversation, ConversationEvent, Message, Receipt, TypingEvent, User, UserPresence };
 
 /** Where the services are: one URL each, and every messaging instance to fail over to. */
@@ -286,10 +289,10 @@ export class Switchboard {
     return need(r.conversation, "conversation");
   }
 
-  /** Public profiles by id. */
-  async users(userIds: string[]): Promise<User[]> {
+  /** Public profiles by id and by username (what matched nobody is left out). */
+  async users(userIds: string[], usernames: string[] = []): Promise<User[]> {
     const token = await this.accessToken();
-    const r = await this.auth.getUsers({ userIds }, { headers: { authorization: `Bearer ${token}` } });
+    const r = await this.auth.getUsers({ userIds, usernames }, { headers: { authorization: `Bearer ${token}` } });
     return r.users;
   }
 
