@@ -44,7 +44,7 @@ async function login(context, agent) {
   return p;
 }
 
-test("a guest and two agents: routing, talk both ways, typing, receipts, a crash, transfer, close", { skip }, async () => {
+test("a guest and two agents: the queue, routing, talk both ways, typing, receipts, a crash, transfer, close", { skip }, async () => {
   const browser = await chromium.launch({
     executablePath: env.chromium,
     args: ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
@@ -52,10 +52,7 @@ test("a guest and two agents: routing, talk both ways, typing, receipts, a crash
   try {
     const errors = [];
     const watch = (p, who) => p.on("pageerror", (e) => errors.push(`${who}: ${e.message}`));
-    const eve = await login(await browser.newContext(), env.agents[0]);
-    watch(eve, "console");
-
-    // The visitor opens the widget on the shop page and is routed to Eve, the one agent online.
+    // The visitor opens the widget on the shop page while no agent is online: first in line.
     const shopContext = await browser.newContext();
     const shop = await shopContext.newPage();
     watch(shop, "widget");
@@ -65,6 +62,11 @@ test("a guest and two agents: routing, talk both ways, typing, receipts, a crash
     await shop.fill('[data-sb="first"]', "It was due yesterday");
     await shop.click('[data-sb="start"]');
     const status = shop.locator('[data-sb="status"]');
+    await status.filter({ hasText: "you are number 1 in line" }).waitFor({ timeout: TIMEOUT });
+
+    // Eve logs into the console (and so comes online): the consultation is routed to her.
+    const eve = await login(await browser.newContext(), env.agents[0]);
+    watch(eve, "console");
     await status.filter({ hasText: `Talking with ${env.agents[0].display}` }).waitFor({ timeout: TIMEOUT });
 
     // Eve sees it in her consultations, opens it, types and answers.

@@ -1,5 +1,6 @@
 //! Real outside clients against a real auth process on Redis: the grpcurl binary (through
-//! reflection) and a Python client generated from `proto/` with grpcio-tools.
+//! reflection) and a Python client generated from `proto/` by `buf generate` (buf.gen.yaml,
+//! with grpcio-tools' generators).
 //! `make test` installs both; without them these tests fail and say how to install.
 
 use std::path::PathBuf;
@@ -27,29 +28,12 @@ fn json(out: &Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn proto_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto")
-}
-
-/// Generates the Python code of every proto into a new temporary directory.
-fn generate_python() -> tempfile::TempDir {
-    let out_dir = tempfile::tempdir().expect("tempdir");
-    let protos = [
-        "switchboard/auth/v1/auth.proto",
-        "switchboard/presence/v1/presence.proto",
-        "switchboard/messaging/v1/messaging.proto",
-        "switchboard/errors/v1/errors.proto",
-    ];
-    let mut gen_cmd = Command::new("python3");
-    gen_cmd
-        .args(["-m", "grpc_tools.protoc"])
-        .arg(format!("-I{}", proto_dir().display()))
-        .arg(format!("--python_out={}", out_dir.path().display()))
-        .arg(format!("--pyi_out={}", out_dir.path().display()))
-        .arg(format!("--grpc_python_out={}", out_dir.path().display()))
-        .args(protos);
-    run(&mut gen_cmd);
-    out_dir
+/// The Python clients `buf generate` made from the protos (buf.gen.yaml).
+fn generate_python() -> PathBuf {
+    if let Err(e) = switchboard_tests::web::generate() {
+        panic!("{e}");
+    }
+    switchboard_tests::web::python_dir()
 }
 
 fn auth_process(redis: &RedisServer) -> ChildService {
@@ -177,7 +161,7 @@ fn python_client_generated_from_the_protos_talks_to_auth() {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/auth_client.py");
     let result = json(&run(Command::new("python3")
         .arg(script)
-        .arg(out_dir.path())
+        .arg(&out_dir)
         .arg(auth.addr.to_string())
         .arg("pyuser")));
     assert_eq!(result["registered_id"], result["whoami_id"]);
@@ -208,7 +192,7 @@ fn python_client_runs_a_bidirectional_connect_session() {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/messaging_client.py");
     let result = json(&run(Command::new("python3")
         .arg(script)
-        .arg(out_dir.path())
+        .arg(&out_dir)
         .arg(auth.addr.to_string())
         .arg(messaging.addr.to_string())));
     assert_eq!(result["subscribed"], true);
