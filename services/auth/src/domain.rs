@@ -138,6 +138,31 @@ impl<S: AuthStore> Auth<S> {
         Ok(())
     }
 
+    /// What Register and UpgradeGuest check first: the attempt counted against the
+    /// address's registration limit, then a username no guest could have, and a password.
+    async fn new_account(
+        &self,
+        username: &str,
+        password: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<(Username, Password)> {
+        self.count_peer(
+            "register",
+            peer,
+            self.limits.registrations_per_peer,
+            "too many registrations from this address (AUTH_REGISTRATIONS_PER_PEER)",
+        )
+        .await?;
+        let username = Username::parse(username)?;
+        if username.as_str().starts_with(GUEST_PREFIX) {
+            return Err(Error::invalid(
+                "username",
+                format!("usernames starting with {GUEST_PREFIX:?} are reserved for guests"),
+            ));
+        }
+        Ok((username, Password::parse(password)?))
+    }
+
     /// Starts a session for a new GUEST user (a website visitor without an account),
     /// counted against the address's guest limit before any work.
     pub async fn start_guest(
@@ -195,21 +220,7 @@ impl<S: AuthStore> Auth<S> {
                 caller.role.as_str()
             )));
         }
-        self.count_peer(
-            "register",
-            peer,
-            self.limits.registrations_per_peer,
-            "too many registrations from this address (AUTH_REGISTRATIONS_PER_PEER)",
-        )
-        .await?;
-        let name = Username::parse(username)?;
-        if name.as_str().starts_with(GUEST_PREFIX) {
-            return Err(Error::invalid(
-                "username",
-                format!("usernames starting with {GUEST_PREFIX:?} are reserved for guests"),
-            ));
-        }
-        let password = Password::parse(password)?;
+        let (name, password) = self.new_account(username, password, peer).await?;
         let guest = self
             .store
             .users_by_id(std::slice::from_ref(&caller.user_id))
@@ -284,21 +295,7 @@ impl<S: AuthStore> Auth<S> {
         display_name: &str,
         peer: Option<IpAddr>,
     ) -> Result<UserRecord> {
-        self.count_peer(
-            "register",
-            peer,
-            self.limits.registrations_per_peer,
-            "too many registrations from this address (AUTH_REGISTRATIONS_PER_PEER)",
-        )
-        .await?;
-        let username = Username::parse(username)?;
-        if username.as_str().starts_with(GUEST_PREFIX) {
-            return Err(Error::invalid(
-                "username",
-                format!("usernames starting with {GUEST_PREFIX:?} are reserved for guests"),
-            ));
-        }
-        let password = Password::parse(password)?;
+        let (username, password) = self.new_account(username, password, peer).await?;
         let display_name = DisplayName::parse(display_name, &username)?;
         self.create(username, password, display_name, Role::Customer)
             .await

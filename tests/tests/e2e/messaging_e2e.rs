@@ -682,30 +682,8 @@ async fn a_slow_consumer_is_cut_off_without_slowing_others_and_resumes_without_l
     assert_eq!(got, (1..=N).collect::<Vec<_>>());
     sending.await.expect("sender");
 
-    // The slow reader finds some messages, then RESOURCE_EXHAUSTED.
-    let mut slow_seqs = Vec::new();
-    let status = loop {
-        match slow.next(Duration::from_secs(10)).await {
-            Ok(Some(Out::Message(m))) => slow_seqs.push(m.seq),
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("slow stream ended without a status"),
-            Err(s) => break s,
-        }
-    };
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert_eq!(reason_of(&status).as_deref(), Some("SLOW_CONSUMER"));
-    assert!(
-        slow_seqs.len() < N as usize,
-        "the slow consumer was never cut off"
-    );
-    assert_eq!(
-        slow_seqs,
-        (1..=slow_seqs.len() as u64).collect::<Vec<_>>(),
-        "slow consumer got a gap before the cut"
-    );
-
     // It resumes from its last seq and loses nothing.
-    let last = slow_seqs.last().copied().unwrap_or(0);
+    let last = cut_off(&mut slow, N).await;
     let mut resumed = Connection::open(cluster.stack.messaging[1].channel(), &users[1].token)
         .await
         .expect("resume");
@@ -720,6 +698,33 @@ async fn a_slow_consumer_is_cut_off_without_slowing_others_and_resumes_without_l
         }
     }
     assert_eq!(rest, (last + 1..=N).collect::<Vec<_>>());
+}
+
+/// Reads what a stream that never read gets before it is cut off: some of the `n`
+/// messages, from seq 1 without a gap, then RESOURCE_EXHAUSTED (SLOW_CONSUMER). The last
+/// seq it got.
+async fn cut_off(slow: &mut Connection, n: u64) -> u64 {
+    let mut seqs = Vec::new();
+    let status = loop {
+        match slow.next(Duration::from_secs(10)).await {
+            Ok(Some(Out::Message(m))) => seqs.push(m.seq),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("slow stream ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason_of(&status).as_deref(), Some("SLOW_CONSUMER"));
+    assert!(
+        seqs.len() < n as usize,
+        "the slow consumer was never cut off"
+    );
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "slow consumer got a gap before the cut"
+    );
+    seqs.last().copied().unwrap_or(0)
 }
 
 #[tokio::test]

@@ -311,21 +311,7 @@ async fn a_slow_subscribe_reader_is_cut_off_without_slowing_others_and_resumes_w
     );
     sending.await.expect("sender");
 
-    let mut slow_seqs = Vec::new();
-    let status = loop {
-        match slow.next(Duration::from_secs(10)).await {
-            Ok(Some(Out::Message(m))) => slow_seqs.push(m.seq),
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("slow stream ended without a status"),
-            Err(s) => break s,
-        }
-    };
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert_eq!(reason_of(&status).as_deref(), Some("SLOW_CONSUMER"));
-    assert!(slow_seqs.len() < N as usize, "never cut off");
-    assert_eq!(slow_seqs, (1..=slow_seqs.len() as u64).collect::<Vec<_>>());
-
-    let last = slow_seqs.last().copied().unwrap_or(0);
+    let last = cut_off(&mut slow, N).await;
     let mut resumed = Connection::subscribed_web(
         cluster.stack.messaging[1].addr,
         &users[1].token,
