@@ -1,5 +1,6 @@
-//! The auth rules in plain Rust: registration, login with failure limits, refresh-token
-//! rotation with theft detection, logout, profiles and roles. Knows nothing of gRPC.
+//! The auth rules in plain Rust: registration, login with failure limits, guest sessions
+//! (limited per address) and their upgrade to an account, refresh-token rotation with
+//! theft detection, logout, profiles and roles. Knows nothing of gRPC.
 
 use std::net::IpAddr;
 use std::sync::Arc;

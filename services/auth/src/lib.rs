@@ -1,8 +1,9 @@
 //! The Switchboard auth service: accounts, sessions and the tokens every other service
 //! verifies on its own.
 //!
-//! It owns users (argon2id password hashes, roles), sessions (rotating refresh tokens with
-//! theft detection) and the Ed25519 keys that sign access tokens. Other services never
+//! It owns users (argon2id password hashes, roles; guests, who have no password),
+//! sessions (rotating refresh tokens with theft detection) and the Ed25519 keys that sign
+//! access tokens. Other services never
 //! call auth per request: they fetch the public keys once (`GetJwks`) and learn of
 //! logouts over the revocation channel ([`switchboard_common::revocation`]).
 //!

@@ -1,5 +1,6 @@
 //! The Switchboard messaging service: conversations, durable history and the real-time
-//! `Connect` stream, with every guarantee holding whichever instance a client reaches.
+//! `Connect` stream (and `Subscribe`, its server-streaming twin for browsers), with every
+//! guarantee holding whichever instance a client reaches.
 //!
 //! How a message travels: [`domain::Messaging::send`] hands it to the store's one atomic
 //! step ([`store::MessagingStore::send`]: idempotency, membership, next seq, history append,

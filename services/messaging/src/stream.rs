@@ -1,7 +1,9 @@
-//! The Connect stream: a session task per open stream for what needs deciding (client
-//! frames, subscriptions, gaps, revocations, token expiry, shutdown), and the fan-out's
-//! gates for the rest: a live message that is the next of its subscription goes from the
-//! feed straight into the transport queue, without waking the session (see `fanout.rs`).
+//! The live streams, `Connect` and its server-streaming twin `Subscribe` (one session
+//! either way; `Subscribe` feeds it the request's subscriptions as client frames): a
+//! session task per open stream for what needs deciding (client frames, subscriptions,
+//! gaps, revocations, token expiry, shutdown, keep-alives), and the fan-out's gates for
+//! the rest: a live message that is the next of its subscription goes from the feed
+//! straight into the transport queue, without waking the session (see `fanout.rs`).
 //!
 //! Exactly-once, in-order delivery per conversation rests on one [`Cursor`](crate::gapless::Cursor) per
 //! subscription, in its gate: the highest seq sent on this stream. A Subscribe joins the
