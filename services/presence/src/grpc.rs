@@ -174,23 +174,18 @@ impl Command {
     }
 }
 
-/// How a device stream is driven: by the client's frames (Connect), or by commands on
-/// its session's bus channel with the server sending keep-alives (Session).
-enum Driver<I> {
-    Frames(I, ClientCancel),
-    Commands(switchboard_common::bus::Subscription),
-}
-
 impl<S: PresenceStore> PresenceGrpc<S> {
     /// The device stream behind both Connect and Session: registers the session (in
     /// `initial`'s state), then keeps it alive, applies its state changes and ends it by
-    /// [`crate::session`]'s rules, whichever shape drives it.
+    /// [`crate::session`]'s rules. It is driven by the client's `frames` (Connect), or
+    /// without them by commands on the session's bus channel, with the server sending
+    /// keep-alives (Session).
     async fn device<I>(
         &self,
         c: Caller,
         slot: StreamSlot,
         initial: Option<pb::SetState>,
-        driver: impl FnOnce(&str) -> futures::future::BoxFuture<'static, Result<Driver<I>>>,
+        frames: Option<(I, ClientCancel)>,
     ) -> Result<BoxStream<pb::ConnectResponse>>
     where
         I: Stream<Item = std::result::Result<pb::ConnectRequest, Status>> + Unpin + Send + 'static,
@@ -210,13 +205,19 @@ impl<S: PresenceStore> PresenceGrpc<S> {
             now_ms(),
         )
         .await?;
-        let driver = match driver(session.id()).await {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = session.end(Ending::Refused, now_ms()).await;
-                return Err(e);
+        // Listening before the Connected frame names the session, so a SetSessionState
+        // right after it is heard.
+        let mut commands = None;
+        if frames.is_none() {
+            let channel = crate::store::session_channel(&c.user_id, session.id());
+            match self.bus.subscribe(&channel).await {
+                Ok(sub) => commands = Some(sub),
+                Err(e) => {
+                    let _ = session.end(Ending::Refused, now_ms()).await;
+                    return Err(Error::Bus(e.to_string()));
+                }
             }
-        };
+        }
         let held =
             switchboard_common::metrics::Held::new(switchboard_common::metrics::PRESENCE_SESSIONS);
         switchboard_common::shutdown::spawn(async move {
@@ -233,9 +234,9 @@ impl<S: PresenceStore> PresenceGrpc<S> {
             let _ = out
                 .send(frame(pb::connect_response::Frame::Presence(presence)))
                 .await;
-            let (mut inbound, cancel, mut commands) = match driver {
-                Driver::Frames(inbound, cancel) => (Some(inbound), cancel, None),
-                Driver::Commands(sub) => (None, ClientCancel::default(), Some(sub)),
+            let (mut inbound, cancel) = match frames {
+                Some((inbound, cancel)) => (Some(inbound), cancel),
+                None => (None, ClientCancel::default()),
             };
             // The server's keep-alive on a Session stream: the client sends nothing, so a
             // write is what finds a dead peer (and keeps proxies from idling it out).
@@ -389,11 +390,7 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
             .cloned()
             .unwrap_or_default();
         let inbound = req.into_inner();
-        let stream = self
-            .device(c, slot, None, move |_| {
-                Box::pin(async move { Ok(Driver::Frames(inbound, cancel)) })
-            })
-            .await?;
+        let stream = self.device(c, slot, None, Some((inbound, cancel))).await?;
         Ok(Response::new(stream))
     }
 
@@ -411,21 +408,8 @@ impl<S: PresenceStore> PresenceService for PresenceGrpc<S> {
         }
         valid_set(&initial)?;
         let slot = self.slot(&c.user_id)?;
-        let bus = self.bus.clone();
-        let user_id = c.user_id.clone();
         let stream = self
-            .device::<futures::stream::Empty<_>>(c, slot, Some(initial), move |session_id| {
-                // Listening before the Connected frame names the session, so a
-                // SetSessionState right after it is heard.
-                let channel = crate::store::session_channel(&user_id, session_id);
-                Box::pin(async move {
-                    let sub = bus
-                        .subscribe(&channel)
-                        .await
-                        .map_err(|e| Error::Bus(e.to_string()))?;
-                    Ok(Driver::Commands(sub))
-                })
-            })
+            .device::<Streaming<pb::ConnectRequest>>(c, slot, Some(initial), None)
             .await?;
         Ok(Response::new(stream))
     }
